@@ -1,0 +1,40 @@
+# make all COMP=NAME     every stage of configs/NAME.yaml, skipping the up-to-date ones
+# make STAGE COMP=NAME   one stage (and what it needs)      make status COMP=NAME
+# make test              the default test suite (what CI runs)
+# ARGS passes extra kp options, e.g. make all COMP=statefarm ARGS="--config configs/offline/statefarm.yaml"
+COMP ?= digits
+ARGS ?=
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+KP := $(VENV)/bin/kp
+STAGES := download split precompute finetune augment bnretrain ensemble submit
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: all test test-all status clean bench $(STAGES)
+
+all: $(VENV)/.installed
+	$(KP) all --comp $(COMP) $(ARGS)
+
+$(STAGES): $(VENV)/.installed
+	$(KP) $@ --comp $(COMP) $(ARGS)
+
+status: $(VENV)/.installed
+	$(KP) status --comp $(COMP) $(ARGS)
+
+clean: $(VENV)/.installed
+	$(KP) clean --comp $(COMP) $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
+
+test-all: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/cli_startup.py
+
+# The virtual environment, created on first use and refreshed when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@

@@ -1,0 +1,7 @@
+"""kaggle-pipeline: a staged, cached Keras pipeline for Kaggle image competitions.
+
+The library half of the project: configuration (`config`), the artifact cache (`cache`), the stage
+registry and runner (`stages_registry`, `runner`), data handling (`archive`, `dataset_index`,
+`splits`) and the command line (`cli`). Stage recipes live in the top-level `stages` package.
+Nothing imported here may import TensorFlow: `kp --help` and `kp status` must start fast.
+"""

@@ -1,0 +1,185 @@
+"""The `kp` command line: one command per stage, plus `all`, `status`, `config` and `clean`.
+
+    kp STAGE  --comp NAME [--config FILE ...] [--set dotted.key=value ...] [--force]
+    kp all    --comp NAME [...]            every listed stage, skipping the up-to-date ones
+    kp status --comp NAME [--json]         up to date / stale (and why) / missing, per stage
+    kp config --comp NAME                  the merged config, each value with the file that set it
+    kp clean  --comp NAME [--stage S]      delete outputs
+
+Stage commands are built from the stage registry, so a new module in `stages/` is a new command.
+This module and everything it imports at the top stay free of TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import click
+
+from pipeline.errors import PipelineError
+
+DEFAULT_COMP = "digits"
+
+
+class _UserError(click.ClickException):
+    exit_code = 2
+
+
+def _config_options(command):
+    command = click.option(
+        "--set", "sets", multiple=True, metavar="KEY=VALUE",
+        help="Override one config value (dotted key, YAML value); repeatable, applied last.",
+    )(command)
+    command = click.option(
+        "--config", "extra_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+        help="An extra YAML file merged over the competition's (e.g. configs/offline/NAME.yaml); repeatable.",
+    )(command)
+    command = click.option(
+        "--comp", default=lambda: os.environ.get("KP_COMP", DEFAULT_COMP), show_default="$KP_COMP or digits",
+        help="Competition: the name of a file in configs/.",
+    )(command)
+    return command
+
+
+def _load(comp: str, extra_files, sets):
+    from pipeline.config import load_config
+
+    return load_config(comp, extra_files=list(extra_files), sets=list(sets))
+
+
+def _run(comp, extra_files, sets, targets, force) -> None:
+    from pipeline import runner
+    from pipeline.status import format_table
+
+    config = _load(comp, extra_files, sets)
+    statuses = runner.run(config, targets, force=force)
+    click.echo(format_table(statuses))
+
+
+class _PipelineGroup(click.Group):
+    """Adds one command per registered stage, and turns PipelineError into a clean exit 2."""
+
+    def list_commands(self, ctx):
+        from pipeline.registry import all_stages
+
+        return list(all_stages()) + sorted(super().list_commands(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        from pipeline.registry import all_stages
+
+        stage = all_stages().get(name)
+        return _stage_command(name, stage.run.__module__) if stage else None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            raise _UserError(str(exc)) from None
+
+
+def _stage_command(name: str, module: str) -> click.Command:
+    doc = (sys.modules[module].__doc__ or "").strip().splitlines()[0] if sys.modules.get(module) else ""
+
+    @click.option("--force", is_flag=True, help="Rerun this stage even if it is up to date.")
+    @_config_options
+    def command(comp, extra_files, sets, force):
+        _run(comp, extra_files, sets, [name], force)
+
+    command.__doc__ = f"{doc} Runs what it needs first, unless up to date."
+    return click.command(name=name, short_help=doc)(command)
+
+
+@click.group(cls=_PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """kp: a staged, cached Keras pipeline from a Kaggle competition's download to its submission.
+
+    Each stage writes work/COMP/STAGE/ with a manifest; a stage whose config, code version and
+    upstream are unchanged is skipped. Stage commands are listed first, in pipeline order.
+    """
+
+
+@cli.command("all")
+@click.option("--force", is_flag=True, help="Rerun every stage, up to date or not.")
+@_config_options
+def all_command(comp, extra_files, sets, force):
+    """Run every stage the competition lists, skipping the up-to-date ones."""
+    _run(comp, extra_files, sets, None, force)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: every stage with its metrics.")
+@_config_options
+def status(comp, extra_files, sets, as_json):
+    """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
+    from pipeline.status import format_table, stage_statuses
+
+    config = _load(comp, extra_files, sets)
+    statuses = stage_statuses(config)
+    if as_json:
+        payload = {
+            "competition": comp,
+            "work_dir": str(config.work_dir),
+            "stages": [s.as_dict() for s in statuses],
+        }
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(f"{comp}: {config.work_dir}")
+        click.echo(format_table(statuses))
+
+
+@cli.command("config")
+@_config_options
+def show_config(comp, extra_files, sets):
+    """Print the merged config, each value with the file (or --set) that set it."""
+    from pipeline.cache import flatten
+
+    config = _load(comp, extra_files, sets)
+    for key, value in flatten(config.values).items():
+        source = config.provenance.get(key) or next(
+            (config.provenance[p] for p in sorted(config.provenance, key=len, reverse=True) if key.startswith(p + ".")),
+            "",
+        )
+        click.echo(f"{key} = {json.dumps(value)}    # {source}")
+
+
+@cli.command()
+@click.option("--stage", "stage_names", multiple=True, help="Only this stage's outputs (repeatable).")
+@_config_options
+def clean(comp, extra_files, sets, stage_names):
+    """Delete a competition's outputs (work/COMP), or only the given stages'."""
+    from pipeline.cache import competition_lock, sweep_partial
+
+    config = _load(comp, extra_files, sets)
+    work = config.work_dir
+    for name in stage_names:
+        if name not in config.stage_names:
+            raise PipelineError(f"--stage {name}: not a stage of {comp!r}; its stages: {config.stage_names}")
+    if not work.exists():
+        click.echo(f"{work}: nothing to clean")
+        return
+    with competition_lock(work):
+        sweep_partial(work)
+        targets = [work / name for name in stage_names] if stage_names else [
+            p for p in work.iterdir() if p.name != ".lock"
+        ]
+        for target in targets:
+            if target.is_dir():
+                shutil.rmtree(target)
+                click.echo(f"removed {target}")
+            elif target.exists():
+                target.unlink()
+    if not stage_names:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    cli(prog_name="kp")
+
+
+if __name__ == "__main__":
+    main()

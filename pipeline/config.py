@@ -1,0 +1,331 @@
+"""Configuration: `configs/defaults.yaml`, then `configs/COMP.yaml`, then `--config` files, then `--set`.
+
+Each layer is deep-merged over the one before (mappings merge, everything else is replaced) and
+every leaf remembers which layer set it, so that a validation error can name the file (or the
+`--set` argument) at fault. The merged tree is validated by pydantic models that forbid unknown
+keys: the top-level sections below plus one section per stage, declared by the stage itself.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, create_model, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.stage import StrictModel
+
+DEFAULTS_FILE = "defaults.yaml"
+
+
+class Competition(StrictModel):
+    """What the competition is: the `competition` section of a competition file."""
+
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the Kaggle competition slug")
+    task: Literal["binary", "multiclass"]
+    classes: list[str] = Field(min_length=2)
+    id_column: str = Field(min_length=1)
+    submission_columns: list[str] = Field(min_length=2)
+    metric: Literal["log_loss", "accuracy"]
+    clip: tuple[float, float]
+    image_size: tuple[int, int]
+    channels: Literal[1, 3]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.task == "binary" and len(self.classes) != 2:
+            raise ValueError(f"a binary task has exactly 2 classes, got {self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct, got {self.classes}")
+        if self.submission_columns[0] != self.id_column:
+            raise ValueError(
+                f"submission_columns must start with the id column {self.id_column!r}, "
+                f"got {self.submission_columns}"
+            )
+        lo, hi = self.clip
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"clip must satisfy 0 <= lo < hi <= 1, got {list(self.clip)}")
+        if min(self.image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {list(self.image_size)}")
+        return self
+
+
+class Paths(StrictModel):
+    """Where the pipeline writes, relative to the project root unless absolute."""
+
+    work: str
+    submissions: str
+
+
+@dataclass
+class ResolvedConfig:
+    """The validated configuration of one competition, with where each value came from."""
+
+    comp: str
+    root: Path
+    model: Any  # the pydantic Config instance
+    values: dict[str, Any]  # model.model_dump(mode="json"): plain values, used for fingerprints
+    provenance: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def get(self, dotted: str) -> Any:
+        """The plain value at a dotted key (`split.fraction`), or a whole section (`split`)."""
+        node: Any = self.values
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(dotted)
+            node = node[part]
+        return node
+
+    def section(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    @property
+    def competition(self) -> Competition:
+        return self.model.competition
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.model.stages)
+
+    def path(self, value: str | os.PathLike) -> Path:
+        """A configured path, resolved against the project root when relative."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def work_dir(self) -> Path:
+        return self.path(self.model.paths.work) / self.comp
+
+    @property
+    def submissions_dir(self) -> Path:
+        return self.path(self.model.paths.submissions) / self.comp
+
+
+def project_root() -> Path:
+    """The folder holding `configs/`: $KP_ROOT, else the nearest parent of the working directory
+    that has `configs/defaults.yaml`, else the checkout this package was installed from."""
+    if os.environ.get("KP_ROOT"):
+        return Path(os.environ["KP_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "configs" / DEFAULTS_FILE).is_file():
+            return candidate
+    return Path(__file__).resolve().parent.parent
+
+
+def known_competitions(root: Path) -> list[str]:
+    configs = root / "configs"
+    return sorted(p.stem for p in configs.glob("*.yaml") if p.name != DEFAULTS_FILE)
+
+
+def load_config(
+    comp: str,
+    root: Path | None = None,
+    extra_files: list[str | os.PathLike] = (),
+    sets: list[str] = (),
+) -> ResolvedConfig:
+    """Merge and validate the configuration of competition `comp`; raise PipelineError on any fault."""
+    root = (root or project_root()).resolve()
+    configs = root / "configs"
+    defaults_path = configs / DEFAULTS_FILE
+    if not defaults_path.is_file():
+        raise PipelineError(f"{defaults_path}: missing (the project root {root} has no configs/{DEFAULTS_FILE})")
+    comp_path = configs / f"{comp}.yaml"
+    if not comp_path.is_file():
+        known = ", ".join(known_competitions(root)) or "none"
+        raise PipelineError(f"unknown competition {comp!r}: there is no {comp_path}; known competitions: {known}")
+
+    merged: dict[str, Any] = {}
+    provenance: dict[str, str] = {}
+    files = [defaults_path, comp_path]
+    for path in [defaults_path, comp_path]:
+        _merge(merged, _read_yaml(path), _display(path, root), provenance)
+    for extra in extra_files:
+        path = Path(extra)
+        if not path.is_file():
+            raise PipelineError(f"--config {extra}: no such file")
+        files.append(path)
+        _merge(merged, _read_yaml(path), _display(path, root), provenance)
+    for assignment in sets:
+        _apply_set(merged, assignment, provenance)
+
+    model = _validate(merged, provenance, comp)
+    resolved = ResolvedConfig(
+        comp=comp,
+        root=root,
+        model=model,
+        values=model.model_dump(mode="json"),
+        provenance=provenance,
+        files=files,
+    )
+    _check_stage_list(resolved)
+    return resolved
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PipelineError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, layer: dict, source: str, provenance: dict[str, str], prefix: str = "") -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, source, provenance, dotted + ".")
+        else:
+            base[key] = value
+            for stale in [k for k in provenance if k == dotted or k.startswith(dotted + ".")]:
+                del provenance[stale]
+            provenance[dotted] = source
+
+
+def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> None:
+    source = f"--set {assignment}"
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise PipelineError(f"{source}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    node = merged
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:depth]) or "the top level"
+            choices = sorted(node) if isinstance(node, dict) else []
+            hint = _did_you_mean(part, choices)
+            raise PipelineError(
+                f"{source}: unknown key {key!r}: {where} has no key {part!r}{hint}"
+                + (f"; keys there: {', '.join(choices)}" if choices else "")
+            )
+        if depth < len(parts) - 1:
+            node = node[part]
+    node[parts[-1]] = value
+    for stale in [k for k in provenance if k == key or k.startswith(key + ".")]:
+        del provenance[stale]
+    provenance[key] = source
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_model() -> type[StrictModel]:
+    """The pydantic model of a whole config: the fixed sections plus every stage's own section."""
+    from pipeline.registry import all_stages
+
+    fields: dict[str, Any] = {
+        "competition": (Competition, ...),
+        "stages": (list[str], Field(min_length=1)),
+        "paths": (Paths, ...),
+    }
+    for stage in all_stages().values():
+        fields[stage.section] = (stage.settings, ...)
+    return create_model("Config", __base__=StrictModel, **fields)
+
+
+def _validate(merged: dict, provenance: dict[str, str], comp: str):
+    model_cls = config_model()
+    try:
+        return model_cls.model_validate(merged)
+    except ValidationError as exc:
+        problems = [_describe(error, model_cls, provenance) for error in exc.errors()]
+        raise PipelineError(
+            f"invalid configuration for competition {comp!r}:\n  " + "\n  ".join(problems)
+        ) from None
+
+
+def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    dotted = ".".join(loc)
+    source = _source_of(dotted, provenance)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(model_cls, loc[:-1])
+        hint = _did_you_mean(loc[-1], allowed)
+        return f"{source}: {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{source}: {dotted}: missing value (every key needs one; see configs/{DEFAULTS_FILE})"
+    value = error.get("input")
+    message = error["msg"]
+    if value is None and kind not in ("value_error",):
+        return f"{source}: {dotted}: not set (null); {message}"
+    return f"{source}: {dotted}: bad value {value!r}: {message}"
+
+
+def _source_of(dotted: str, provenance: dict[str, str]) -> str:
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in provenance:
+            return provenance[key]
+        # an error on a whole section: name the file that set any key inside it
+        inside = sorted({src for k, src in provenance.items() if k.startswith(key + ".")})
+        if inside:
+            return " / ".join(inside)
+    return "config"
+
+
+def _allowed_keys(model_cls: type, loc: list[str]) -> list[str]:
+    current: Any = model_cls
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+        # unwrap Optional[Model]
+        for arg in getattr(current, "__args__", ()) or ():
+            if hasattr(arg, "model_fields"):
+                current = arg
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _check_stage_list(resolved: ResolvedConfig) -> None:
+    from pipeline.registry import all_stages
+
+    known = all_stages()
+    source = resolved.provenance.get("stages", "config")
+    seen: list[str] = []
+    for name in resolved.stage_names:
+        if name not in known:
+            raise PipelineError(
+                f"{source}: stages: unknown stage {name!r}{_did_you_mean(name, list(known))}; "
+                f"known stages: {', '.join(known)}"
+            )
+        if name in seen:
+            raise PipelineError(f"{source}: stages: {name!r} is listed twice")
+        for upstream in known[name].needs:
+            if upstream not in seen:
+                raise PipelineError(
+                    f"{source}: stages: {name!r} needs {upstream!r} listed before it; got {resolved.stage_names}"
+                )
+        seen.append(name)

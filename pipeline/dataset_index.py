@@ -1,0 +1,226 @@
+"""The dataset index: one row per train and test item, the table every later stage reads.
+
+Columns: `subset` (train | test), `id` (the training file name, or the submission id for test
+items), `path` (relative to the extracted data folder), `row` (the row in `path` for images stored
+as CSV pixels, else -1), `label` (a class name; empty for test), `group` (e.g. State Farm's driver;
+empty when the competition has none). Rows are in a fixed order (train sorted by path, test in
+sample-submission order), and every array a later stage caches is aligned row for row with it.
+
+Three Kaggle layouts are understood (config `data.layout`):
+- `pixels_csv`: digit-recognizer's `train.csv` (label, pixel0..) and `test.csv`;
+- `class_folders`: `train/CLASS/*.jpg` (State Farm), optionally with a CSV naming each file's group;
+- `filename_labels`: `train/CLASS.N.jpg` (dogs vs cats).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+INDEX_FILE = "index.csv"
+INDEX_COLUMNS = ["subset", "id", "path", "row", "label", "group"]
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, dtype={"id": str, "path": str, "label": str, "group": str}, keep_default_na=False)
+    if list(frame.columns) != INDEX_COLUMNS:
+        raise PipelineError(f"{path}: expected columns {INDEX_COLUMNS}, found {list(frame.columns)}")
+    return frame
+
+
+def csv_header(path: Path) -> list[str]:
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing")
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def read_csv_with_columns(path: Path, required: list[str], **kwargs) -> pd.DataFrame:
+    """Read a CSV whose header must contain `required`; one clear error naming the file if not."""
+    header = csv_header(path)
+    missing = [c for c in required if c not in header]
+    if missing:
+        shown = ",".join(header[:12]) + (",..." if len(header) > 12 else "")
+        raise PipelineError(
+            f"{path}: wrong header: expected columns {','.join(required)}; found {shown or '(empty file)'}"
+        )
+    return pd.read_csv(path, **kwargs)
+
+
+# --------------------------------------------------------------------------- pixels_csv
+
+
+def index_pixels_csv(raw: Path, data, competition) -> tuple[pd.DataFrame, list[dict]]:
+    """digit-recognizer layout. Returns the index and the undecodable rows (bad pixel values)."""
+    height, width = competition.image_size
+    n_pixels = height * width * competition.channels
+    pixel_columns = [f"pixel{i}" for i in range(n_pixels)]
+    bad: list[dict] = []
+
+    train_csv = raw / data.train_csv
+    _expect_header(train_csv, [data.label_column, *pixel_columns])
+    train = pd.read_csv(train_csv)
+    labels = train[data.label_column].astype(str)
+    unknown = sorted(set(labels) - set(competition.classes))
+    if unknown:
+        raise PipelineError(
+            f"{train_csv}: column {data.label_column!r} has labels {unknown[:5]} that are not in "
+            f"competition.classes {competition.classes}"
+        )
+    bad += _bad_pixel_rows(train_csv, train[pixel_columns])
+
+    test_csv = raw / data.test_csv
+    _expect_header(test_csv, pixel_columns)
+    test = pd.read_csv(test_csv)
+    bad += _bad_pixel_rows(test_csv, test[pixel_columns])
+    test_ids = _sample_ids(raw, data, competition)
+    if len(test_ids) != len(test):
+        raise PipelineError(
+            f"{raw / data.sample_submission}: {len(test_ids)} ids but {test_csv} has {len(test)} rows"
+        )
+
+    index = pd.concat(
+        [
+            pd.DataFrame({"subset": "train", "id": [str(i) for i in range(len(train))], "path": data.train_csv,
+                          "row": np.arange(len(train)), "label": labels.values, "group": ""}),
+            pd.DataFrame({"subset": "test", "id": test_ids, "path": data.test_csv,
+                          "row": np.arange(len(test)), "label": "", "group": ""}),
+        ],
+        ignore_index=True,
+    )
+    return index, bad
+
+
+def _expect_header(path: Path, expected: list[str]) -> None:
+    header = csv_header(path)
+    if header != expected:
+        shown = ",".join(header[:4]) + (",..." if len(header) > 4 else "") + f" ({len(header)} columns)"
+        want = ",".join(expected[:4]) + f",...,{expected[-1]} ({len(expected)} columns)"
+        raise PipelineError(f"{path}: wrong header: expected {want}; found {shown}")
+
+
+def _bad_pixel_rows(path: Path, pixels: pd.DataFrame) -> list[dict]:
+    values = pixels.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    broken = np.isnan(values).any(axis=1) | (values < 0).any(axis=1) | (values > 255).any(axis=1)
+    return [{"path": path.name, "row": int(r), "error": "missing, non-numeric or out-of-range (0..255) pixel values"}
+            for r in np.flatnonzero(broken)]
+
+
+# --------------------------------------------------------------------------- image layouts
+
+
+def index_images(raw: Path, data, competition) -> tuple[pd.DataFrame, list[dict]]:
+    """class_folders / filename_labels layouts. Returns the index and the undecodable images."""
+    train_dir = raw / data.train_dir
+    if not train_dir.is_dir():
+        raise PipelineError(f"{train_dir}: training image folder missing (data.train_dir={data.train_dir!r})")
+    extensions = tuple(e.lower() for e in data.image_extensions)
+    if data.layout == "class_folders":
+        train = _train_from_class_folders(raw, train_dir, extensions, data, competition)
+    else:
+        train = _train_from_filenames(raw, train_dir, extensions, competition)
+    duplicated = train["id"][train["id"].duplicated()].tolist()
+    if duplicated:
+        raise PipelineError(f"{train_dir}: file names must be unique across classes; repeated: {duplicated[:5]}")
+
+    test_ids = _sample_ids(raw, data, competition)
+    test_paths = [f"{data.test_dir}/{data.test_file.format(id=i)}" for i in test_ids]
+    missing = [p for p in test_paths if not (raw / p).is_file()]
+    if missing:
+        raise PipelineError(
+            f"{raw / data.sample_submission}: {len(missing)} of {len(test_ids)} test ids have no image "
+            f"(looked for {data.test_dir}/{data.test_file}); first: {missing[:3]}"
+        )
+    test = pd.DataFrame({"subset": "test", "id": test_ids, "path": test_paths, "row": -1, "label": "", "group": ""})
+    index = pd.concat([train, test], ignore_index=True)
+    bad = undecodable_images(raw, index["path"].tolist())
+    return index, bad
+
+
+def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+
+
+def _train_from_class_folders(raw, train_dir, extensions, data, competition) -> pd.DataFrame:
+    rows = []
+    for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
+        if folder.name not in competition.classes:
+            raise PipelineError(
+                f"{folder}: folder name is not one of competition.classes {competition.classes}"
+            )
+        for file in _image_files(folder, extensions):
+            rows.append({"subset": "train", "id": file.name, "path": str(file.relative_to(raw)),
+                         "row": -1, "label": folder.name, "group": ""})
+    if not rows:
+        raise PipelineError(f"{train_dir}: no training images (extensions {list(extensions)}) in class folders")
+    train = pd.DataFrame(rows)
+    if data.groups is not None:
+        train["group"] = _groups_for(raw, train, data.groups)
+    return train
+
+
+def _groups_for(raw: Path, train: pd.DataFrame, groups) -> list[str]:
+    path = raw / groups.csv
+    table = read_csv_with_columns(
+        path, [groups.file_column, groups.label_column, groups.group_column], dtype=str, keep_default_na=False
+    )
+    by_file = table.drop_duplicates(groups.file_column).set_index(groups.file_column)
+    unknown = train.loc[~train["id"].isin(by_file.index), "id"].tolist()
+    if unknown:
+        raise PipelineError(f"{path}: {len(unknown)} training images have no row (no group); first: {unknown[:3]}")
+    listed = by_file.loc[train["id"]]
+    disagree = train["label"].values != listed[groups.label_column].values
+    if disagree.any():
+        first = train.loc[disagree, ["id", "label"]].iloc[0]
+        raise PipelineError(
+            f"{path}: row for {first['id']} says class {listed.loc[first['id'], groups.label_column]!r} "
+            f"but the image is in folder {first['label']!r}"
+        )
+    return listed[groups.group_column].tolist()
+
+
+def _train_from_filenames(raw, train_dir, extensions, competition) -> pd.DataFrame:
+    rows = []
+    for file in _image_files(train_dir, extensions):
+        label = file.name.split(".")[0]
+        if label not in competition.classes:
+            raise PipelineError(
+                f"{file}: file name should start with a class name from {competition.classes} (like cat.1.jpg)"
+            )
+        rows.append({"subset": "train", "id": file.name, "path": str(file.relative_to(raw)),
+                     "row": -1, "label": label, "group": ""})
+    if not rows:
+        raise PipelineError(f"{train_dir}: no training images with extensions {list(extensions)}")
+    return pd.DataFrame(rows)
+
+
+def _sample_ids(raw: Path, data, competition) -> list[str]:
+    path = raw / data.sample_submission
+    frame = read_csv_with_columns(path, competition.submission_columns, dtype=str, keep_default_na=False)
+    ids = frame[competition.id_column].tolist()
+    if len(set(ids)) != len(ids):
+        raise PipelineError(f"{path}: column {competition.id_column!r} repeats ids")
+    return ids
+
+
+def undecodable_images(raw: Path, paths: list[str]) -> list[dict]:
+    """The images that fail to decode (truncated, corrupt, not an image), checked in parallel."""
+    from PIL import Image
+
+    def check(relative: str) -> dict | None:
+        try:
+            with Image.open(raw / relative) as image:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: decode at 1/8
+                image.load()
+            return None
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            return {"path": relative, "row": -1, "error": f"{type(exc).__name__}: {exc}"}
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return [r for r in pool.map(check, paths, chunksize=64) if r is not None]

@@ -1,0 +1,89 @@
+"""The official `kaggle` client, wrapped: credentials checked up front, errors worded for the user.
+
+Importing `kaggle` authenticates at import time and calls `exit(1)` without credentials, so this
+module checks the places the client looks first and imports it only when they hold something.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+
+def config_dir() -> Path:
+    """Where the kaggle client looks for `kaggle.json` / `access_token` (same rule as kaggle 2.x)."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"])
+    legacy = Path.home() / ".kaggle"
+    if legacy.exists():
+        return legacy
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "kaggle"
+
+
+def check_credentials() -> str:
+    """Which credentials the client will use; a PipelineError saying where it looked if none."""
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME/KAGGLE_KEY"
+    folder = config_dir()
+    for name in ("access_token", "kaggle.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise PipelineError(
+        "Kaggle credentials not found: the kaggle client looks for KAGGLE_API_TOKEN, or KAGGLE_USERNAME "
+        f"and KAGGLE_KEY in the environment, or {folder / 'kaggle.json'} (or access_token there; "
+        "KAGGLE_CONFIG_DIR moves that folder). Create a token at kaggle.com > Settings > API, or use a "
+        "downloaded archive offline with --set data.source=PATH/SLUG.zip"
+    )
+
+
+def _client():
+    check_credentials()
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    api.authenticate()
+    return api
+
+
+def download_competition(slug: str, dest: Path) -> Path:
+    """Download the competition archive to `dest/SLUG.zip` (written under a temporary name first)."""
+    archive = dest / f"{slug}.zip"
+    if archive.is_file():
+        return archive
+    api = _client()
+    dest.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=dest))
+    try:
+        try:
+            api.competition_download_files(slug, path=str(partial), force=True, quiet=False)
+        except Exception as exc:  # the client raises requests' HTTPError, ConnectionError, ValueError...
+            raise PipelineError(f"kaggle download of {slug!r} failed: {describe_error(exc, slug)}") from None
+        files = sorted(partial.iterdir())
+        if len(files) != 1:
+            raise PipelineError(f"kaggle download of {slug!r}: expected one archive, got {[f.name for f in files]}")
+        os.replace(files[0], archive)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return archive
+
+
+def describe_error(exc: Exception, slug: str) -> str:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    if code == 401:
+        return "401 unauthorized: the Kaggle credentials were refused"
+    if code == 403:
+        return (f"403 forbidden: accept the rules at https://www.kaggle.com/competitions/{slug}/rules "
+                "(it cannot be done through the API)")
+    if code == 404:
+        return f"404: no competition {slug!r} (check competition.slug)"
+    name = type(exc).__name__
+    if "ConnectionError" in name or "ConnectTimeout" in name:
+        return f"network unreachable ({exc})"
+    return f"{name}: {exc}"

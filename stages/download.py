@@ -1,0 +1,174 @@
+"""download: fetch the competition's data, extract it safely, and build the dataset index.
+
+Recipe: get `SLUG.zip` (through the kaggle client, from a local archive or folder, or, for
+`digits`, from scikit-learn) -> check it holds the members the competition expects -> extract it
+and the archives nested in it -> index every train and test item (id, path, label, group) ->
+find the images that do not decode and skip them (with a warning) or fail, per `data.bad_images`.
+
+Writes `raw/` (the extracted files), `index.csv` and `report.json` (counts, bad items).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pipeline.archive import extract_nested, extract_zip, list_members
+from pipeline.dataset_index import INDEX_FILE, index_images, index_pixels_csv
+from pipeline.errors import PipelineError
+from pipeline.stage import Stage, StageContext, StrictModel
+
+KAGGLE, DIGITS = "kaggle", "sklearn-digits"
+
+
+class GroupsFile(StrictModel):
+    """A CSV that names each training file's group (State Farm: driver_imgs_list.csv)."""
+
+    csv: str
+    file_column: str
+    label_column: str
+    group_column: str
+
+
+class Settings(StrictModel):
+    source: str
+    layout: Literal["pixels_csv", "class_folders", "filename_labels"]
+    expected: list[str]
+    sample_submission: str
+    train_csv: str
+    test_csv: str
+    label_column: str
+    train_dir: str
+    test_dir: str
+    test_file: str
+    image_extensions: list[str]
+    groups: GroupsFile | None
+    bad_images: Literal["skip", "fail"]
+
+
+def run(ctx: StageContext) -> dict:
+    data, competition = ctx.settings, ctx.config.competition
+    raw = ctx.out / "raw"
+
+    if data.source == DIGITS:
+        from pipeline.digits import write_digits_competition
+
+        write_digits_competition(raw, solution=ctx.out / "solution.csv")
+    else:
+        archive_or_folder = _fetch(ctx, data.source, competition.slug)
+        _check_expected(archive_or_folder, data.expected)
+        _unpack(ctx, archive_or_folder, raw)
+
+    if data.layout == "pixels_csv":
+        index, bad = index_pixels_csv(raw, data, competition)
+    else:
+        index, bad = index_images(raw, data, competition)
+
+    if bad:
+        listed = "; ".join(f"{b['path']}" + (f" row {b['row']}" if b["row"] >= 0 else "") + f": {b['error']}"
+                           for b in bad[:5])
+        if data.bad_images == "fail":
+            raise PipelineError(f"{len(bad)} undecodable items (data.bad_images=fail): {listed}")
+        ctx.warn(f"skipped {len(bad)} undecodable items: {listed}")
+        broken = {(b["path"], b["row"]) for b in bad}
+        keep = [(p, r) not in broken for p, r in zip(index["path"], index["row"])]
+        dropped_test = index.loc[[not k for k in keep], "subset"].eq("test").sum()
+        if dropped_test:
+            ctx.warn(f"{dropped_test} of them are test items: the submission will need a fallback for those ids")
+        index = index[keep]
+
+    index.to_csv(ctx.out / INDEX_FILE, index=False)
+    metrics = _counts(index)
+    metrics["bad_items"] = bad
+    (ctx.out / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _fetch(ctx: StageContext, source: str, slug: str) -> Path:
+    if source == KAGGLE:
+        from pipeline.kaggle_api import download_competition
+
+        ctx.log(f"downloading {slug} through the kaggle client")
+        return download_competition(slug, ctx.cache_dir / "kaggle")
+    path = ctx.config.path(source)
+    if not path.exists():
+        raise PipelineError(
+            f"data.source {source!r}: {path} does not exist (expected 'kaggle', '{DIGITS}', "
+            f"a {slug}.zip archive or a folder of its extracted files)"
+        )
+    return path
+
+
+def _check_expected(archive_or_folder: Path, expected: list[str]) -> None:
+    if archive_or_folder.is_dir():
+        present = sorted(p.name for p in archive_or_folder.iterdir())
+    else:
+        present = sorted(list_members(archive_or_folder))
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise PipelineError(
+            f"{archive_or_folder}: missing expected member(s) {missing} (data.expected); "
+            f"it has: {', '.join(present[:10])}{' ...' if len(present) > 10 else ''}"
+        )
+
+
+def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
+    if archive_or_folder.is_dir():
+        ctx.log(f"copying {archive_or_folder}")
+        shutil.copytree(archive_or_folder, raw)
+    else:
+        ctx.log(f"extracting {archive_or_folder.name}")
+        extract_zip(archive_or_folder, raw)
+    extract_nested(raw, ctx.log)
+
+
+def _counts(index) -> dict:
+    train, test = index[index.subset == "train"], index[index.subset == "test"]
+    groups = sorted(g for g in train["group"].unique() if g)
+    return {
+        "n_train": int(len(train)),
+        "n_test": int(len(test)),
+        "train_per_class": {str(k): int(v) for k, v in train["label"].value_counts().sort_index().items()},
+        "n_groups": len(groups),
+    }
+
+
+def _source_stamp(config) -> dict:
+    """A local archive or folder's size and modification time: replacing it makes download stale."""
+    source = config.get("data.source")
+    if source in (KAGGLE, DIGITS):
+        return {}
+    path = config.path(source)
+    if path.is_file():
+        st = path.stat()
+        return {"size": st.st_size, "mtime": int(st.st_mtime)}
+    if path.is_dir():
+        files = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return {"files": len(files), "size": sum(s.st_size for s in files),
+                "mtime": int(max((s.st_mtime for s in files), default=0))}
+    return {"missing": True}
+
+
+def _headline(m: dict) -> str:
+    text = f"{m['n_train']:,} train / {m['n_test']:,} test, {len(m['train_per_class'])} classes"
+    if m.get("n_groups"):
+        text += f", {m['n_groups']} groups"
+    if m.get("bad_items"):
+        text += f", {len(m['bad_items'])} bad skipped"
+    return text
+
+
+STAGE = Stage(
+    name="download",
+    section="data",
+    settings=Settings,
+    run=run,
+    reads=(
+        "competition.slug", "competition.classes", "competition.id_column",
+        "competition.submission_columns", "competition.image_size", "competition.channels",
+    ),
+    version=1,
+    headline=_headline,
+    source_stamp=_source_stamp,
+)

@@ -1,0 +1,112 @@
+"""split: design the validation set, the decision every score after it depends on.
+
+Recipe: read the training rows of the index -> assign each a fold by `split.strategy` (`random`
+stratified by class; `group`, holding out whole groups such as State Farm's drivers; `kfold`;
+`group_kfold`) -> write `split.csv` (id, fold, subset = train | valid, aligned with the index's
+training rows) and a report of sizes per class per side and groups per side. Warns when a random
+split is used on data that has groups: validation would then flatter the leaderboard.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from pipeline.dataset_index import INDEX_FILE, read_index
+from pipeline.errors import PipelineError
+from pipeline.splits import class_balance, group_kfold, group_split, kfold, random_split
+from pipeline.stage import Stage, StageContext, StrictModel
+
+SPLIT_FILE = "split.csv"
+
+
+class Settings(StrictModel):
+    strategy: Literal["random", "group", "kfold", "group_kfold"]
+    fraction: float = Field(gt=0, lt=1)
+    seed: int
+    folds: int = Field(ge=2)
+    valid_fold: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _fold_exists(self):
+        if self.valid_fold >= self.folds:
+            raise ValueError(f"valid_fold {self.valid_fold} must be below folds {self.folds}")
+        return self
+
+
+def run(ctx: StageContext) -> dict:
+    s = ctx.settings
+    index = read_index(ctx.input("download") / INDEX_FILE)
+    train = index[index.subset == "train"].reset_index(drop=True)
+    labels, groups = train["label"].to_numpy(), train["group"].to_numpy()
+    has_groups = bool((groups != "").all())
+    if s.strategy in ("group", "group_kfold") and not has_groups:
+        raise PipelineError(
+            f"split.strategy={s.strategy!r} needs a group for every training row, but this competition's "
+            "index has none (set data.groups, or use split.strategy: random)"
+        )
+    if s.strategy == "random" and has_groups:
+        ctx.warn(
+            f"random split on data with {len(set(groups))} groups: the same group lands on both sides, "
+            "so validation will look better than the leaderboard; use split.strategy: group"
+        )
+
+    if s.strategy == "random":
+        folds = random_split(labels, s.fraction, s.seed)
+    elif s.strategy == "group":
+        folds = group_split(labels, groups, s.fraction, s.seed)
+    elif s.strategy == "kfold":
+        folds = kfold(labels, s.folds, s.seed)
+    else:
+        folds = group_kfold(labels, groups, s.folds, s.seed)
+    valid_fold = 0 if s.strategy in ("random", "group") else s.valid_fold
+    valid = folds == valid_fold
+
+    split = pd.DataFrame({"id": train["id"], "fold": folds, "subset": np.where(valid, "valid", "train")})
+    split.to_csv(ctx.out / SPLIT_FILE, index=False)
+    report = _report(s.strategy, labels, groups if has_groups else None, valid, folds)
+    (ctx.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(strategy, labels, groups, valid, folds) -> dict:
+    sides = {"train": ~valid, "valid": valid}
+    report = {
+        "strategy": strategy,
+        "n_train": int((~valid).sum()),
+        "n_valid": int(valid.sum()),
+        "valid_fraction": round(float(valid.mean()), 4),
+        "class_balance_tv": round(class_balance(labels, valid), 4),
+        "per_class": {
+            side: {str(c): int(n) for c, n in zip(*np.unique(labels[mask], return_counts=True))}
+            for side, mask in sides.items()
+        },
+        "n_folds": int(len(np.unique(folds))),
+    }
+    if groups is not None:
+        report["groups"] = {side: sorted(set(groups[mask])) for side, mask in sides.items()}
+        report["groups_on_both_sides"] = sorted(set(groups[valid]) & set(groups[~valid]))
+        report["n_groups"] = len(set(groups))
+    return report
+
+
+def _headline(m: dict) -> str:
+    text = f"{m['strategy']}: {m['n_valid']:,} valid ({m['valid_fraction']:.1%}) / {m['n_train']:,} train"
+    if "groups" in m:
+        text += f", {len(m['groups']['valid'])} of {m['n_groups']} groups in valid"
+        if m["groups_on_both_sides"]:
+            text += f" ({len(m['groups_on_both_sides'])} on both sides)"
+    return text
+
+
+STAGE = Stage(
+    name="split",
+    settings=Settings,
+    run=run,
+    needs=("download",),
+    version=1,
+    headline=_headline,
+)
