@@ -137,14 +137,11 @@ def status(comp, extra_files, sets, as_json):
 def show_config(comp, extra_files, sets):
     """Print the merged config, each value with the file (or --set) that set it."""
     from pipeline.cache import flatten
+    from pipeline.config import source_of
 
     config = _load(comp, extra_files, sets)
     for key, value in flatten(config.values).items():
-        source = config.provenance.get(key) or next(
-            (config.provenance[p] for p in sorted(config.provenance, key=len, reverse=True) if key.startswith(p + ".")),
-            "",
-        )
-        click.echo(f"{key} = {json.dumps(value)}    # {source}")
+        click.echo(f"{key} = {json.dumps(value)}    # {source_of(key, config.provenance)}")
 
 
 @cli.command()

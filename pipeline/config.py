@@ -174,13 +174,29 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the earlier value would be silently ignored)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -196,8 +212,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _merge(base: dict, layer: dict, source: str, provenance: dict[str, str], prefix: str = "") -> None:
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, source, provenance, dotted + ".")
+        if isinstance(value, dict) and value and (key not in base or isinstance(base[key], dict)):
+            _merge(base.setdefault(key, {}), value, source, provenance, dotted + ".")
         else:
             base[key] = value
             for stale in [k for k in provenance if k == dotted or k.startswith(dotted + ".")]:
@@ -214,7 +230,10 @@ def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> Non
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise PipelineError(f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise PipelineError(
+            f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+            "quote a string that starts with {{, [ or a colon: key='{{id}}.jpg'"
+        ) from None
     node = merged
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -267,7 +286,7 @@ def _validate(merged: dict, provenance: dict[str, str], comp: str):
 def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:
     loc = [str(part) for part in error["loc"]]
     dotted = ".".join(loc)
-    source = _source_of(dotted, provenance)
+    source = source_of(dotted, provenance)
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model_cls, loc[:-1])
@@ -282,7 +301,8 @@ def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:
     return f"{source}: {dotted}: bad value {value!r}: {message}"
 
 
-def _source_of(dotted: str, provenance: dict[str, str]) -> str:
+def source_of(dotted: str, provenance: dict[str, str]) -> str:
+    """The file (or --set argument) that set a key, or the one(s) that set keys inside a section."""
     parts = dotted.split(".")
     for n in range(len(parts), 0, -1):
         key = ".".join(parts[:n])

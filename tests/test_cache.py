@@ -1,0 +1,197 @@
+"""Fingerprint rules, skip-when-up-to-date, and outputs that survive crashes and SIGKILL whole."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import runner
+from pipeline.arrays import ChunkedArrayWriter, load_array
+from pipeline.cache import (MANIFEST, Manifest, atomic_output_dir, competition_lock, fingerprint,
+                            fingerprint_inputs, sweep_partial)
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.registry import all_stages
+from pipeline.status import MISSING, STALE, UP_TO_DATE, explain, stage_statuses
+from tests.conftest import REPO, make_statefarm_like, statefarm_like_config
+
+
+def states(config) -> dict[str, tuple[str, list[str]]]:
+    return {s.name: (s.state, s.reasons) for s in stage_statuses(config)}
+
+
+def test_run_then_everything_is_up_to_date_and_skipped(project):
+    config = load_config("digits")
+    assert {name: st for name, (st, _) in states(config).items()} == {"download": MISSING, "split": MISSING}
+    runner.run(config)
+    assert all(state == UP_TO_DATE for state, _ in states(config).values())
+    first = Manifest.read(config.work_dir / "download")
+    runner.run(load_config("digits"))
+    assert Manifest.read(config.work_dir / "download").started == first.started  # skipped, not rerun
+
+
+def test_downstream_key_change_leaves_upstream_up_to_date(project):
+    runner.run(load_config("digits"))
+    download_before = Manifest.read(load_config("digits").work_dir / "download")
+    changed = load_config("digits", sets=["split.seed=7"])
+    now = states(changed)
+    assert now["download"][0] == UP_TO_DATE
+    assert now["split"] == (STALE, ["config split.seed: 42 -> 7"])
+    runner.run(changed)
+    assert Manifest.read(changed.work_dir / "download").started == download_before.started
+    assert all(state == UP_TO_DATE for state, _ in states(changed).values())
+
+
+def test_upstream_change_makes_everything_after_it_stale(project):
+    runner.run(load_config("digits"))
+    changed = load_config("digits", sets=["data.bad_images=fail"])
+    now = states(changed)
+    assert now["download"] == (STALE, ["config data.bad_images: 'skip' -> 'fail'"])
+    assert now["split"] == (STALE, ["upstream download changed"])
+
+
+def test_a_key_no_stage_reads_changes_nothing(project):
+    runner.run(load_config("digits"))
+    changed = load_config("digits", sets=["competition.clip=[0.1, 0.9]"])  # read by later stages only
+    assert all(state == UP_TO_DATE for state, _ in states(changed).values())
+
+
+def test_code_version_and_source_file_changes_are_explained(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, archive)
+    runner.run(load_config("synth"))
+    # replacing the archive (new size / mtime) makes download stale
+    archive.write_bytes(archive.read_bytes() + b"")
+    os.utime(archive, (time.time() + 10, time.time() + 10))
+    state, reasons = states(load_config("synth"))["download"]
+    assert state == STALE and reasons[0].startswith("source changed")
+    # a bumped stage version is named as the reason
+    config = load_config("synth")
+    split = all_stages()["split"]
+    ups = {"download": "x"}
+    before = fingerprint_inputs(split, config, ups)
+    after = fingerprint_inputs(dataclasses.replace(split, version=split.version + 1), config, ups)
+    assert fingerprint(before) != fingerprint(after)
+    assert explain(before, after) == [f"code version {split.version} -> {split.version + 1}"]
+
+
+def test_failed_stage_leaves_previous_output_untouched(project):
+    config = load_config("digits")
+    runner.run(config)
+    split_csv = (config.work_dir / "split" / "split.csv").read_bytes()
+    with pytest.raises(PipelineError):  # the digits index has no groups
+        runner.run(load_config("digits", sets=["split.strategy=group"]))
+    assert (config.work_dir / "split" / "split.csv").read_bytes() == split_csv
+    assert not [p for p in config.work_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert states(config)["split"][0] == UP_TO_DATE
+
+
+def test_atomic_output_dir_replaces_only_on_success(tmp_path):
+    final = tmp_path / "stage"
+    with atomic_output_dir(final) as out:
+        (out / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(final) as out:
+            (out / "a.txt").write_text("two")
+            raise RuntimeError("crash")
+    assert (final / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_sweep_restores_output_of_a_run_killed_between_renames(tmp_path):
+    (tmp_path / ".old-split-abc123").mkdir()
+    (tmp_path / ".old-split-abc123" / MANIFEST).write_text("{}")
+    (tmp_path / ".tmp-split-99-def456").mkdir()
+    removed = sweep_partial(tmp_path)
+    assert [p.name for p in removed] == [".tmp-split-99-def456"]
+    assert (tmp_path / "split" / MANIFEST).exists()
+
+
+def test_second_run_on_the_same_competition_is_refused(tmp_path):
+    with competition_lock(tmp_path):
+        with pytest.raises(PipelineError, match="another kp run"):
+            with competition_lock(tmp_path):
+                pass
+
+
+def _kp(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill_when_partial(process, work_dir, stage: str, timeout=120.0):
+    """SIGKILL `process` as soon as its temporary output for `stage` holds files."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for tmp in work_dir.glob(f".tmp-{stage}-*"):
+            if any(tmp.rglob("*.jpg")):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return tmp
+        if process.poll() is not None:
+            pytest.fail(f"kp finished before it could be killed:\n{process.stdout.read().decode()}")
+        time.sleep(0.002)
+    process.kill()
+    pytest.fail("timed out waiting for the stage's partial output")
+
+
+def test_sigkill_mid_write_leaves_no_accepted_artifact_and_rerun_succeeds(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=20, classes=10, per_driver_class=12)
+    statefarm_like_config(project, archive, classes=10)
+    env = {**os.environ, "KP_ROOT": str(project)}
+    work = project / "work" / "synth"
+
+    # first run killed mid-write: nothing accepted
+    partial = _kill_when_partial(_kp("all", "--comp", "synth", env=env), work, "download")
+    assert partial.exists()  # the half-written folder is there ...
+    config = load_config("synth")
+    assert states(config)["download"][0] == MISSING  # ... but never accepted
+    assert not (work / "download").exists()
+
+    # a rerun sweeps the leftovers and succeeds
+    done = _kp("all", "--comp", "synth", env=env)
+    output = done.communicate()[0].decode()
+    assert done.returncode == 0, output
+    assert "left by an interrupted run" in output
+    assert all(state == UP_TO_DATE for state, _ in states(config).values())
+    assert not list(work.glob(".tmp-*"))
+    good = (work / "download" / "index.csv").read_bytes()
+
+    # a forced rerun killed mid-write keeps the previous good output
+    _kill_when_partial(_kp("download", "--force", "--comp", "synth", env=env), work, "download")
+    assert (work / "download" / "index.csv").read_bytes() == good
+    assert states(config)["download"][0] == UP_TO_DATE
+
+
+def test_chunked_array_is_written_in_pieces_and_read_memory_mapped(tmp_path):
+    path = tmp_path / "features.npy"
+    data = np.arange(10 * 3 * 2, dtype=np.float16).reshape(10, 3, 2)
+    with ChunkedArrayWriter(path, 10, (3, 2), np.float16) as writer:
+        for start in range(0, 10, 4):
+            writer.append(data[start:start + 4])
+    loaded = load_array(path)
+    assert isinstance(loaded, np.memmap) and not loaded.flags.writeable
+    np.testing.assert_array_equal(loaded, data)
+    short = ChunkedArrayWriter(tmp_path / "short.npy", 10, (3, 2), np.float16)
+    short.append(data[:4])
+    with pytest.raises(ValueError, match="closed after 4 of 10 rows"):
+        short.close()
+    with pytest.raises(ValueError, match="chunk rows have shape"):
+        short.append(np.zeros((2, 5)))
+
+
+def test_manifest_records_inputs_timing_sizes_and_metrics(project):
+    config = load_config("digits")
+    runner.run(config)
+    manifest = json.loads((config.work_dir / "split" / MANIFEST).read_text())
+    assert manifest["inputs"]["config"]["split"]["fraction"] == 0.2
+    assert manifest["inputs"]["upstream"]["download"] == Manifest.read(config.work_dir / "download").fingerprint
+    assert manifest["duration_s"] >= 0 and manifest["outputs"]["split.csv"] > 0
+    assert manifest["metrics"]["n_valid"] == 300

@@ -1,0 +1,90 @@
+"""The kp command line through click's CliRunner, `python -m pipeline`, and its start-up weight."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import REPO
+
+
+def kp(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_stage_commands_first_then_the_rest(project):
+    result = kp("--help")
+    assert result.exit_code == 0
+    commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
+                if line.startswith("  ") and not line.startswith("   ")]
+    assert commands == ["download", "split", "all", "clean", "config", "status"]
+    assert "--set" in kp("split", "--help").output
+
+
+def test_all_then_status_table_and_json(project):
+    result = kp("all", "--comp", "digits")
+    assert result.exit_code == 0, result.output
+    table = kp("status", "--comp", "digits").output
+    assert "download  up to date" in table and "1,497 train / 300 test" in table
+    stale = kp("status", "--comp", "digits", "--set", "split.fraction=0.25").output
+    assert "split     stale" in stale and "config split.fraction: 0.2 -> 0.25" in stale
+    payload = json.loads(kp("status", "--comp", "digits", "--json").output)
+    assert [s["stage"] for s in payload["stages"]] == ["download", "split"]
+    split = payload["stages"][1]
+    assert split["state"] == "up to date" and split["metrics"]["n_valid"] == 300 and split["duration_s"] >= 0
+
+
+def test_stage_command_runs_what_it_needs_and_force_reruns(project):
+    assert kp("split", "--comp", "digits").exit_code == 0
+    result = kp("split", "--comp", "digits", "--force")
+    assert result.exit_code == 0
+    assert "download: up to date, skipped" in result.output
+    assert "split: running (forced)" in result.output
+
+
+def test_clean_one_stage_then_all(project):
+    kp("all", "--comp", "digits")
+    work = project / "work" / "digits"
+    assert kp("clean", "--comp", "digits", "--stage", "split").exit_code == 0
+    assert (work / "download").is_dir() and not (work / "split").exists()
+    assert "split     missing" in kp("status", "--comp", "digits").output
+    assert kp("clean", "--comp", "digits").exit_code == 0
+    assert not work.exists()
+
+
+def test_errors_exit_2_with_one_clear_line(project):
+    result = CliRunner().invoke(cli, ["status", "--comp", "nope"])
+    assert result.exit_code == 2
+    assert "unknown competition 'nope'" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["all", "--comp", "digits", "--set", "split.fracton=0.1"])
+    assert result.exit_code == 2 and "did you mean 'fraction'" in result.output
+
+
+def test_config_shows_where_each_value_came_from(project):
+    output = kp("config", "--comp", "statefarm", "--set", "split.seed=3").output
+    assert 'split.seed = 3    # --set split.seed=3' in output
+    assert 'data.groups.group_column = "subject"    # configs/statefarm.yaml' in output
+    assert 'split.folds = 5    # configs/defaults.yaml' in output
+
+
+def test_python_m_pipeline_and_no_tensorflow_at_start_up():
+    probe = (
+        "import sys\n"
+        "from pipeline.cli import cli\n"
+        "for args in (['--help'], ['status', '--comp', 'digits'], ['split', '--help']):\n"
+        "    try:\n"
+        "        cli(args, prog_name='kp')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (args, e.code)\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'albumentations', 'kaggle') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    help_text = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "Usage: kp" in help_text.stdout

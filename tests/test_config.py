@@ -1,0 +1,125 @@
+"""Config merge order, --set parsing, and the one-line errors for every kind of bad config."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from pipeline.config import config_model, load_config
+from pipeline.errors import PipelineError
+from tests.conftest import REPO, write_config
+
+
+def test_layers_merge_in_order_defaults_comp_overlay_set(project, tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("split:\n  fraction: 0.3\n  seed: 7\n")
+    config = load_config("digits", extra_files=[overlay], sets=["split.seed=11"])
+    assert config.get("split.strategy") == "random"          # digits.yaml
+    assert config.get("split.folds") == 5                    # defaults.yaml
+    assert config.get("split.fraction") == 0.3               # overlay
+    assert config.get("split.seed") == 11                    # --set, last
+    assert config.provenance["split.fraction"] == str(overlay)
+    assert config.provenance["split.seed"] == "--set split.seed=11"
+    assert config.provenance["split.folds"] == "configs/defaults.yaml"
+    assert config.provenance["data.source"] == "configs/digits.yaml"
+
+
+def test_set_values_are_yaml(project):
+    config = load_config("digits", sets=["competition.image_size=[28, 28]", "split.strategy=kfold"])
+    assert config.competition.image_size == (28, 28)
+    assert config.get("split.strategy") == "kfold"
+
+
+def test_every_committed_competition_validates():
+    for name in ["digits", "mnist", "dogscats", "statefarm"]:
+        config = load_config(name, root=REPO)
+        assert config.stage_names[0] == "download"
+    for overlay in sorted((REPO / "configs" / "offline").glob("*.yaml")):
+        comp = overlay.stem.split("-")[0]
+        load_config(comp, root=REPO, extra_files=[overlay])
+
+
+def test_defaults_hold_every_key_each_with_a_comment():
+    text = (REPO / "configs" / "defaults.yaml").read_text()
+    defaults = yaml.safe_load(text)
+    schema = config_model()
+    assert set(defaults) == set(schema.model_fields)
+    for section, fields in defaults.items():
+        if isinstance(fields, dict):
+            model = schema.model_fields[section].annotation
+            assert set(fields) == set(model.model_fields), section
+    for line in text.splitlines():
+        if re.match(r"^\s*[a-z_]+:\s*\S", line):  # a key with a value on the line
+            assert "#" in line, f"defaults.yaml line without a comment: {line!r}"
+
+
+def _error(**kwargs) -> str:
+    with pytest.raises(PipelineError) as caught:
+        load_config(**kwargs)
+    return str(caught.value)
+
+
+def test_unknown_key_names_file_key_and_suggestion(project):
+    write_config(project, "typo", (project / "configs" / "digits.yaml").read_text() + "  fracton: 0.3\n")
+    message = _error(comp="typo")
+    assert "configs/typo.yaml" in message
+    assert "split.fracton" in message
+    assert "did you mean 'fraction'" in message
+    assert "allowed keys here: folds, fraction, seed, strategy, valid_fold" in message
+
+
+def test_wrong_type_names_the_set_argument_key_value_and_rule(project):
+    message = _error(comp="digits", sets=["split.fraction=lots"])
+    assert "--set split.fraction=lots" in message and "split.fraction" in message and "'lots'" in message
+    assert "valid number" in message
+    message = _error(comp="digits", sets=["split.fraction=1.5"])
+    assert "less than 1" in message
+
+
+def test_wrong_choice_lists_the_allowed_ones(project):
+    message = _error(comp="digits", sets=["split.strategy=by_driver"])
+    assert "split.strategy" in message and "'random', 'group', 'kfold' or 'group_kfold'" in message
+
+
+def test_missing_required_value_names_the_key(project):
+    write_config(project, "noslug", "competition:\n  task: binary\n")
+    message = _error(comp="noslug")
+    assert "competition.slug" in message and "not set" in message
+    assert "competition.classes" in message
+
+
+def test_cross_field_rule_names_the_section(project):
+    message = _error(comp="digits", sets=["competition.clip=[0.9, 0.1]"])
+    assert "competition" in message and "clip must satisfy" in message
+
+
+def test_malformed_yaml_gives_file_line_and_column(project):
+    write_config(project, "broken", "competition:\n  slug: x\n  classes: [a, b\nsplit: {}\n")
+    message = _error(comp="broken")
+    assert re.search(r"configs/broken\.yaml:\d+:\d+: malformed YAML", message), message
+
+
+def test_duplicate_yaml_key_is_an_error_not_a_silent_override(project):
+    write_config(project, "twice", "split:\n  seed: 1\nsplit:\n  seed: 2\n")
+    message = _error(comp="twice")
+    assert re.search(r"configs/twice\.yaml:3:1: malformed YAML: duplicate key 'split'", message), message
+
+
+def test_unknown_competition_lists_the_known_ones(project):
+    message = _error(comp="statefram")
+    assert "unknown competition 'statefram'" in message
+    assert "digits, dogscats, mnist, statefarm" in message
+
+
+def test_set_key_that_does_not_exist(project):
+    message = _error(comp="digits", sets=["split.fracton=0.1"])
+    assert message.startswith("--set split.fracton=0.1: unknown key 'split.fracton'")
+    assert "did you mean 'fraction'" in message
+    assert "unknown key" in _error(comp="digits", sets=["nosuchsection.x=1"])
+    assert "expected dotted.key=value" in _error(comp="digits", sets=["split.fraction"])
+
+
+def test_stage_list_is_checked(project):
+    assert "unknown stage 'splt'" in _error(comp="digits", sets=["stages=[download, splt]"])
+    assert "needs 'download' listed before it" in _error(comp="digits", sets=["stages=[split, download]"])
