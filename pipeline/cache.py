@@ -27,6 +27,19 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
 
+def file_stamp(path: Path) -> dict[str, Any]:
+    """Size and modification time of a file, or of every file in a folder: a cheap change detector
+    for inputs that live outside the config (a source archive, a weights file)."""
+    if path.is_file():
+        st = path.stat()
+        return {"size": st.st_size, "mtime": int(st.st_mtime)}
+    if path.is_dir():
+        files = [p.stat() for p in path.rglob("*") if p.is_file()]
+        return {"files": len(files), "size": sum(s.st_size for s in files),
+                "mtime": int(max((s.st_mtime for s in files), default=0))}
+    return {"missing": True}
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -101,12 +114,17 @@ def output_sizes(folder: Path) -> dict[str, int]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place: readers
+    see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -76,6 +76,7 @@ def _run_one(config: ResolvedConfig, stage, status: StageStatus) -> Manifest:
             out=tmp,
             inputs=inputs,
             cache_dir=config.work_dir / CACHE_FOLDER,
+            config_fingerprint=status.fingerprint,
         )
         metrics = stage.run(ctx) or {}
         manifest = Manifest(

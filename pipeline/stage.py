@@ -65,6 +65,7 @@ class StageContext:
         `work/COMP/STAGE/` only once `run` returns, so a crash never leaves an accepted artifact.
     inputs: the finished output folder of each upstream stage, by name.
     cache_dir: a per-competition folder that survives reruns (downloaded archives live here).
+    config_fingerprint: this stage's fingerprint (submissions carry it).
     """
 
     comp: str
@@ -73,6 +74,7 @@ class StageContext:
     out: Path
     inputs: dict[str, Path]
     cache_dir: Path
+    config_fingerprint: str = ""
     warnings: list[str] = field(default_factory=list)
 
     def log(self, message: str) -> None:
@@ -85,3 +87,11 @@ class StageContext:
 
     def input(self, stage: str) -> Path:
         return self.inputs[stage]
+
+    def progress(self, total: int, desc: str):
+        """A progress bar on stderr (redrawn in place on a terminal, a line every 30 s in a log)."""
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        return tqdm(total=total, desc=f"[{self.comp}] {desc}", unit="img", file=sys.stderr,
+                    mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)

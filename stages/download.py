@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.archive import extract_nested, extract_zip, list_members
+from pipeline.cache import file_stamp
 from pipeline.dataset_index import INDEX_FILE, index_images, index_pixels_csv
 from pipeline.errors import PipelineError
 from pipeline.stage import Stage, StageContext, StrictModel
@@ -139,15 +140,7 @@ def _source_stamp(config) -> dict:
     source = config.get("data.source")
     if source in (KAGGLE, DIGITS):
         return {}
-    path = config.path(source)
-    if path.is_file():
-        st = path.stat()
-        return {"size": st.st_size, "mtime": int(st.st_mtime)}
-    if path.is_dir():
-        files = [p.stat() for p in path.rglob("*") if p.is_file()]
-        return {"files": len(files), "size": sum(s.st_size for s in files),
-                "mtime": int(max((s.st_mtime for s in files), default=0))}
-    return {"missing": True}
+    return file_stamp(config.path(source))
 
 
 def _headline(m: dict) -> str:

@@ -17,10 +17,9 @@ from pydantic import Field, model_validator
 
 from pipeline.dataset_index import INDEX_FILE, read_index
 from pipeline.errors import PipelineError
+from pipeline.features import SPLIT_FILE
 from pipeline.splits import class_balance, group_kfold, group_split, kfold, random_split
 from pipeline.stage import Stage, StageContext, StrictModel
-
-SPLIT_FILE = "split.csv"
 
 
 class Settings(StrictModel):

@@ -1,0 +1,70 @@
+"""Score the latest submission of a competition on its hidden test labels (solution.csv).
+
+A benchmark, not a stage: it is the only place besides a scoring server that reads solution.csv.
+Prints validation next to test, so a validation set that flatters the model shows.
+    .venv/bin/python bench/score_test.py --comp dogscats --config configs/offline/dogscats.yaml
+Writes bench/results/score_COMP.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+
+from pipeline.cache import Manifest  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.scoring import read_submission, score_accuracy_of_probabilities, score_submission  # noqa: E402
+
+
+def solution_path(config) -> Path:
+    if config.get("data.source") == "sklearn-digits":
+        return config.work_dir / "download" / "solution.csv"
+    source = config.path(config.get("data.source"))
+    return (source.parent if source.is_file() else source) / "solution.csv"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comp", required=True)
+    parser.add_argument("--config", action="append", default=[])
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    args = parser.parse_args()
+    config = load_config(args.comp, root=REPO, extra_files=args.config, sets=args.sets)
+    submit = Manifest.read(config.work_dir / "submit")
+    finetune = Manifest.read(config.work_dir / "finetune")
+    if submit is None:
+        sys.exit(f"no submission yet for {args.comp}: run kp all --comp {args.comp} first")
+    solution = pd.read_csv(solution_path(config), dtype=str)
+    submission = read_submission(Path(submit.metrics["file"]))
+    competition = config.competition
+    result = {
+        "competition": args.comp,
+        "file": submit.metrics["file"],
+        "split": config.get("split.strategy"),
+        "metric": competition.metric,
+        "val_score_clipped": submit.metrics["val_score"],
+        "val_log_loss": finetune.metrics.get("val_log_loss") if finetune else None,
+        "val_accuracy": finetune.metrics.get("val_accuracy") if finetune else None,
+        "test_score": round(score_submission(submission, solution, competition), 5),
+        "test_accuracy": score_accuracy_of_probabilities(submission, solution, competition),
+    }
+    if result["test_accuracy"] is not None:
+        result["test_accuracy"] = round(result["test_accuracy"], 5)
+    print(f"{'':22} {'validation':>11} {'test':>8}")
+    print(f"{competition.metric + ' (clipped)':22} {result['val_score_clipped']:11.4f} {result['test_score']:8.4f}")
+    if result["test_accuracy"] is not None:
+        print(f"{'accuracy':22} {result['val_accuracy']:11.4f} {result['test_accuracy']:8.4f}")
+    out = REPO / "bench" / "results" / f"score_{args.comp}_{config.get('split.strategy')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Training plots written beside a model: loss and accuracy per epoch, and the confusion matrix.
+
+Uses matplotlib's non-interactive Agg backend (no display on these machines).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: dict[str, list[float]], path: Path, title: str = "") -> None:
+    """loss.png: train vs valid loss (left) and accuracy (right) per epoch."""
+    plt = _pyplot()
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ["loss", "accuracy"]):
+        ax.plot(epochs, history[key], "o-", label=f"train {key}")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], "s-", label=f"valid {key}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+    """confusion.png: counts of (true class, predicted class) on the validation set."""
+    plt = _pyplot()
+    k = len(classes)
+    matrix = np.zeros((k, k), dtype=int)
+    np.add.at(matrix, (labels, predicted), 1)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * k, 1.0 + 0.5 * k))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(k), classes, rotation=45)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

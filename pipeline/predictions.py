@@ -1,0 +1,51 @@
+"""Class probabilities on the validation and test rows: what finetune and ensemble write, submit reads.
+
+A predictions folder holds `valid_probs.npy` (n_valid, k) with `valid_rows.csv` (id, label) and
+`test_probs.npy` (n_test, k) with `test_rows.csv` (id), rows aligned. Every producer writes it
+through `save_predictions`, every consumer reads it through `load_predictions`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class Predictions:
+    valid_ids: list[str]
+    valid_labels: np.ndarray  # class indices
+    valid_probs: np.ndarray
+    test_ids: list[str]
+    test_probs: np.ndarray
+
+
+def save_predictions(folder: Path, p: Predictions) -> None:
+    np.save(folder / "valid_probs.npy", p.valid_probs.astype(np.float32))
+    np.save(folder / "test_probs.npy", p.test_probs.astype(np.float32))
+    pd.DataFrame({"id": p.valid_ids, "label": p.valid_labels}).to_csv(folder / "valid_rows.csv", index=False)
+    pd.DataFrame({"id": p.test_ids}).to_csv(folder / "test_rows.csv", index=False)
+
+
+def load_predictions(folder: Path) -> Predictions:
+    try:
+        valid = pd.read_csv(folder / "valid_rows.csv", dtype={"id": str})
+        test = pd.read_csv(folder / "test_rows.csv", dtype={"id": str})
+        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), np.load(folder / "valid_probs.npy"),
+                        test["id"].tolist(), np.load(folder / "test_probs.npy"))
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{folder}: no predictions ({Path(exc.filename).name} missing)") from None
+    if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
+        raise PipelineError(f"{folder}: probabilities and row ids have different lengths")
+    return p
+
+
+def predict_in_chunks(model, x, chunk: int = 2048) -> np.ndarray:
+    """Predict over a (possibly memory-mapped) array a slice at a time: memory stays flat."""
+    parts = [np.asarray(model.predict_on_batch(np.asarray(x[i:i + chunk], dtype=np.float32)))
+             for i in range(0, len(x), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)

@@ -1,0 +1,65 @@
+"""Scoring a submission file against hidden labels, as Kaggle's server does.
+
+Only a scoring server or a benchmark may call this with a `solution.csv`; no stage ever reads one.
+The solution's first column is the id, its second the true label (`label` 0/1 for a binary task,
+a class name such as `c3` for multi-class, a digit for accuracy). Submissions are matched by id,
+in any order; a missing, extra or duplicate id, or a NaN, is an error, as on Kaggle.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import accuracy, binary_log_loss, multiclass_log_loss
+
+
+def read_submission(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise PipelineError(f"{path}: cannot read as CSV ({exc})") from None
+
+
+def score_submission(submission: pd.DataFrame, solution: pd.DataFrame, competition) -> float:
+    """The competition's metric for `submission` (as submitted: strings) against `solution`."""
+    id_column = competition.id_column
+    if list(submission.columns) != competition.submission_columns:
+        raise PipelineError(f"wrong header: expected {','.join(competition.submission_columns)}, "
+                            f"got {','.join(submission.columns)}")
+    ids = submission[id_column]
+    if ids.duplicated().any():
+        raise PipelineError(f"duplicate ids, e.g. {ids[ids.duplicated()].iloc[0]!r}")
+    truth = solution.set_index(solution.columns[0])[solution.columns[1]].astype(str)
+    truth.index = truth.index.astype(str)
+    missing, extra = sorted(set(truth.index) - set(ids)), sorted(set(ids) - set(truth.index))
+    if missing or extra:
+        raise PipelineError(f"ids do not match the test set: {len(missing)} missing (e.g. {missing[:2]}), "
+                            f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    labels = truth.loc[ids].to_numpy()
+    values = submission.iloc[:, 1:]
+    if competition.metric == "accuracy":
+        return float(np.mean(values.iloc[:, 0].to_numpy() == labels))
+    numbers = values.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    if np.isnan(numbers).any():
+        raise PipelineError(f"{int(np.isnan(numbers).any(axis=1).sum())} rows have missing or non-numeric values")
+    if competition.task == "binary":
+        return binary_log_loss(labels.astype(int) == 1, numbers[:, 0])
+    lookup = {name: k for k, name in enumerate(competition.classes)}
+    return multiclass_log_loss(np.array([lookup[label] for label in labels]), numbers)
+
+
+def score_accuracy_of_probabilities(submission: pd.DataFrame, solution: pd.DataFrame, competition) -> float | None:
+    """For multi-class or binary probability files, the share of rows whose top class is right."""
+    if competition.metric == "accuracy":
+        return None
+    truth = solution.set_index(solution.columns[0])[solution.columns[1]].astype(str)
+    truth.index = truth.index.astype(str)
+    labels = truth.loc[submission[competition.id_column]].to_numpy()
+    numbers = submission.iloc[:, 1:].astype(float).to_numpy()
+    if competition.task == "binary":
+        return float(np.mean((numbers[:, 0] > 0.5) == (labels.astype(int) == 1)))
+    lookup = {name: k for k, name in enumerate(competition.classes)}
+    return accuracy(np.array([lookup[label] for label in labels]), numbers)

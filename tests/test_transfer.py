@@ -1,0 +1,158 @@
+"""Transfer learning: precompute -> finetune -> submit with VGG16 (weights=None) on tiny images,
+feature alignment against a direct forward pass, inverted dropout, and learning-rate changes."""
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from pipeline import runner
+from pipeline.arrays import load_array
+from pipeline.cache import Manifest
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.features import load_split_features
+from pipeline.heads import build_head, with_dropout
+from pipeline.images import decode_resize
+from pipeline.training import Phase, current_learning_rate, fit
+from tests.conftest import make_statefarm_like, statefarm_like_config
+
+TINY_VGG = [
+    "competition.image_size=[32, 32]", "competition.clip=[0.02, 0.9]",
+    "stages=[download, split, precompute, finetune, submit]",
+    "precompute.backbone=vgg16", "precompute.weights=none", "precompute.batch_size=8",
+    "finetune.head=fc", "finetune.hidden=[16, 16]", "finetune.dropout=[0.5, 0.25]",
+    "finetune.phases=[{epochs: 2, lr: 0.001}, {epochs: 1, lr: 0.0001}]", "finetune.batch_size=16",
+]
+
+
+@pytest.fixture
+def tiny_vgg_run(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(project, archive)
+    config = load_config("synth", sets=TINY_VGG)
+    runner.run(config)
+    return config
+
+
+def test_vgg16_pipeline_end_to_end_on_tiny_images(tiny_vgg_run):
+    config = tiny_vgg_run
+    work = config.work_dir
+    features = load_array(work / "precompute" / "train.npy")
+    assert features.shape == (48, 1, 1, 512) and features.dtype == np.float16
+    assert load_array(work / "precompute" / "test.npy").shape == (6, 1, 1, 512)
+
+    finetune = Manifest.read(work / "finetune")
+    assert finetune.metrics["head"] == "fc" and finetune.metrics["epochs"] == 3
+    for name in ("model.keras", "history.csv", "loss.png", "confusion.png", "valid_probs.npy", "test_probs.npy"):
+        assert (work / "finetune" / name).stat().st_size > 0, name
+    history = pd.read_csv(work / "finetune" / "history.csv")
+    assert history["lr"].round(7).tolist() == [0.001, 0.001, 0.0001]
+    assert "finetune.imagenet_init needs precompute.backbone vgg16 with weights imagenet" in finetune.warnings[0]
+
+    submit = Manifest.read(work / "submit").metrics
+    written = pd.read_csv(submit["file"], dtype={"img": str})
+    sample = pd.read_csv(work / "download" / "raw" / "sample_submission.csv", dtype={"img": str})
+    assert list(written.columns) == list(sample.columns)
+    assert written.img.tolist() == sample.img.tolist()
+    values = written.iloc[:, 1:].to_numpy()
+    assert values.min() >= 0.02 and values.max() <= 0.9
+    meta = json.loads(open(submit["file"].replace(".csv", ".json")).read())
+    assert meta["fingerprint"] == Manifest.read(work / "submit").fingerprint
+    assert meta["split_strategy"] == "group" and meta["val_score"] == submit["val_score"]
+
+
+def test_precomputed_rows_equal_a_direct_forward_pass(project, tmp_path):
+    """With a weights file, the stage's model is known: its stored rows match a direct pass."""
+    archive = make_statefarm_like(tmp_path / "data", drivers=3, classes=3, per_driver_class=3, test=4)
+    statefarm_like_config(project, archive)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    weights = tmp_path / "vgg16_tiny.weights.h5"
+    base.save_weights(weights)
+    config = load_config("synth", sets=[s for s in TINY_VGG if not s.startswith("precompute.weights")]
+                         + [f"precompute.weights={weights}"])
+    runner.run(config, ["precompute"])
+    work = config.work_dir
+    stored = load_array(work / "precompute" / "train.npy")
+    rows = pd.read_csv(work / "precompute" / "train_rows.csv", dtype=str)
+    index = pd.read_csv(work / "download" / "index.csv", dtype=str, keep_default_na=False)
+    path_of = dict(zip(index.id, index.path))
+    for i in (0, 5, len(rows) - 1):
+        image = decode_resize(tf.constant(str(work / "download" / "raw" / path_of[rows.id[i]])), (32, 32))
+        direct = base(keras.applications.vgg16.preprocess_input(image[None]), training=False).numpy()[0]
+        np.testing.assert_allclose(stored[i].astype(np.float32), direct, rtol=2e-3, atol=2e-2)
+
+
+def test_misaligned_split_is_refused(tiny_vgg_run):
+    work = tiny_vgg_run.work_dir
+    split = pd.read_csv(work / "split" / "split.csv", dtype={"id": str})
+    shuffled = work / "shuffled"
+    shuffled.mkdir()
+    split.sample(frac=1, random_state=0).to_csv(shuffled / "split.csv", index=False)
+    with pytest.raises(PipelineError, match="features and split are not aligned"):
+        load_split_features(work / "precompute", shuffled, ["c0", "c1", "c2"])
+
+
+def test_changing_dropout_keeps_inference_outputs_identical():
+    keras.utils.set_random_seed(0)
+    model = build_head((4, 4, 8), 3, "fc", [32, 32], [0.5, 0.5])
+    x = np.random.default_rng(0).normal(size=(20, 4, 4, 8)).astype(np.float32)
+    before = model.predict(x, verbose=0)
+    for rates in (0.0, 0.8, {"dropout1": 0.1}):
+        after = with_dropout(model, rates).predict(x, verbose=0)
+        np.testing.assert_array_equal(before, after)
+    assert [l.rate for l in with_dropout(model, 0.0).layers if isinstance(l, keras.layers.Dropout)] == [0.0, 0.0]
+    # the course's fix (halve the weights after removing dropout) changes the outputs: wrong for Keras
+    halved = with_dropout(model, 0.0)
+    for layer in halved.layers:
+        if layer.name in ("fc2", "predictions"):
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel * 0.5, bias])
+    assert not np.allclose(before, halved.predict(x, verbose=0), atol=1e-3)
+
+
+def _weights_per_epoch(model, phases, schedule="phases"):
+    x = np.random.default_rng(1).normal(size=(64, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append([w.copy() for w in self.model.get_weights()])
+
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        history, _, _ = fit(model, (x, y), (x, y), phases=phases, schedule=schedule, optimizer="sgd",
+                            momentum=0.0, batch_size=16, out_dir=Path(folder), verbose=0,
+                            extra_callbacks=[Snapshot()])
+    return snapshots, history
+
+
+def test_a_learning_rate_change_really_reaches_the_optimizer():
+    keras.utils.set_random_seed(0)
+    model = build_head((6,), 2, "pool", [8], [0.0])
+    snapshots, history = _weights_per_epoch(model, [Phase(2, 0.1), Phase(2, 0.0)])
+    assert history["lr"] == pytest.approx([0.1, 0.1, 0.0, 0.0])
+    moved = lambda a, b: any(not np.array_equal(u, v) for u, v in zip(a, b))
+    assert moved(snapshots[0], snapshots[1])  # lr 0.1: training changes the weights
+    assert not moved(snapshots[1], snapshots[2]) and not moved(snapshots[2], snapshots[3])  # lr 0: frozen
+    assert current_learning_rate(model.optimizer) == 0.0
+
+
+def test_the_courses_way_of_setting_the_learning_rate_does_nothing():
+    optimizer = keras.optimizers.Adam(learning_rate=0.01)
+    optimizer.lr = 0.5  # model.optimizer.lr = x, as in the course: a new attribute, not the rate
+    assert current_learning_rate(optimizer) == pytest.approx(0.01)
+
+
+def test_cosine_schedule_decays_within_training():
+    keras.utils.set_random_seed(0)
+    model = build_head((6,), 2, "pool", [], [])
+    _, history = _weights_per_epoch(model, [Phase(4, 0.2)], schedule="cosine")
+    assert history["lr"][0] < 0.2 and all(a > b for a, b in zip(history["lr"], history["lr"][1:]))
+    assert history["lr"][-1] < 0.02
