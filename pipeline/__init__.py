@@ -5,3 +5,8 @@ registry and runner (`stages_registry`, `runner`), data handling (`archive`, `da
 `splits`) and the command line (`cli`). Stage recipes live in the top-level `stages` package.
 Nothing imported here may import TensorFlow: `kp --help` and `kp status` must start fast.
 """
+
+import os as _os
+
+# TensorFlow's C++ INFO lines (CPU features, oneDNN) drown the pipeline's own output; warnings stay.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")

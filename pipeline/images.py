@@ -14,7 +14,7 @@ JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg can apply while decoding
 
 
 def decode_resize(path, size: tuple[int, int], channels: int = 3):
-    """One image file -> float32 (height, width, channels) in 0..255, resized with antialiasing."""
+    """One image file -> float32 (height, width, channels) in 0..255, resized bilinearly."""
     import tensorflow as tf
 
     height, width = size
@@ -30,9 +30,13 @@ def decode_resize(path, size: tuple[int, int], channels: int = 3):
             lambda scale=scale: tf.io.decode_jpeg(data, channels=channels, ratio=scale) for scale in JPEG_SCALES
         ])
 
-    image = tf.cond(tf.io.is_jpeg(data), scaled_jpeg,
-                    lambda: tf.io.decode_image(data, channels=channels, expand_animations=False))
-    image = tf.image.resize(tf.cast(image, tf.float32), (height, width), antialias=True)
+    def resized(image, antialias: bool):
+        return tf.image.resize(tf.cast(image, tf.float32), (height, width), antialias=antialias)
+
+    # After DCT scaling a JPEG is less than 2x the target size, where plain bilinear does not alias
+    # (and antialiasing would halve decode throughput); other formats may shrink by any factor.
+    image = tf.cond(tf.io.is_jpeg(data), lambda: resized(scaled_jpeg(), antialias=False),
+                    lambda: resized(tf.io.decode_image(data, channels=channels, expand_animations=False), True))
     image.set_shape((height, width, channels))
     return image
 

@@ -16,7 +16,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.arrays import ChunkedArrayWriter
 from pipeline.cache import file_stamp
 from pipeline.dataset_index import INDEX_FILE, read_index
 from pipeline.errors import PipelineError
@@ -35,11 +34,8 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
-    import numpy as np
-    import tensorflow as tf
-
     from pipeline.backbones import build_feature_model, resolve_weights
-    from pipeline.images import image_batches
+    from pipeline.feature_writer import compiled_forward, write_features
 
     s, competition = ctx.settings, ctx.config.competition
     if ctx.config.get("data.layout") == "pixels_csv":
@@ -52,7 +48,7 @@ def run(ctx: StageContext) -> dict:
     height, width = competition.image_size
     features = build_feature_model(s.backbone, resolve_weights(s.weights, ctx.config.root),
                                    (height, width, 3), s.cut, s.alpha)
-    forward = tf.function(lambda images: features.model(images, training=False), reduce_retracing=True)
+    forward = compiled_forward(features.model)
     preprocess = features.preprocess if s.preprocess == "backbone" else None
     row_shape = tuple(int(d) for d in features.model.output.shape[1:])
     ctx.log(f"{features.name} cut at {s.cut}: {row_shape} per image, {s.dtype}")
@@ -62,12 +58,9 @@ def run(ctx: StageContext) -> dict:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         start = time.perf_counter()
-        batches = image_batches([raw / p for p in rows["path"]], (height, width), s.batch_size, preprocess)
-        with ChunkedArrayWriter(ctx.out / array_file(subset), len(rows), row_shape, s.dtype) as writer:
-            with ctx.progress(total=len(rows), desc=f"{subset} features") as bar:
-                for images in batches:
-                    writer.append(np.asarray(forward(images)).astype(s.dtype, copy=False))
-                    bar.update(len(images))
+        write_features(forward, [raw / p for p in rows["path"]], ctx.out / array_file(subset), row_shape,
+                       s.dtype, (height, width), s.batch_size, preprocess,
+                       progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
         seconds = time.perf_counter() - start
         timings[subset] = {"images": len(rows), "seconds": round(seconds, 2),
                            "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import field_validator
 
 from pipeline.cache import write_bytes_atomic
 from pipeline.dataset_index import INDEX_FILE, read_index
@@ -35,6 +36,17 @@ class Settings(StrictModel):
     name: str
     gzip: bool
     renormalize: bool
+
+    @field_validator("name")
+    @classmethod
+    def _known_placeholders(cls, name: str) -> str:
+        try:
+            name.format(comp="c", source="s", fingerprint="f")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"may use only {{comp}}, {{source}} and {{fingerprint}} ({exc!r})") from None
+        if "/" in name or not name.strip():
+            raise ValueError("must be a plain file name without '/'")
+        return name
 
 
 def run(ctx: StageContext) -> dict:

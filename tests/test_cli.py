@@ -20,7 +20,7 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     assert result.exit_code == 0
     commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
                 if line.startswith("  ") and not line.startswith("   ")]
-    assert commands == ["download", "split", "all", "clean", "config", "status"]
+    assert commands == ["download", "precompute", "split", "finetune", "submit", "all", "clean", "config", "status"]
     assert "--set" in kp("split", "--help").output
 
 
@@ -32,7 +32,7 @@ def test_all_then_status_table_and_json(project):
     stale = kp("status", "--comp", "digits", "--set", "split.fraction=0.25").output
     assert "split     stale" in stale and "config split.fraction: 0.2 -> 0.25" in stale
     payload = json.loads(kp("status", "--comp", "digits", "--json").output)
-    assert [s["stage"] for s in payload["stages"]] == ["download", "split"]
+    assert [s["stage"] for s in payload["stages"]] == ["download", "split"]  # digits lists only these so far
     split = payload["stages"][1]
     assert split["state"] == "up to date" and split["metrics"]["n_valid"] == 300 and split["duration_s"] >= 0
 

@@ -123,3 +123,8 @@ def test_set_key_that_does_not_exist(project):
 def test_stage_list_is_checked(project):
     assert "unknown stage 'splt'" in _error(comp="digits", sets=["stages=[download, splt]"])
     assert "needs 'download' listed before it" in _error(comp="digits", sets=["stages=[split, download]"])
+
+
+def test_submission_name_template_is_checked(project):
+    message = _error(comp="dogscats", sets=["submit.name='{comp}-{seed}'"])
+    assert "submit.name" in message and "{comp}, {source} and {fingerprint}" in message

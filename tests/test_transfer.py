@@ -156,3 +156,17 @@ def test_cosine_schedule_decays_within_training():
     _, history = _weights_per_epoch(model, [Phase(4, 0.2)], schedule="cosine")
     assert history["lr"][0] < 0.2 and all(a > b for a, b in zip(history["lr"], history["lr"][1:]))
     assert history["lr"][-1] < 0.02
+
+
+def test_fc_head_takes_vgg16_top_weights_when_shapes_match():
+    """The ImageNet-init path minus the download: VGG16's fc1/fc2 (here random) land in the head."""
+    from pipeline.heads import copy_dense_weights
+
+    top = keras.applications.VGG16(include_top=True, weights=None)
+    head = build_head((7, 7, 512), 10, "fc", [4096, 4096], [0.5, 0.5])
+    assert copy_dense_weights(top, head, ["fc1", "fc2", "predictions"]) == ["fc1", "fc2"]  # not the 1000-way layer
+    for name in ("fc1", "fc2"):
+        for mine, theirs in zip(head.get_layer(name).get_weights(), top.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(mine, theirs)
+    conv_head = build_head((14, 14, 512), 10, "fc", [4096, 4096], [0.5, 0.5])  # last-conv cut: pooled first
+    assert conv_head.get_layer("block5_pool").output.shape[1:] == (7, 7, 512)
