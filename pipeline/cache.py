@@ -51,7 +51,7 @@ def fingerprint_inputs(stage, config, upstream_fingerprints: dict[str, str]) -> 
         "stage": stage.name,
         "version": stage.version,
         "config": {key: config.get(key) for key in stage.keys},
-        "upstream": {name: upstream_fingerprints[name] for name in stage.needs},
+        "upstream": {name: upstream_fingerprints[name] for name in stage.needs_for(config)},
         "stamp": stamp,
     }
 

@@ -54,6 +54,25 @@ class Competition(StrictModel):
         return self
 
 
+class Model(StrictModel):
+    """The network trained by finetune and by every ensemble member: the `model` section."""
+
+    arch: Literal["auto", "fc", "pool", "linear", "hidden", "cnn", "cnn_bn", "cnn_bn_do"]
+    hidden: list[int]
+    dropout: list[float]
+    conv_dropout: float = Field(ge=0, lt=1)
+    l2: float = Field(ge=0)
+    imagenet_init: bool
+
+    @model_validator(mode="after")
+    def _one_rate_per_layer(self):
+        if len(self.dropout) != len(self.hidden):
+            raise ValueError(f"dropout has {len(self.dropout)} rates for {len(self.hidden)} hidden layers")
+        if any(not 0 <= r < 1 for r in self.dropout):
+            raise ValueError(f"dropout rates must be in [0, 1), got {self.dropout}")
+        return self
+
+
 class Paths(StrictModel):
     """Where the pipeline writes, relative to the project root unless absolute."""
 
@@ -266,6 +285,7 @@ def config_model() -> type[StrictModel]:
         "competition": (Competition, ...),
         "stages": (list[str], Field(min_length=1)),
         "paths": (Paths, ...),
+        "model": (Model, ...),
     }
     for stage in all_stages().values():
         fields[stage.section] = (stage.settings, ...)
@@ -343,7 +363,7 @@ def _check_stage_list(resolved: ResolvedConfig) -> None:
             )
         if name in seen:
             raise PipelineError(f"{source}: stages: {name!r} is listed twice")
-        for upstream in known[name].needs:
+        for upstream in known[name].needs_for(resolved):
             if upstream not in seen:
                 raise PipelineError(
                     f"{source}: stages: {name!r} needs {upstream!r} listed before it; got {resolved.stage_names}"

@@ -57,3 +57,25 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str]
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "") -> None:
+    """members.png: each member's validation log loss and accuracy, with the ensemble's as a line."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [m["member"] for m in members]
+    for ax, key, label in [(axes[0], "val_log_loss", "validation log loss"),
+                           (axes[1], "val_accuracy", "validation accuracy")]:
+        ax.plot(x, [m[key] for m in members], "o", label="members")
+        ax.axhline(ensemble[key], color="C3", label=f"ensemble ({ensemble[key]:.4f})")
+        ax.axhline(ensemble[f"mean_member_{key}"], color="gray", linestyle="--",
+                   label=f"mean member ({ensemble[f'mean_member_{key}']:.4f})")
+        ax.set_xlabel("member")
+        ax.set_ylabel(label)
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

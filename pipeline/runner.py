@@ -35,7 +35,7 @@ def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
             )
         if name not in wanted:
             wanted.add(name)
-            for upstream in stages[name].needs:
+            for upstream in stages[name].needs_for(config):
                 need(upstream)
 
     for target in targets:
@@ -65,7 +65,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
 
 def _run_one(config: ResolvedConfig, stage, status: StageStatus) -> Manifest:
     final = config.work_dir / stage.name
-    inputs = {upstream: config.work_dir / upstream for upstream in stage.needs}
+    inputs = {upstream: config.work_dir / upstream for upstream in stage.needs_for(config)}
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     with atomic_output_dir(final) as tmp:
@@ -77,6 +77,7 @@ def _run_one(config: ResolvedConfig, stage, status: StageStatus) -> Manifest:
             inputs=inputs,
             cache_dir=config.work_dir / CACHE_FOLDER,
             config_fingerprint=status.fingerprint,
+            fingerprint_inputs=status.inputs,
         )
         metrics = stage.run(ctx) or {}
         manifest = Manifest(

@@ -35,6 +35,7 @@ class Stage:
     headline: turns its metrics into the short text `kp status` shows.
     source_stamp: extra fingerprint inputs read from outside the config (e.g. a source archive's
         size and modification time), so that replacing an input file makes the stage stale.
+    extra_needs: upstream stages chosen by the config (submit reads the stage `submit.source` names).
     """
 
     name: str
@@ -46,6 +47,12 @@ class Stage:
     version: int = 1
     headline: Callable[[dict[str, Any]], str] = lambda metrics: ""
     source_stamp: Callable[[Any], dict[str, Any]] | None = None
+    extra_needs: Callable[[Any], tuple[str, ...]] | None = None
+
+    def needs_for(self, config) -> tuple[str, ...]:
+        """Upstream stages under this config: `needs`, then whatever `extra_needs` adds."""
+        extra = self.extra_needs(config) if self.extra_needs else ()
+        return self.needs + tuple(name for name in extra if name not in self.needs)
 
     def __post_init__(self):
         if not self.section:
@@ -66,6 +73,7 @@ class StageContext:
     inputs: the finished output folder of each upstream stage, by name.
     cache_dir: a per-competition folder that survives reruns (downloaded archives live here).
     config_fingerprint: this stage's fingerprint (submissions carry it).
+    fingerprint_inputs: what that fingerprint hashes (config values, upstream fingerprints).
     """
 
     comp: str
@@ -75,6 +83,7 @@ class StageContext:
     inputs: dict[str, Path]
     cache_dir: Path
     config_fingerprint: str = ""
+    fingerprint_inputs: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def log(self, message: str) -> None:

@@ -99,21 +99,26 @@ def best_weights_callback(monitor: str = "val_loss"):
     return KeepBestWeights()
 
 
-def fit(model, train: tuple, valid: tuple, *, phases: list[Phase], schedule: str, optimizer: str,
+def fit(model, train, valid: tuple, *, phases: list[Phase], schedule: str, optimizer: str,
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, extra_callbacks=()):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
+    `train` is (x, y) arrays, shuffled each epoch, or a keras PyDataset of batches (augmentation).
     Returns (history dict, best epoch index, best validation loss).
     """
     import keras
 
     model.compile(optimizer=make_optimizer(optimizer, phases[0].lr, momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    steps = math.ceil(len(train[0]) / batch_size)
+    arrays = isinstance(train, tuple)
+    steps = math.ceil(len(train[0]) / batch_size) if arrays else len(train)
     best = best_weights_callback()
     callbacks = [schedule_callback(phases, schedule, steps), best, *extra_callbacks,
                  keras.callbacks.CSVLogger(str(out_dir / "history.csv"))]
-    history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size,
-                        epochs=len(epoch_learning_rates(phases)), shuffle=True, callbacks=callbacks,
-                        verbose=verbose)
+    epochs = len(epoch_learning_rates(phases))
+    if arrays:
+        history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=epochs,
+                            shuffle=True, callbacks=callbacks, verbose=verbose)
+    else:
+        history = model.fit(train, validation_data=valid, epochs=epochs, callbacks=callbacks, verbose=verbose)
     return history.history, best.best_epoch, best.best

@@ -1,5 +1,9 @@
 """precompute: run the frozen conv base once over every image and cache its output.
 
+With `backbone: none` (from-scratch models, e.g. MNIST) it caches the images themselves instead,
+normalised by the mean and standard deviation of the training rows only (stored in `meta.json`
+and applied unchanged to the test rows).
+
 Recipe: build the backbone (`precompute.backbone`, `weights`, cut at `cut`) -> stream the training
 images, then the test images, in index order through a parallel decoder into a compiled forward
 pass -> write the features chunk by chunk into `train.npy` / `test.npy` (memory-mapped; `dtype`
@@ -24,7 +28,7 @@ from pipeline.stage import Stage, StageContext, StrictModel
 
 
 class Settings(StrictModel):
-    backbone: Literal["vgg16", "mobilenet", "resnet50"]
+    backbone: Literal["vgg16", "mobilenet", "resnet50", "none"]
     alpha: float = Field(gt=0, le=1.0)
     weights: str
     cut: Literal["conv", "pool"]
@@ -38,10 +42,12 @@ def run(ctx: StageContext) -> dict:
     from pipeline.feature_writer import compiled_forward, write_features
 
     s, competition = ctx.settings, ctx.config.competition
+    if s.backbone == "none":
+        return _cache_pixels(ctx)
     if ctx.config.get("data.layout") == "pixels_csv":
         raise PipelineError(
             "precompute with an ImageNet backbone needs image files, but data.layout is pixels_csv; "
-            "train digit competitions from scratch instead"
+            "use precompute.backbone: none and a from-scratch model.arch"
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
     raw = ctx.input("download") / "raw"
@@ -70,6 +76,45 @@ def run(ctx: StageContext) -> dict:
     return meta
 
 
+def _cache_pixels(ctx: StageContext) -> dict:
+    """Images as normalised float arrays: (x - mean) / std with the training rows' statistics."""
+    import numpy as np
+
+    from pipeline.arrays import ChunkedArrayWriter
+    from pipeline.pixels import pixel_chunks
+
+    s, competition = ctx.settings, ctx.config.competition
+    index = read_index(ctx.input("download") / INDEX_FILE)
+    raw = ctx.input("download") / "raw"
+    height, width = competition.image_size
+    shape = (height, width, competition.channels)
+    sums = {}
+    for subset in ("train", "test"):
+        rows = index[index.subset == subset]
+        rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
+        total = total_sq = 0.0
+        with ChunkedArrayWriter(ctx.out / array_file(subset), len(rows), shape, s.dtype) as writer:
+            for chunk in pixel_chunks(raw, rows, shape, ctx.config.get("data.layout"), s.batch_size):
+                writer.append(chunk)
+                total, total_sq = total + float(chunk.sum(dtype=np.float64)), total_sq + float(
+                    np.square(chunk, dtype=np.float64).sum())
+        sums[subset] = (total, total_sq, len(rows) * int(np.prod(shape)))
+    total, total_sq, count = sums["train"]  # training rows only: test statistics never leak in
+    mean = total / count
+    std = max(np.sqrt(max(total_sq / count - mean**2, 0.0)), 1e-8)
+    for subset in ("train", "test"):
+        array = np.load(ctx.out / array_file(subset), mmap_mode="r+")
+        for start in range(0, len(array), 4096):
+            array[start:start + 4096] = (array[start:start + 4096] - mean) / std
+        array.flush()
+        del array
+    meta = {"backbone": "none", "shape": list(shape), "dtype": s.dtype, "mean": round(mean, 6),
+            "std": round(float(std), 6), "n_train": int((index.subset == "train").sum()),
+            "n_test": int((index.subset == "test").sum())}
+    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def _weights_stamp(config) -> dict:
     """A weights file's size and mtime: replacing the file makes the features stale."""
     weights = config.get("precompute.weights")
@@ -77,6 +122,8 @@ def _weights_stamp(config) -> dict:
 
 
 def _headline(m: dict) -> str:
+    if m["backbone"] == "none":
+        return f"pixels {tuple(m['shape'])} normalised by train mean {m['mean']:.2f} / std {m['std']:.2f}"
     t = m["timings"]
     rate = (t["train"]["images"] + t["test"]["images"]) / max(t["train"]["seconds"] + t["test"]["seconds"], 1e-9)
     return f"{m['backbone']} {m['cut']} {tuple(m['shape'])} {m['dtype']}, {rate:.0f} img/s"
@@ -87,8 +134,8 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("download",),
-    reads=("competition.image_size", "data.layout"),
-    version=1,
+    reads=("competition.image_size", "competition.channels", "data.layout"),
+    version=2,
     headline=_headline,
     source_stamp=_weights_stamp,
 )

@@ -32,7 +32,7 @@ SUBMISSION_FILE = "submission.csv"
 
 
 class Settings(StrictModel):
-    source: Literal["finetune"]
+    source: Literal["finetune", "ensemble"]
     name: str
     gzip: bool
     renormalize: bool
@@ -117,7 +117,8 @@ STAGE = Stage(
     name="submit",
     settings=Settings,
     run=run,
-    needs=("download", "finetune"),
+    needs=("download",),
+    extra_needs=lambda config: (config.get("submit.source"),),
     reads=("competition", "data.sample_submission", "split.strategy"),
     version=1,
     headline=_headline,

@@ -23,24 +23,31 @@ from pipeline.status import MISSING, STALE, UP_TO_DATE, explain, stage_statuses
 from tests.conftest import REPO, make_statefarm_like, statefarm_like_config
 
 
+UPSTREAM_ONLY = ["stages=[download, split]"]  # digits' cheap stages: these tests are about the cache
+
+
+def digits(*sets):
+    return load_config("digits", sets=[*UPSTREAM_ONLY, *sets])
+
+
 def states(config) -> dict[str, tuple[str, list[str]]]:
     return {s.name: (s.state, s.reasons) for s in stage_statuses(config)}
 
 
 def test_run_then_everything_is_up_to_date_and_skipped(project):
-    config = load_config("digits")
+    config = digits()
     assert {name: st for name, (st, _) in states(config).items()} == {"download": MISSING, "split": MISSING}
     runner.run(config)
     assert all(state == UP_TO_DATE for state, _ in states(config).values())
     first = Manifest.read(config.work_dir / "download")
-    runner.run(load_config("digits"))
+    runner.run(digits())
     assert Manifest.read(config.work_dir / "download").started == first.started  # skipped, not rerun
 
 
 def test_downstream_key_change_leaves_upstream_up_to_date(project):
-    runner.run(load_config("digits"))
-    download_before = Manifest.read(load_config("digits").work_dir / "download")
-    changed = load_config("digits", sets=["split.seed=7"])
+    runner.run(digits())
+    download_before = Manifest.read(digits().work_dir / "download")
+    changed = digits("split.seed=7")
     now = states(changed)
     assert now["download"][0] == UP_TO_DATE
     assert now["split"] == (STALE, ["config split.seed: 42 -> 7"])
@@ -50,16 +57,16 @@ def test_downstream_key_change_leaves_upstream_up_to_date(project):
 
 
 def test_upstream_change_makes_everything_after_it_stale(project):
-    runner.run(load_config("digits"))
-    changed = load_config("digits", sets=["data.bad_images=fail"])
+    runner.run(digits())
+    changed = digits("data.bad_images=fail")
     now = states(changed)
     assert now["download"] == (STALE, ["config data.bad_images: 'skip' -> 'fail'"])
     assert now["split"] == (STALE, ["upstream download changed"])
 
 
 def test_a_key_no_stage_reads_changes_nothing(project):
-    runner.run(load_config("digits"))
-    changed = load_config("digits", sets=["competition.clip=[0.1, 0.9]"])  # read by later stages only
+    runner.run(digits())
+    changed = digits("competition.clip=[0.1, 0.9]")  # read only by submit, not listed here
     assert all(state == UP_TO_DATE for state, _ in states(changed).values())
 
 
@@ -83,11 +90,11 @@ def test_code_version_and_source_file_changes_are_explained(project, tmp_path):
 
 
 def test_failed_stage_leaves_previous_output_untouched(project):
-    config = load_config("digits")
+    config = digits()
     runner.run(config)
     split_csv = (config.work_dir / "split" / "split.csv").read_bytes()
     with pytest.raises(PipelineError):  # the digits index has no groups
-        runner.run(load_config("digits", sets=["split.strategy=group"]))
+        runner.run(digits("split.strategy=group"))
     assert (config.work_dir / "split" / "split.csv").read_bytes() == split_csv
     assert not [p for p in config.work_dir.iterdir() if p.name.startswith(".tmp-")]
     assert states(config)["split"][0] == UP_TO_DATE
@@ -188,7 +195,7 @@ def test_chunked_array_is_written_in_pieces_and_read_memory_mapped(tmp_path):
 
 
 def test_manifest_records_inputs_timing_sizes_and_metrics(project):
-    config = load_config("digits")
+    config = digits()
     runner.run(config)
     manifest = json.loads((config.work_dir / "split" / MANIFEST).read_text())
     assert manifest["inputs"]["config"]["split"]["fraction"] == 0.2

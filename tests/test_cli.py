@@ -11,6 +11,9 @@ from pipeline.cli import cli
 from tests.conftest import REPO
 
 
+CHEAP = ["--set", "stages=[download, split]"]  # digits' cheap stages: these tests are about the CLI
+
+
 def kp(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -20,38 +23,39 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     assert result.exit_code == 0
     commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
                 if line.startswith("  ") and not line.startswith("   ")]
-    assert commands == ["download", "precompute", "split", "finetune", "submit", "all", "clean", "config", "status"]
+    assert commands == ["download", "precompute", "split", "ensemble", "finetune", "submit",
+                        "all", "clean", "config", "status"]
     assert "--set" in kp("split", "--help").output
 
 
 def test_all_then_status_table_and_json(project):
-    result = kp("all", "--comp", "digits")
+    result = kp("all", "--comp", "digits", *CHEAP)
     assert result.exit_code == 0, result.output
-    table = kp("status", "--comp", "digits").output
+    table = kp("status", "--comp", "digits", *CHEAP).output
     assert "download  up to date" in table and "1,497 train / 300 test" in table
-    stale = kp("status", "--comp", "digits", "--set", "split.fraction=0.25").output
+    stale = kp("status", "--comp", "digits", *CHEAP, "--set", "split.fraction=0.25").output
     assert "split     stale" in stale and "config split.fraction: 0.2 -> 0.25" in stale
-    payload = json.loads(kp("status", "--comp", "digits", "--json").output)
-    assert [s["stage"] for s in payload["stages"]] == ["download", "split"]  # digits lists only these so far
+    payload = json.loads(kp("status", "--comp", "digits", *CHEAP, "--json").output)
+    assert [s["stage"] for s in payload["stages"]] == ["download", "split"]
     split = payload["stages"][1]
     assert split["state"] == "up to date" and split["metrics"]["n_valid"] == 300 and split["duration_s"] >= 0
 
 
 def test_stage_command_runs_what_it_needs_and_force_reruns(project):
-    assert kp("split", "--comp", "digits").exit_code == 0
-    result = kp("split", "--comp", "digits", "--force")
+    assert kp("split", "--comp", "digits", *CHEAP).exit_code == 0
+    result = kp("split", "--comp", "digits", *CHEAP, "--force")
     assert result.exit_code == 0
     assert "download: up to date, skipped" in result.output
     assert "split: running (forced)" in result.output
 
 
 def test_clean_one_stage_then_all(project):
-    kp("all", "--comp", "digits")
+    kp("all", "--comp", "digits", *CHEAP)
     work = project / "work" / "digits"
-    assert kp("clean", "--comp", "digits", "--stage", "split").exit_code == 0
+    assert kp("clean", "--comp", "digits", *CHEAP, "--stage", "split").exit_code == 0
     assert (work / "download").is_dir() and not (work / "split").exists()
-    assert "split     missing" in kp("status", "--comp", "digits").output
-    assert kp("clean", "--comp", "digits").exit_code == 0
+    assert "split     missing" in kp("status", "--comp", "digits", *CHEAP).output
+    assert kp("clean", "--comp", "digits", *CHEAP).exit_code == 0
     assert not work.exists()
 
 
@@ -59,7 +63,7 @@ def test_errors_exit_2_with_one_clear_line(project):
     result = CliRunner().invoke(cli, ["status", "--comp", "nope"])
     assert result.exit_code == 2
     assert "unknown competition 'nope'" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(cli, ["all", "--comp", "digits", "--set", "split.fracton=0.1"])
+    result = CliRunner().invoke(cli, ["all", "--comp", "digits", *CHEAP, "--set", "split.fracton=0.1"])
     assert result.exit_code == 2 and "did you mean 'fraction'" in result.output
 
 

@@ -61,7 +61,9 @@ def _error(**kwargs) -> str:
 
 
 def test_unknown_key_names_file_key_and_suggestion(project):
-    write_config(project, "typo", (project / "configs" / "digits.yaml").read_text() + "  fracton: 0.3\n")
+    text = (project / "configs" / "digits.yaml").read_text()
+    assert "  fraction: 0.2\n" in text
+    write_config(project, "typo", text.replace("  fraction: 0.2\n", "  fracton: 0.2\n"))
     message = _error(comp="typo")
     assert "configs/typo.yaml" in message
     assert "split.fracton" in message

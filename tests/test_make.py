@@ -17,9 +17,11 @@ def test_make_all_digits(tmp_path):
     done = subprocess.run(["make", "all", "COMP=digits", args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "split     up to date" in done.stdout
+    assert "split       up to date" in done.stdout
+    assert "accuracy on valid" in done.stdout and "submissions/digits/digits-ensemble-" in done.stdout
     status = subprocess.run(["make", "--no-print-directory", "status", "COMP=digits", f"ARGS=--json --set paths.work={work}"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     payload = json.loads(status.stdout[status.stdout.index("{"):])
     assert [s["state"] for s in payload["stages"]] == ["up to date"] * len(payload["stages"])
     assert (work / "digits" / "split" / "split.csv").is_file()
+    assert payload["stages"][-1]["metrics"]["val_score"] > 0.95  # the 5-member ensemble, on 300 validation digits

@@ -98,12 +98,12 @@ def test_random_split_on_grouped_data_warns(project, tmp_path):
 
 def test_group_strategy_without_groups_is_an_error(project):
     with pytest.raises(PipelineError, match="needs a group for every training row"):
-        runner.run(load_config("digits", sets=["split.strategy=group_kfold"]))
+        runner.run(load_config("digits", sets=["split.strategy=group_kfold"]), ["split"])
 
 
 def test_kfold_strategy_uses_the_configured_valid_fold(project):
     config = load_config("digits", sets=["split.strategy=kfold", "split.folds=4", "split.valid_fold=2"])
-    runner.run(config)
+    runner.run(config, ["split"])
     split = pd.read_csv(config.work_dir / "split" / "split.csv")
     assert sorted(split.fold.unique()) == [0, 1, 2, 3]
     assert ((split.fold == 2) == (split.subset == "valid")).all()

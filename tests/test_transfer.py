@@ -25,7 +25,7 @@ TINY_VGG = [
     "competition.image_size=[32, 32]", "competition.clip=[0.02, 0.9]",
     "stages=[download, split, precompute, finetune, submit]",
     "precompute.backbone=vgg16", "precompute.weights=none", "precompute.batch_size=8",
-    "finetune.head=fc", "finetune.hidden=[16, 16]", "finetune.dropout=[0.5, 0.25]",
+    "model.arch=fc", "model.hidden=[16, 16]", "model.dropout=[0.5, 0.25]",
     "finetune.phases=[{epochs: 2, lr: 0.001}, {epochs: 1, lr: 0.0001}]", "finetune.batch_size=16",
 ]
 
@@ -47,12 +47,12 @@ def test_vgg16_pipeline_end_to_end_on_tiny_images(tiny_vgg_run):
     assert load_array(work / "precompute" / "test.npy").shape == (6, 1, 1, 512)
 
     finetune = Manifest.read(work / "finetune")
-    assert finetune.metrics["head"] == "fc" and finetune.metrics["epochs"] == 3
+    assert finetune.metrics["arch"] == "fc" and finetune.metrics["epochs"] == 3
     for name in ("model.keras", "history.csv", "loss.png", "confusion.png", "valid_probs.npy", "test_probs.npy"):
         assert (work / "finetune" / name).stat().st_size > 0, name
     history = pd.read_csv(work / "finetune" / "history.csv")
     assert history["lr"].round(7).tolist() == [0.001, 0.001, 0.0001]
-    assert "finetune.imagenet_init needs precompute.backbone vgg16 with weights imagenet" in finetune.warnings[0]
+    assert "model.imagenet_init needs precompute.backbone vgg16 with weights imagenet" in finetune.warnings[0]
 
     submit = Manifest.read(work / "submit").metrics
     written = pd.read_csv(submit["file"], dtype={"img": str})

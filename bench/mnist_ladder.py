@@ -1,0 +1,74 @@
+"""The MNIST lesson's ladder on the digit-recognizer mini-competition, then the ensemble, scored.
+
+Each step trains through the pipeline (`kp finetune` with `--set model.arch=...`), in the course's
+order: linear -> hidden -> cnn -> cnn_bn -> cnn_bn_do -> cnn_bn_do + augmentation (the configured
+default) -> the N-member ensemble -> test accuracy from solution.csv (this benchmark is allowed to
+read it; no stage is). Prints a table; writes bench/results/mnist_ladder.json. About 30 minutes on
+2 CPU cores.
+    .venv/bin/python bench/mnist_ladder.py [--config configs/offline/mnist.yaml]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+
+from pipeline import runner  # noqa: E402
+from pipeline.cache import Manifest  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.scoring import read_submission, score_submission  # noqa: E402
+
+LADDER = [
+    ("linear", ["model.arch=linear", "finetune.augment=null"]),
+    ("hidden (512)", ["model.arch=hidden", "finetune.augment=null"]),
+    ("cnn", ["model.arch=cnn", "finetune.augment=null"]),
+    ("cnn_bn", ["model.arch=cnn_bn", "finetune.augment=null"]),
+    ("cnn_bn_do", ["model.arch=cnn_bn_do", "finetune.augment=null"]),
+    ("cnn_bn_do + augmentation", []),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comp", default="mnist")
+    parser.add_argument("--config", action="append", default=None)
+    args = parser.parse_args()
+    extra = args.config if args.config is not None else [str(REPO / "configs" / "offline" / "mnist.yaml")]
+    rows = []
+    for name, sets in LADDER:
+        config = load_config(args.comp, root=REPO, extra_files=extra, sets=sets)
+        runner.run(config, ["finetune"])
+        m = Manifest.read(config.work_dir / "finetune").metrics
+        rows.append({"step": name, "val_accuracy": m["val_accuracy"], "val_log_loss": m["val_log_loss"],
+                     "epochs": m["epochs"], "seconds": m["train_seconds"]})
+        print(json.dumps(rows[-1]), flush=True)
+    config = load_config(args.comp, root=REPO, extra_files=extra)
+    runner.run(config)
+    ensemble = Manifest.read(config.work_dir / "ensemble").metrics
+    submit = Manifest.read(config.work_dir / "submit").metrics
+    source = config.path(config.get("data.source"))
+    solution_file = (config.work_dir / "download" / "solution.csv" if config.get("data.source") == "sklearn-digits"
+                     else source.parent / "solution.csv")
+    test_accuracy = score_submission(read_submission(submit["file"]), pd.read_csv(solution_file, dtype=str),
+                                     config.competition)
+    rows.append({"step": f"ensemble of {ensemble['n']}", "val_accuracy": ensemble["val_accuracy"],
+                 "val_log_loss": ensemble["val_log_loss"], "test_accuracy": round(test_accuracy, 5),
+                 "mean_member_val_accuracy": ensemble["mean_member_val_accuracy"]})
+    print(f"\n{'step':28} {'val acc':>8} {'val loss':>9} {'test acc':>9}")
+    for r in rows:
+        test = f"{r['test_accuracy']:9.4f}" if "test_accuracy" in r else f"{'':9}"
+        print(f"{r['step']:28} {r['val_accuracy']:8.4f} {r['val_log_loss']:9.4f} {test}")
+    out = REPO / "bench" / "results" / f"{args.comp}_ladder.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "ensemble": ensemble}, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Raw pixels of indexed items, in index order, as float32 (n, height, width, channels) chunks.
+
+For `pixels_csv` layouts the rows come from the competition's CSV (digit-recognizer); for image
+layouts the files are decoded and resized. Used by precompute for from-scratch models.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+
+def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], layout: str,
+                 chunk: int) -> Iterator[np.ndarray]:
+    if layout == "pixels_csv":
+        files = rows["path"].unique()
+        if len(files) > 1:
+            raise PipelineError(f"pixel rows of one subset must come from one CSV, got {list(files)}")
+        if not len(files):
+            return
+        table = pd.read_csv(raw / files[0])
+        pixels = table[[c for c in table.columns if c.startswith("pixel")]].to_numpy(dtype=np.float32)
+        if pixels.shape[1] != int(np.prod(shape)):
+            raise PipelineError(f"{raw / files[0]}: {pixels.shape[1]} pixel columns, competition.image_size x "
+                                f"channels needs {int(np.prod(shape))}")
+        selected = pixels[rows["row"].to_numpy()].reshape((-1, *shape))
+        for start in range(0, len(selected), chunk):
+            yield selected[start:start + chunk]
+        return
+    from pipeline.images import image_batches
+
+    for batch in image_batches([raw / p for p in rows["path"]], shape[:2], chunk, channels=shape[2]):
+        yield batch.numpy()

@@ -1,0 +1,95 @@
+"""ensemble: train N copies of the model, identical but for their seed, and average them.
+
+Recipe: for member i in 0..n-1, seed = `ensemble.seed` + i: reuse the member if one with the same
+upstream data, model, training settings and seed was trained before (members live in
+`work/COMP/_cache/ensemble/`, so raising n from 5 to 8 trains only 3), else train it with the same
+recipe as finetune -> average the members' probabilities on the validation and test rows ->
+report each member's validation accuracy and log loss, the average's, and the gain of the average
+over the mean member (manifest, `kp status`, `members.png`).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.cache import atomic_output_dir, fingerprint
+from pipeline.features import load_split_features
+from pipeline.stage import Stage, StageContext, StrictModel
+
+MEMBER_FILE = "member.json"
+
+
+class Settings(StrictModel):
+    n: int = Field(ge=1)
+    seed: int
+
+
+def member_key(ctx: StageContext, seed: int) -> str:
+    """Everything a member depends on, except how many members there are."""
+    inputs = ctx.fingerprint_inputs
+    config = {key: value for key, value in inputs["config"].items() if key != "ensemble"}
+    return fingerprint({"upstream": inputs["upstream"], "config": config, "version": inputs["version"],
+                        "member_seed": seed})
+
+
+def run(ctx: StageContext) -> dict:
+    from pipeline.metrics import accuracy, multiclass_log_loss
+    from pipeline.model_training import train_model
+    from pipeline.plots import plot_members
+    from pipeline.predictions import Predictions, load_predictions, save_predictions
+
+    data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
+    members, predictions = [], []
+    for i in range(ctx.settings.n):
+        seed = ctx.settings.seed + i
+        folder = ctx.cache_dir / "ensemble" / member_key(ctx, seed)
+        reused = (folder / MEMBER_FILE).is_file()
+        if reused:
+            metrics = json.loads((folder / MEMBER_FILE).read_text())
+            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): reused from {folder}")
+        else:
+            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
+            with atomic_output_dir(folder) as tmp:
+                metrics = train_model(ctx.config, data, seed, tmp, ctx.log, ctx.warn,
+                                      title=f"{ctx.comp} member {i + 1}", verbose=0)
+                (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        members.append({"member": i + 1, "seed": seed, "reused": reused, "folder": folder.name,
+                        "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
+        predictions.append(load_predictions(folder))
+
+    valid = np.mean([p.valid_probs for p in predictions], axis=0)
+    test = np.mean([p.test_probs for p in predictions], axis=0)
+    save_predictions(ctx.out, Predictions(data.valid_ids, data.y_valid, valid, data.test_ids, test))
+    mean_loss = float(np.mean([m["val_log_loss"] for m in members]))
+    mean_accuracy = float(np.mean([m["val_accuracy"] for m in members]))
+    result = {
+        "n": len(members),
+        "trained": sum(not m["reused"] for m in members),
+        "val_log_loss": round(multiclass_log_loss(data.y_valid, valid), 5),
+        "val_accuracy": round(accuracy(data.y_valid, valid), 5),
+        "mean_member_val_log_loss": round(mean_loss, 5),
+        "mean_member_val_accuracy": round(mean_accuracy, 5),
+        "members": members,
+    }
+    result["log_loss_gain"] = round(mean_loss - result["val_log_loss"], 5)
+    result["accuracy_gain"] = round(result["val_accuracy"] - mean_accuracy, 5)
+    plot_members(members, result, ctx.out / "members.png", title=f"{ctx.comp}: {len(members)}-member ensemble")
+    return result
+
+
+def headline(m: dict) -> str:
+    return (f"{m['n']} members: val log loss {m['val_log_loss']:.4f} (mean member {m['mean_member_val_log_loss']:.4f}), "
+            f"accuracy {m['val_accuracy']:.4f} (mean member {m['mean_member_val_accuracy']:.4f})")
+
+
+STAGE = Stage(
+    name="ensemble",
+    settings=Settings,
+    run=run,
+    needs=("precompute", "split"),
+    reads=("model", "finetune", "competition.classes", "precompute.backbone", "precompute.weights"),
+    version=1,
+    headline=headline,
+)
