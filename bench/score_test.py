@@ -37,9 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.comp, root=REPO, extra_files=args.config, sets=args.sets)
     submit = Manifest.read(config.work_dir / "submit")
-    finetune = Manifest.read(config.work_dir / "finetune")
     if submit is None:
         sys.exit(f"no submission yet for {args.comp}: run kp all --comp {args.comp} first")
+    source = Manifest.read(config.work_dir / submit.metrics["source"])  # finetune or ensemble
     solution = pd.read_csv(solution_path(config), dtype=str)
     submission = read_submission(Path(submit.metrics["file"]))
     competition = config.competition
@@ -49,8 +49,9 @@ def main() -> None:
         "split": config.get("split.strategy"),
         "metric": competition.metric,
         "val_score_clipped": submit.metrics["val_score"],
-        "val_log_loss": finetune.metrics.get("val_log_loss") if finetune else None,
-        "val_accuracy": finetune.metrics.get("val_accuracy") if finetune else None,
+        "source": submit.metrics["source"],
+        "val_log_loss": source.metrics.get("val_log_loss"),
+        "val_accuracy": source.metrics.get("val_accuracy"),
         "test_score": round(score_submission(submission, solution, competition), 5),
         "test_accuracy": score_accuracy_of_probabilities(submission, solution, competition),
     }

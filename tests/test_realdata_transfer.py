@@ -56,5 +56,5 @@ def test_statefarm_driver_split_predicts_the_test_score_better_than_a_random_spl
         test_log_loss, _ = scores_on_test_set(config, "state-farm-distracted-driver-detection")
         results[strategy] = (val, test_log_loss)
     gap = {k: abs(v[0] - v[1]) for k, v in results.items()}
-    assert gap["group"] < gap["random"] / 2, results  # measured: 0.58 vs 1.63
+    assert gap["group"] < gap["random"] / 2, results  # measured with the 5-head ensemble: 0.47 vs 1.47
     assert SHARED_DATA.is_dir()
