@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from pipeline import runner  # noqa: E402
 from pipeline.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import read_submission, score_submission  # noqa: E402
+from pipeline.scoring import read_submission, score_submission, solution_file  # noqa: E402
 
 LADDER = [
     ("linear", ["model.arch=linear", "finetune.augment=null"]),
@@ -52,10 +52,7 @@ def main() -> None:
     runner.run(config)
     ensemble = Manifest.read(config.work_dir / "ensemble").metrics
     submit = Manifest.read(config.work_dir / "submit").metrics
-    source = config.path(config.get("data.source"))
-    solution_file = (config.work_dir / "download" / "solution.csv" if config.get("data.source") == "sklearn-digits"
-                     else source.parent / "solution.csv")
-    test_accuracy = score_submission(read_submission(submit["file"]), pd.read_csv(solution_file, dtype=str),
+    test_accuracy = score_submission(read_submission(submit["file"]), pd.read_csv(solution_file(config), dtype=str),
                                      config.competition)
     rows.append({"step": f"ensemble of {ensemble['n']}", "val_accuracy": ensemble["val_accuracy"],
                  "val_log_loss": ensemble["val_log_loss"], "test_accuracy": round(test_accuracy, 5),

@@ -19,14 +19,8 @@ import pandas as pd  # noqa: E402
 
 from pipeline.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import read_submission, score_accuracy_of_probabilities, score_submission  # noqa: E402
-
-
-def solution_path(config) -> Path:
-    if config.get("data.source") == "sklearn-digits":
-        return config.work_dir / "download" / "solution.csv"
-    source = config.path(config.get("data.source"))
-    return (source.parent if source.is_file() else source) / "solution.csv"
+from pipeline.scoring import (read_submission, score_accuracy_of_probabilities, score_submission,  # noqa: E402
+                              solution_file)
 
 
 def main() -> None:
@@ -40,7 +34,7 @@ def main() -> None:
     if submit is None:
         sys.exit(f"no submission yet for {args.comp}: run kp all --comp {args.comp} first")
     source = Manifest.read(config.work_dir / submit.metrics["source"])  # finetune or ensemble
-    solution = pd.read_csv(solution_path(config), dtype=str)
+    solution = pd.read_csv(solution_file(config), dtype=str)
     submission = read_submission(Path(submit.metrics["file"]))
     competition = config.competition
     result = {

@@ -13,7 +13,20 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.features import label_indices
 from pipeline.metrics import accuracy, binary_log_loss, multiclass_log_loss
+
+
+def solution_file(config) -> Path:
+    """Where a competition's hidden labels are: beside its local SLUG.zip (../shared/data layout), or
+    written by the embedded digits source. For scoring servers and benchmarks only."""
+    if config.get("data.source") == "sklearn-digits":
+        return config.work_dir / "download" / "solution.csv"
+    source = config.path(config.get("data.source"))
+    path = (source.parent if source.is_file() else source) / "solution.csv"
+    if not path.is_file():
+        raise PipelineError(f"{path}: no solution.csv beside data.source (needs a local copy of the competition)")
+    return path
 
 
 def read_submission(path: Path) -> pd.DataFrame:
@@ -47,8 +60,7 @@ def score_submission(submission: pd.DataFrame, solution: pd.DataFrame, competiti
         raise PipelineError(f"{int(np.isnan(numbers).any(axis=1).sum())} rows have missing or non-numeric values")
     if competition.task == "binary":
         return binary_log_loss(labels.astype(int) == 1, numbers[:, 0])
-    lookup = {name: k for k, name in enumerate(competition.classes)}
-    return multiclass_log_loss(np.array([lookup[label] for label in labels]), numbers)
+    return multiclass_log_loss(label_indices(labels, competition.classes), numbers)
 
 
 def score_accuracy_of_probabilities(submission: pd.DataFrame, solution: pd.DataFrame, competition) -> float | None:
@@ -61,5 +73,4 @@ def score_accuracy_of_probabilities(submission: pd.DataFrame, solution: pd.DataF
     numbers = submission.iloc[:, 1:].astype(float).to_numpy()
     if competition.task == "binary":
         return float(np.mean((numbers[:, 0] > 0.5) == (labels.astype(int) == 1)))
-    lookup = {name: k for k, name in enumerate(competition.classes)}
-    return accuracy(np.array([lookup[label] for label in labels]), numbers)
+    return accuracy(label_indices(labels, competition.classes), numbers)

@@ -12,8 +12,8 @@ import pytest
 from pipeline import runner
 from pipeline.cache import Manifest
 from pipeline.config import load_config
-from pipeline.scoring import read_submission, score_accuracy_of_probabilities, score_submission
-from tests.conftest import COMPETITIONS, REPO, SHARED_DATA, needs_shared_data
+from pipeline.scoring import read_submission, score_accuracy_of_probabilities, score_submission, solution_file
+from tests.conftest import REPO, SHARED_DATA, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.realdata]
 
@@ -29,9 +29,9 @@ def run_offline(project, comp: str, sets=()):
     return config
 
 
-def scores_on_test_set(config, slug):
+def scores_on_test_set(config):
     submit = Manifest.read(config.work_dir / "submit").metrics
-    solution = pd.read_csv(COMPETITIONS / slug / "solution.csv", dtype=str)
+    solution = pd.read_csv(solution_file(config), dtype=str)
     submission = read_submission(submit["file"])
     return (score_submission(submission, solution, config.competition),
             score_accuracy_of_probabilities(submission, solution, config.competition))
@@ -43,7 +43,7 @@ def test_dogscats_mobilenet_features(project):
     finetune = Manifest.read(config.work_dir / "finetune").metrics
     assert finetune["val_log_loss"] <= 0.20
     assert finetune["val_accuracy"] >= 0.91  # 0.924 measured; a 210-image validation set
-    test_log_loss, test_accuracy = scores_on_test_set(config, "dogs-vs-cats-redux-kernels-edition")
+    test_log_loss, test_accuracy = scores_on_test_set(config)
     assert test_accuracy >= 0.90 and test_log_loss <= 0.25
 
 
@@ -53,7 +53,7 @@ def test_statefarm_driver_split_predicts_the_test_score_better_than_a_random_spl
     for strategy in ("group", "random"):
         config = run_offline(project, "statefarm", sets=[f"split.strategy={strategy}"])
         val = Manifest.read(config.work_dir / "submit").metrics["val_score"]
-        test_log_loss, _ = scores_on_test_set(config, "state-farm-distracted-driver-detection")
+        test_log_loss, _ = scores_on_test_set(config)
         results[strategy] = (val, test_log_loss)
     gap = {k: abs(v[0] - v[1]) for k, v in results.items()}
     assert gap["group"] < gap["random"] / 2, results  # measured with the 5-head ensemble: 0.47 vs 1.47
