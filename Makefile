@@ -10,7 +10,7 @@ KP := $(VENV)/bin/kp
 STAGES := download split precompute finetune augment bnretrain ensemble submit
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: all test test-all status clean bench $(STAGES)
+.PHONY: all test test-all status clean bench kaggle-local $(STAGES)
 
 all: $(VENV)/.installed
 	$(KP) all --comp $(COMP) $(ARGS)
@@ -32,6 +32,11 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/cli_startup.py
+
+# A local Kaggle-compatible server over ../shared/data/competitions (KAGGLE_LOCAL_DATA, KAGGLE_LOCAL_PORT);
+# it prints the export lines that point the kaggle client, and so the pipeline, at it.
+kaggle-local: $(VENV)/.installed
+	$(VENV)/bin/python -m pipeline.kaggle_local
 
 # The virtual environment, created on first use and refreshed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml

@@ -2,6 +2,9 @@
 
 Importing `kaggle` authenticates at import time and calls `exit(1)` without credentials, so this
 module checks the places the client looks first and imports it only when they hold something.
+
+With KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_ENDPOINT=http://127.0.0.1:PORT the same client
+talks to a local Kaggle-compatible server (`pipeline.kaggle_local`, `make kaggle-local`) instead.
 """
 from __future__ import annotations
 
@@ -42,12 +45,22 @@ def check_credentials() -> str:
     )
 
 
+LOCAL_ENDPOINT = "KAGGLE_LOCAL_ENDPOINT"
+
+
 def _client():
     check_credentials()
     from kaggle.api.kaggle_api_extended import KaggleApi
 
     api = KaggleApi()
     api.authenticate()
+    if os.environ.get("KAGGLE_API_ENVIRONMENT") == "LOCALHOST":
+        from kagglesdk.kaggle_env import KaggleEnv, _env_to_endpoint
+
+        # kagglesdk's LOCALHOST environment is http://localhost (port 80); point it at our server.
+        _env_to_endpoint[KaggleEnv.LOCAL] = os.environ.get(LOCAL_ENDPOINT, _env_to_endpoint[KaggleEnv.LOCAL])
+        if "--local" not in api.args:  # kaggle reads the variable once, when first imported
+            api.args = [*api.args, "--local"]
     return api
 
 
@@ -85,5 +98,5 @@ def describe_error(exc: Exception, slug: str) -> str:
         return f"404: no competition {slug!r} (check competition.slug)"
     name = type(exc).__name__
     if "ConnectionError" in name or "ConnectTimeout" in name:
-        return f"network unreachable ({exc})"
+        return f"cannot reach the Kaggle server ({exc})"
     return f"{name}: {exc}"
