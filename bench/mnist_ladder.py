@@ -17,12 +17,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import pandas as pd  # noqa: E402
-
 from pipeline import runner  # noqa: E402
 from pipeline.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import read_submission, score_submission, solution_file  # noqa: E402
+from pipeline.scoring import score_file_on_test_set  # noqa: E402
 
 LADDER = [
     ("linear", ["model.arch=linear", "finetune.augment=null"]),
@@ -52,8 +50,7 @@ def main() -> None:
     runner.run(config)
     ensemble = Manifest.read(config.work_dir / "ensemble").metrics
     submit = Manifest.read(config.work_dir / "submit").metrics
-    test_accuracy = score_submission(read_submission(submit["file"]), pd.read_csv(solution_file(config), dtype=str),
-                                     config.competition)
+    test_accuracy, _ = score_file_on_test_set(config, submit["file"])
     rows.append({"step": f"ensemble of {ensemble['n']}", "val_accuracy": ensemble["val_accuracy"],
                  "val_log_loss": ensemble["val_log_loss"], "test_accuracy": round(test_accuracy, 5),
                  "mean_member_val_accuracy": ensemble["mean_member_val_accuracy"]})

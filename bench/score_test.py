@@ -15,12 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import pandas as pd  # noqa: E402
-
 from pipeline.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import (read_submission, score_accuracy_of_probabilities, score_submission,  # noqa: E402
-                              solution_file)
+from pipeline.scoring import score_file_on_test_set  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +31,7 @@ def main() -> None:
     if submit is None:
         sys.exit(f"no submission yet for {args.comp}: run kp all --comp {args.comp} first")
     source = Manifest.read(config.work_dir / submit.metrics["source"])  # finetune or ensemble
-    solution = pd.read_csv(solution_file(config), dtype=str)
-    submission = read_submission(Path(submit.metrics["file"]))
+    test_score, test_accuracy = score_file_on_test_set(config, Path(submit.metrics["file"]))
     competition = config.competition
     result = {
         "competition": args.comp,
@@ -46,8 +42,8 @@ def main() -> None:
         "source": submit.metrics["source"],
         "val_log_loss": source.metrics.get("val_log_loss"),
         "val_accuracy": source.metrics.get("val_accuracy"),
-        "test_score": round(score_submission(submission, solution, competition), 5),
-        "test_accuracy": score_accuracy_of_probabilities(submission, solution, competition),
+        "test_score": round(test_score, 5),
+        "test_accuracy": test_accuracy,
     }
     if result["test_accuracy"] is not None:
         result["test_accuracy"] = round(result["test_accuracy"], 5)

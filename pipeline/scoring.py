@@ -36,6 +36,15 @@ def read_submission(path: Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: cannot read as CSV ({exc})") from None
 
 
+def score_file_on_test_set(config, submission_path: Path) -> tuple[float, float | None]:
+    """A submission file scored on the competition's hidden labels: (the leaderboard metric, the
+    accuracy of its probabilities, or None when the metric is accuracy already)."""
+    solution = pd.read_csv(solution_file(config), dtype=str)
+    submission = read_submission(Path(submission_path))
+    return (score_submission(submission, solution, config.competition),
+            score_accuracy_of_probabilities(submission, solution, config.competition))
+
+
 def score_submission(submission: pd.DataFrame, solution: pd.DataFrame, competition) -> float:
     """The competition's metric for `submission` (as submitted: strings) against `solution`."""
     id_column = competition.id_column
