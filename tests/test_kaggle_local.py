@@ -42,7 +42,7 @@ def test_download_through_the_kaggle_client(project, server, comp, n_train, n_te
     metrics = Manifest.read(config.work_dir / "download").metrics
     assert (metrics["n_train"], metrics["n_test"]) == (n_train, n_test)
     slug = config.competition.slug
-    assert f"POST /api/v1/competitions.CompetitionApiService/DownloadDataFiles" in server.requests
+    assert "POST /api/v1/competitions.CompetitionApiService/DownloadDataFiles" in server.requests
     assert f"GET /files/{slug}/{slug}.zip" in server.requests
     assert (config.work_dir / "_cache" / "kaggle" / f"{slug}.zip").stat().st_size == \
         (COMPETITIONS / slug / f"{slug}.zip").stat().st_size

@@ -4,15 +4,13 @@ Test labels are read here, as a benchmark would, through pipeline.scoring; never
 """
 from __future__ import annotations
 
-import shutil
 
-import pandas as pd
 import pytest
 
 from pipeline import runner
 from pipeline.cache import Manifest
 from pipeline.config import load_config
-from pipeline.scoring import read_submission, score_accuracy_of_probabilities, score_submission, solution_file
+from pipeline.scoring import score_file_on_test_set
 from tests.conftest import REPO, SHARED_DATA, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.realdata]
@@ -30,12 +28,7 @@ def run_offline(project, comp: str, sets=()):
 
 
 def scores_on_test_set(config):
-    submit = Manifest.read(config.work_dir / "submit").metrics
-    solution = pd.read_csv(solution_file(config), dtype=str)
-    submission = read_submission(submit["file"])
-    return (score_submission(submission, solution, config.competition),
-            score_accuracy_of_probabilities(submission, solution, config.competition))
-
+    return score_file_on_test_set(config, Manifest.read(config.work_dir / "submit").metrics["file"])
 
 
 def test_dogscats_mobilenet_features(project):

@@ -82,7 +82,7 @@ def test_augmentation_touches_only_training_batches(project):
     data = load_split_features(config.work_dir / "precompute", config.work_dir / "split", config.competition.classes)
     augmenter = build_augmenter(config.section("finetune").augment, fill=float(data.x_train.min()))
     batch = lambda seed: augmented_batches(data.x_train, data.y_train, 32, augmenter, seed)[0]
-    (a, ya), (b, yb), (c, yc) = batch(1), batch(1), batch(2)
+    (a, ya), (b, _), (c, _) = batch(1), batch(1), batch(2)
     np.testing.assert_array_equal(a, b)  # same seed, same batch
     assert not np.array_equal(a, c)  # another seed draws other changes
     original = data.x_train[np.random.default_rng([1, 0]).permutation(len(data.x_train))[:32]]
