@@ -1,8 +1,10 @@
 """The `kp` command line: one command per stage, plus `all`, `status`, `config` and `clean`.
 
     kp STAGE  --comp NAME [--config FILE ...] [--set dotted.key=value ...] [--force]
-    kp all    --comp NAME [...]            every listed stage, skipping the up-to-date ones
-    kp status --comp NAME [--json]         up to date / stale (and why) / missing, per stage
+    kp submit --comp NAME [--upload [-m MESSAGE]]   write the submission; upload it and read the score
+    kp all    --comp NAME [--upload [-m MESSAGE]]   every listed stage, skipping the up-to-date ones
+    kp status --comp NAME [--json]         up to date / stale (and why) / missing, per stage; ledger
+    kp ledger --comp NAME [--refresh]      validation vs leaderboard of every upload; ledger.png
     kp config --comp NAME                  the merged config, each value with the file that set it
     kp clean  --comp NAME [--stage S]      delete outputs
 
@@ -49,13 +51,38 @@ def _load(comp: str, extra_files, sets):
     return load_config(comp, extra_files=list(extra_files), sets=list(sets))
 
 
-def _run(comp, extra_files, sets, targets, force) -> None:
+def _run(comp, extra_files, sets, targets, force, upload=False, message=None) -> None:
     from pipeline import runner
     from pipeline.status import format_table
 
     config = _load(comp, extra_files, sets)
+    if upload and "submit" not in config.stage_names:
+        raise PipelineError(f"--upload: {comp!r} has no submit stage in its stage list {config.stage_names}")
     statuses = runner.run(config, targets, force=force)
     click.echo(format_table(statuses))
+    if upload:
+        from pipeline import leaderboard
+
+        leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+        _echo_ledger(config, last=3)
+
+
+def _upload_options(command):
+    command = click.option("-m", "--message", default=None,
+                           help="With --upload: the submission's description (the config fingerprint is added).")(command)
+    return click.option("--upload", is_flag=True,
+                        help="Then upload the submission to Kaggle, wait for its public score and add it to "
+                             "submissions/COMP/ledger.csv.")(command)
+
+
+def _echo_ledger(config, last: int | None = None) -> None:
+    from pipeline.ledger import format_ledger, ledger_path, read_ledger
+
+    rows = read_ledger(ledger_path(config))
+    if rows:
+        shown = rows[-last:] if last else rows
+        click.echo(f"\nledger {ledger_path(config)}" + (f" (last {len(shown)} of {len(rows)})" if last else ""))
+        click.echo(format_ledger(shown))
 
 
 class _PipelineGroup(click.Group):
@@ -64,7 +91,8 @@ class _PipelineGroup(click.Group):
     def list_commands(self, ctx):
         from pipeline.registry import all_stages
 
-        return list(all_stages()) + sorted(super().list_commands(ctx))
+        stages = list(all_stages())
+        return stages + sorted(set(super().list_commands(ctx)) - set(stages))
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
@@ -103,12 +131,42 @@ def cli():
     """
 
 
+@cli.command("submit", short_help="submit: write the submission file; --upload sends it to Kaggle.")
+@click.option("--force", is_flag=True, help="Rewrite the submission even if up to date (and upload it again).")
+@_upload_options
+@_config_options
+def submit_command(comp, extra_files, sets, force, upload, message):
+    """submit: write the submission file exactly as sample_submission.csv asks; with --upload, send it to Kaggle
+    and record its public score next to its validation score. Runs what it needs first, unless up to date."""
+    _run(comp, extra_files, sets, ["submit"], force, upload, message)
+
+
 @cli.command("all")
 @click.option("--force", is_flag=True, help="Rerun every stage, up to date or not.")
+@_upload_options
 @_config_options
-def all_command(comp, extra_files, sets, force):
+def all_command(comp, extra_files, sets, force, upload, message):
     """Run every stage the competition lists, skipping the up-to-date ones."""
-    _run(comp, extra_files, sets, None, force)
+    _run(comp, extra_files, sets, None, force, upload, message)
+
+
+@cli.command()
+@click.option("--refresh", is_flag=True, help="First ask Kaggle for the scores of pending submissions.")
+@_config_options
+def ledger(comp, extra_files, sets, refresh):
+    """Every upload: validation score, leaderboard score and their difference; writes ledger.png."""
+    from pipeline.ledger import ledger_path, read_ledger
+
+    config = _load(comp, extra_files, sets)
+    if not read_ledger(ledger_path(config)):
+        click.echo(f"{ledger_path(config)}: no uploads yet (kp submit --comp {comp} --upload)")
+        return
+    from pipeline import leaderboard
+
+    if refresh:
+        leaderboard.refresh(config, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    _echo_ledger(config)
+    click.echo(f"plot: {leaderboard.draw(config)}")
 
 
 @cli.command()
@@ -118,6 +176,8 @@ def status(comp, extra_files, sets, as_json):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.status import format_table, stage_statuses
 
+    from pipeline.ledger import ledger_path, read_ledger
+
     config = _load(comp, extra_files, sets)
     statuses = stage_statuses(config)
     if as_json:
@@ -125,11 +185,13 @@ def status(comp, extra_files, sets, as_json):
             "competition": comp,
             "work_dir": str(config.work_dir),
             "stages": [s.as_dict() for s in statuses],
+            "ledger": read_ledger(ledger_path(config)),
         }
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(f"{comp}: {config.work_dir}")
         click.echo(format_table(statuses))
+        _echo_ledger(config, last=3)
 
 
 @cli.command("config")

@@ -80,6 +80,13 @@ class Paths(StrictModel):
     submissions: str
 
 
+class Kaggle(StrictModel):
+    """Talking to Kaggle's server after a submission is written (`kp submit --upload`); no stage reads it."""
+
+    poll_timeout_s: float = Field(ge=0)
+    poll_every_s: float = Field(gt=0)
+
+
 @dataclass
 class ResolvedConfig:
     """The validated configuration of one competition, with where each value came from."""
@@ -168,8 +175,9 @@ def load_config(
         path = Path(extra)
         if not path.is_file():
             raise PipelineError(f"--config {extra}: no such file")
-        files.append(path)
-        _merge(merged, _read_yaml(path), _display(path, root), provenance)
+        for layer_path, layer in _overlay_chain(path):
+            files.append(layer_path)
+            _merge(merged, layer, _display(layer_path, root), provenance)
     for assignment in sets:
         _apply_set(merged, assignment, provenance)
 
@@ -184,6 +192,20 @@ def load_config(
     )
     _check_stage_list(resolved)
     return resolved
+
+
+def _overlay_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """An overlay file and the overlays it `extends:` (a file name relative to it), base first."""
+    if path.resolve() in seen:
+        raise PipelineError(f"{path}: `extends:` loops back to it ({' -> '.join(map(str, seen))})")
+    layer = _read_yaml(path)
+    base = layer.pop("extends", None)
+    if base is None:
+        return [(path, layer)]
+    base_path = path.parent / str(base)
+    if not base_path.is_file():
+        raise PipelineError(f"{path}: extends: {base}: no such file {base_path}")
+    return [*_overlay_chain(base_path, (*seen, path.resolve())), (path, layer)]
 
 
 def _display(path: Path, root: Path) -> str:
@@ -286,6 +308,7 @@ def config_model() -> type[StrictModel]:
         "stages": (list[str], Field(min_length=1)),
         "paths": (Paths, ...),
         "model": (Model, ...),
+        "kaggle": (Kaggle, ...),
     }
     for stage in all_stages().values():
         fields[stage.section] = (stage.settings, ...)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -86,6 +88,55 @@ def download_competition(slug: str, dest: Path) -> Path:
     return archive
 
 
+@dataclass(frozen=True)
+class SubmissionState:
+    """One submission as Kaggle lists it: status PENDING, COMPLETE or ERROR."""
+
+    ref: int
+    status: str
+    public_score: float | None
+    error: str | None
+
+
+def submit_file(slug: str, path: Path, description: str) -> int:
+    """Upload `path` to competition `slug` with `description`; the submission's ref."""
+    api = _client()
+    try:
+        response = api.competition_submit(str(path), description, slug, quiet=True)
+    except Exception as exc:
+        raise PipelineError(f"kaggle submission of {path} to {slug!r} failed: {describe_error(exc, slug)}") from None
+    if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE or not response.ref:
+        raise PipelineError(f"kaggle submission of {path} to {slug!r} failed: the upload did not complete "
+                            f"({response.message or 'no submission ref returned'})")
+    return int(response.ref)
+
+
+def submission_state(slug: str, ref: int) -> SubmissionState:
+    """Where submission `ref` of `slug` stands (it is among the newest 100)."""
+    api = _client()
+    try:
+        listed = api.competition_submissions(slug, page_size=100) or []
+    except Exception as exc:
+        raise PipelineError(f"kaggle: listing the submissions of {slug!r} failed: {describe_error(exc, slug)}") from None
+    for item in listed:
+        if item is not None and int(item.ref) == int(ref):
+            status = item.status.name if hasattr(item.status, "name") else str(item.status)
+            score = float(item.public_score) if status == "COMPLETE" and item.public_score else None
+            return SubmissionState(int(ref), status, score, item.error_description or None)
+    raise PipelineError(f"kaggle: submission {ref} is not among the newest {len(listed)} submissions to {slug!r}")
+
+
+def wait_for_score(slug: str, ref: int, timeout_s: float, every_s: float, say=print) -> SubmissionState:
+    """Poll until submission `ref` is scored or rejected, or `timeout_s` has passed (then still PENDING)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = submission_state(slug, ref)
+        if state.status != "PENDING" or time.monotonic() + every_s > deadline:
+            return state
+        say(f"submission {ref}: {state.status.lower()}, asking again in {every_s:g}s")
+        time.sleep(every_s)
+
+
 def describe_error(exc: Exception, slug: str) -> str:
     response = getattr(exc, "response", None)
     code = getattr(response, "status_code", None)
@@ -99,4 +150,13 @@ def describe_error(exc: Exception, slug: str) -> str:
     name = type(exc).__name__
     if "ConnectionError" in name or "ConnectTimeout" in name:
         return f"cannot reach the Kaggle server ({exc})"
+    if code is not None:
+        return f"{code} from the Kaggle server: {_server_message(response)}"
     return f"{name}: {exc}"
+
+
+def _server_message(response) -> str:
+    try:
+        return str(response.json().get("message") or response.text)
+    except ValueError:
+        return response.text[:300]

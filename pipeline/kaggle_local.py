@@ -4,12 +4,15 @@ It serves the competitions in a folder laid out like ../shared/data/competitions
 + `SLUG/solution.csv`) on 127.0.0.1 to the real `kaggle` client (kaggle 2.x / kagglesdk): every
 call is `POST /api/v1/competitions.CompetitionApiService/<Method>` with camelCase JSON; errors are
 JSON bodies with `code` >= 400, which the client raises as HTTPError. Implemented: ListDataFiles,
-DownloadDataFiles (a 302 to the archive on this server). Submissions (StartSubmissionUpload, the
-PUT, CreateSubmission, ListSubmissions, scoring) are not implemented yet.
+DownloadDataFiles (a 302 to the archive on this server), StartSubmissionUpload (a token and an
+upload URL on this server), the PUT of the file there, CreateSubmission and ListSubmissions. What
+a competition holds and how a submission is scored is `pipeline.local_competitions`; this module
+is only the HTTP side.
 
 Point the pipeline at it with KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_ENDPOINT=http://
 127.0.0.1:PORT (see `pipeline.kaggle_api`); credentials can be any KAGGLE_USERNAME / KAGGLE_KEY.
-    python -m pipeline.kaggle_local [--data ../shared/data/competitions] [--port 8765]
+The `kaggle` command line gets there with KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=<the URL>.
+    python -m pipeline.kaggle_local [--data ../shared/data/competitions] [--port 8765] [--log DIR]
 """
 from __future__ import annotations
 
@@ -17,20 +20,27 @@ import argparse
 import email.utils
 import json
 import os
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pipeline.local_competitions import CompetitionError, LocalCompetitions
+
 SERVICE = "/api/v1/competitions.CompetitionApiService/"
+UPLOAD_PREFIX = "/upload/"
 
 
 class KaggleLocalServer:
-    """Serves `data_dir`'s competitions on 127.0.0.1:`port` (0: a free port) in a background thread."""
+    """Serves `data_dir`'s competitions on 127.0.0.1:`port` (0: a free port) in a background thread.
 
-    def __init__(self, data_dir: Path, port: int = 0, rules_not_accepted: set[str] = frozenset()):
-        self.data_dir = Path(data_dir)
-        self.rules_not_accepted = set(rules_not_accepted)
+    Uploads and the submissions log go to `log_dir` (default: a new temporary folder)."""
+
+    def __init__(self, data_dir: Path, port: int = 0, rules_not_accepted=frozenset(), log_dir: Path | None = None,
+                 scoring_delay_s: float = 1.0):
+        log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kaggle-local-"))
+        self.competitions = LocalCompetitions(data_dir, log_dir, rules_not_accepted, scoring_delay_s)
         self.requests: list[str] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.thread: threading.Thread | None = None
@@ -51,6 +61,7 @@ class KaggleLocalServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.competitions.wait_for_scoring()
 
     def __enter__(self) -> "KaggleLocalServer":
         return self.start()
@@ -58,12 +69,8 @@ class KaggleLocalServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def archive(self, slug: str) -> Path | None:
-        path = self.data_dir / slug / f"{slug}.zip"
-        return path if "/" not in slug and ".." not in slug and path.is_file() else None
-
     def _handler(self):
-        server = self
+        server, competitions = self, self.competitions
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # keep test output quiet
@@ -80,42 +87,67 @@ class KaggleLocalServer:
             def _error(self, status: int, message: str) -> None:
                 self._json(status, {"code": status, "message": message})
 
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
             def do_POST(self):
                 path = urlparse(self.path).path
                 server.requests.append(f"POST {path}")
-                length = int(self.headers.get("Content-Length") or 0)
                 try:
-                    body = json.loads(self.rfile.read(length) or b"{}")
+                    body = json.loads(self._body() or b"{}")
                 except ValueError:
                     return self._error(400, "request body is not JSON")
                 if not path.startswith(SERVICE):
                     return self._error(404, f"no such endpoint {path}")
                 if not self.headers.get("Authorization"):
                     return self._error(401, "Unauthenticated: no credentials")
-                method, slug = path[len(SERVICE):], body.get("competitionName", "")
-                if server.archive(slug) is None:
-                    return self._error(404, f"Competition {slug!r} not found")
-                if slug in server.rules_not_accepted:
-                    return self._error(403, "You must accept this competition's rules before you can use it")
+                try:
+                    self._call(path[len(SERVICE):], body)
+                except CompetitionError as exc:
+                    self._error(exc.status, str(exc))
+
+            def _call(self, method: str, body: dict) -> None:
+                slug = body.get("competitionName", "")
                 if method == "ListDataFiles":
-                    return self._json(200, {"files": self._files(slug), "nextPageToken": ""})
+                    return self._json(200, {"files": competitions.data_files(slug), "nextPageToken": ""})
                 if method == "DownloadDataFiles":
+                    archive = competitions.check_access(slug)
                     self.send_response(302)
-                    self.send_header("Location", f"{server.url}/files/{slug}/{slug}.zip")
+                    self.send_header("Location", f"{server.url}/files/{slug}/{archive.name}")
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
+                if method == "StartSubmissionUpload":
+                    token = competitions.start_upload(slug, body.get("fileName", ""), body.get("contentLength", 0))
+                    return self._json(200, {"token": token, "createUrl": f"{server.url}{UPLOAD_PREFIX}{token}"})
+                if method == "CreateSubmission":
+                    submission = competitions.create_submission(slug, body.get("blobFileTokens", ""),
+                                                                body.get("submissionDescription", ""))
+                    return self._json(200, {"message": f"Successfully submitted to {slug}", "ref": submission.ref})
+                if method == "ListSubmissions":
+                    listed = competitions.submissions(slug)
+                    size = int(body.get("pageSize") or 20)
+                    start = int(body.get("pageToken") or 0)
+                    more = start + size < len(listed)
+                    return self._json(200, {"submissions": [s.as_api() for s in listed[start:start + size]],
+                                            "nextPageToken": str(start + size) if more else ""})
                 return self._error(501, f"{method} is not implemented by this local server")
 
-            def _files(self, slug: str) -> list[dict]:
-                archive = server.archive(slug)
-                return [{"name": archive.name, "totalBytes": archive.stat().st_size,
-                         "creationDate": email.utils.formatdate(archive.stat().st_mtime, usegmt=True)}]
+            def do_PUT(self):
+                path = urlparse(self.path).path
+                server.requests.append(f"PUT {path}")
+                if not path.startswith(UPLOAD_PREFIX):
+                    return self._error(404, f"no such upload URL {path}")
+                try:
+                    competitions.receive_upload(path[len(UPLOAD_PREFIX):], self._body())
+                except CompetitionError as exc:
+                    return self._error(exc.status, str(exc))
+                self._json(200, {})
 
             def do_GET(self):
                 path = unquote(urlparse(self.path).path)
                 server.requests.append(f"GET {path}")
                 parts = path.strip("/").split("/")
-                archive = server.archive(parts[1]) if len(parts) == 3 and parts[0] == "files" else None
+                archive = competitions.archive(parts[1]) if len(parts) == 3 and parts[0] == "files" else None
                 if archive is None or parts[2] != archive.name:
                     return self._error(404, f"no file {path}")
                 size = archive.stat().st_size
@@ -137,12 +169,15 @@ def main() -> None:
                                                            "competitions"))
     parser.add_argument("--data", default=default_data, help="folder of SLUG/SLUG.zip (+ SLUG/solution.csv)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("KAGGLE_LOCAL_PORT", "8765")))
+    parser.add_argument("--log", default=os.environ.get("KAGGLE_LOCAL_LOG", str(Path.cwd() / "work" / "kaggle-local")),
+                        help="where uploads and each competition's submissions.jsonl are kept")
     args = parser.parse_args()
-    server = KaggleLocalServer(Path(args.data), args.port)
+    server = KaggleLocalServer(Path(args.data), args.port, log_dir=Path(args.log))
     for name, value in {**server.client_environment(), "KAGGLE_USERNAME": "local", "KAGGLE_KEY": "local"}.items():
         print(f"export {name}={value}")
-    print(f"# serving {sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())} on {server.url}; Ctrl-C stops",
-          flush=True)
+    print(f"# for the kaggle command line also: export HTTP_PROXY={server.url}")
+    print(f"# serving {sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())} on {server.url}; "
+          f"submissions logged in {args.log}; Ctrl-C stops", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:

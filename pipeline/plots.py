@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _pyplot():
 
 def plot_history(history: dict[str, list[float]], path: Path, title: str = "") -> None:
     """loss.png: train vs valid loss (left) and accuracy (right) per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ["loss", "accuracy"]):
@@ -39,7 +39,7 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str = "") -
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
     """confusion.png: counts of (true class, predicted class) on the validation set."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(classes)
     matrix = np.zeros((k, k), dtype=int)
     np.add.at(matrix, (labels, predicted), 1)
@@ -61,7 +61,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str]
 
 def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "") -> None:
     """members.png: each member's validation log loss and accuracy, with the ensemble's as a line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [m["member"] for m in members]
     for ax, key, label in [(axes[0], "val_log_loss", "validation log loss"),

@@ -12,6 +12,9 @@ from functools import lru_cache
 
 from pipeline.stage import Stage
 
+# The product's stage order; among stages that do not need each other, this decides who comes first.
+PIPELINE_ORDER = ("download", "split", "precompute", "finetune", "augment", "bnretrain", "ensemble", "submit")
+
 
 @lru_cache(maxsize=1)
 def all_stages() -> dict[str, Stage]:
@@ -48,6 +51,6 @@ def _upstream_first(found: dict[str, Stage]) -> list[str]:
             visit(upstream, path + (name,))
         order.append(name)
 
-    for name in found:
+    for name in sorted(found, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER)):
         visit(name, ())
     return order

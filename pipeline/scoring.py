@@ -7,6 +7,7 @@ in any order; a missing, extra or duplicate id, or a NaN, is an error, as on Kag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,31 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.features import label_indices
 from pipeline.metrics import accuracy, binary_log_loss, multiclass_log_loss
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a competition scores, with the fields of `competition` that scoring reads."""
+
+    id_column: str
+    submission_columns: list[str]
+    metric: str  # "log_loss" or "accuracy"
+    task: str  # "binary" or "multiclass"
+    classes: list[str]
+
+
+def evaluation_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Evaluation:
+    """What a scoring server that holds only the sample submission and the solution can tell:
+    one column per class -> multi-class log loss; one value column of fractions (the sample's
+    0.5) -> binary log loss of P(label 1); one column of whole labels -> accuracy."""
+    columns = [str(c) for c in sample.columns]
+    if len(columns) > 2:
+        return Evaluation(columns[0], columns, "log_loss", "multiclass", columns[1:])
+    values = pd.to_numeric(sample.iloc[:, 1], errors="coerce")
+    classes = sorted(solution.iloc[:, 1].astype(str).unique())
+    if values.notna().all() and (values % 1 != 0).any():
+        return Evaluation(columns[0], columns, "log_loss", "binary", ["0", "1"])
+    return Evaluation(columns[0], columns, "accuracy", "multiclass", classes)
 
 
 def solution_file(config) -> Path:
@@ -36,10 +62,12 @@ def read_submission(path: Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: cannot read as CSV ({exc})") from None
 
 
-def score_file_on_test_set(config, submission_path: Path) -> tuple[float, float | None]:
-    """A submission file scored on the competition's hidden labels: (the leaderboard metric, the
-    accuracy of its probabilities, or None when the metric is accuracy already)."""
-    solution = pd.read_csv(solution_file(config), dtype=str)
+def score_file_on_test_set(config, submission_path: Path, solution_path: Path | None = None
+                           ) -> tuple[float, float | None]:
+    """A submission file scored on the competition's hidden labels (`solution_path`, default
+    `solution_file(config)`): (the leaderboard metric, the accuracy of its probabilities, or None
+    when the metric is accuracy already)."""
+    solution = pd.read_csv(solution_path or solution_file(config), dtype=str)
     submission = read_submission(Path(submission_path))
     return (score_submission(submission, solution, config.competition),
             score_accuracy_of_probabilities(submission, solution, config.competition))
@@ -58,8 +86,9 @@ def score_submission(submission: pd.DataFrame, solution: pd.DataFrame, competiti
     truth.index = truth.index.astype(str)
     missing, extra = sorted(set(truth.index) - set(ids)), sorted(set(ids) - set(truth.index))
     if missing or extra:
-        raise PipelineError(f"ids do not match the test set: {len(missing)} missing (e.g. {missing[:2]}), "
-                            f"{len(extra)} unexpected (e.g. {extra[:2]})")
+        parts = [f"{len(found)} {what} (e.g. {found[:2]})" for what, found in (("missing", missing),
+                                                                              ("unexpected", extra)) if found]
+        raise PipelineError(f"ids do not match the test set: {', '.join(parts)}")
     labels = truth.loc[ids].to_numpy()
     values = submission.iloc[:, 1:]
     if competition.metric == "accuracy":

@@ -99,3 +99,48 @@ split:
   strategy: group
   fraction: 0.34
 {extra}""")
+
+
+@pytest.fixture
+def kaggle_env(monkeypatch, tmp_path):
+    """Test credentials in a throwaway config folder; nothing from the real ~/.kaggle."""
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "kaggle-config"))
+    monkeypatch.setenv("KAGGLE_USERNAME", "pipeline-test")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    monkeypatch.delenv("KAGGLE_API_TOKEN", raising=False)
+    return monkeypatch
+
+
+def serve_competition(folder: Path, slug: str, files: dict[str, bytes], solution: str) -> Path:
+    """A competition as the local Kaggle server reads it: folder/SLUG/SLUG.zip (+ solution.csv)."""
+    (folder / slug).mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / slug / f"{slug}.zip", "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    (folder / slug / "solution.csv").write_text(solution)
+    return folder
+
+
+def serve_digits(folder: Path, drop_solution_rows: int = 0) -> Path:
+    """The embedded digits competition served as `digit-recognizer` (the slug configs/digits.yaml names)."""
+    from pipeline.digits import write_digits_competition
+
+    raw = folder.parent / "digits-raw"
+    write_digits_competition(raw, raw / "solution.csv")
+    solution = (raw / "solution.csv").read_text().splitlines()
+    kept = solution[: len(solution) - drop_solution_rows]
+    files = {name: (raw / name).read_bytes() for name in ("train.csv", "test.csv", "sample_submission.csv")}
+    return serve_competition(folder, "digit-recognizer", files, "\n".join(kept) + "\n")
+
+
+@pytest.fixture
+def kaggle_server(kaggle_env, tmp_path):
+    """The local Kaggle-compatible server over ../shared/data's competitions, the client pointed at it.
+    The hires State Farm competition answers 403 (rules not accepted)."""
+    from pipeline.kaggle_local import KaggleLocalServer
+
+    with KaggleLocalServer(COMPETITIONS, rules_not_accepted={"state-farm-distracted-driver-detection-hires"},
+                           log_dir=tmp_path / "server-log", scoring_delay_s=0.2) as server:
+        for name, value in server.client_environment().items():
+            kaggle_env.setenv(name, value)
+        yield server

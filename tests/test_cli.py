@@ -23,8 +23,8 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     assert result.exit_code == 0
     commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
                 if line.startswith("  ") and not line.startswith("   ")]
-    assert commands == ["download", "precompute", "split", "ensemble", "finetune", "submit",
-                        "all", "clean", "config", "status"]
+    assert commands == ["download", "split", "precompute", "finetune", "ensemble", "submit",  # pipeline order
+                        "all", "clean", "config", "ledger", "status"]
     assert "--set" in kp("split", "--help").output
 
 

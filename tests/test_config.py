@@ -25,6 +25,25 @@ def test_layers_merge_in_order_defaults_comp_overlay_set(project, tmp_path):
     assert config.provenance["data.source"] == "configs/digits.yaml"
 
 
+def test_an_overlay_can_extend_another_which_merges_first(project, tmp_path):
+    (tmp_path / "base.yaml").write_text("split:\n  fraction: 0.3\n  seed: 7\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nsplit:\n  seed: 8\n")
+    config = load_config("digits", extra_files=[tmp_path / "child.yaml"])
+    assert (config.get("split.fraction"), config.get("split.seed")) == (0.3, 8)
+    assert config.provenance["split.fraction"] == str(tmp_path / "base.yaml")
+    assert config.provenance["split.seed"] == str(tmp_path / "child.yaml")
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(PipelineError, match="extends:` loops back"):
+        load_config("digits", extra_files=[tmp_path / "child.yaml"])
+    (tmp_path / "child.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(PipelineError, match=r"child.yaml: extends: nowhere.yaml: no such file"):
+        load_config("digits", extra_files=[tmp_path / "child.yaml"])
+    kaggle = load_config("statefarm", root=REPO, extra_files=[REPO / "configs/offline/statefarm-kaggle.yaml"])
+    offline = load_config("statefarm", root=REPO, extra_files=[REPO / "configs/offline/statefarm.yaml"])
+    assert kaggle.get("data.source") == "kaggle"
+    assert kaggle.get("precompute") == offline.get("precompute") and kaggle.get("model") == offline.get("model")
+
+
 def test_set_values_are_yaml(project):
     config = load_config("digits", sets=["competition.image_size=[28, 28]", "split.strategy=kfold"])
     assert config.competition.image_size == (28, 28)

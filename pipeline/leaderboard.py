@@ -1,0 +1,99 @@
+"""Uploading the written submission to Kaggle and reading its public score back (`kp submit --upload`).
+
+Recipe: take the file the up-to-date `submit` stage wrote (its manifest names it, with the config
+fingerprint, split strategy and validation score) -> upload it through the kaggle client with a
+description that carries the fingerprint -> record a `pending` row in the ledger at once (an
+upload spends one of the day's submissions, so it is never forgotten) -> poll, bounded by
+`kaggle.poll_timeout_s` -> complete the row with the public score, or with Kaggle's reason for
+rejecting it. The CSV stays on disk whatever happens; a score that was not ready in time is read
+later by `kp ledger --refresh`.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import kaggle_api
+from pipeline.cache import Manifest
+from pipeline.errors import PipelineError
+from pipeline.ledger import (COMPLETE, ERROR, PENDING, PLOT_FILE, ledger_path, plot_ledger, read_ledger, record,
+                             with_score)
+
+_STATUS = {"PENDING": PENDING, "COMPLETE": COMPLETE, "ERROR": ERROR}
+
+
+def describe(comp: str, meta: dict, message: str | None) -> str:
+    """The submission description Kaggle shows: the user's message, then what produced the file."""
+    produced = (f"kp {comp} {meta['source']} split={meta['split_strategy']} "
+                f"val_{meta['metric']}={meta['val_score']:.4f} fp={meta['fingerprint'][:12]}")
+    return f"{message} [{produced}]" if message else produced
+
+
+def upload(config, message: str | None = None, again: bool = False, say=print) -> dict:
+    """Upload the current submission of `config`'s competition; its ledger row, completed if scored."""
+    manifest = Manifest.read(config.work_dir / "submit")
+    if manifest is None:
+        raise PipelineError(f"{config.work_dir / 'submit'}: no submission written yet (run `kp submit` first)")
+    meta = manifest.metrics
+    path, ledger = config.submissions_dir / Path(meta["file"]).name, ledger_path(config)
+    if not path.is_file():
+        raise PipelineError(f"{path}: the submission file named by the submit stage's manifest is gone; "
+                            "rerun `kp submit --force`")
+    earlier = [r for r in read_ledger(ledger) if r["fingerprint"] == meta["fingerprint"] and r["status"] != ERROR]
+    if earlier and not again:
+        say(f"{path.name} was already uploaded on {earlier[-1]['time']} (ref {earlier[-1]['ref']}, "
+            f"{earlier[-1]['status']}); not spending another submission on it (--force uploads it again)")
+        return earlier[-1]
+
+    slug, description = config.competition.slug, describe(config.comp, meta, message)
+    try:
+        ref = kaggle_api.submit_file(slug, path, description)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}; the submission stays at {path}") from None
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": str(path),
+           "fingerprint": meta["fingerprint"], "split_strategy": meta["split_strategy"], "metric": meta["metric"],
+           "val_score": f"{meta['val_score']:.5f}", "status": PENDING, "ref": ref,
+           "description": description}
+    record(ledger, row)
+    say(f"uploaded {path.name} to {slug} (submission {ref}); waiting up to {config.get('kaggle.poll_timeout_s'):g}s "
+        "for its score")
+    state = kaggle_api.wait_for_score(slug, ref, config.get("kaggle.poll_timeout_s"),
+                                      config.get("kaggle.poll_every_s"), say)
+    row = _complete(config, row, state)
+    if row["status"] == ERROR:
+        raise PipelineError(f"Kaggle rejected submission {ref} ({path}): {state.error}. "
+                            f"The file stays on disk; the ledger {ledger} records the rejection")
+    if row["status"] == PENDING:
+        say(f"submission {ref} is not scored after {config.get('kaggle.poll_timeout_s'):g}s; "
+            f"`kp ledger --comp {config.comp} --refresh` reads its score later")
+    else:
+        say(f"leaderboard {meta['metric']} {row['lb_score']} vs validation {row['val_score']} "
+            f"(difference {row['difference']})")
+    return row
+
+
+def refresh(config, say=print) -> list[dict]:
+    """Ask Kaggle again about every pending row of the ledger; the rows that changed."""
+    changed = []
+    for row in read_ledger(ledger_path(config)):
+        if row["status"] == PENDING:
+            state = kaggle_api.submission_state(config.competition.slug, int(row["ref"]))
+            if _STATUS[state.status] != PENDING:
+                changed.append(_complete(config, row, state))
+                say(f"submission {row['ref']}: {changed[-1]['status']} {changed[-1]['lb_score'] or state.error}")
+    return changed
+
+
+def draw(config) -> Path:
+    """ledger.png beside ledger.csv."""
+    path = ledger_path(config).with_name(PLOT_FILE)
+    plot_ledger(read_ledger(ledger_path(config)), path, f"{config.comp}: validation vs leaderboard")
+    return path
+
+
+def _complete(config, row: dict, state: kaggle_api.SubmissionState) -> dict:
+    done = with_score(row, _STATUS[state.status], state.public_score, state.error)
+    record(ledger_path(config), done)
+    if done["status"] != PENDING:
+        draw(config)
+    return done

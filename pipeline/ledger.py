@@ -1,0 +1,99 @@
+"""The leaderboard ledger: each upload's validation score beside the score Kaggle gave it.
+
+`submissions/COMP/ledger.csv` gets one row per upload (`kp submit --upload`), written when the
+upload is accepted (status `pending`) and completed when the score comes back (`complete`, or
+`error` with Kaggle's reason). `difference` is leaderboard minus validation: a split that flatters
+validation shows as a large one. The file is rewritten whole through a temporary file, under a
+lock, so a crash never leaves half a row; it is read with the csv module only, so `kp status`
+stays fast.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+from pathlib import Path
+
+from pipeline.cache import write_text_atomic
+
+LEDGER_FILE = "ledger.csv"
+PLOT_FILE = "ledger.png"
+COLUMNS = ["time", "file", "fingerprint", "split_strategy", "metric", "val_score", "lb_score", "difference",
+           "status", "ref", "error", "description"]
+PENDING, COMPLETE, ERROR = "pending", "complete", "error"
+
+
+def ledger_path(config) -> Path:
+    return config.submissions_dir / LEDGER_FILE
+
+
+def read_ledger(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_ledger(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def record(path: Path, row: dict) -> None:
+    """Add `row`, or replace the row with the same submission ref (one writer at a time: two uploads
+    finishing together each keep their row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [r for r in read_ledger(path) if str(r["ref"]) != str(row["ref"])]
+        write_ledger(path, [*rows, row])
+
+
+def with_score(row: dict, status: str, lb_score: float | None, error: str | None) -> dict:
+    """`row` completed by what Kaggle answered."""
+    done = {**row, "status": status, "error": error or ""}
+    if lb_score is not None:
+        done["lb_score"] = f"{lb_score:.5f}"
+        done["difference"] = f"{lb_score - float(row['val_score']):+.5f}"
+    return done
+
+
+def format_ledger(rows: list[dict[str, str]]) -> str:
+    """The rows as an aligned table (time, file, split, validation, leaderboard, difference, status)."""
+    table = [("time", "file", "split", "metric", "valid", "leaderboard", "lb - valid", "status")]
+    for r in rows:
+        status = r["status"] + (f" ({r['error']})" if r.get("error") else "")
+        table.append((r["time"][:16].replace("T", " "), Path(r["file"]).name, r["split_strategy"], r["metric"],
+                      r["val_score"], r["lb_score"] or "-", r["difference"] or "-", status))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
+
+
+def plot_ledger(rows: list[dict[str, str]], path: Path, title: str) -> None:
+    """ledger.png: leaderboard vs validation score, one point per scored submission, with y = x."""
+    from pipeline.plots import pyplot
+
+    plt = pyplot()
+    scored = [r for r in rows if r["lb_score"]]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for strategy in sorted({r["split_strategy"] for r in scored}):
+        points = [(float(r["val_score"]), float(r["lb_score"])) for r in scored if r["split_strategy"] == strategy]
+        ax.plot(*zip(*points), "o", label=f"split: {strategy}", alpha=0.8)
+    values = [float(r[key]) for r in scored for key in ("val_score", "lb_score")]
+    if values:
+        lo, hi = min(values), max(values)
+        pad = 0.05 * (hi - lo or 1)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x (validation predicts LB)")
+        ax.legend()
+    metric = scored[0]["metric"] if scored else ""
+    ax.set_xlabel(f"validation {metric}")
+    ax.set_ylabel(f"leaderboard {metric}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

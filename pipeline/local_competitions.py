@@ -1,0 +1,201 @@
+"""What the local Kaggle-compatible server knows: each competition's files, uploads, submissions and scores.
+
+A competition is a folder `SLUG/` holding `SLUG.zip` (what `download` gets, with its
+`sample_submission.csv`) and `solution.csv` (the hidden test labels). A submission goes through
+Kaggle's three steps: `start_upload` (a one-time token), `receive_upload` (the file's bytes),
+`create_submission` (PENDING); it is scored a moment later in the background, like Kaggle's queue,
+and becomes COMPLETE with a public score, or ERROR with the reason (wrong header, missing,
+unexpected or duplicate ids, NaN or non-numeric values). The evaluation is read from the sample
+submission and the solution (`pipeline.scoring.evaluation_from_files`); log loss is Kaggle's: clipped
+to [1e-15, 1 - 1e-15], rows renormalised.
+
+Every upload is kept under `log_dir/SLUG/files/` and every scored submission is appended to
+`log_dir/SLUG/submissions.jsonl`, which a restarted server reads back.
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import uuid
+import zipfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.scoring import evaluation_from_files, read_submission, score_submission
+
+SAMPLE_NAME = "sample_submission.csv"
+LOG_NAME = "submissions.jsonl"
+PENDING, COMPLETE, ERROR = "PENDING", "COMPLETE", "ERROR"
+
+
+class CompetitionError(Exception):
+    """A request the server refuses: `status` is the HTTP code, the message goes back to the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Submission:
+    ref: int
+    competition: str
+    file_name: str
+    total_bytes: int
+    date: str  # ISO 8601 UTC, as kagglesdk parses it
+    description: str
+    status: str = PENDING
+    public_score: str | None = None
+    error_description: str | None = None
+
+    def as_api(self) -> dict:
+        """The camelCase `ApiSubmission` the kaggle client reads."""
+        body = {"ref": self.ref, "fileName": self.file_name, "totalBytes": self.total_bytes, "date": self.date,
+                "description": self.description, "status": self.status, "submittedBy": "local"}
+        if self.public_score is not None:
+            body["publicScore"] = self.public_score
+        if self.error_description is not None:
+            body["errorDescription"] = self.error_description
+        return body
+
+
+@dataclass
+class _Upload:
+    competition: str
+    file_name: str
+    content_length: int
+    data: bytes | None = None
+
+
+class LocalCompetitions:
+    """The competitions under `data_dir` and the submissions made to them (thread-safe)."""
+
+    def __init__(self, data_dir: Path, log_dir: Path, rules_not_accepted=frozenset(), scoring_delay_s: float = 1.0):
+        self.data_dir = Path(data_dir)
+        self.log_dir = Path(log_dir)
+        self.rules_not_accepted = set(rules_not_accepted)
+        self.scoring_delay_s = scoring_delay_s
+        self._lock = threading.Lock()
+        self._uploads: dict[str, _Upload] = {}
+        self._submissions: dict[str, list[Submission]] = {}
+        self._next_ref = 1 + max((s.ref for subs in map(self._read_log, self._slugs()) for s in subs), default=0)
+        self._timers: list[threading.Timer] = []
+
+    def _slugs(self) -> list[str]:
+        return sorted(p.name for p in self.data_dir.iterdir() if self.archive(p.name)) if self.data_dir.is_dir() else []
+
+    # -- the competition and its data files ------------------------------------------------------------
+
+    def archive(self, slug: str) -> Path | None:
+        path = self.data_dir / slug / f"{slug}.zip"
+        return path if slug and "/" not in slug and ".." not in slug and path.is_file() else None
+
+    def check_access(self, slug: str) -> Path:
+        """The competition's archive; 404 for an unknown slug, 403 where its rules are not accepted."""
+        archive = self.archive(slug)
+        if archive is None:
+            raise CompetitionError(404, f"Competition {slug!r} not found")
+        if slug in self.rules_not_accepted:
+            raise CompetitionError(403, "You must accept this competition's rules before you can use it")
+        return archive
+
+    def data_files(self, slug: str) -> list[dict]:
+        archive = self.check_access(slug)
+        created = datetime.fromtimestamp(archive.stat().st_mtime, timezone.utc)
+        return [{"name": archive.name, "totalBytes": archive.stat().st_size, "creationDate": _iso(created)}]
+
+    # -- submitting: token, upload, submission ------------------------------------------------------------
+
+    def start_upload(self, slug: str, file_name: str, content_length: int) -> str:
+        self.check_access(slug)
+        if not file_name or "/" in file_name or file_name.startswith("."):
+            raise CompetitionError(400, f"invalid file name {file_name!r}")
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[token] = _Upload(slug, file_name, int(content_length))
+        return token
+
+    def receive_upload(self, token: str, data: bytes) -> None:
+        with self._lock:
+            upload = self._uploads.get(token)
+            if upload is None:
+                raise CompetitionError(404, "unknown or expired upload URL")
+            if len(data) != upload.content_length:
+                raise CompetitionError(400, f"received {len(data)} bytes, the upload announced "
+                                            f"{upload.content_length}")
+            upload.data = data
+
+    def create_submission(self, slug: str, token: str, description: str) -> Submission:
+        self.check_access(slug)
+        with self._lock:
+            upload = self._uploads.get(token)
+            if upload is None or upload.competition != slug or upload.data is None:
+                raise CompetitionError(400, "blobFileTokens does not name a completed upload to this competition")
+            del self._uploads[token]
+            submission = Submission(
+                ref=self._next_ref, competition=slug, file_name=upload.file_name, total_bytes=len(upload.data),
+                date=_iso(datetime.now(timezone.utc)),
+                description=description or "")
+            self._next_ref += 1
+            stored = self.log_dir / slug / "files" / f"{submission.ref}-{upload.file_name}"
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            stored.write_bytes(upload.data)
+            self._submissions.setdefault(slug, self._read_log(slug)).append(submission)
+            timer = threading.Timer(self.scoring_delay_s, self._score, args=(submission, stored))
+            timer.daemon = True
+            self._timers.append(timer)
+        timer.start()
+        return submission
+
+    def submissions(self, slug: str) -> list[Submission]:
+        """Newest first, as Kaggle lists them."""
+        self.check_access(slug)
+        with self._lock:
+            listed = self._submissions.setdefault(slug, self._read_log(slug))
+            return sorted(listed, key=lambda s: s.ref, reverse=True)
+
+    def wait_for_scoring(self) -> None:
+        """Block until every submission made so far has been scored (for shutdown and tests)."""
+        for timer in list(self._timers):
+            timer.join()
+
+    # -- scoring and the log ----------------------------------------------------------------------------
+
+    def _score(self, submission: Submission, stored: Path) -> None:
+        try:
+            score = self.score_file(submission.competition, stored)
+            update = {"status": COMPLETE, "public_score": f"{score:.5f}"}
+        except PipelineError as exc:
+            update = {"status": ERROR, "error_description": f"Submission scoring error: {exc}"}
+        except Exception as exc:  # a server bug must still end the submission, as Kaggle's would
+            update = {"status": ERROR, "error_description": f"internal scoring error: {type(exc).__name__}: {exc}"}
+        with self._lock:
+            for key, value in update.items():
+                setattr(submission, key, value)
+            log = self.log_dir / submission.competition / LOG_NAME
+            with open(log, "a") as handle:
+                handle.write(json.dumps(asdict(submission)) + "\n")
+
+    def score_file(self, slug: str, path: Path) -> float:
+        """The public score of a submission file (.csv, .csv.gz or .zip); PipelineError if malformed."""
+        solution = pd.read_csv(self.data_dir / slug / "solution.csv", dtype=str)
+        with zipfile.ZipFile(self.check_access(slug)) as zf:
+            sample = pd.read_csv(io.BytesIO(zf.read(SAMPLE_NAME)), dtype=str)
+        submission = read_submission(path)
+        return score_submission(submission, solution, evaluation_from_files(sample, solution))
+
+    def _read_log(self, slug: str) -> list[Submission]:
+        log = self.log_dir / slug / LOG_NAME
+        if not log.is_file():
+            return []
+        return [Submission(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _iso(moment: datetime) -> str:
+    """A UTC time as kagglesdk's DateTimeSerializer writes and parses it: 2026-11-22T10:54:10.641Z."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
