@@ -33,8 +33,9 @@ test-all: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/cli_startup.py
 
-# A local Kaggle-compatible server over ../shared/data/competitions (KAGGLE_LOCAL_DATA, KAGGLE_LOCAL_PORT);
-# it prints the export lines that point the kaggle client, and so the pipeline, at it.
+# A local Kaggle-compatible server over ../shared/data/competitions (KAGGLE_LOCAL_DATA, KAGGLE_LOCAL_PORT):
+# downloads, uploads, scoring; uploads and submission logs in work/kaggle-local (KAGGLE_LOCAL_LOG).
+# It prints the export lines that point the kaggle client, and so the pipeline, at it.
 kaggle-local: $(VENV)/.installed
 	$(VENV)/bin/python -m pipeline.kaggle_local
 
