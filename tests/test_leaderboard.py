@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.kaggle_local import KaggleLocalServer
 from pipeline.ledger import read_ledger
+from pipeline.local_competitions import LocalCompetitions
 from pipeline.scoring import evaluation_from_files, score_file_on_test_set
 from tests.conftest import REPO, serve_competition, serve_digits
 
@@ -228,3 +230,24 @@ def test_the_kaggle_command_line_reaches_the_server_through_http_proxy(kaggle_en
     solution = pd.read_csv(folder / "digit-recognizer" / "solution.csv")
     row = listed.stdout.strip().splitlines()[-1]
     assert "all-ones.csv" in row and "COMPLETE" in row and f"{(solution.Label == 1).mean():.5f}" in row, listed.stdout
+
+
+def test_zipped_submissions_are_scored_and_a_restarted_server_keeps_its_log(tmp_path):
+    folder = serve_competition(tmp_path / "served", "binary", {"sample_submission.csv": b"id,label\n1,0.5\n2,0.5\n"},
+                               "id,label\n1,1\n2,0\n")
+    archive = tmp_path / "sub.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("sub.csv", "id,label\n2,0.2\n1,0.6\n")
+    competitions = LocalCompetitions(folder, tmp_path / "log", scoring_delay_s=0)
+    token = competitions.start_upload("binary", archive.name, archive.stat().st_size)
+    competitions.receive_upload(token, archive.read_bytes())
+    first = competitions.create_submission("binary", token, "zipped")
+    competitions.wait_for_scoring()
+    assert first.status == "COMPLETE"
+    assert float(first.public_score) == pytest.approx(-np.mean([np.log(0.6), np.log(0.8)]), abs=1e-5)
+    restarted = LocalCompetitions(folder, tmp_path / "log")
+    assert [(s.ref, s.status) for s in restarted.submissions("binary")] == [(first.ref, "COMPLETE")]
+    again = restarted.start_upload("binary", archive.name, archive.stat().st_size)
+    restarted.receive_upload(again, archive.read_bytes())
+    assert restarted.create_submission("binary", again, "again").ref == first.ref + 1
+    restarted.wait_for_scoring()
