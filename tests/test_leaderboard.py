@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from pipeline import kaggle_api, runner
 from pipeline.cli import cli
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
 from pipeline.kaggle_local import KaggleLocalServer
 from pipeline.ledger import read_ledger
 from pipeline.local_competitions import LocalCompetitions
