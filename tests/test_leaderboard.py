@@ -55,6 +55,15 @@ def start_server(kaggle_env, folder, **options) -> KaggleLocalServer:
     return server
 
 
+def upload_through(kaggle_env, folder, **options):
+    """`kp submit --upload` against a local server over `folder`, stopped afterwards; the click Result."""
+    server = start_server(kaggle_env, folder, **options)
+    try:
+        return kp("submit", "--upload")
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def digits_server(kaggle_env, tmp_path):
     server = start_server(kaggle_env, serve_digits(tmp_path / "served"), scoring_delay_s=0.2)
@@ -162,11 +171,7 @@ def test_a_score_not_ready_in_time_is_read_later(digits_project, kaggle_env, tmp
 
 def test_a_rejected_submission_shows_the_reason_and_keeps_the_file(digits_project, kaggle_env, tmp_path):
     # the server's test set lost a row since the data was downloaded: Kaggle rejects the file
-    server = start_server(kaggle_env, serve_digits(tmp_path / "served", drop_solution_rows=1), scoring_delay_s=0.1)
-    try:
-        result = kp("submit", "--upload")
-    finally:
-        server.stop()
+    result = upload_through(kaggle_env, serve_digits(tmp_path / "served", drop_solution_rows=1), scoring_delay_s=0.1)
     assert result.exit_code == 2
     assert "Kaggle rejected submission 1" in result.output
     assert "ids do not match the test set: 1 unexpected (e.g. ['300'])" in result.output
@@ -194,11 +199,7 @@ def test_upload_errors_name_the_cause_and_keep_the_file(digits_project, kaggle_e
     assert result.exit_code == 2 and "cannot reach the Kaggle server" in result.output
     assert "the submission stays at" in result.output
 
-    server = start_server(kaggle_env, serve_digits(tmp_path / "served"), rules_not_accepted={"digit-recognizer"})
-    try:
-        result = kp("submit", "--upload")
-    finally:
-        server.stop()
+    result = upload_through(kaggle_env, serve_digits(tmp_path / "served"), rules_not_accepted={"digit-recognizer"})
     assert result.exit_code == 2
     assert "403 forbidden: accept the rules at https://www.kaggle.com/competitions/digit-recognizer/rules" in result.output
     assert sorted(config.submissions_dir.glob("*.csv")) == written and written
