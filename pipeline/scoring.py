@@ -82,8 +82,7 @@ def score_submission(submission: pd.DataFrame, solution: pd.DataFrame, competiti
     ids = submission[id_column]
     if ids.duplicated().any():
         raise PipelineError(f"duplicate ids, e.g. {ids[ids.duplicated()].iloc[0]!r}")
-    truth = solution.set_index(solution.columns[0])[solution.columns[1]].astype(str)
-    truth.index = truth.index.astype(str)
+    truth = _labels_by_id(solution)
     missing, extra = sorted(set(truth.index) - set(ids)), sorted(set(ids) - set(truth.index))
     if missing or extra:
         parts = [f"{len(found)} {what} (e.g. {found[:2]})" for what, found in (("missing", missing),
@@ -105,10 +104,16 @@ def score_accuracy_of_probabilities(submission: pd.DataFrame, solution: pd.DataF
     """For multi-class or binary probability files, the share of rows whose top class is right."""
     if competition.metric == "accuracy":
         return None
-    truth = solution.set_index(solution.columns[0])[solution.columns[1]].astype(str)
-    truth.index = truth.index.astype(str)
+    truth = _labels_by_id(solution)
     labels = truth.loc[submission[competition.id_column]].to_numpy()
     numbers = submission.iloc[:, 1:].astype(float).to_numpy()
     if competition.task == "binary":
         return float(np.mean((numbers[:, 0] > 0.5) == (labels.astype(int) == 1)))
     return accuracy(label_indices(labels, competition.classes), numbers)
+
+
+def _labels_by_id(solution: pd.DataFrame) -> pd.Series:
+    """The solution's label column (its second) as strings, indexed by its id column (its first) as strings."""
+    truth = solution.set_index(solution.columns[0])[solution.columns[1]].astype(str)
+    truth.index = truth.index.astype(str)
+    return truth
