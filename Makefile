@@ -7,7 +7,7 @@ ARGS ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 KP := $(VENV)/bin/kp
-STAGES := download split precompute finetune augment bnretrain ensemble submit
+STAGES := download split precompute finetune ensemble submit
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: all test test-all status clean bench kaggle-local $(STAGES)
@@ -37,7 +37,7 @@ bench: $(VENV)/.installed
 # downloads, uploads, scoring; uploads and submission logs in work/kaggle-local (KAGGLE_LOCAL_LOG).
 # It prints the export lines that point the kaggle client, and so the pipeline, at it.
 kaggle-local: $(VENV)/.installed
-	$(VENV)/bin/python -m pipeline.kaggle_local
+	$(VENV)/bin/python -m pipeline.kaggle.local
 
 # The virtual environment, created on first use and refreshed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml

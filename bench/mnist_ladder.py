@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import runner  # noqa: E402
-from pipeline.cache import Manifest  # noqa: E402
+from pipeline.core.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import score_file_on_test_set  # noqa: E402
+from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
 
 LADDER = [
     ("linear", ["model.arch=linear", "finetune.augment=null"]),

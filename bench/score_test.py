@@ -15,9 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.cache import Manifest  # noqa: E402
+from pipeline.core.cache import Manifest  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.scoring import score_file_on_test_set  # noqa: E402
+from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
         "file": submit.metrics["file"],
         "split": config.get("split.strategy"),
         "metric": competition.metric,
-        "val_score_clipped": submit.metrics["val_score"],
+        "val_score_clipped": submit.metrics[submit.metrics["score_name"]],
         "source": submit.metrics["source"],
         "val_log_loss": source.metrics.get("val_log_loss"),
         "val_accuracy": source.metrics.get("val_accuracy"),

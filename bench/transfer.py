@@ -41,7 +41,7 @@ BATCH = 32
 
 
 def extract_train_images(folder: Path) -> Path:
-    from pipeline.archive import extract_nested, extract_zip
+    from pipeline.data.archive import extract_nested, extract_zip
 
     extract_zip(HIRES, folder)
     extract_nested(folder)
@@ -49,7 +49,7 @@ def extract_train_images(folder: Path) -> Path:
 
 
 def backbone(name: str):
-    from pipeline.backbones import build_feature_model
+    from pipeline.models.backbones import build_feature_model
 
     if name == "vgg16":
         return build_feature_model("vgg16", None, (*SIZE, 3), "pool")
@@ -67,9 +67,10 @@ def measure(name: str, train_dir: Path, n_images: int, scratch: Path, repeats: i
     import numpy as np
     import tensorflow as tf
 
-    from pipeline.feature_writer import compiled_forward, write_features
-    from pipeline.heads import build_head
-    from pipeline.images import image_batches
+    from pipeline.data.features import write_features
+    from pipeline.models.inference import compiled_forward
+    from pipeline.models.heads import build_head
+    from pipeline.data.images import image_batches
 
     fm = backbone(name)
     paths = sorted(train_dir.glob("c*/*.jpg"))[:n_images]
@@ -157,7 +158,8 @@ def epoch_seconds(model, x, y) -> float:
 
 def rss_child(train_dir: str, n_images: int, scratch: str) -> None:
     """Run in a fresh process: precompute n_images (the list repeated) with MobileNet; print peak RSS."""
-    from pipeline.feature_writer import compiled_forward, write_features
+    from pipeline.data.features import write_features
+    from pipeline.models.inference import compiled_forward
 
     fm = backbone("mobilenet")
     paths = sorted(Path(train_dir).glob("c*/*.jpg"))

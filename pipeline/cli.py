@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import click
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 DEFAULT_COMP = "digits"
 
@@ -61,7 +60,7 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None) ->
     statuses = runner.run(config, targets, force=force)
     click.echo(format_table(statuses))
     if upload:
-        from pipeline import leaderboard
+        from pipeline.kaggle import leaderboard
 
         leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
         _echo_ledger(config, last=3)
@@ -76,7 +75,7 @@ def _upload_options(command):
 
 
 def _echo_ledger(config, last: int | None = None) -> None:
-    from pipeline.ledger import format_ledger, ledger_path, read_ledger
+    from pipeline.kaggle.ledger import format_ledger, ledger_path, read_ledger
 
     rows = read_ledger(ledger_path(config))
     if rows:
@@ -89,19 +88,18 @@ class _PipelineGroup(click.Group):
     """Adds one command per registered stage, and turns PipelineError into a clean exit 2."""
 
     def list_commands(self, ctx):
-        from pipeline.registry import all_stages
+        from pipeline.registry import stage_names
 
-        stages = list(all_stages())
+        stages = list(stage_names())
         return stages + sorted(set(super().list_commands(ctx)) - set(stages))
 
     def get_command(self, ctx, name):
         command = super().get_command(ctx, name)
         if command is not None:
             return command
-        from pipeline.registry import all_stages
+        from pipeline.registry import stage_names, stage_summary
 
-        stage = all_stages().get(name)
-        return _stage_command(name, stage.run.__module__) if stage else None
+        return _stage_command(name, stage_summary(name)) if name in stage_names() else None
 
     def invoke(self, ctx):
         try:
@@ -110,9 +108,7 @@ class _PipelineGroup(click.Group):
             raise _UserError(str(exc)) from None
 
 
-def _stage_command(name: str, module: str) -> click.Command:
-    doc = (sys.modules[module].__doc__ or "").strip().splitlines()[0] if sys.modules.get(module) else ""
-
+def _stage_command(name: str, doc: str) -> click.Command:
     @click.option("--force", is_flag=True, help="Rerun this stage even if it is up to date.")
     @_config_options
     def command(comp, extra_files, sets, force):
@@ -155,13 +151,13 @@ def all_command(comp, extra_files, sets, force, upload, message):
 @_config_options
 def ledger(comp, extra_files, sets, refresh):
     """Every upload: validation score, leaderboard score and their difference; writes ledger.png."""
-    from pipeline.ledger import ledger_path, read_ledger
+    from pipeline.kaggle.ledger import ledger_path, read_ledger
 
     config = _load(comp, extra_files, sets)
     if not read_ledger(ledger_path(config)):
         click.echo(f"{ledger_path(config)}: no uploads yet (kp submit --comp {comp} --upload)")
         return
-    from pipeline import leaderboard
+    from pipeline.kaggle import leaderboard
 
     if refresh:
         leaderboard.refresh(config, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
@@ -174,9 +170,9 @@ def ledger(comp, extra_files, sets, refresh):
 @_config_options
 def status(comp, extra_files, sets, as_json):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
+    from pipeline.core.runs import store_sizes
+    from pipeline.kaggle.ledger import ledger_path, read_ledger
     from pipeline.status import format_table, stage_statuses
-
-    from pipeline.ledger import ledger_path, read_ledger
 
     config = _load(comp, extra_files, sets)
     statuses = stage_statuses(config)
@@ -185,12 +181,14 @@ def status(comp, extra_files, sets, as_json):
             "competition": comp,
             "work_dir": str(config.work_dir),
             "stages": [s.as_dict() for s in statuses],
+            "run_cache": {name: {"entries": n, "bytes": size} for name, (n, size) in store_sizes(config.work_dir).items()},
             "ledger": read_ledger(ledger_path(config)),
         }
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(f"{comp}: {config.work_dir}")
         click.echo(format_table(statuses))
+        _echo_run_cache(config)
         _echo_ledger(config, last=3)
 
 
@@ -198,7 +196,7 @@ def status(comp, extra_files, sets, as_json):
 @_config_options
 def show_config(comp, extra_files, sets):
     """Print the merged config, each value with the file (or --set) that set it."""
-    from pipeline.cache import flatten
+    from pipeline.core.cache import flatten
     from pipeline.config import source_of
 
     config = _load(comp, extra_files, sets)
@@ -208,10 +206,13 @@ def show_config(comp, extra_files, sets):
 
 @cli.command()
 @click.option("--stage", "stage_names", multiple=True, help="Only this stage's outputs (repeatable).")
+@click.option("--keep-last", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Keep each stage's current result and its N most recently used stored runs; delete older ones.")
 @_config_options
-def clean(comp, extra_files, sets, stage_names):
-    """Delete a competition's outputs (work/COMP), or only the given stages'."""
-    from pipeline.cache import competition_lock, sweep_partial
+def clean(comp, extra_files, sets, stage_names, keep_last):
+    """Delete a competition's outputs (work/COMP), only the given stages', or only old stored runs."""
+    from pipeline.core.cache import competition_lock, sweep_partial
+    from pipeline.core.runs import prune_stage, remove_stage, store_sizes
 
     config = _load(comp, extra_files, sets)
     work = config.work_dir
@@ -221,19 +222,38 @@ def clean(comp, extra_files, sets, stage_names):
     if not work.exists():
         click.echo(f"{work}: nothing to clean")
         return
+    before = sum(size for _, size in store_sizes(work).values())
     with competition_lock(work):
         sweep_partial(work)
-        targets = [work / name for name in stage_names] if stage_names else [
-            p for p in work.iterdir() if p.name != ".lock"
-        ]
-        for target in targets:
-            if target.is_dir():
-                shutil.rmtree(target)
-                click.echo(f"removed {target}")
-            elif target.exists():
-                target.unlink()
-    if not stage_names:
-        shutil.rmtree(work, ignore_errors=True)
+        if keep_last is not None:
+            for name in stage_names or config.stage_names:
+                for entry in prune_stage(work, name, keep_last):
+                    click.echo(f"removed {entry.path.relative_to(work)} ({_megabytes(entry.size)})")
+            after = sum(size for _, size in store_sizes(work).values())
+            click.echo(f"run cache: {_megabytes(before)} -> {_megabytes(after)}")
+            return
+        if stage_names:
+            for name in stage_names:
+                for path in remove_stage(work, name):
+                    click.echo(f"removed {path}")
+            return
+    shutil.rmtree(work, ignore_errors=True)
+    click.echo(f"removed {work}")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _echo_run_cache(config) -> None:
+    from pipeline.core.runs import store_sizes
+
+    sizes = store_sizes(config.work_dir)
+    if sizes:
+        parts = [f"{name} {n} ({_megabytes(size)})" for name, (n, size) in sizes.items()]
+        total = sum(size for _, size in sizes.values())
+        click.echo(f"\nrun cache {config.work_dir / '_runs'}: {_megabytes(total)}; stored results: " + ", ".join(parts)
+                   + f"  (kp clean --comp {config.comp} --keep-last N)")
 
 
 def main() -> None:

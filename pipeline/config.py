@@ -14,63 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model
 
-from pipeline.errors import PipelineError
-from pipeline.stage import StrictModel
+from pipeline.core.cache import STAMP_MODES
+from pipeline.core.competition import Competition
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import StrictModel
+from pipeline.models.build import Model
 
 DEFAULTS_FILE = "defaults.yaml"
-
-
-class Competition(StrictModel):
-    """What the competition is: the `competition` section of a competition file."""
-
-    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the Kaggle competition slug")
-    task: Literal["binary", "multiclass"]
-    classes: list[str] = Field(min_length=2)
-    id_column: str = Field(min_length=1)
-    submission_columns: list[str] = Field(min_length=2)
-    metric: Literal["log_loss", "accuracy"]
-    clip: tuple[float, float]
-    image_size: tuple[int, int]
-    channels: Literal[1, 3]
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.task == "binary" and len(self.classes) != 2:
-            raise ValueError(f"a binary task has exactly 2 classes, got {self.classes}")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes must be distinct, got {self.classes}")
-        if self.submission_columns[0] != self.id_column:
-            raise ValueError(
-                f"submission_columns must start with the id column {self.id_column!r}, "
-                f"got {self.submission_columns}"
-            )
-        lo, hi = self.clip
-        if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"clip must satisfy 0 <= lo < hi <= 1, got {list(self.clip)}")
-        if min(self.image_size) < 1:
-            raise ValueError(f"image_size must be positive, got {list(self.image_size)}")
-        return self
-
-
-class Model(StrictModel):
-    """The network trained by finetune and by every ensemble member: the `model` section."""
-
-    arch: Literal["auto", "fc", "pool", "linear", "hidden", "cnn", "cnn_bn", "cnn_bn_do"]
-    hidden: list[int]
-    dropout: list[float]
-    conv_dropout: float = Field(ge=0, lt=1)
-    l2: float = Field(ge=0)
-    imagenet_init: bool
-
-    @model_validator(mode="after")
-    def _one_rate_per_layer(self):
-        if len(self.dropout) != len(self.hidden):
-            raise ValueError(f"dropout has {len(self.dropout)} rates for {len(self.hidden)} hidden layers")
-        if any(not 0 <= r < 1 for r in self.dropout):
-            raise ValueError(f"dropout rates must be in [0, 1), got {self.dropout}")
-        return self
 
 
 class Paths(StrictModel):
@@ -78,6 +30,13 @@ class Paths(StrictModel):
 
     work: str
     submissions: str
+
+
+class Cache(StrictModel):
+    """How the cache stamps input files outside the config (source archives, weights files); the
+    stamp is in the fingerprint, this choice is not."""
+
+    stamp: Literal[STAMP_MODES]
 
 
 class Kaggle(StrictModel):
@@ -168,13 +127,14 @@ def load_config(
 
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
-    files = [defaults_path, comp_path]
-    for path in [defaults_path, comp_path]:
-        _merge(merged, _read_yaml(path), _display(path, root), provenance)
+    files = [defaults_path]
+    _merge(merged, _read_yaml(defaults_path), _display(defaults_path, root), provenance)
+    layers = [comp_path]
     for extra in extra_files:
-        path = Path(extra)
-        if not path.is_file():
+        if not Path(extra).is_file():
             raise PipelineError(f"--config {extra}: no such file")
+        layers.append(Path(extra))
+    for path in layers:  # each competition file or overlay may `extends:` another, merged before it
         for layer_path, layer in _overlay_chain(path):
             files.append(layer_path)
             _merge(merged, layer, _display(layer_path, root), provenance)
@@ -195,7 +155,7 @@ def load_config(
 
 
 def _overlay_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
-    """An overlay file and the overlays it `extends:` (a file name relative to it), base first."""
+    """A competition file or overlay and the files it `extends:` (a path relative to it), base first."""
     if path.resolve() in seen:
         raise PipelineError(f"{path}: `extends:` loops back to it ({' -> '.join(map(str, seen))})")
     layer = _read_yaml(path)
@@ -309,6 +269,7 @@ def config_model() -> type[StrictModel]:
         "paths": (Paths, ...),
         "model": (Model, ...),
         "kaggle": (Kaggle, ...),
+        "cache": (Cache, ...),
     }
     for stage in all_stages().values():
         fields[stage.section] = (stage.settings, ...)

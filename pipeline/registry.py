@@ -1,34 +1,53 @@
-"""Finds the stages: every module in the `stages` package that defines `STAGE`.
+"""Finds the stages: every module in the `stages` package that defines `STAGE` (named as its module).
 
 Adding a stage is one new module in `stages/` plus its section in `configs/defaults.yaml`; nothing
-here changes. Stage modules must import only light modules at top level (TensorFlow goes inside
-`run`), because `kp --help` and `kp status` import them all.
+here changes. `stage_names` and `stage_summary` read the package's files without importing them,
+so `kp --help` lists the stages without pydantic or any stage code; `all_stages` imports them.
+Stage modules must import only light modules at top level (no TensorFlow, no pandas), because
+`kp status` imports them all.
 """
 from __future__ import annotations
 
+import ast
 import importlib
-import pkgutil
 from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.stage import Stage
+if TYPE_CHECKING:
+    from pipeline.core.stage import Stage
 
+STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 # The product's stage order; among stages that do not need each other, this decides who comes first.
-PIPELINE_ORDER = ("download", "split", "precompute", "finetune", "augment", "bnretrain", "ensemble", "submit")
+PIPELINE_ORDER = ("download", "split", "precompute", "finetune", "ensemble", "submit")
+
+
+def _order(name: str) -> tuple[int, str]:
+    return (PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else len(PIPELINE_ORDER), name)
+
+
+@lru_cache(maxsize=1)
+def stage_names() -> tuple[str, ...]:
+    """The stage modules' names in pipeline order, found without importing them."""
+    names = [p.stem for p in STAGES_DIR.glob("*.py") if not p.stem.startswith("_") and
+             "\nSTAGE = Stage(" in p.read_text()]
+    return tuple(sorted(names, key=_order))
+
+
+def stage_summary(name: str) -> str:
+    """The first line of a stage module's docstring, read without importing it."""
+    tree = ast.parse((STAGES_DIR / f"{name}.py").read_text())
+    return ((ast.get_docstring(tree) or "").strip().splitlines() or [""])[0]
 
 
 @lru_cache(maxsize=1)
 def all_stages() -> dict[str, Stage]:
     """Every stage by name, upstream stages before the ones that need them."""
-    import stages as stages_package
-
     found: dict[str, Stage] = {}
-    for module_info in sorted(pkgutil.iter_modules(stages_package.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"stages.{module_info.name}")
-        stage = getattr(module, "STAGE", None)
-        if stage is None:
-            continue
-        if stage.name in found:
-            raise RuntimeError(f"stages/{module_info.name}.py: stage name {stage.name!r} is already taken")
+    for module_name in stage_names():
+        stage = importlib.import_module(f"stages.{module_name}").STAGE
+        if stage.name != module_name:
+            raise RuntimeError(f"stages/{module_name}.py: STAGE.name {stage.name!r} must be the module's name")
         found[stage.name] = stage
     sections = [stage.section for stage in found.values()]
     duplicated = {s for s in sections if sections.count(s) > 1}
@@ -51,6 +70,6 @@ def _upstream_first(found: dict[str, Stage]) -> list[str]:
             visit(upstream, path + (name,))
         order.append(name)
 
-    for name in sorted(found, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(PIPELINE_ORDER)):
+    for name in sorted(found, key=_order):
         visit(name, ())
     return order

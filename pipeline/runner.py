@@ -1,22 +1,30 @@
-"""Runs stages in order, skipping the up-to-date ones, each into an output folder that appears whole.
+"""Runs stages in order: skips the up-to-date ones, restores stored runs, runs the rest atomically.
 
 `kp STAGE` runs STAGE and whatever it needs that is not up to date; `kp all` runs every stage the
-competition lists. Only one run per competition at a time (a lock file in its work folder).
+competition lists. For each stage: up to date -> skipped; a stored run with the expected
+fingerprint in the run cache -> restored (the stage's link points at it again, no recomputation);
+otherwise it runs into a temporary folder that becomes a stored run only once complete and its
+declared outputs are there. Any exception from a stage ends as one message, `stage X failed:
+<reason>` (exit status 2), with the traceback in `work/COMP/STAGE.error.log` (`KP_DEBUG=1` lets
+it through). Only one run per competition at a time (a lock file in its work folder).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 
-from pipeline.cache import Manifest, atomic_output_dir, competition_lock, output_sizes, sweep_partial
 from pipeline.config import ResolvedConfig
-from pipeline.errors import PipelineError
+from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
+from pipeline.core.cache import Manifest, competition_lock, output_problems, output_sizes, sweep_partial, \
+    write_text_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.runs import point, stage_store
+from pipeline.core.stage import Stage, StageContext
 from pipeline.registry import all_stages
-from pipeline.stage import StageContext
 from pipeline.status import UP_TO_DATE, StageStatus, stage_statuses
-
-CACHE_FOLDER = "_cache"
 
 
 def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
@@ -44,42 +52,79 @@ def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
 
 
 def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = False) -> list[StageStatus]:
-    """Bring the targets (default: every listed stage) up to date; `force` reruns the targets themselves."""
+    """Bring the targets (default: every listed stage) up to date; `force` reruns the targets themselves.
+
+    Returns:
+        The status of every listed stage afterwards.
+    """
     order = plan(config, targets)
     forced = set(order if targets is None else targets) if force else set()
     stages = all_stages()
     with competition_lock(config.work_dir):
         for leftover in sweep_partial(config.work_dir):
-            _say(config, f"removed {leftover.name} left by an interrupted run")
+            _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
         for name in order:
             status = {s.name: s for s in stage_statuses(config)}[name]
             if status.state == UP_TO_DATE and name not in forced:
                 _say(config, f"{name}: up to date, skipped ({status.manifest.headline})")
                 continue
+            if status.restorable and name not in forced:
+                manifest = _restore(config, stages[name], status)
+                _say(config, f"{name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
+                continue
             why = "forced" if name in forced else "; ".join(status.reasons)
             _say(config, f"{name}: running ({why})")
-            manifest = _run_one(config, stages[name], status)
+            manifest = _guarded(config, stages[name], status)
             _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}")
     return stage_statuses(config)
 
 
-def _run_one(config: ResolvedConfig, stage, status: StageStatus) -> Manifest:
-    final = config.work_dir / stage.name
-    inputs = {upstream: config.work_dir / upstream for upstream in stage.needs_for(config)}
+def _context(config: ResolvedConfig, stage: Stage, status: StageStatus, out) -> StageContext:
+    return StageContext(
+        comp=config.comp,
+        config=stage.view(config),
+        settings=config.section(stage.section),
+        out=out,
+        inputs={upstream: (config.work_dir / upstream).resolve() for upstream in stage.needs_for(config)},
+        cache_dir=config.work_dir / CACHE_FOLDER,
+        work_dir=config.work_dir,
+        config_fingerprint=status.fingerprint,
+        fingerprint_inputs=status.inputs,
+    )
+
+
+def _restore(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manifest:
+    folder = stage_store(config.work_dir, stage.name).path(status.fingerprint)
+    if stage.restore:
+        stage.restore(_context(config, stage, status, folder))
+    point(config.work_dir, stage.name, status.fingerprint, "restored")
+    return Manifest.read(folder)
+
+
+def _guarded(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manifest:
+    """Run one stage; any failure becomes one PipelineError, its traceback kept in STAGE.error.log."""
+    log = config.work_dir / ERROR_LOG.format(stage=stage.name)
+    try:
+        manifest = _run_one(config, stage, status)
+    except Exception as exc:
+        if os.environ.get("KP_DEBUG") == "1":
+            raise
+        write_text_atomic(log, traceback.format_exc())
+        reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        raise PipelineError(f"stage {stage.name} failed: {reason} (traceback: {log})") from None
+    log.unlink(missing_ok=True)
+    return manifest
+
+
+def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manifest:
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    with atomic_output_dir(final) as tmp:
-        ctx = StageContext(
-            comp=config.comp,
-            config=config,
-            settings=config.section(stage.section),
-            out=tmp,
-            inputs=inputs,
-            cache_dir=config.work_dir / CACHE_FOLDER,
-            config_fingerprint=status.fingerprint,
-            fingerprint_inputs=status.inputs,
-        )
+    with stage_store(config.work_dir, stage.name).write(status.fingerprint) as tmp:
+        ctx = _context(config, stage, status, tmp)
         metrics = stage.run(ctx) or {}
+        missing = output_problems(tmp, stage.outs, None)
+        if missing:
+            raise RuntimeError(f"the run did not write what STAGE.outs declares: {', '.join(missing)}")
         manifest = Manifest(
             stage=stage.name,
             fingerprint=status.fingerprint,
@@ -91,8 +136,10 @@ def _run_one(config: ResolvedConfig, stage, status: StageStatus) -> Manifest:
             metrics=metrics,
             headline=stage.headline(metrics),
             warnings=ctx.warnings,
+            units=ctx.units_used,
         )
         manifest.write(tmp)
+    point(config.work_dir, stage.name, status.fingerprint, "ran")
     return manifest
 
 

@@ -1,8 +1,10 @@
-"""Which stages are up to date, stale (and why) or missing, computed from the config alone.
+"""Which stages are up to date, stale (and why), restorable or missing, computed from the config alone.
 
 Expected fingerprints are computed in stage order from the current config, each from its
 upstream's *expected* fingerprint, so a change upstream makes everything after it stale even
-before anything reruns. Nothing here imports TensorFlow: `kp status` must answer in a second.
+before anything reruns. A stale stage whose expected fingerprint is already in the run cache is
+`restorable`: the runner points at the stored run instead of recomputing it. Nothing here imports
+TensorFlow or pandas: `kp status` must answer in a second.
 """
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipeline.cache import Manifest, fingerprint, fingerprint_inputs, flatten
 from pipeline.config import ResolvedConfig
+from pipeline.core.artifacts import CACHE_FOLDER
+from pipeline.core.cache import Manifest, file_stamp, fingerprint, flatten, output_problems
+from pipeline.core.code_version import code_hashes
+from pipeline.core.runs import last_action, stage_store
+from pipeline.core.stage import Stage
 from pipeline.registry import all_stages
 
 UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
+STAMP_MEMO = "stamps.json"
 
 
 @dataclass
@@ -25,6 +32,8 @@ class StageStatus:
     fingerprint: str
     inputs: dict[str, Any]
     manifest: Manifest | None
+    restorable: bool = False  # stale, but a stored run with the expected fingerprint is intact
+    restored: bool = False  # up to date because the last action restored a stored run
 
     def as_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -33,6 +42,8 @@ class StageStatus:
             "state": self.state,
             "reasons": self.reasons,
             "fingerprint": self.fingerprint,
+            "restorable": self.restorable,
+            "restored": self.restored,
             "last_run": m.finished if m else None,
             "duration_s": m.duration_s if m else None,
             "headline": m.headline if m else "",
@@ -42,31 +53,66 @@ class StageStatus:
         }
 
 
+def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Everything a stage's output depends on, as plain JSON values: its declared config keys, its
+    upstream fingerprints, its code (file hashes) and its source stamp."""
+    memo = config.work_dir / CACHE_FOLDER / STAMP_MEMO
+    mode = config.get("cache.stamp")
+
+    def stamp(path):
+        return file_stamp(path, mode, memo if mode == "content" else None)
+
+    return {
+        "stage": stage.name,
+        "code": code_hashes(stage.run.__module__),
+        "config": {key: config.get(key) for key in stage.keys},
+        "upstream": {name: upstream_fingerprints[name] for name in stage.needs_for(config)},
+        "stamp": stage.source_stamp(stage.view(config), stamp) if stage.source_stamp else {},
+    }
+
+
 def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
+    """The status of every stage the competition lists, in order."""
     stages = all_stages()
     expected: dict[str, str] = {}
     result: list[StageStatus] = []
     for name in config.stage_names:
         stage = stages[name]
         inputs = fingerprint_inputs(stage, config, expected)
-        fp = fingerprint(inputs)
-        expected[name] = fp
-        manifest = Manifest.read(config.work_dir / name)
-        if manifest is None:
-            state, reasons = MISSING, ["never run" if not (config.work_dir / name).exists() else "no manifest"]
-        elif manifest.fingerprint == fp:
-            state, reasons = UP_TO_DATE, []
-        else:
-            state, reasons = STALE, explain(manifest.inputs, inputs) or ["fingerprint changed"]
-        result.append(StageStatus(name, state, reasons, fp, inputs, manifest))
+        fp = expected[name] = fingerprint(inputs)
+        result.append(_status(config, stage, fp, inputs))
     return result
+
+
+def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> StageStatus:
+    folder = config.work_dir / stage.name
+    manifest = Manifest.read(folder)
+    store = stage_store(config.work_dir, stage.name)
+    stored = Manifest.read(store.path(fp)) if store.has(fp) else None
+    restorable = stored is not None and stored.fingerprint == fp and not output_problems(
+        store.path(fp), stage.outs, stored.outputs)
+    if manifest is None:
+        reasons = ["never run" if not folder.exists() else "no manifest"]
+        return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable)
+    if manifest.fingerprint == fp:
+        problems = output_problems(folder, stage.outs, manifest.outputs)
+        if problems:
+            return StageStatus(stage.name, STALE, problems, fp, inputs, manifest)
+        restored = last_action(config.work_dir, stage.name).get("action") == "restored" \
+            and last_action(config.work_dir, stage.name).get("fingerprint") == fp
+        return StageStatus(stage.name, UP_TO_DATE, [], fp, inputs, manifest, restored=restored)
+    reasons = explain(manifest.inputs, inputs) or ["fingerprint changed"]
+    return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable)
 
 
 def explain(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Why the inputs recorded in a manifest differ from the current ones, one reason a line."""
     reasons: list[str] = []
-    if before.get("version") != now["version"]:
-        reasons.append(f"code version {before.get('version')} -> {now['version']}")
+    old_code, new_code = before.get("code", {}), now["code"]
+    changed = sorted(f for f in set(old_code) | set(new_code) if old_code.get(f) != new_code.get(f))
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        reasons.append(f"code changed: {shown}")
     old_cfg, new_cfg = flatten(before.get("config", {})), flatten(now["config"])
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if key not in old_cfg:
@@ -90,10 +136,13 @@ def format_table(statuses: list[StageStatus]) -> str:
         m = s.manifest
         when = _short_time(m.finished) if m else "-"
         took = f"{m.duration_s:.1f}s" if m else "-"
+        state = s.state + (" (restored)" if s.restored else "")
         detail = m.headline if (m and s.state == UP_TO_DATE) else "; ".join(s.reasons)
+        if s.restorable:
+            detail += "  [restorable from the run cache]"
         if m and s.state != UP_TO_DATE and m.headline:
             detail += f"  (last: {m.headline})"
-        rows.append((s.name, s.state, when, took, detail))
+        rows.append((s.name, state, when, took, detail))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     return "\n".join(line.rstrip() for line in lines)

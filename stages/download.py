@@ -3,7 +3,7 @@
 Recipe: get `SLUG.zip` (through the kaggle client, from a local archive or folder, or, for
 `digits`, from scikit-learn) -> check it holds the members the competition expects -> extract it
 and the archives nested in it -> index every train and test item (id, path, label, group) ->
-find the images that do not decode and skip them (with a warning) or fail, per `data.bad_images`.
+find the images that do not decode and skip them (with a warning) or fail, per `download.bad_images`.
 
 Writes `raw/` (the extracted files), `index.csv` and `report.json` (counts, bad items).
 """
@@ -14,11 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pipeline.archive import extract_nested, extract_zip, list_members
-from pipeline.cache import file_stamp
-from pipeline.dataset_index import INDEX_FILE, index_images, index_pixels_csv
-from pipeline.errors import PipelineError
-from pipeline.stage import Stage, StageContext, StrictModel
+from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import Stage, StageContext, StrictModel
 
 KAGGLE, DIGITS = "kaggle", "sklearn-digits"
 
@@ -49,28 +47,30 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
-    data, competition = ctx.settings, ctx.config.competition
-    raw = ctx.out / "raw"
+    from pipeline.data.index import index_images, index_pixels_csv
 
-    if data.source == DIGITS:
-        from pipeline.digits import write_digits_competition
+    download, competition = ctx.settings, ctx.config.competition
+    raw = ctx.out / RAW_DIR
 
-        write_digits_competition(raw, solution=ctx.out / "solution.csv")
+    if download.source == DIGITS:
+        from pipeline.data.digits import write_digits_competition
+
+        write_digits_competition(raw, solution=ctx.out / SOLUTION_FILE)
     else:
-        archive_or_folder = _fetch(ctx, data.source, competition.slug)
-        _check_expected(archive_or_folder, data.expected)
+        archive_or_folder = _fetch(ctx, download.source, competition.slug)
+        _check_expected(archive_or_folder, download.expected)
         _unpack(ctx, archive_or_folder, raw)
 
-    if data.layout == "pixels_csv":
-        index, bad = index_pixels_csv(raw, data, competition)
+    if download.layout == "pixels_csv":
+        index, bad = index_pixels_csv(raw, download, competition)
     else:
-        index, bad = index_images(raw, data, competition)
+        index, bad = index_images(raw, download, competition)
 
     if bad:
         listed = "; ".join(f"{b['path']}" + (f" row {b['row']}" if b["row"] >= 0 else "") + f": {b['error']}"
                            for b in bad[:5])
-        if data.bad_images == "fail":
-            raise PipelineError(f"{len(bad)} undecodable items (data.bad_images=fail): {listed}")
+        if download.bad_images == "fail":
+            raise PipelineError(f"{len(bad)} undecodable items (download.bad_images=fail): {listed}")
         ctx.warn(f"skipped {len(bad)} undecodable items: {listed}")
         broken = {(b["path"], b["row"]) for b in bad}
         keep = [(p, r) not in broken for p, r in zip(index["path"], index["row"])]
@@ -82,26 +82,28 @@ def run(ctx: StageContext) -> dict:
     index.to_csv(ctx.out / INDEX_FILE, index=False)
     metrics = _counts(index)
     metrics["bad_items"] = bad
-    (ctx.out / "report.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (ctx.out / REPORT_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 def _fetch(ctx: StageContext, source: str, slug: str) -> Path:
     if source == KAGGLE:
-        from pipeline.kaggle_api import download_competition
+        from pipeline.kaggle.api import download_competition
 
         ctx.log(f"downloading {slug} through the kaggle client")
         return download_competition(slug, ctx.cache_dir / "kaggle")
     path = ctx.config.path(source)
     if not path.exists():
         raise PipelineError(
-            f"data.source {source!r}: {path} does not exist (expected 'kaggle', '{DIGITS}', "
+            f"download.source {source!r}: {path} does not exist (expected 'kaggle', '{DIGITS}', "
             f"a {slug}.zip archive or a folder of its extracted files)"
         )
     return path
 
 
 def _check_expected(archive_or_folder: Path, expected: list[str]) -> None:
+    from pipeline.data.archive import list_members
+
     if archive_or_folder.is_dir():
         present = sorted(p.name for p in archive_or_folder.iterdir())
     else:
@@ -109,12 +111,14 @@ def _check_expected(archive_or_folder: Path, expected: list[str]) -> None:
     missing = [name for name in expected if name not in present]
     if missing:
         raise PipelineError(
-            f"{archive_or_folder}: missing expected member(s) {missing} (data.expected); "
+            f"{archive_or_folder}: missing expected member(s) {missing} (download.expected); "
             f"it has: {', '.join(present[:10])}{' ...' if len(present) > 10 else ''}"
         )
 
 
 def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
+    from pipeline.data.archive import extract_nested, extract_zip
+
     if archive_or_folder.is_dir():
         ctx.log(f"copying {archive_or_folder}")
         shutil.copytree(archive_or_folder, raw)
@@ -135,12 +139,13 @@ def _counts(index) -> dict:
     }
 
 
-def _source_stamp(config) -> dict:
-    """A local archive or folder's size and modification time: replacing it makes download stale."""
-    source = config.get("data.source")
+def _source_stamp(config, stamp) -> dict:
+    """A local archive or folder's stamp (`cache.stamp`: size and mtime, or sha256): replacing it
+    makes download stale."""
+    source = config.get("download.source")
     if source in (KAGGLE, DIGITS):
         return {}
-    return file_stamp(config.path(source))
+    return stamp(config.path(source))
 
 
 def _headline(m: dict) -> str:
@@ -154,14 +159,13 @@ def _headline(m: dict) -> str:
 
 STAGE = Stage(
     name="download",
-    section="data",
     settings=Settings,
     run=run,
     reads=(
         "competition.slug", "competition.classes", "competition.id_column",
         "competition.submission_columns", "competition.image_size", "competition.channels",
     ),
-    version=1,
+    outs=(RAW_DIR + "/", INDEX_FILE, REPORT_FILE),
     headline=_headline,
     source_stamp=_source_stamp,
 )

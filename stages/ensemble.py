@@ -1,24 +1,22 @@
 """ensemble: train N copies of the model, identical but for their seed, and average them.
 
 Recipe: for member i in 0..n-1, seed = `ensemble.seed` + i: reuse the member if one with the same
-upstream data, model, training settings and seed was trained before (members live in
-`work/COMP/_cache/ensemble/`, so raising n from 5 to 8 trains only 3), else train it with the same
-recipe as finetune -> average the members' probabilities on the validation and test rows ->
-report each member's validation accuracy and log loss, the average's, and the gain of the average
-over the mean member (manifest, `kp status`, `members.png`).
+upstream data, model, training settings, code and seed was trained before (members are units of
+the run cache, `work/COMP/_runs/ensemble-members/KEY/`, so raising n from 5 to 8 trains only 3),
+else train it with the same recipe as finetune -> average the members' probabilities on the
+validation and test rows -> report each member's validation accuracy and log loss, the average's,
+and the gain of the average over the mean member (manifest, `kp status`, `members.png`).
 """
 from __future__ import annotations
 
 import json
 
-import numpy as np
 from pydantic import Field
 
-from pipeline.cache import atomic_output_dir, fingerprint
-from pipeline.features import load_split_features
-from pipeline.stage import Stage, StageContext, StrictModel
-
-MEMBER_FILE = "member.json"
+from pipeline.core.artifacts import MEMBER_FILE, MEMBERS_PLOT, PREDICTION_FILES
+from pipeline.core.cache import fingerprint
+from pipeline.core.stage import Stage, StageContext, StrictModel
+from stages.finetune import TRAINING_READS
 
 
 class Settings(StrictModel):
@@ -30,34 +28,39 @@ def member_key(ctx: StageContext, seed: int) -> str:
     """Everything a member depends on, except how many members there are."""
     inputs = ctx.fingerprint_inputs
     config = {key: value for key, value in inputs["config"].items() if key != "ensemble"}
-    return fingerprint({"upstream": inputs["upstream"], "config": config, "version": inputs["version"],
+    return fingerprint({"upstream": inputs["upstream"], "config": config, "code": inputs["code"],
                         "member_seed": seed})
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.metrics import accuracy, multiclass_log_loss
-    from pipeline.model_training import train_model
-    from pipeline.plots import plot_members
-    from pipeline.predictions import Predictions, load_predictions, save_predictions
+    import numpy as np
+
+    from pipeline.data.features import load_split_features
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.plots import plot_members
+    from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
+    from pipeline.training.recipe import train_model
 
     data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
+    store = ctx.units("members")
     members, predictions = [], []
     for i in range(ctx.settings.n):
         seed = ctx.settings.seed + i
-        folder = ctx.cache_dir / "ensemble" / member_key(ctx, seed)
-        reused = (folder / MEMBER_FILE).is_file()
+        key = member_key(ctx, seed)
+        reused = store.has(key)
         if reused:
-            metrics = json.loads((folder / MEMBER_FILE).read_text())
-            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): reused from {folder}")
+            metrics = json.loads((store.path(key) / MEMBER_FILE).read_text())
+            store.touch(key)
+            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): reused from {store.path(key)}")
         else:
             ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
-            with atomic_output_dir(folder) as tmp:
+            with store.write(key) as tmp:
                 metrics = train_model(ctx.config, data, seed, tmp, ctx.log, ctx.warn,
                                       title=f"{ctx.comp} member {i + 1}", verbose=0)
                 (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        members.append({"member": i + 1, "seed": seed, "reused": reused, "folder": folder.name,
+        members.append({"member": i + 1, "seed": seed, "reused": reused, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
-        predictions.append(load_predictions(folder))
+        predictions.append(load_predictions(store.path(key)))
 
     valid = np.mean([p.valid_probs for p in predictions], axis=0)
     test = np.mean([p.test_probs for p in predictions], axis=0)
@@ -67,15 +70,14 @@ def run(ctx: StageContext) -> dict:
     result = {
         "n": len(members),
         "trained": sum(not m["reused"] for m in members),
-        "val_log_loss": round(multiclass_log_loss(data.y_valid, valid), 5),
-        "val_accuracy": round(accuracy(data.y_valid, valid), 5),
+        **evaluate(data.y_valid, valid),
         "mean_member_val_log_loss": round(mean_loss, 5),
         "mean_member_val_accuracy": round(mean_accuracy, 5),
         "members": members,
     }
     result["log_loss_gain"] = round(mean_loss - result["val_log_loss"], 5)
     result["accuracy_gain"] = round(result["val_accuracy"] - mean_accuracy, 5)
-    plot_members(members, result, ctx.out / "members.png", title=f"{ctx.comp}: {len(members)}-member ensemble")
+    plot_members(members, result, ctx.out / MEMBERS_PLOT, title=f"{ctx.comp}: {len(members)}-member ensemble")
     return result
 
 
@@ -89,7 +91,7 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("precompute", "split"),
-    reads=("model", "finetune", "competition.classes", "precompute.backbone", "precompute.weights"),
-    version=1,
+    reads=("finetune", *TRAINING_READS),
+    outs=(*PREDICTION_FILES, MEMBERS_PLOT),
     headline=headline,
 )

@@ -4,17 +4,22 @@ Recipe: load the cached arrays and keep the split's train and valid rows (ids ch
 alignment) -> train the network `model.arch` names (a dense head on conv features: `fc`, the
 course's VGG16 head, or `pool`; or a from-scratch ladder model on pixels: linear, hidden, cnn,
 cnn_bn, cnn_bn_do, optionally with augmentation) with the configured optimizer and learning-rate
-phases, keeping the epoch with the best validation loss -> save `model.keras`, `history.csv`,
+schedule, keeping the epoch with the best validation loss -> save `model.keras`, `history.csv`,
 `loss.png`, `confusion.png`, and the probabilities on the validation and test rows.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.features import load_split_features
-from pipeline.stage import Stage, StageContext, StrictModel
+from pipeline.core.artifacts import CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES
+from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.training.fit import OPTIMIZERS, SCHEDULES
+
+# What the shared training recipe (pipeline.training.recipe) reads besides this stage's section.
+TRAINING_READS = ("model", "competition.classes", "precompute.backbone", "precompute.weights")
+TRAINING_OUTS = (MODEL_FILE, HISTORY_FILE, LOSS_PLOT, CONFUSION_PLOT, *PREDICTION_FILES)
 
 
 class Phase(StrictModel):
@@ -33,17 +38,28 @@ class Augment(StrictModel):
 
 
 class Settings(StrictModel):
-    optimizer: Literal["adam", "sgd", "rmsprop"]
+    optimizer: Literal[OPTIMIZERS]
     momentum: float = Field(ge=0, lt=1)
-    schedule: Literal["phases", "cosine"]
+    schedule: Literal[SCHEDULES]
     phases: list[Phase] = Field(min_length=1)
+    warmup_epochs: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     seed: int
+    deterministic: bool
     augment: Augment | None
+
+    @model_validator(mode="after")
+    def _cosine_has_one_phase(self):
+        if self.schedule == "cosine" and len(self.phases) != 1:
+            raise ValueError(f"schedule cosine takes exactly one phase (its epochs and peak lr), got {len(self.phases)}")
+        if self.warmup_epochs and (self.schedule != "cosine" or self.warmup_epochs >= self.phases[0].epochs):
+            raise ValueError("warmup_epochs needs schedule cosine and must be fewer than the phase's epochs")
+        return self
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.model_training import train_model
+    from pipeline.data.features import load_split_features
+    from pipeline.training.recipe import train_model
 
     data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
     return train_model(ctx.config, data, ctx.settings.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
@@ -59,7 +75,7 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("precompute", "split"),
-    reads=("model", "competition.classes", "precompute.backbone", "precompute.weights"),
-    version=2,
+    reads=TRAINING_READS,
+    outs=TRAINING_OUTS,
     headline=headline,
 )

@@ -20,15 +20,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.cache import file_stamp
-from pipeline.dataset_index import INDEX_FILE, read_index
-from pipeline.errors import PipelineError
-from pipeline.features import array_file, rows_file
-from pipeline.stage import Stage, StageContext, StrictModel
+from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, array_file, rows_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.models.backbones import BACKBONES
+
+SUBSETS = ("train", "test")
 
 
 class Settings(StrictModel):
-    backbone: Literal["vgg16", "mobilenet", "resnet50", "none"]
+    backbone: Literal[BACKBONES + ("none",)]
     alpha: float = Field(gt=0, le=1.0)
     weights: str
     cut: Literal["conv", "pool"]
@@ -38,19 +39,22 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.backbones import build_feature_model, resolve_weights
-    from pipeline.feature_writer import compiled_forward, write_features
+    from pipeline.models.backbones import build_feature_model, resolve_weights
+    from pipeline.data.features import write_features
+    from pipeline.models.inference import compiled_forward
+
+    from pipeline.data.index import read_index
 
     s, competition = ctx.settings, ctx.config.competition
     if s.backbone == "none":
         return _cache_pixels(ctx)
-    if ctx.config.get("data.layout") == "pixels_csv":
+    if ctx.config.get("download.layout") == "pixels_csv":
         raise PipelineError(
-            "precompute with an ImageNet backbone needs image files, but data.layout is pixels_csv; "
+            "precompute with an ImageNet backbone needs image files, but download.layout is pixels_csv; "
             "use precompute.backbone: none and a from-scratch model.arch"
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
-    raw = ctx.input("download") / "raw"
+    raw = ctx.input("download") / RAW_DIR
     height, width = competition.image_size
     features = build_feature_model(s.backbone, resolve_weights(s.weights, ctx.config.root),
                                    (height, width, 3), s.cut, s.alpha)
@@ -60,7 +64,7 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"{features.name} cut at {s.cut}: {row_shape} per image, {s.dtype}")
 
     timings = {}
-    for subset in ("train", "test"):
+    for subset in SUBSETS:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         start = time.perf_counter()
@@ -72,7 +76,7 @@ def run(ctx: StageContext) -> dict:
                            "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}
     meta = {"backbone": features.name, "weights": s.weights, "cut": s.cut, "shape": list(row_shape),
             "dtype": s.dtype, "input_size": [height, width], "timings": timings}
-    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -80,21 +84,22 @@ def _cache_pixels(ctx: StageContext) -> dict:
     """Images as normalised float arrays: (x - mean) / std with the training rows' statistics."""
     import numpy as np
 
-    from pipeline.arrays import ChunkedArrayWriter
-    from pipeline.pixels import pixel_chunks
+    from pipeline.data.arrays import ChunkedArrayWriter
+    from pipeline.data.index import read_index
+    from pipeline.data.pixels import pixel_chunks
 
     s, competition = ctx.settings, ctx.config.competition
     index = read_index(ctx.input("download") / INDEX_FILE)
-    raw = ctx.input("download") / "raw"
+    raw = ctx.input("download") / RAW_DIR
     height, width = competition.image_size
     shape = (height, width, competition.channels)
     sums = {}
-    for subset in ("train", "test"):
+    for subset in SUBSETS:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         total = total_sq = 0.0
         with ChunkedArrayWriter(ctx.out / array_file(subset), len(rows), shape, s.dtype) as writer:
-            for chunk in pixel_chunks(raw, rows, shape, ctx.config.get("data.layout"), s.batch_size):
+            for chunk in pixel_chunks(raw, rows, shape, ctx.config.get("download.layout"), s.batch_size):
                 writer.append(chunk)
                 total, total_sq = total + float(chunk.sum(dtype=np.float64)), total_sq + float(
                     np.square(chunk, dtype=np.float64).sum())
@@ -102,7 +107,7 @@ def _cache_pixels(ctx: StageContext) -> dict:
     total, total_sq, count = sums["train"]  # training rows only: test statistics never leak in
     mean = total / count
     std = max(np.sqrt(max(total_sq / count - mean**2, 0.0)), 1e-8)
-    for subset in ("train", "test"):
+    for subset in SUBSETS:
         array = np.load(ctx.out / array_file(subset), mmap_mode="r+")
         for start in range(0, len(array), 4096):
             array[start:start + 4096] = (array[start:start + 4096] - mean) / std
@@ -111,14 +116,14 @@ def _cache_pixels(ctx: StageContext) -> dict:
     meta = {"backbone": "none", "shape": list(shape), "dtype": s.dtype, "mean": round(mean, 6),
             "std": round(float(std), 6), "n_train": int((index.subset == "train").sum()),
             "n_test": int((index.subset == "test").sum())}
-    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _weights_stamp(config) -> dict:
-    """A weights file's size and mtime: replacing the file makes the features stale."""
+def _weights_stamp(config, stamp) -> dict:
+    """A weights file's stamp (`cache.stamp`): replacing the file makes the features stale."""
     weights = config.get("precompute.weights")
-    return {} if weights in ("imagenet", "none") else file_stamp(config.path(weights))
+    return {} if weights in ("imagenet", "none") else stamp(config.path(weights))
 
 
 def _headline(m: dict) -> str:
@@ -134,8 +139,8 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("download",),
-    reads=("competition.image_size", "competition.channels", "data.layout"),
-    version=2,
+    reads=("competition.image_size", "competition.channels", "download.layout"),
+    outs=(*(array_file(s) for s in SUBSETS), *(rows_file(s) for s in SUBSETS), META_FILE),
     headline=_headline,
     source_stamp=_weights_stamp,
 )

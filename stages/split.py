@@ -2,7 +2,7 @@
 
 Recipe: read the training rows of the index -> assign each a fold by `split.strategy` (`random`
 stratified by class; `group`, holding out whole groups such as State Farm's drivers; `kfold`;
-`group_kfold`) -> write `split.csv` (id, fold, subset = train | valid, aligned with the index's
+`group_kfold`) -> write `split.csv` (id, fold, side = train | valid, aligned with the index's
 training rows) and a report of sizes per class per side and groups per side. Warns when a random
 split is used on data that has groups: validation would then flatter the leaderboard.
 """
@@ -11,15 +11,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-import numpy as np
-import pandas as pd
 from pydantic import Field, model_validator
 
-from pipeline.dataset_index import INDEX_FILE, read_index
-from pipeline.errors import PipelineError
-from pipeline.features import SPLIT_FILE
-from pipeline.splits import class_balance, group_kfold, group_split, kfold, random_split
-from pipeline.stage import Stage, StageContext, StrictModel
+from pipeline.core.artifacts import INDEX_FILE, REPORT_FILE, SPLIT_FILE
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import Stage, StageContext, StrictModel
 
 
 class Settings(StrictModel):
@@ -37,6 +33,12 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.data.index import read_index
+    from pipeline.data.splits import group_kfold, group_split, kfold, random_split
+
     s = ctx.settings
     index = read_index(ctx.input("download") / INDEX_FILE)
     train = index[index.subset == "train"].reset_index(drop=True)
@@ -45,7 +47,7 @@ def run(ctx: StageContext) -> dict:
     if s.strategy in ("group", "group_kfold") and not has_groups:
         raise PipelineError(
             f"split.strategy={s.strategy!r} needs a group for every training row, but this competition's "
-            "index has none (set data.groups, or use split.strategy: random)"
+            "index has none (set download.groups, or use split.strategy: random)"
         )
     if s.strategy == "random" and has_groups:
         ctx.warn(
@@ -64,14 +66,18 @@ def run(ctx: StageContext) -> dict:
     valid_fold = 0 if s.strategy in ("random", "group") else s.valid_fold
     valid = folds == valid_fold
 
-    split = pd.DataFrame({"id": train["id"], "fold": folds, "subset": np.where(valid, "valid", "train")})
+    split = pd.DataFrame({"id": train["id"], "fold": folds, "side": np.where(valid, "valid", "train")})
     split.to_csv(ctx.out / SPLIT_FILE, index=False)
     report = _report(s.strategy, labels, groups if has_groups else None, valid, folds)
-    (ctx.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (ctx.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def _report(strategy, labels, groups, valid, folds) -> dict:
+    import numpy as np
+
+    from pipeline.data.splits import class_balance
+
     sides = {"train": ~valid, "valid": valid}
     report = {
         "strategy": strategy,
@@ -106,6 +112,6 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("download",),
-    version=1,
+    outs=(SPLIT_FILE, REPORT_FILE),
     headline=_headline,
 )

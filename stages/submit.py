@@ -13,26 +13,21 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import pandas as pd
 from pydantic import field_validator
 
-from pipeline.cache import write_bytes_atomic
-from pipeline.dataset_index import INDEX_FILE, read_index
-from pipeline.errors import PipelineError
-from pipeline.features import label_indices
-from pipeline.metrics import clip_probabilities, competition_score
-from pipeline.predictions import load_predictions
-from pipeline.stage import Stage, StageContext, StrictModel
-from pipeline.submission import in_sample_order, submission_frame, validate_submission
+from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
+from pipeline.core.cache import write_bytes_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import Stage, StageContext, StrictModel
 
-SUBMISSION_FILE = "submission.csv"
+PREDICTING_STAGES = ("finetune", "ensemble")  # stages whose output is a predictions folder
 
 
 class Settings(StrictModel):
-    source: Literal["finetune", "ensemble"]
+    source: Literal[PREDICTING_STAGES]
     name: str
     gzip: bool
     renormalize: bool
@@ -50,9 +45,15 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
+    import pandas as pd
+
+    from pipeline.evaluation.metrics import evaluate, leaderboard_score_name
+    from pipeline.evaluation.predictions import load_predictions
+    from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
+
     s, competition = ctx.settings, ctx.config.competition
     predictions = load_predictions(ctx.input(s.source))
-    sample_path = ctx.input("download") / "raw" / ctx.config.get("data.sample_submission")
+    sample_path = ctx.input("download") / RAW_DIR / ctx.config.get("download.sample_submission")
     sample = pd.read_csv(sample_path, dtype={competition.id_column: str}, keep_default_na=False)
     if list(sample.columns) != competition.submission_columns:
         raise PipelineError(f"{sample_path}: columns {list(sample.columns)}, expected "
@@ -67,50 +68,58 @@ def run(ctx: StageContext) -> dict:
     frame = submission_frame(sample_ids, test_probs, competition, s.renormalize)
     validate_submission(frame, sample, competition, s.renormalize)
 
-    valid_probs = clip_probabilities(predictions.valid_probs, *competition.clip, renormalize=s.renormalize)
-    val_score = competition_score(competition.task, competition.metric, predictions.valid_labels, valid_probs)
-    unclipped = competition_score(competition.task, competition.metric, predictions.valid_labels,
-                                  predictions.valid_probs)
-
-    text = frame.to_csv(index=False, float_format="%.6g")
-    (ctx.out / SUBMISSION_FILE).write_text(text)
+    scores = evaluate(predictions.valid_labels, predictions.valid_probs, competition, clip=True,
+                      renormalize=s.renormalize)
+    (ctx.out / SUBMISSION_FILE).write_text(frame.to_csv(index=False, float_format="%.6g"))
     fingerprint = ctx.config_fingerprint
     name = s.name.format(comp=ctx.comp, source=s.source, fingerprint=fingerprint[:8])
-    target = ctx.config.submissions_dir / (name + (".csv.gz" if s.gzip else ".csv"))
-    write_bytes_atomic(target, _encode(text, s.gzip))
     meta = {
-        "file": str(target),
+        "file": str(ctx.config.submissions_dir / (name + (".csv.gz" if s.gzip else ".csv"))),
         "fingerprint": fingerprint,
         "source": s.source,
         "split_strategy": ctx.config.get("split.strategy"),
         "metric": competition.metric,
-        "val_score": round(val_score, 5),
-        "val_score_unclipped": round(unclipped, 5),
+        "score_name": leaderboard_score_name(competition.metric),
+        **scores,
         "clip": list(competition.clip),
         "rows": len(frame),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_bytes_atomic(target.with_name(name + ".json"), (json.dumps(meta, indent=2) + "\n").encode())
-    ctx.log(f"submission: {target} (validation {competition.metric} {val_score:.4f})")
+    (ctx.out / SUBMISSION_META).write_text(json.dumps(meta, indent=2) + "\n")
+    publish(ctx)
+    ctx.log(f"submission: {meta['file']} (validation {meta['score_name']} {meta[meta['score_name']]:.4f})")
     return meta
 
 
-def _class_frequencies(ctx: StageContext) -> np.ndarray:
+def publish(ctx: StageContext) -> None:
+    """Copy the run's submission (and its metadata) to `submissions/COMP/NAME.csv[.gz]` + `NAME.json`;
+    also what restoring a stored submit run does, so the file there is always the current one's."""
+    meta = json.loads((ctx.out / SUBMISSION_META).read_text())
+    target = ctx.config.submissions_dir / Path(meta["file"]).name
+    data = (ctx.out / SUBMISSION_FILE).read_bytes()
+    if target.name.endswith(".gz"):
+        import gzip
+
+        data = gzip.compress(data, mtime=0)
+    write_bytes_atomic(target, data)
+    write_bytes_atomic(target.with_name(target.name.split(".csv")[0] + ".json"),
+                       (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _class_frequencies(ctx: StageContext):
+    import numpy as np
+
+    from pipeline.data.features import label_indices
+    from pipeline.data.index import read_index
+
     index = read_index(ctx.input("download") / INDEX_FILE)
     classes = ctx.config.competition.classes
     labels = label_indices(index.label[index.subset == "train"], classes)
     return np.bincount(labels, minlength=len(classes)) / len(labels)
 
 
-def _encode(text: str, compress: bool) -> bytes:
-    import gzip
-
-    data = text.encode()
-    return gzip.compress(data, mtime=0) if compress else data
-
-
 def _headline(m: dict) -> str:
-    return f"{m['metric']} on valid {m['val_score']:.4f} (clipped) -> {m['file']}"
+    return f"{m['metric']} on valid {m[m['score_name']]:.4f} (clipped) -> {m['file']}"
 
 
 STAGE = Stage(
@@ -119,7 +128,8 @@ STAGE = Stage(
     run=run,
     needs=("download",),
     extra_needs=lambda config: (config.get("submit.source"),),
-    reads=("competition", "data.sample_submission", "split.strategy"),
-    version=1,
+    reads=("competition", "download.sample_submission", "split.strategy", "paths.submissions"),
+    outs=(SUBMISSION_FILE, SUBMISSION_META),
     headline=_headline,
+    restore=publish,
 )

@@ -5,9 +5,9 @@ import zipfile
 
 import pytest
 
-from pipeline.archive import extract_nested, extract_zip, list_members
-from pipeline.errors import PipelineError
-from tests.conftest import nested_zip
+from pipeline.data.archive import extract_nested, extract_zip, list_members
+from pipeline.core.errors import PipelineError
+from tests.helpers import nested_zip
 
 
 def _zip(path, members: dict[str, bytes]):

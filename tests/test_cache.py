@@ -1,9 +1,9 @@
 """Fingerprint rules, skip-when-up-to-date, and outputs that survive crashes and SIGKILL whole."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from pipeline import runner
-from pipeline.arrays import ChunkedArrayWriter, load_array
-from pipeline.cache import (MANIFEST, Manifest, atomic_output_dir, competition_lock, fingerprint,
-                            fingerprint_inputs, sweep_partial)
+from pipeline.data.arrays import ChunkedArrayWriter, load_array
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.core import code_version
+from pipeline.core.cache import MANIFEST, Manifest, competition_lock, fingerprint, sweep_partial
+from pipeline.core.errors import PipelineError
+from pipeline.core.runs import RunStore
 from pipeline.registry import all_stages
-from pipeline.status import MISSING, STALE, UP_TO_DATE, explain, stage_statuses
-from tests.conftest import REPO, make_statefarm_like, statefarm_like_config
+from pipeline.status import MISSING, STALE, UP_TO_DATE, explain, fingerprint_inputs, stage_statuses
+from tests.helpers import REPO, make_statefarm_like, statefarm_like_config
 
 
 UPSTREAM_ONLY = ["stages=[download, split]"]  # digits' cheap stages: these tests are about the cache
@@ -58,9 +59,9 @@ def test_downstream_key_change_leaves_upstream_up_to_date(project):
 
 def test_upstream_change_makes_everything_after_it_stale(project):
     runner.run(digits())
-    changed = digits("data.bad_images=fail")
+    changed = digits("download.bad_images=fail")
     now = states(changed)
-    assert now["download"] == (STALE, ["config data.bad_images: 'skip' -> 'fail'"])
+    assert now["download"] == (STALE, ["config download.bad_images: 'skip' -> 'fail'"])
     assert now["split"] == (STALE, ["upstream download changed"])
 
 
@@ -70,7 +71,7 @@ def test_a_key_no_stage_reads_changes_nothing(project):
     assert all(state == UP_TO_DATE for state, _ in states(changed).values())
 
 
-def test_code_version_and_source_file_changes_are_explained(project, tmp_path):
+def test_source_file_changes_are_explained(project, tmp_path):
     archive = make_statefarm_like(tmp_path / "data")
     statefarm_like_config(project, archive)
     runner.run(load_config("synth"))
@@ -79,14 +80,31 @@ def test_code_version_and_source_file_changes_are_explained(project, tmp_path):
     os.utime(archive, (time.time() + 10, time.time() + 10))
     state, reasons = states(load_config("synth"))["download"]
     assert state == STALE and reasons[0].startswith("source changed")
-    # a bumped stage version is named as the reason
-    config = load_config("synth")
-    split = all_stages()["split"]
-    ups = {"download": "x"}
-    before = fingerprint_inputs(split, config, ups)
-    after = fingerprint_inputs(dataclasses.replace(split, version=split.version + 1), config, ups)
-    assert fingerprint(before) != fingerprint(after)
-    assert explain(before, after) == [f"code version {split.version} -> {split.version + 1}"]
+
+
+def _all_inputs(config) -> dict[str, dict]:
+    stages, fingerprints, inputs = all_stages(), {}, {}
+    for name in config.stage_names:
+        inputs[name] = fingerprint_inputs(stages[name], config, fingerprints)
+        fingerprints[name] = fingerprint(inputs[name])
+    return inputs
+
+
+def test_editing_the_training_recipe_makes_exactly_its_users_stale(project, tmp_path, monkeypatch):
+    copy = tmp_path / "code"
+    for package in ("pipeline", "stages"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_version, "PROJECT", copy)
+    config = load_config("digits")
+    before = _all_inputs(config)
+    recipe = copy / "pipeline" / "training" / "recipe.py"
+    recipe.write_text(recipe.read_text().replace("title: str = \"\"", "title: str = \"edited\""))
+    after = _all_inputs(config)
+    changed = {name for name in before if fingerprint(before[name]) != fingerprint(after[name])}
+    assert changed == {"finetune", "ensemble", "submit"}  # submit only through its upstream ensemble
+    for name in ("finetune", "ensemble"):
+        assert explain(before[name], after[name]) == ["code changed: pipeline/training/recipe.py"]
+    assert explain(before["submit"], after["submit"]) == ["upstream ensemble changed"]
 
 
 def test_failed_stage_leaves_previous_output_untouched(project):
@@ -96,29 +114,32 @@ def test_failed_stage_leaves_previous_output_untouched(project):
     with pytest.raises(PipelineError):  # the digits index has no groups
         runner.run(digits("split.strategy=group"))
     assert (config.work_dir / "split" / "split.csv").read_bytes() == split_csv
-    assert not [p for p in config.work_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert not list(config.work_dir.rglob(".tmp-*"))
     assert states(config)["split"][0] == UP_TO_DATE
 
 
-def test_atomic_output_dir_replaces_only_on_success(tmp_path):
-    final = tmp_path / "stage"
-    with atomic_output_dir(final) as out:
+def test_a_stored_run_replaces_an_entry_only_on_success(tmp_path):
+    store = RunStore(tmp_path / "stage")
+    with store.write("fp1") as out:
         (out / "a.txt").write_text("one")
     with pytest.raises(RuntimeError):
-        with atomic_output_dir(final) as out:
+        with store.write("fp1") as out:
             (out / "a.txt").write_text("two")
             raise RuntimeError("crash")
-    assert (final / "a.txt").read_text() == "one"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+    assert (store.path("fp1") / "a.txt").read_text() == "one" and store.has("fp1")
+    assert [p.name for p in store.root.iterdir()] == ["fp1"]
 
 
-def test_sweep_restores_output_of_a_run_killed_between_renames(tmp_path):
-    (tmp_path / ".old-split-abc123").mkdir()
-    (tmp_path / ".old-split-abc123" / MANIFEST).write_text("{}")
-    (tmp_path / ".tmp-split-99-def456").mkdir()
+def test_sweep_restores_a_run_killed_between_renames_and_clears_leftovers_everywhere(tmp_path):
+    runs = tmp_path / "_runs" / "split"
+    (runs / ".old-fp1-abc123").mkdir(parents=True)
+    (runs / ".old-fp1-abc123" / MANIFEST).write_text("{}")
+    (runs / ".tmp-fp2-99-def456").mkdir()
+    (tmp_path / "_runs" / "ensemble-members" / ".tmp-key-1-aaaaaa").mkdir(parents=True)
+    (tmp_path / "_cache" / "kaggle" / ".tmp-download-x").mkdir(parents=True)
     removed = sweep_partial(tmp_path)
-    assert [p.name for p in removed] == [".tmp-split-99-def456"]
-    assert (tmp_path / "split" / MANIFEST).exists()
+    assert sorted(p.name for p in removed) == [".tmp-download-x", ".tmp-fp2-99-def456", ".tmp-key-1-aaaaaa"]
+    assert (runs / "fp1" / MANIFEST).exists()
 
 
 def test_second_run_on_the_same_competition_is_refused(tmp_path):
@@ -137,7 +158,7 @@ def _kill_when_partial(process, work_dir, stage: str, timeout=120.0):
     """SIGKILL `process` as soon as its temporary output for `stage` holds files."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for tmp in work_dir.glob(f".tmp-{stage}-*"):
+        for tmp in work_dir.glob(f"_runs/{stage}/.tmp-*"):
             if any(tmp.rglob("*.jpg")):
                 process.send_signal(signal.SIGKILL)
                 process.wait()
@@ -168,7 +189,7 @@ def test_sigkill_mid_write_leaves_no_accepted_artifact_and_rerun_succeeds(projec
     assert done.returncode == 0, output
     assert "left by an interrupted run" in output
     assert all(state == UP_TO_DATE for state, _ in states(config).values())
-    assert not list(work.glob(".tmp-*"))
+    assert not list(work.rglob(".tmp-*"))
     good = (work / "download" / "index.csv").read_bytes()
 
     # a forced rerun killed mid-write keeps the previous good output
@@ -202,3 +223,21 @@ def test_manifest_records_inputs_timing_sizes_and_metrics(project):
     assert manifest["inputs"]["upstream"]["download"] == Manifest.read(config.work_dir / "download").fingerprint
     assert manifest["duration_s"] >= 0 and manifest["outputs"]["split.csv"] > 0
     assert manifest["metrics"]["n_valid"] == 300
+
+
+def test_content_stamps_ignore_a_copy_but_see_a_same_size_edit(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, archive)
+    config = load_config("synth", sets=["cache.stamp=content", "stages=[download]"])
+    runner.run(config)
+    stamp = os.stat(archive)
+    copy = tmp_path / "copy.zip"
+    shutil.copy(archive, copy)  # a copy: new mtime, same bytes
+    os.replace(copy, archive)
+    assert os.stat(archive).st_mtime_ns != stamp.st_mtime_ns
+    assert states(config)["download"][0] == UP_TO_DATE
+    data = bytearray(archive.read_bytes())
+    data[-30] ^= 0xFF  # a same-size edit, within the same second
+    archive.write_bytes(bytes(data))
+    os.utime(archive, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert states(config)["download"][0] == STALE

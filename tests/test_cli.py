@@ -8,7 +8,7 @@ import sys
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 CHEAP = ["--set", "stages=[download, split]"]  # digits' cheap stages: these tests are about the CLI
@@ -70,7 +70,7 @@ def test_errors_exit_2_with_one_clear_line(project):
 def test_config_shows_where_each_value_came_from(project):
     output = kp("config", "--comp", "statefarm", "--set", "split.seed=3").output
     assert 'split.seed = 3    # --set split.seed=3' in output
-    assert 'data.groups.group_column = "subject"    # configs/statefarm.yaml' in output
+    assert 'download.groups.group_column = "subject"    # configs/statefarm.yaml' in output
     assert 'split.folds = 5    # configs/defaults.yaml' in output
 
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from pipeline.config import config_model, load_config
-from pipeline.errors import PipelineError
-from tests.conftest import REPO, write_config
+from pipeline.core.errors import PipelineError
+from tests.helpers import REPO, write_config
 
 
 def test_layers_merge_in_order_defaults_comp_overlay_set(project, tmp_path):
@@ -22,7 +22,7 @@ def test_layers_merge_in_order_defaults_comp_overlay_set(project, tmp_path):
     assert config.provenance["split.fraction"] == str(overlay)
     assert config.provenance["split.seed"] == "--set split.seed=11"
     assert config.provenance["split.folds"] == "configs/defaults.yaml"
-    assert config.provenance["data.source"] == "configs/digits.yaml"
+    assert config.provenance["download.source"] == "configs/digits.yaml"
 
 
 def test_an_overlay_can_extend_another_which_merges_first(project, tmp_path):
@@ -40,7 +40,7 @@ def test_an_overlay_can_extend_another_which_merges_first(project, tmp_path):
         load_config("digits", extra_files=[tmp_path / "child.yaml"])
     kaggle = load_config("statefarm", root=REPO, extra_files=[REPO / "configs/offline/statefarm-kaggle.yaml"])
     offline = load_config("statefarm", root=REPO, extra_files=[REPO / "configs/offline/statefarm.yaml"])
-    assert kaggle.get("data.source") == "kaggle"
+    assert kaggle.get("download.source") == "kaggle"
     assert kaggle.get("precompute") == offline.get("precompute") and kaggle.get("model") == offline.get("model")
 
 

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.cache import Manifest
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.dataset_index import INDEX_COLUMNS, read_index
-from pipeline.errors import PipelineError
-from tests.conftest import (COMPETITIONS, REPO, image_bytes, make_statefarm_like, needs_shared_data,
+from pipeline.data.index import INDEX_COLUMNS, read_index
+from pipeline.core.errors import PipelineError
+from tests.helpers import (COMPETITIONS, REPO, image_bytes, make_statefarm_like, needs_shared_data,
                             nested_zip, statefarm_like_config, write_config)
 
 
@@ -47,8 +47,8 @@ def test_undecodable_images_are_skipped_with_a_warning_or_fail(project, tmp_path
     manifest = Manifest.read(config.work_dir / "download")
     assert manifest.metrics["bad_items"][0]["path"] == "train/c1/img_4.jpg"
     assert "skipped 1 undecodable items: train/c1/img_4.jpg" in manifest.warnings[0]
-    with pytest.raises(PipelineError, match=r"1 undecodable items \(data.bad_images=fail\): train/c1/img_4.jpg"):
-        _run(sets=["data.bad_images=fail"])
+    with pytest.raises(PipelineError, match=r"1 undecodable items \(download.bad_images=fail\): train/c1/img_4.jpg"):
+        _run(sets=["download.bad_images=fail"])
 
 
 def test_missing_expected_member_is_named(project, tmp_path):
@@ -59,7 +59,7 @@ def test_missing_expected_member_is_named(project, tmp_path):
     statefarm_like_config(project, archive)
     with pytest.raises(PipelineError) as caught:
         _run()
-    assert "partial.zip: missing expected member(s) ['driver_imgs_list.csv'] (data.expected)" in str(caught.value)
+    assert "partial.zip: missing expected member(s) ['driver_imgs_list.csv'] (download.expected)" in str(caught.value)
     assert "it has: imgs.zip, sample_submission.csv" in str(caught.value)
 
 
@@ -89,7 +89,7 @@ def test_pixels_csv_wrong_header_and_bad_rows(project, tmp_path):
     write_config(project, "tiny", f"""
 competition: {{slug: tiny, classes: ["1", "2"], id_column: ImageId, submission_columns: [ImageId, Label],
               metric: accuracy, image_size: [2, 2], channels: 1}}
-data: {{source: {folder}, layout: pixels_csv, expected: [train.csv, test.csv, sample_submission.csv]}}
+download: {{source: {folder}, layout: pixels_csv, expected: [train.csv, test.csv, sample_submission.csv]}}
 """)
     _, index = _run("tiny")
     assert index[index.subset == "train"].row.tolist() == [0]  # rows 1 (non-numeric) and 2 (300) skipped
@@ -102,7 +102,7 @@ def test_test_ids_without_an_image_are_named(project, tmp_path):
     archive = make_statefarm_like(tmp_path / "data", test=3)
     statefarm_like_config(project, archive)
     with pytest.raises(PipelineError, match=r"3 of 3 test ids have no image \(looked for test/\{id\}.png\)"):
-        _run(sets=["data.test_file='{id}.png'"])
+        _run(sets=["download.test_file='{id}.png'"])
 
 
 def test_folder_source_and_filename_labels_layout(project, tmp_path):
@@ -115,15 +115,15 @@ def test_folder_source_and_filename_labels_layout(project, tmp_path):
     for i in (2, 1):
         (folder / "test" / f"{i}.jpg").write_bytes(image_bytes(20 + i))
     (folder / "sample_submission.csv").write_text("id,label\n2,0.5\n1,0.5\n")
-    _, index = _run("dogscats", sets=[f"data.source={folder}", "data.expected=[train, test, sample_submission.csv]"])
+    _, index = _run("dogscats", sets=[f"download.source={folder}", "download.expected=[train, test, sample_submission.csv]"])
     train = index[index.subset == "train"]
     assert train.label.value_counts().to_dict() == {"cat": 3, "dog": 3}
     assert index[index.subset == "test"].path.tolist() == ["test/2.jpg", "test/1.jpg"]
 
 
 def test_missing_local_source(project):
-    with pytest.raises(PipelineError, match=r"data.source '/nonexistent/x.zip': /nonexistent/x.zip does not exist"):
-        _run("dogscats", sets=["data.source=/nonexistent/x.zip"])
+    with pytest.raises(PipelineError, match=r"download.source '/nonexistent/x.zip': /nonexistent/x.zip does not exist"):
+        _run("dogscats", sets=["download.source=/nonexistent/x.zip"])
 
 
 def test_kaggle_source_without_credentials_says_where_it_looked(project, tmp_path, monkeypatch):
@@ -160,8 +160,8 @@ def test_digits_is_written_in_kaggle_layout(project):
 def test_real_mini_competitions(project, comp, n_train, n_test, n_groups):
     shutil.copytree(REPO / "configs" / "offline", project / "configs" / "offline", dirs_exist_ok=True)
     overlay = project / "configs" / "offline" / f"{comp}.yaml"
-    source = load_config(comp, root=REPO, extra_files=[REPO / "configs" / "offline" / f"{comp}.yaml"]).get("data.source")
-    config, index = _run(comp, extra=[overlay], sets=[f"data.source={(REPO / source).resolve()}"])
+    source = load_config(comp, root=REPO, extra_files=[REPO / "configs" / "offline" / f"{comp}.yaml"]).get("download.source")
+    config, index = _run(comp, extra=[overlay], sets=[f"download.source={(REPO / source).resolve()}"])
     counts = Manifest.read(config.work_dir / "download").metrics
     assert (counts["n_train"], counts["n_test"], counts["n_groups"]) == (n_train, n_test, n_groups)
     assert counts["bad_items"] == []

@@ -5,13 +5,14 @@ import socket
 
 import pytest
 
-from pipeline import leaderboard, runner
-from pipeline.cache import Manifest
+from pipeline import runner
+from pipeline.kaggle import leaderboard
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.ledger import read_ledger
-from pipeline.scoring import score_file_on_test_set
-from tests.conftest import COMPETITIONS, needs_shared_data
+from pipeline.core.errors import PipelineError
+from pipeline.kaggle.ledger import read_ledger
+from pipeline.evaluation.scoring import score_file_on_test_set
+from tests.helpers import COMPETITIONS, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.realdata]
 
@@ -20,7 +21,7 @@ pytestmark = [needs_shared_data, pytest.mark.realdata]
                                                    ("statefarm", 14349, 2860)])
 def test_download_through_the_kaggle_client(project, kaggle_server, comp, n_train, n_test):
     config = load_config(comp)
-    assert config.get("data.source") == "kaggle"
+    assert config.get("download.source") == "kaggle"
     runner.run(config, ["download"])
     metrics = Manifest.read(config.work_dir / "download").metrics
     assert (metrics["n_train"], metrics["n_test"]) == (n_train, n_test)
@@ -55,7 +56,7 @@ def test_digit_recognizer_download_submit_and_score_through_the_client(project, 
     quick = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "finetune.augment=null", "model.arch=cnn",
              "stages=[download, split, precompute, finetune, submit]", "submit.source=finetune"]
     config = load_config("mnist", extra_files=[project / "configs" / "offline" / "mnist-kaggle.yaml"], sets=quick)
-    assert config.get("data.source") == "kaggle"
+    assert config.get("download.source") == "kaggle"
     runner.run(config)
     row = leaderboard.upload(config, "mnist through the client", say=lambda _: None)
     slug = config.competition.slug

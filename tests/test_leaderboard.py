@@ -16,14 +16,15 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import kaggle_api, runner
+from pipeline import runner
+from pipeline.kaggle import api as kaggle_api
 from pipeline.cli import cli
 from pipeline.config import load_config
-from pipeline.kaggle_local import KaggleLocalServer
-from pipeline.ledger import read_ledger
-from pipeline.local_competitions import LocalCompetitions
-from pipeline.scoring import evaluation_from_files, score_file_on_test_set
-from tests.conftest import REPO, serve_competition, serve_digits
+from pipeline.kaggle.local.server import KaggleLocalServer
+from pipeline.kaggle.ledger import read_ledger
+from pipeline.kaggle.local.competitions import LocalCompetitions
+from pipeline.evaluation.scoring import competition_from_files, score_file_on_test_set
+from tests.helpers import REPO, serve_competition, serve_digits
 
 # digits, quick: one epoch of a small CNN, the finetune model submitted (no ensemble)
 QUICK = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "model.arch=cnn", "finetune.augment=null",
@@ -76,11 +77,11 @@ def kp(*args):
     return CliRunner().invoke(cli, [*args, "--comp", "digits", *CLI_SETS])
 
 
-def test_evaluation_is_read_from_sample_and_solution():
+def test_how_a_competition_scores_is_read_from_sample_and_solution():
     solution = pd.DataFrame({"id": ["1", "2"], "label": ["1", "0"]})
-    binary = evaluation_from_files(pd.DataFrame({"id": ["1", "2"], "label": ["0.5", "0.5"]}), solution)
-    accuracy = evaluation_from_files(pd.DataFrame({"ImageId": ["1", "2"], "Label": ["0", "0"]}), solution)
-    multi = evaluation_from_files(pd.DataFrame({"img": ["a"], "c0": ["0.1"], "c1": ["0.9"]}), solution)
+    binary = competition_from_files(pd.DataFrame({"id": ["1", "2"], "label": ["0.5", "0.5"]}), solution)
+    accuracy = competition_from_files(pd.DataFrame({"ImageId": ["1", "2"], "Label": ["0", "0"]}), solution)
+    multi = competition_from_files(pd.DataFrame({"img": ["a"], "c0": ["0.1"], "c1": ["0.9"]}), solution)
     assert (binary.metric, binary.task) == ("log_loss", "binary")
     assert (accuracy.metric, accuracy.id_column) == ("accuracy", "ImageId")
     assert (multi.metric, multi.task, multi.classes) == ("log_loss", "multiclass", ["c0", "c1"])
@@ -117,10 +118,10 @@ def test_server_scores_like_kaggle_and_rejects_malformed_files(kaggle_env, tmp_p
         listed = server.competitions.submissions("three-classes")
 
     for name in ["good.csv", "good.csv.gz"]:
-        assert states[name].status == "COMPLETE"
+        assert states[name].status == "complete"
         assert states[name].public_score == pytest.approx(expected, abs=1e-5)
     for name, reason in reasons.items():
-        assert states[name].status == "ERROR" and reason in states[name].error, states[name]
+        assert states[name].status == "error" and reason in states[name].error, states[name]
     assert [s.ref for s in listed] == sorted(refs.values(), reverse=True)  # newest first, as Kaggle lists
     log = [json.loads(line) for line in (tmp_path / "log" / "three-classes" / "submissions.jsonl").read_text().splitlines()]
     assert sorted(entry["file_name"] for entry in log) == sorted(refs)
@@ -136,7 +137,7 @@ def test_upload_puts_the_leaderboard_score_beside_validation(digits_project, dig
     lb_accuracy, _ = score_file_on_test_set(config, config.submissions_dir / (row["file"].split("/")[-1]))
     assert row["status"] == "complete" and row["split_strategy"] == "random" and row["metric"] == "accuracy"
     assert float(row["lb_score"]) == pytest.approx(lb_accuracy, abs=1e-5) and lb_accuracy > 0.5
-    assert float(row["val_score"]) == pytest.approx(submit["val_score"], abs=1e-5)
+    assert float(row["val_score"]) == pytest.approx(submit[submit["score_name"]], abs=1e-5)
     assert float(row["difference"]) == pytest.approx(float(row["lb_score"]) - float(row["val_score"]), abs=1e-5)
     [listed] = digits_server.competitions.submissions("digit-recognizer")
     assert listed.description.startswith("first try [kp digits finetune split=random")

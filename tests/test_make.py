@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.mark.skipif(not (REPO / ".venv" / ".installed").exists(),
@@ -24,4 +24,4 @@ def test_make_all_digits(tmp_path):
     payload = json.loads(status.stdout[status.stdout.index("{"):])
     assert [s["state"] for s in payload["stages"]] == ["up to date"] * len(payload["stages"])
     assert (work / "digits" / "split" / "split.csv").is_file()
-    assert payload["stages"][-1]["metrics"]["val_score"] > 0.95  # the 5-member ensemble, on 300 validation digits
+    assert payload["stages"][-1]["metrics"]["val_accuracy"] > 0.95  # the 5-member ensemble, on 300 validation digits

@@ -1,18 +1,19 @@
 """Acceptance on the real mini-competitions: transfer learning with the real MobileNet file, the data
 downloaded from and the submissions uploaded to the local Kaggle-compatible server by the real client.
 
-Test labels are read here, as a benchmark would, through pipeline.scoring; never by a stage.
+Test labels are read here, as a benchmark would, through pipeline.evaluation.scoring; never by a stage.
 """
 from __future__ import annotations
 
 import pytest
 
-from pipeline import leaderboard, runner
-from pipeline.cache import Manifest
+from pipeline import runner
+from pipeline.kaggle import leaderboard
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.ledger import read_ledger
-from pipeline.scoring import score_file_on_test_set
-from tests.conftest import COMPETITIONS, REPO, needs_shared_data
+from pipeline.kaggle.ledger import read_ledger
+from pipeline.evaluation.scoring import score_file_on_test_set
+from tests.helpers import COMPETITIONS, REPO, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.realdata]
 

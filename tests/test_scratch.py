@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -10,13 +11,13 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.augmentation import augmented_batches, build_augmenter
-from pipeline.cache import Manifest
+from pipeline.training.augment import augmented_batches, build_augmenter
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.features import load_split_features
-from pipeline.predictions import load_predictions
-from pipeline.scratch_models import LADDER, build_scratch_model
-from pipeline.training import Phase, fit
+from pipeline.data.features import load_split_features
+from pipeline.evaluation.predictions import load_predictions
+from pipeline.models.scratch import LADDER, build_scratch_model
+from pipeline.training.fit import Phase, fit
 
 QUICK = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "model.arch=cnn", "finetune.augment=null"]
 
@@ -98,7 +99,7 @@ def test_raising_ensemble_size_reuses_members_and_average_is_the_ensemble(projec
     result = Manifest.read(config.work_dir / "ensemble").metrics
     assert result["trained"] == 1 and [m["reused"] for m in result["members"]] == [True, True, False]
     assert [m["val_log_loss"] for m in result["members"][:2]] == [m["val_log_loss"] for m in first["members"]]
-    members = [load_predictions(config.work_dir / "_cache" / "ensemble" / m["folder"]) for m in result["members"]]
+    members = [load_predictions(config.work_dir / "_runs" / "ensemble-members" / m["key"]) for m in result["members"]]
     ensemble = load_predictions(config.work_dir / "ensemble")
     np.testing.assert_allclose(ensemble.valid_probs, np.mean([m.valid_probs for m in members], axis=0), atol=1e-6)
     np.testing.assert_allclose(ensemble.test_probs, np.mean([m.test_probs for m in members], axis=0), atol=1e-6)
@@ -107,12 +108,21 @@ def test_raising_ensemble_size_reuses_members_and_average_is_the_ensemble(projec
     assert (config.work_dir / "ensemble" / "members.png").stat().st_size > 0
 
 
-def test_digits_end_to_end_submits_the_ensemble(project):
+def test_digits_end_to_end_submits_the_ensemble_and_the_same_config_gives_the_same_bytes(project):
     config = digits(sets=["ensemble.n=2"])
     submit = Manifest.read(config.work_dir / "submit").metrics
-    assert submit["source"] == "ensemble" and submit["val_score"] > 0.8
+    assert submit["source"] == "ensemble" and submit["score_name"] == "val_accuracy" and submit["val_accuracy"] > 0.8
     written = pd.read_csv(submit["file"])
     assert written.columns.tolist() == ["ImageId", "Label"] and len(written) == 300
     assert written.ImageId.tolist() == list(range(1, 301)) and set(written.Label) <= set(range(10))
     solution = pd.read_csv(config.work_dir / "download" / "solution.csv")
     assert (written.Label == solution.Label).mean() > 0.8  # a benchmark-style check; no stage reads this
+
+    # deterministic mode (the default): the members trained again from scratch give the same bytes
+    probs = np.load(config.work_dir / "ensemble" / "test_probs.npy")
+    submitted = open(submit["file"], "rb").read()
+    shutil.rmtree(config.work_dir / "_runs" / "ensemble-members")
+    runner.run(config, ["ensemble", "submit"], force=True)
+    assert Manifest.read(config.work_dir / "ensemble").metrics["trained"] == 2
+    assert np.array_equal(np.load(config.work_dir / "ensemble" / "test_probs.npy"), probs)
+    assert open(submit["file"], "rb").read() == submitted

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.cache import Manifest
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.splits import class_balance, group_kfold, group_split, kfold, random_split
-from tests.conftest import COMPETITIONS, make_statefarm_like, needs_shared_data, statefarm_like_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.splits import class_balance, group_kfold, group_split, kfold, random_split
+from tests.helpers import COMPETITIONS, make_statefarm_like, needs_shared_data, statefarm_like_config
 
 STATEFARM_ZIP = COMPETITIONS / "state-farm-distracted-driver-detection" / "state-farm-distracted-driver-detection.zip"
 
@@ -82,7 +82,7 @@ def test_split_stage_writes_aligned_split_and_report(project, tmp_path):
     assert split.id.tolist() == train.id.tolist()  # aligned row for row with the index
     report = Manifest.read(config.work_dir / "split").metrics
     assert report["groups_on_both_sides"] == []
-    assert report["n_valid"] == (split.subset == "valid").sum() == 24  # 2 of 6 drivers
+    assert report["n_valid"] == (split.side == "valid").sum() == 24  # 2 of 6 drivers
     assert report["per_class"]["valid"] == {"c0": 8, "c1": 8, "c2": 8}
 
 
@@ -106,4 +106,4 @@ def test_kfold_strategy_uses_the_configured_valid_fold(project):
     runner.run(config, ["split"])
     split = pd.read_csv(config.work_dir / "split" / "split.csv")
     assert sorted(split.fold.unique()) == [0, 1, 2, 3]
-    assert ((split.fold == 2) == (split.subset == "valid")).all()
+    assert ((split.fold == 2) == (split.side == "valid")).all()

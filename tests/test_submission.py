@@ -7,11 +7,12 @@ import pytest
 from sklearn.metrics import log_loss
 
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.metrics import binary_log_loss, clip_probabilities, competition_score, multiclass_log_loss
-from pipeline.scoring import score_submission
-from pipeline.submission import in_sample_order, submission_frame, validate_submission
-from tests.conftest import REPO
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import (SCORE_NAMES, binary_log_loss, clip_probabilities, competition_score, evaluate,
+                                         leaderboard_score_name, multiclass_log_loss)
+from pipeline.evaluation.scoring import score_submission
+from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
+from tests.helpers import REPO
 
 
 def competition(name):
@@ -99,3 +100,20 @@ def test_scoring_a_file_like_kaggle():
     digits = competition("digits")
     answers = pd.DataFrame({"ImageId": ["1", "2"], "Label": ["3", "4"]})
     assert score_submission(pd.DataFrame({"ImageId": ["2", "1"], "Label": ["4", "0"]}), answers, digits) == 0.5
+
+
+def test_evaluate_names_every_score_once_and_clips_as_submitted():
+    dogscats, statefarm = competition("dogscats"), competition("statefarm")
+    labels = np.array([1, 0, 1])
+    probs = np.array([[0.01, 0.99], [0.6, 0.4], [0.98, 0.02]])
+    plain = evaluate(labels, probs)
+    assert set(plain) == {"val_log_loss", "val_accuracy"}
+    assert plain["val_log_loss"] == pytest.approx(log_loss(labels, probs), abs=1e-5)
+    assert plain["val_accuracy"] == pytest.approx(2 / 3, abs=1e-5)
+    scores = evaluate(labels, probs, dogscats, clip=True)
+    assert tuple(sorted(scores)) == tuple(sorted(SCORE_NAMES))
+    clipped = np.clip(probs[:, 1], *dogscats.clip)  # binary: P(dog) alone, as the submission holds it
+    assert scores["val_log_loss_clipped"] == pytest.approx(log_loss(labels, np.c_[1 - clipped, clipped]), abs=1e-5)
+    assert scores["val_log_loss_clipped"] < scores["val_log_loss"]  # clipping caps the confident miss
+    assert leaderboard_score_name(dogscats.metric) == "val_log_loss_clipped"
+    assert leaderboard_score_name("accuracy") == "val_accuracy" and statefarm.metric == "log_loss"

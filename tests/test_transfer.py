@@ -11,15 +11,15 @@ import pytest
 import tensorflow as tf
 
 from pipeline import runner
-from pipeline.arrays import load_array
-from pipeline.cache import Manifest
+from pipeline.data.arrays import load_array
+from pipeline.core.cache import Manifest
 from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.features import load_split_features
-from pipeline.heads import build_head, with_dropout
-from pipeline.images import decode_resize
-from pipeline.training import Phase, current_learning_rate, fit
-from tests.conftest import make_statefarm_like, statefarm_like_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.features import load_split_features
+from pipeline.models.heads import build_head, with_dropout
+from pipeline.data.images import decode_resize
+from pipeline.training.fit import Phase, current_learning_rate, fit
+from tests.helpers import make_statefarm_like, statefarm_like_config
 
 TINY_VGG = [
     "competition.image_size=[32, 32]", "competition.clip=[0.02, 0.9]",
@@ -51,7 +51,7 @@ def test_vgg16_pipeline_end_to_end_on_tiny_images(tiny_vgg_run):
     for name in ("model.keras", "history.csv", "loss.png", "confusion.png", "valid_probs.npy", "test_probs.npy"):
         assert (work / "finetune" / name).stat().st_size > 0, name
     history = pd.read_csv(work / "finetune" / "history.csv")
-    assert history["lr"].round(7).tolist() == [0.001, 0.001, 0.0001]
+    assert history["learning_rate"].round(7).tolist() == [0.001, 0.001, 0.0001]
     assert "model.imagenet_init needs precompute.backbone vgg16 with weights imagenet" in finetune.warnings[0]
 
     submit = Manifest.read(work / "submit").metrics
@@ -63,7 +63,7 @@ def test_vgg16_pipeline_end_to_end_on_tiny_images(tiny_vgg_run):
     assert values.min() >= 0.02 and values.max() <= 0.9
     meta = json.loads(open(submit["file"].replace(".csv", ".json")).read())
     assert meta["fingerprint"] == Manifest.read(work / "submit").fingerprint
-    assert meta["split_strategy"] == "group" and meta["val_score"] == submit["val_score"]
+    assert meta["split_strategy"] == "group" and meta["val_log_loss_clipped"] == submit["val_log_loss_clipped"]
 
 
 def test_precomputed_rows_equal_a_direct_forward_pass(project, tmp_path):
@@ -115,7 +115,7 @@ def test_changing_dropout_keeps_inference_outputs_identical():
     assert not np.allclose(before, halved.predict(x, verbose=0), atol=1e-3)
 
 
-def _weights_per_epoch(model, phases, schedule="phases"):
+def _weights_per_epoch(model, phases, schedule="phases", warmup_epochs=0):
     x = np.random.default_rng(1).normal(size=(64, 6)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     snapshots = []
@@ -129,7 +129,7 @@ def _weights_per_epoch(model, phases, schedule="phases"):
     with tempfile.TemporaryDirectory() as folder:
         history, _, _ = fit(model, (x, y), (x, y), phases=phases, schedule=schedule, optimizer="sgd",
                             momentum=0.0, batch_size=16, out_dir=Path(folder), verbose=0,
-                            extra_callbacks=[Snapshot()])
+                            warmup_epochs=warmup_epochs, extra_callbacks=[Snapshot()])
     return snapshots, history
 
 
@@ -137,7 +137,7 @@ def test_a_learning_rate_change_really_reaches_the_optimizer():
     keras.utils.set_random_seed(0)
     model = build_head((6,), 2, "pool", [8], [0.0])
     snapshots, history = _weights_per_epoch(model, [Phase(2, 0.1), Phase(2, 0.0)])
-    assert history["lr"] == pytest.approx([0.1, 0.1, 0.0, 0.0])
+    assert history["learning_rate"] == pytest.approx([0.1, 0.1, 0.0, 0.0])
     moved = lambda a, b: any(not np.array_equal(u, v) for u, v in zip(a, b))
     assert moved(snapshots[0], snapshots[1])  # lr 0.1: training changes the weights
     assert not moved(snapshots[1], snapshots[2]) and not moved(snapshots[2], snapshots[3])  # lr 0: frozen
@@ -154,13 +154,21 @@ def test_cosine_schedule_decays_within_training():
     keras.utils.set_random_seed(0)
     model = build_head((6,), 2, "pool", [], [])
     _, history = _weights_per_epoch(model, [Phase(4, 0.2)], schedule="cosine")
-    assert history["lr"][0] < 0.2 and all(a > b for a, b in zip(history["lr"], history["lr"][1:]))
-    assert history["lr"][-1] < 0.02
+    assert history["learning_rate"][0] < 0.2 and all(a > b for a, b in zip(history["learning_rate"], history["learning_rate"][1:]))
+    assert history["learning_rate"][-1] < 0.02
+
+
+def test_cosine_warmup_rises_to_the_peak_then_decays_to_zero():
+    keras.utils.set_random_seed(0)
+    model = build_head((6,), 2, "pool", [], [])
+    # 64 rows / batch 16 = 4 steps an epoch; the logged rate is the optimizer's after each epoch
+    _, history = _weights_per_epoch(model, [Phase(4, 0.2)], schedule="cosine", warmup_epochs=2)
+    assert history["learning_rate"] == pytest.approx([0.1, 0.2, 0.1, 0.0], abs=1e-6)
 
 
 def test_fc_head_takes_vgg16_top_weights_when_shapes_match():
     """The ImageNet-init path minus the download: VGG16's fc1/fc2 (here random) land in the head."""
-    from pipeline.heads import copy_dense_weights
+    from pipeline.models.heads import copy_dense_weights
 
     top = keras.applications.VGG16(include_top=True, weights=None)
     head = build_head((7, 7, 512), 10, "fc", [4096, 4096], [0.5, 0.5])

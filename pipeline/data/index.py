@@ -6,7 +6,7 @@ as CSV pixels, else -1), `label` (a class name; empty for test), `group` (e.g. S
 empty when the competition has none). Rows are in a fixed order (train sorted by path, test in
 sample-submission order), and every array a later stage caches is aligned row for row with it.
 
-Three Kaggle layouts are understood (config `data.layout`):
+Three Kaggle layouts are understood (config `download.layout`):
 - `pixels_csv`: digit-recognizer's `train.csv` (label, pixel0..) and `test.csv`;
 - `class_folders`: `train/CLASS/*.jpg` (State Farm), optionally with a CSV naming each file's group;
 - `filename_labels`: `train/CLASS.N.jpg` (dogs vs cats).
@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
-INDEX_FILE = "index.csv"
 INDEX_COLUMNS = ["subset", "id", "path", "row", "label", "group"]
 
 
@@ -56,40 +55,40 @@ def read_csv_with_columns(path: Path, required: list[str], **kwargs) -> pd.DataF
 # --------------------------------------------------------------------------- pixels_csv
 
 
-def index_pixels_csv(raw: Path, data, competition) -> tuple[pd.DataFrame, list[dict]]:
+def index_pixels_csv(raw: Path, download, competition) -> tuple[pd.DataFrame, list[dict]]:
     """digit-recognizer layout. Returns the index and the undecodable rows (bad pixel values)."""
     height, width = competition.image_size
     n_pixels = height * width * competition.channels
     pixel_columns = [f"pixel{i}" for i in range(n_pixels)]
     bad: list[dict] = []
 
-    train_csv = raw / data.train_csv
-    _expect_header(train_csv, [data.label_column, *pixel_columns])
+    train_csv = raw / download.train_csv
+    _expect_header(train_csv, [download.label_column, *pixel_columns])
     train = pd.read_csv(train_csv)
-    labels = train[data.label_column].astype(str)
+    labels = train[download.label_column].astype(str)
     unknown = sorted(set(labels) - set(competition.classes))
     if unknown:
         raise PipelineError(
-            f"{train_csv}: column {data.label_column!r} has labels {unknown[:5]} that are not in "
+            f"{train_csv}: column {download.label_column!r} has labels {unknown[:5]} that are not in "
             f"competition.classes {competition.classes}"
         )
     bad += _bad_pixel_rows(train_csv, train[pixel_columns])
 
-    test_csv = raw / data.test_csv
+    test_csv = raw / download.test_csv
     _expect_header(test_csv, pixel_columns)
     test = pd.read_csv(test_csv)
     bad += _bad_pixel_rows(test_csv, test[pixel_columns])
-    test_ids = _sample_ids(raw, data, competition)
+    test_ids = _sample_ids(raw, download, competition)
     if len(test_ids) != len(test):
         raise PipelineError(
-            f"{raw / data.sample_submission}: {len(test_ids)} ids but {test_csv} has {len(test)} rows"
+            f"{raw / download.sample_submission}: {len(test_ids)} ids but {test_csv} has {len(test)} rows"
         )
 
     index = pd.concat(
         [
-            pd.DataFrame({"subset": "train", "id": [str(i) for i in range(len(train))], "path": data.train_csv,
+            pd.DataFrame({"subset": "train", "id": [str(i) for i in range(len(train))], "path": download.train_csv,
                           "row": np.arange(len(train)), "label": labels.values, "group": ""}),
-            pd.DataFrame({"subset": "test", "id": test_ids, "path": data.test_csv,
+            pd.DataFrame({"subset": "test", "id": test_ids, "path": download.test_csv,
                           "row": np.arange(len(test)), "label": "", "group": ""}),
         ],
         ignore_index=True,
@@ -115,27 +114,27 @@ def _bad_pixel_rows(path: Path, pixels: pd.DataFrame) -> list[dict]:
 # --------------------------------------------------------------------------- image layouts
 
 
-def index_images(raw: Path, data, competition) -> tuple[pd.DataFrame, list[dict]]:
+def index_images(raw: Path, download, competition) -> tuple[pd.DataFrame, list[dict]]:
     """class_folders / filename_labels layouts. Returns the index and the undecodable images."""
-    train_dir = raw / data.train_dir
+    train_dir = raw / download.train_dir
     if not train_dir.is_dir():
-        raise PipelineError(f"{train_dir}: training image folder missing (data.train_dir={data.train_dir!r})")
-    extensions = tuple(e.lower() for e in data.image_extensions)
-    if data.layout == "class_folders":
-        train = _train_from_class_folders(raw, train_dir, extensions, data, competition)
+        raise PipelineError(f"{train_dir}: training image folder missing (download.train_dir={download.train_dir!r})")
+    extensions = tuple(e.lower() for e in download.image_extensions)
+    if download.layout == "class_folders":
+        train = _train_from_class_folders(raw, train_dir, extensions, download, competition)
     else:
         train = _train_from_filenames(raw, train_dir, extensions, competition)
     duplicated = train["id"][train["id"].duplicated()].tolist()
     if duplicated:
         raise PipelineError(f"{train_dir}: file names must be unique across classes; repeated: {duplicated[:5]}")
 
-    test_ids = _sample_ids(raw, data, competition)
-    test_paths = [f"{data.test_dir}/{data.test_file.format(id=i)}" for i in test_ids]
+    test_ids = _sample_ids(raw, download, competition)
+    test_paths = [f"{download.test_dir}/{download.test_file.format(id=i)}" for i in test_ids]
     missing = [p for p in test_paths if not (raw / p).is_file()]
     if missing:
         raise PipelineError(
-            f"{raw / data.sample_submission}: {len(missing)} of {len(test_ids)} test ids have no image "
-            f"(looked for {data.test_dir}/{data.test_file}); first: {missing[:3]}"
+            f"{raw / download.sample_submission}: {len(missing)} of {len(test_ids)} test ids have no image "
+            f"(looked for {download.test_dir}/{download.test_file}); first: {missing[:3]}"
         )
     test = pd.DataFrame({"subset": "test", "id": test_ids, "path": test_paths, "row": -1, "label": "", "group": ""})
     index = pd.concat([train, test], ignore_index=True)
@@ -147,7 +146,7 @@ def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
 
-def _train_from_class_folders(raw, train_dir, extensions, data, competition) -> pd.DataFrame:
+def _train_from_class_folders(raw, train_dir, extensions, download, competition) -> pd.DataFrame:
     rows = []
     for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
         if folder.name not in competition.classes:
@@ -160,8 +159,8 @@ def _train_from_class_folders(raw, train_dir, extensions, data, competition) -> 
     if not rows:
         raise PipelineError(f"{train_dir}: no training images (extensions {list(extensions)}) in class folders")
     train = pd.DataFrame(rows)
-    if data.groups is not None:
-        train["group"] = _groups_for(raw, train, data.groups)
+    if download.groups is not None:
+        train["group"] = _groups_for(raw, train, download.groups)
     return train
 
 
@@ -200,8 +199,8 @@ def _train_from_filenames(raw, train_dir, extensions, competition) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def _sample_ids(raw: Path, data, competition) -> list[str]:
-    path = raw / data.sample_submission
+def _sample_ids(raw: Path, download, competition) -> list[str]:
+    path = raw / download.sample_submission
     frame = read_csv_with_columns(path, competition.submission_columns, dtype=str, keep_default_na=False)
     ids = frame[competition.id_column].tolist()
     if len(set(ids)) != len(ids):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
-from pipeline.metrics import clip_probabilities
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import clip_probabilities
 
 
 def in_sample_order(sample_ids: list[str], test_ids: list[str], test_probs: np.ndarray,

@@ -1,6 +1,10 @@
-"""Cached features joined to the split: what a dense head trains on, checked for alignment.
+"""Cached features on disk: written in index order by precompute, read back joined to the split.
 
-The precompute stage writes `train.npy` / `test.npy` with `train_rows.csv` / `test_rows.csv` (id,
+Writing: `write_features` runs a forward pass over image files in index order (tf.data decodes in
+parallel, see `pipeline.data.images`) and writes each batch straight into a memory-mapped `.npy`,
+so memory stays flat however many images there are.
+
+Reading: the precompute stage writes `train.npy` / `test.npy` with `train_rows.csv` / `test_rows.csv` (id,
 label) beside them, row for row. The split stage writes `split.csv` over the same training rows.
 `load_split_features` checks that the ids agree in order before selecting train and valid rows:
 a misalignment (the course's shuffled-generator bug) fails loudly instead of training on noise.
@@ -10,22 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 
-from pipeline.arrays import load_array
-from pipeline.errors import PipelineError
-
-SPLIT_FILE = "split.csv"
-
-
-def rows_file(subset: str) -> str:
-    return f"{subset}_rows.csv"
-
-
-def array_file(subset: str) -> str:
-    return f"{subset}.npy"
-
+from pipeline.core.artifacts import SPLIT_FILE, array_file, rows_file
+from pipeline.data.arrays import ChunkedArrayWriter, load_array
+from pipeline.core.errors import PipelineError
 
 def read_rows(folder: Path, subset: str) -> pd.DataFrame:
     return pd.read_csv(folder / rows_file(subset), dtype=str, keep_default_na=False)
@@ -62,7 +58,7 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         )
     train_all = load_array(features_dir / array_file("train"))
     labels = label_indices(rows["label"], classes)
-    valid = (split["subset"] == "valid").to_numpy()
+    valid = (split["side"] == "valid").to_numpy()
     return SplitFeatures(
         classes=classes,
         x_train=np.asarray(train_all[~valid], dtype=dtype),
@@ -73,3 +69,22 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         x_test=load_array(features_dir / array_file("test")),
         test_ids=read_rows(features_dir, "test")["id"].tolist(),
     )
+
+
+def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, ...], dtype: str,
+                   size: tuple[int, int], batch_size: int, preprocess=None, progress=None) -> int:
+    """Run `forward` (see `pipeline.models.inference.compiled_forward`) over the images in `paths`, in
+    order, into `out` (.npy). Imports TensorFlow.
+
+    Returns:
+        The number of rows written.
+    """
+    from pipeline.data.images import image_batches
+
+    bar = progress if progress is not None else contextlib.nullcontext()
+    with ChunkedArrayWriter(out, len(paths), row_shape, dtype) as writer, bar:
+        for images in image_batches(paths, size, batch_size, preprocess):
+            writer.append(np.asarray(forward(images)).astype(dtype, copy=False))
+            if progress is not None:
+                progress.update(len(images))
+    return len(paths)

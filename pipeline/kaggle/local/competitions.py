@@ -6,7 +6,7 @@ Kaggle's three steps: `start_upload` (a one-time token), `receive_upload` (the f
 `create_submission` (PENDING); it is scored a moment later in the background, like Kaggle's queue,
 and becomes COMPLETE with a public score, or ERROR with the reason (wrong header, missing,
 unexpected or duplicate ids, NaN or non-numeric values). The evaluation is read from the sample
-submission and the solution (`pipeline.scoring.evaluation_from_files`); log loss is Kaggle's: clipped
+submission and the solution (`pipeline.evaluation.scoring.competition_from_files`); log loss is Kaggle's: clipped
 to [1e-15, 1 - 1e-15], rows renormalised.
 
 Every upload is kept under `log_dir/SLUG/files/` and every scored submission is appended to
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.errors import PipelineError
-from pipeline.scoring import evaluation_from_files, read_submission, score_submission
+from pipeline.core.artifacts import SOLUTION_FILE
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.scoring import competition_from_files, read_submission, score_submission
 
 SAMPLE_NAME = "sample_submission.csv"
 LOG_NAME = "submissions.jsonl"
@@ -183,11 +184,11 @@ class LocalCompetitions:
 
     def score_file(self, slug: str, path: Path) -> float:
         """The public score of a submission file (.csv, .csv.gz or .zip); PipelineError if malformed."""
-        solution = pd.read_csv(self.data_dir / slug / "solution.csv", dtype=str)
+        solution = pd.read_csv(self.data_dir / slug / SOLUTION_FILE, dtype=str)
         with zipfile.ZipFile(self.check_access(slug)) as zf:
             sample = pd.read_csv(io.BytesIO(zf.read(SAMPLE_NAME)), dtype=str)
         submission = read_submission(path)
-        return score_submission(submission, solution, evaluation_from_files(sample, solution))
+        return score_submission(submission, solution, competition_from_files(sample, solution))
 
     def _read_log(self, slug: str) -> list[Submission]:
         log = self.log_dir / slug / LOG_NAME

@@ -4,7 +4,7 @@ Importing `kaggle` authenticates at import time and calls `exit(1)` without cred
 module checks the places the client looks first and imports it only when they hold something.
 
 With KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_ENDPOINT=http://127.0.0.1:PORT the same client
-talks to a local Kaggle-compatible server (`pipeline.kaggle_local`, `make kaggle-local`) instead.
+talks to a local Kaggle-compatible server (`pipeline.kaggle.local`, `make kaggle-local`) instead.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def config_dir() -> Path:
@@ -43,7 +43,7 @@ def check_credentials() -> str:
         "Kaggle credentials not found: the kaggle client looks for KAGGLE_API_TOKEN, or KAGGLE_USERNAME "
         f"and KAGGLE_KEY in the environment, or {folder / 'kaggle.json'} (or access_token there; "
         "KAGGLE_CONFIG_DIR moves that folder). Create a token at kaggle.com > Settings > API, or use a "
-        "downloaded archive offline with --set data.source=PATH/SLUG.zip"
+        "downloaded archive offline with --set download.source=PATH/SLUG.zip"
     )
 
 
@@ -88,9 +88,13 @@ def download_competition(slug: str, dest: Path) -> Path:
     return archive
 
 
+# A submission's status, in the pipeline's words (the ledger's too); Kaggle's API says them in capitals.
+PENDING, COMPLETE, ERROR = "pending", "complete", "error"
+
+
 @dataclass(frozen=True)
 class SubmissionState:
-    """One submission as Kaggle lists it: status PENDING, COMPLETE or ERROR."""
+    """One submission as Kaggle lists it: status PENDING, COMPLETE or ERROR (the constants above)."""
 
     ref: int
     status: str
@@ -120,8 +124,8 @@ def submission_state(slug: str, ref: int) -> SubmissionState:
         raise PipelineError(f"kaggle: listing the submissions of {slug!r} failed: {describe_error(exc, slug)}") from None
     for item in listed:
         if item is not None and int(item.ref) == int(ref):
-            status = item.status.name if hasattr(item.status, "name") else str(item.status)
-            score = float(item.public_score) if status == "COMPLETE" and item.public_score else None
+            status = (item.status.name if hasattr(item.status, "name") else str(item.status)).lower()
+            score = float(item.public_score) if status == COMPLETE and item.public_score else None
             return SubmissionState(int(ref), status, score, item.error_description or None)
     raise PipelineError(f"kaggle: submission {ref} is not among the newest {len(listed)} submissions to {slug!r}")
 
@@ -131,9 +135,9 @@ def wait_for_score(slug: str, ref: int, timeout_s: float, every_s: float, say=pr
     deadline = time.monotonic() + timeout_s
     while True:
         state = submission_state(slug, ref)
-        if state.status != "PENDING" or time.monotonic() + every_s > deadline:
+        if state.status != PENDING or time.monotonic() + every_s > deadline:
             return state
-        say(f"submission {ref}: {state.status.lower()}, asking again in {every_s:g}s")
+        say(f"submission {ref}: {state.status}, asking again in {every_s:g}s")
         time.sleep(every_s)
 
 

@@ -13,7 +13,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 _BAD_ARCHIVE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError)
 

@@ -11,6 +11,7 @@ scaled at inference. So a model whose dropout rates change keeps its weights as 
 from __future__ import annotations
 
 VGG_POOLED_SHAPE = (7, 7, 512)
+HEAD_KINDS = ("fc", "pool")  # the heads `build_head` builds
 
 
 def build_head(input_shape: tuple[int, ...], n_classes: int, kind: str, hidden: list[int],

@@ -6,13 +6,13 @@ call is `POST /api/v1/competitions.CompetitionApiService/<Method>` with camelCas
 JSON bodies with `code` >= 400, which the client raises as HTTPError. Implemented: ListDataFiles,
 DownloadDataFiles (a 302 to the archive on this server), StartSubmissionUpload (a token and an
 upload URL on this server), the PUT of the file there, CreateSubmission and ListSubmissions. What
-a competition holds and how a submission is scored is `pipeline.local_competitions`; this module
+a competition holds and how a submission is scored is `pipeline.kaggle.local.competitions`; this module
 is only the HTTP side.
 
 Point the pipeline at it with KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_ENDPOINT=http://
-127.0.0.1:PORT (see `pipeline.kaggle_api`); credentials can be any KAGGLE_USERNAME / KAGGLE_KEY.
+127.0.0.1:PORT (see `pipeline.kaggle.api`); credentials can be any KAGGLE_USERNAME / KAGGLE_KEY.
 The `kaggle` command line gets there with KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=<the URL>.
-    python -m pipeline.kaggle_local [--data ../shared/data/competitions] [--port 8765] [--log DIR]
+    python -m pipeline.kaggle.local [--data ../shared/data/competitions] [--port 8765] [--log DIR]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.local_competitions import CompetitionError, LocalCompetitions
+from pipeline.kaggle.local.competitions import CompetitionError, LocalCompetitions
 
 SERVICE = "/api/v1/competitions.CompetitionApiService/"
 UPLOAD_PREFIX = "/upload/"
@@ -165,7 +165,7 @@ class KaggleLocalServer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve Kaggle-layout competitions to the kaggle client locally.")
-    default_data = os.environ.get("KAGGLE_LOCAL_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+    default_data = os.environ.get("KAGGLE_LOCAL_DATA", str(Path(__file__).resolve().parents[4] / "shared" / "data" /
                                                            "competitions"))
     parser.add_argument("--data", default=default_data, help="folder of SLUG/SLUG.zip (+ SLUG/solution.csv)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("KAGGLE_LOCAL_PORT", "8765")))

@@ -7,51 +7,41 @@ in any order; a missing, extra or duplicate id, or a NaN, is an error, as on Kag
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
-from pipeline.features import label_indices
-from pipeline.metrics import accuracy, binary_log_loss, multiclass_log_loss
+from pipeline.core.artifacts import SOLUTION_FILE
+from pipeline.core.competition import Competition
+from pipeline.core.errors import PipelineError
+from pipeline.data.features import label_indices
+from pipeline.evaluation.metrics import accuracy, binary_log_loss, multiclass_log_loss
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """How a competition scores, with the fields of `competition` that scoring reads."""
-
-    id_column: str
-    submission_columns: list[str]
-    metric: str  # "log_loss" or "accuracy"
-    task: str  # "binary" or "multiclass"
-    classes: list[str]
-
-
-def evaluation_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Evaluation:
+def competition_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Competition:
     """What a scoring server that holds only the sample submission and the solution can tell:
     one column per class -> multi-class log loss; one value column of fractions (the sample's
     0.5) -> binary log loss of P(label 1); one column of whole labels -> accuracy."""
     columns = [str(c) for c in sample.columns]
     if len(columns) > 2:
-        return Evaluation(columns[0], columns, "log_loss", "multiclass", columns[1:])
+        return Competition.for_scoring(columns[0], columns, "log_loss", "multiclass", columns[1:])
     values = pd.to_numeric(sample.iloc[:, 1], errors="coerce")
     classes = sorted(solution.iloc[:, 1].astype(str).unique())
     if values.notna().all() and (values % 1 != 0).any():
-        return Evaluation(columns[0], columns, "log_loss", "binary", ["0", "1"])
-    return Evaluation(columns[0], columns, "accuracy", "multiclass", classes)
+        return Competition.for_scoring(columns[0], columns, "log_loss", "binary", ["0", "1"])
+    return Competition.for_scoring(columns[0], columns, "accuracy", "multiclass", classes)
 
 
 def solution_file(config) -> Path:
     """Where a competition's hidden labels are: beside its local SLUG.zip (../shared/data layout), or
     written by the embedded digits source. For scoring servers and benchmarks only."""
-    if config.get("data.source") == "sklearn-digits":
-        return config.work_dir / "download" / "solution.csv"
-    source = config.path(config.get("data.source"))
-    path = (source.parent if source.is_file() else source) / "solution.csv"
+    if config.get("download.source") == "sklearn-digits":
+        return config.work_dir / "download" / SOLUTION_FILE
+    source = config.path(config.get("download.source"))
+    path = (source.parent if source.is_file() else source) / SOLUTION_FILE
     if not path.is_file():
-        raise PipelineError(f"{path}: no solution.csv beside data.source (needs a local copy of the competition)")
+        raise PipelineError(f"{path}: no solution.csv beside download.source (needs a local copy of the competition)")
     return path
 
 

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], layout: str,
@@ -31,7 +31,7 @@ def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], lay
         for start in range(0, len(selected), chunk):
             yield selected[start:start + chunk]
         return
-    from pipeline.images import image_batches
+    from pipeline.data.images import image_batches
 
     for batch in image_batches([raw / p for p in rows["path"]], shape[:2], chunk, channels=shape[2]):
         yield batch.numpy()

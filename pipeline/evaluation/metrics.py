@@ -43,3 +43,34 @@ def competition_score(task: str, metric: str, labels: np.ndarray, probs: np.ndar
     if task == "binary":
         return binary_log_loss(labels == 1, probs[:, 1])
     return multiclass_log_loss(labels, probs)
+
+
+SCORE_NAMES = ("val_log_loss", "val_log_loss_clipped", "val_accuracy")
+
+
+def evaluate(labels: np.ndarray, probabilities: np.ndarray, competition=None, clip: bool = False,
+             renormalize: bool = False) -> dict[str, float]:
+    """The validation scores every stage reports, under one name each (`SCORE_NAMES`).
+
+    Args:
+        labels: true class indices.
+        probabilities: (n, k) class probabilities.
+        competition: the `competition` section (task, clip); needed only with `clip`.
+        clip: also score the probabilities as submitted, clipped to `competition.clip`.
+        renormalize: with `clip`, rescale clipped rows to sum to 1 (submit.renormalize).
+
+    Returns:
+        `val_log_loss` (Kaggle's, eps-clipped only), `val_accuracy`, and with `clip`
+        `val_log_loss_clipped`; rounded to 5 decimals.
+    """
+    scores = {"val_log_loss": multiclass_log_loss(labels, probabilities),
+              "val_accuracy": accuracy(labels, probabilities)}
+    if clip:
+        clipped = clip_probabilities(probabilities, *competition.clip, renormalize=renormalize)
+        scores["val_log_loss_clipped"] = competition_score(competition.task, "log_loss", labels, clipped)
+    return {name: round(float(value), 5) for name, value in scores.items()}
+
+
+def leaderboard_score_name(metric: str) -> str:
+    """Which of `SCORE_NAMES` the leaderboard's metric corresponds to (as submitted: clipped)."""
+    return "val_accuracy" if metric == "accuracy" else "val_log_loss_clipped"

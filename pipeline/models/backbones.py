@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 BACKBONES = ("vgg16", "mobilenet", "resnet50")
 VGG_LAST_CONV = "block5_conv3"

@@ -13,19 +13,17 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import kaggle_api
-from pipeline.cache import Manifest
-from pipeline.errors import PipelineError
-from pipeline.ledger import (COMPLETE, ERROR, PENDING, PLOT_FILE, ledger_path, plot_ledger, read_ledger, record,
-                             with_score)
-
-_STATUS = {"PENDING": PENDING, "COMPLETE": COMPLETE, "ERROR": ERROR}
+from pipeline.kaggle import api as kaggle_api
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.core.artifacts import LEDGER_PLOT
+from pipeline.kaggle.ledger import ERROR, PENDING, ledger_path, plot_ledger, read_ledger, record, with_score
 
 
 def describe(comp: str, meta: dict, message: str | None) -> str:
     """The submission description Kaggle shows: the user's message, then what produced the file."""
     produced = (f"kp {comp} {meta['source']} split={meta['split_strategy']} "
-                f"val_{meta['metric']}={meta['val_score']:.4f} fp={meta['fingerprint'][:12]}")
+                f"{meta['score_name']}={meta[meta['score_name']]:.4f} fp={meta['fingerprint'][:12]}")
     return f"{message} [{produced}]" if message else produced
 
 
@@ -52,7 +50,7 @@ def upload(config, message: str | None = None, again: bool = False, say=print) -
         raise PipelineError(f"{exc}; the submission stays at {path}") from None
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": str(path),
            "fingerprint": meta["fingerprint"], "split_strategy": meta["split_strategy"], "metric": meta["metric"],
-           "val_score": f"{meta['val_score']:.5f}", "status": PENDING, "ref": ref,
+           "val_score": f"{meta[meta['score_name']]:.5f}", "status": PENDING, "ref": ref,
            "description": description}
     record(ledger, row)
     say(f"uploaded {path.name} to {slug} (submission {ref}); waiting up to {config.get('kaggle.poll_timeout_s'):g}s "
@@ -78,7 +76,7 @@ def refresh(config, say=print) -> list[dict]:
     for row in read_ledger(ledger_path(config)):
         if row["status"] == PENDING:
             state = kaggle_api.submission_state(config.competition.slug, int(row["ref"]))
-            if _STATUS[state.status] != PENDING:
+            if state.status != PENDING:
                 changed.append(_complete(config, row, state))
                 say(f"submission {row['ref']}: {changed[-1]['status']} {changed[-1]['lb_score'] or state.error}")
     return changed
@@ -86,13 +84,13 @@ def refresh(config, say=print) -> list[dict]:
 
 def draw(config) -> Path:
     """ledger.png beside ledger.csv."""
-    path = ledger_path(config).with_name(PLOT_FILE)
+    path = ledger_path(config).with_name(LEDGER_PLOT)
     plot_ledger(read_ledger(ledger_path(config)), path, f"{config.comp}: validation vs leaderboard")
     return path
 
 
 def _complete(config, row: dict, state: kaggle_api.SubmissionState) -> dict:
-    done = with_score(row, _STATUS[state.status], state.public_score, state.error)
+    done = with_score(row, state.status, state.public_score, state.error)
     record(ledger_path(config), done)
     if done["status"] != PENDING:
         draw(config)

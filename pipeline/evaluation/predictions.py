@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import PipelineError
+from pipeline.core.artifacts import probs_file, rows_file
+from pipeline.core.errors import PipelineError
 
 
 @dataclass
@@ -25,27 +26,20 @@ class Predictions:
 
 
 def save_predictions(folder: Path, p: Predictions) -> None:
-    np.save(folder / "valid_probs.npy", p.valid_probs.astype(np.float32))
-    np.save(folder / "test_probs.npy", p.test_probs.astype(np.float32))
-    pd.DataFrame({"id": p.valid_ids, "label": p.valid_labels}).to_csv(folder / "valid_rows.csv", index=False)
-    pd.DataFrame({"id": p.test_ids}).to_csv(folder / "test_rows.csv", index=False)
+    np.save(folder / probs_file("valid"), p.valid_probs.astype(np.float32))
+    np.save(folder / probs_file("test"), p.test_probs.astype(np.float32))
+    pd.DataFrame({"id": p.valid_ids, "label": p.valid_labels}).to_csv(folder / rows_file("valid"), index=False)
+    pd.DataFrame({"id": p.test_ids}).to_csv(folder / rows_file("test"), index=False)
 
 
 def load_predictions(folder: Path) -> Predictions:
     try:
-        valid = pd.read_csv(folder / "valid_rows.csv", dtype={"id": str})
-        test = pd.read_csv(folder / "test_rows.csv", dtype={"id": str})
-        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), np.load(folder / "valid_probs.npy"),
-                        test["id"].tolist(), np.load(folder / "test_probs.npy"))
+        valid = pd.read_csv(folder / rows_file("valid"), dtype={"id": str})
+        test = pd.read_csv(folder / rows_file("test"), dtype={"id": str})
+        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), np.load(folder / probs_file("valid")),
+                        test["id"].tolist(), np.load(folder / probs_file("test")))
     except FileNotFoundError as exc:
         raise PipelineError(f"{folder}: no predictions ({Path(exc.filename).name} missing)") from None
     if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
         raise PipelineError(f"{folder}: probabilities and row ids have different lengths")
     return p
-
-
-def predict_in_chunks(model, x, chunk: int = 2048) -> np.ndarray:
-    """Predict over a (possibly memory-mapped) array a slice at a time: memory stays flat."""
-    parts = [np.asarray(model.predict_on_batch(np.asarray(x[i:i + chunk], dtype=np.float32)))
-             for i in range(0, len(x), chunk)]
-    return np.concatenate(parts) if parts else np.zeros((0, model.output_shape[-1]), np.float32)

@@ -14,13 +14,11 @@ import fcntl
 import io
 from pathlib import Path
 
-from pipeline.cache import write_text_atomic
-
-LEDGER_FILE = "ledger.csv"
-PLOT_FILE = "ledger.png"
+from pipeline.core.artifacts import LEDGER_FILE
+from pipeline.core.cache import write_text_atomic
+from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
 COLUMNS = ["time", "file", "fingerprint", "split_strategy", "metric", "val_score", "lb_score", "difference",
            "status", "ref", "error", "description"]
-PENDING, COMPLETE, ERROR = "pending", "complete", "error"
 
 
 def ledger_path(config) -> Path:
@@ -75,7 +73,7 @@ def format_ledger(rows: list[dict[str, str]]) -> str:
 
 def plot_ledger(rows: list[dict[str, str]], path: Path, title: str) -> None:
     """ledger.png: leaderboard vs validation score, one point per scored submission, with y = x."""
-    from pipeline.plots import pyplot
+    from pipeline.evaluation.plots import pyplot
 
     plt = pyplot()
     scored = [r for r in rows if r["lb_score"]]

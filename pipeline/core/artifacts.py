@@ -1,0 +1,63 @@
+"""The name of every file and folder the pipeline writes: one place, so no literal is spelled twice.
+
+Stage outputs (inside `work/COMP/STAGE/`), the bookkeeping around them (manifests, the run cache,
+temporary names) and the files under `submissions/COMP/`. A stage declares its outputs (`outs=`)
+with these names, and the runner and `kp status` check them.
+"""
+from __future__ import annotations
+
+# bookkeeping of the cache (pipeline.core.cache, pipeline.core.runs)
+MANIFEST = "manifest.json"          # beside every stage output: fingerprint, inputs, metrics
+ENTRY_FILE = ".entry.json"          # the last file written into a run-cache entry: it is complete
+LAST_FILE = "last.json"             # _runs/STAGE/last.json: how the current result got there
+RUNS_FOLDER = "_runs"               # work/COMP/_runs/: every stored result, by fingerprint
+CACHE_FOLDER = "_cache"             # work/COMP/_cache/: downloads that survive everything but clean
+LOCK_FILE = ".lock"                 # one kp run per competition at a time
+TMP_PREFIX = ".tmp-"                # a folder or file being written; swept after a crash
+OLD_PREFIX = ".old-"                # a replaced entry during its swap; put back or swept after a crash
+ERROR_LOG = "{stage}.error.log"     # work/COMP/STAGE.error.log: the traceback of a failed stage
+
+# download
+RAW_DIR = "raw"                     # the extracted competition files
+INDEX_FILE = "index.csv"            # subset, id, path, row, label, group
+REPORT_FILE = "report.json"         # counts and bad items (download), sizes per side (split)
+SOLUTION_FILE = "solution.csv"      # hidden test labels: only scoring servers and benchmarks read it
+
+# split
+SPLIT_FILE = "split.csv"            # id, fold, side (train | valid), aligned with the index's train rows
+
+# precompute: one array and one rows table per subset (train, test)
+META_FILE = "meta.json"
+
+
+def array_file(subset: str) -> str:
+    """`train.npy` / `test.npy`: cached features (or pixels), row for row with `rows_file(subset)`."""
+    return f"{subset}.npy"
+
+
+def rows_file(subset: str) -> str:
+    """`train_rows.csv` / `test_rows.csv`: the id (and label) of each row of `array_file(subset)`."""
+    return f"{subset}_rows.csv"
+
+
+# predictions (finetune, ensemble, members): valid and test probabilities with their row ids
+def probs_file(side: str) -> str:
+    """`valid_probs.npy` / `test_probs.npy`."""
+    return f"{side}_probs.npy"
+
+
+PREDICTION_FILES = (probs_file("valid"), rows_file("valid"), probs_file("test"), rows_file("test"))
+
+# training
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+LOSS_PLOT = "loss.png"
+CONFUSION_PLOT = "confusion.png"
+MEMBER_FILE = "member.json"         # an ensemble member's metrics
+MEMBERS_PLOT = "members.png"
+
+# submit
+SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]
+SUBMISSION_META = "submission.json"  # what wrote it and its validation scores; copied as NAME.json
+LEDGER_FILE = "ledger.csv"          # submissions/COMP/ledger.csv: validation vs leaderboard per upload
+LEDGER_PLOT = "ledger.png"

@@ -1,0 +1,224 @@
+"""The artifact cache: fingerprints, manifests, atomic writes, crash leftovers and the competition lock.
+
+A stage's fingerprint hashes the config values it declares (`Stage.keys`), its upstream stages'
+fingerprints, its code (`pipeline.core.code_version`) and any source stamp (a source archive's or
+weights file's size and mtime, or its sha256). Each finished run lives in the run cache
+(`pipeline.core.runs`) with `manifest.json`; a run whose manifest's fingerprint differs from the
+one the current config gives, or whose declared outputs are missing or changed size, is not up to
+date. Everything is written under a temporary name and renamed into place when complete, so a
+crash or a SIGKILL leaves at most `.tmp-*` / `.old-*` leftovers, which `sweep_partial` clears.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.core.artifacts import CACHE_FOLDER, LOCK_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+from pipeline.core.errors import PipelineError
+
+STAMP_MODES = ("mtime", "content")
+
+
+def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None) -> dict[str, Any]:
+    """A change detector for an input that lives outside the config (a source archive, a weights file).
+
+    Args:
+        path: a file or a folder.
+        mode: `mtime` (size and modification time: cheap; a copied file looks changed) or `content`
+            (sha256 of the bytes: a copied file looks the same, a same-size edit does not).
+        memo: a JSON file remembering sha256 per file version (path, inode, size, mtime and ctime in ns;
+            ctime changes with every write and cannot be set back), so `content` hashes a file
+            once per version rather than at every `kp status`.
+
+    Returns:
+        A small JSON-able dict that goes into the fingerprint.
+    """
+    if not path.exists():
+        return {"missing": True}
+    if mode == "content":
+        return {"sha256": _content_hash(path, memo)}
+    if path.is_file():
+        st = path.stat()
+        return {"size": st.st_size, "mtime": int(st.st_mtime)}
+    files = [p.stat() for p in path.rglob("*") if p.is_file()]
+    return {"files": len(files), "size": sum(s.st_size for s in files),
+            "mtime": int(max((s.st_mtime for s in files), default=0))}
+
+
+def _content_hash(path: Path, memo: Path | None) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    known = _read_json(memo) if memo else {}
+    digest = hashlib.sha256()
+    for file in files:
+        st = file.stat()
+        key = f"{file.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+        if key not in known:
+            h = hashlib.sha256()
+            with open(file, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    h.update(chunk)
+            known[key] = h.hexdigest()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{known[key]}".encode())
+    if memo:
+        write_text_atomic(memo, json.dumps(known))
+    return digest.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """16 hex digits of sha256 over the canonical JSON of `inputs`."""
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:16]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'split': {'fraction': 0.2}} -> {'split.fraction': 0.2}; used to explain what changed."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(flatten(sub, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+@dataclass
+class Manifest:
+    """What a finished stage run records beside its outputs (`manifest.json`).
+
+    `units` names the cached units (e.g. ensemble members) the run used, by store, so that
+    `kp clean --keep-last` keeps the units of every run it keeps.
+    """
+
+    stage: str
+    fingerprint: str
+    inputs: dict[str, Any]
+    started: str
+    finished: str
+    duration_s: float
+    outputs: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    headline: str = ""
+    warnings: list[str] = field(default_factory=list)
+    units: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest | None":
+        try:
+            return cls(**json.loads((folder / MANIFEST).read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError):
+            return None  # unreadable: treated as missing, so the stage reruns
+
+    def write(self, folder: Path) -> None:
+        write_text_atomic(folder / MANIFEST, json.dumps(self.__dict__, indent=2, default=str) + "\n")
+
+
+def output_sizes(folder: Path) -> dict[str, int]:
+    """Size in bytes of each top-level entry (folders summed, as `name/`), for the manifest."""
+    sizes: dict[str, int] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name == MANIFEST or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            sizes[entry.name + "/"] = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        else:
+            sizes[entry.name] = entry.stat().st_size
+    return sizes
+
+
+def output_problems(folder: Path, outs: tuple[str, ...], recorded: dict[str, int] | None) -> list[str]:
+    """What is wrong with a run's declared outputs: `output X missing`, or `output X changed` (a file
+    whose size differs from the manifest's). Folders (`name/`) are checked for existence only."""
+    problems = []
+    for name in outs:
+        path = folder / name.rstrip("/")
+        if not path.exists():
+            problems.append(f"output {name} missing")
+        elif not name.endswith("/") and recorded is not None and name in recorded \
+                and path.stat().st_size != recorded[name]:
+            problems.append(f"output {name} changed ({recorded[name]:,} -> {path.stat().st_size:,} bytes)")
+    return problems
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place: readers
+    see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sweep_partial(work_dir: Path) -> list[Path]:
+    """Remove what killed runs left behind (`.tmp-*`, `.old-*`) anywhere the pipeline writes under
+    `work_dir`: the folder itself, each run store and each download cache. Returns what was removed.
+
+    An `.old-KEY-*` entry whose `KEY` is missing is the previous good result of a run killed between
+    its two renames: it is put back rather than deleted.
+    """
+    removed: list[Path] = []
+    if not work_dir.is_dir():
+        return removed
+    folders = [work_dir]
+    for parent in (work_dir / RUNS_FOLDER, work_dir / CACHE_FOLDER):
+        if parent.is_dir():
+            folders += [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith((TMP_PREFIX, OLD_PREFIX))]
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(OLD_PREFIX):
+                key = entry.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
+                if entry.is_dir() and not entry.is_symlink() and not (folder / key).exists():
+                    os.rename(entry, folder / key)
+                    continue
+            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def competition_lock(work_dir: Path) -> Iterator[None]:
+    """One writer per competition at a time: a second `kp` run fails at once instead of racing."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(
+                f"{work_dir}: another kp run holds this competition's lock; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

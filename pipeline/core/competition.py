@@ -1,0 +1,56 @@
+"""What a competition is: the `competition` config section, also what scoring reads of a competition.
+
+One word for one concept: the config's `competition` section, the submit stage and the local
+Kaggle server's scoring all speak of a `Competition`. A scoring server that knows only the sample
+submission and the solution builds a partial one (`Competition.for_scoring`), with just the fields
+scoring reads.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.core.stage import StrictModel
+
+TASKS = ("binary", "multiclass")
+METRICS = ("log_loss", "accuracy")
+
+
+class Competition(StrictModel):
+    """What the competition is: the `competition` section of a competition file."""
+
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the Kaggle competition slug")
+    task: Literal[TASKS]
+    classes: list[str] = Field(min_length=2)
+    id_column: str = Field(min_length=1)
+    submission_columns: list[str] = Field(min_length=2)
+    metric: Literal[METRICS]
+    clip: tuple[float, float]
+    image_size: tuple[int, int]
+    channels: Literal[1, 3]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.task == "binary" and len(self.classes) != 2:
+            raise ValueError(f"a binary task has exactly 2 classes, got {self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct, got {self.classes}")
+        if self.submission_columns[0] != self.id_column:
+            raise ValueError(
+                f"submission_columns must start with the id column {self.id_column!r}, "
+                f"got {self.submission_columns}"
+            )
+        lo, hi = self.clip
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"clip must satisfy 0 <= lo < hi <= 1, got {list(self.clip)}")
+        if min(self.image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {list(self.image_size)}")
+        return self
+
+    @classmethod
+    def for_scoring(cls, id_column: str, submission_columns: list[str], metric: str, task: str,
+                    classes: list[str]) -> "Competition":
+        """The fields scoring reads, unvalidated (no slug, clip or image size: a server has none)."""
+        return cls.model_construct(id_column=id_column, submission_columns=submission_columns, metric=metric,
+                                   task=task, classes=classes)

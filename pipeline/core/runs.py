@@ -1,0 +1,224 @@
+"""The run cache: every result a stage (or a unit of one, such as an ensemble member) ever wrote,
+kept by fingerprint, so that switching a setting back restores the earlier result at once.
+
+    work/COMP/_runs/STAGE/FINGERPRINT/     one finished run: manifest.json + the stage's outputs
+    work/COMP/_runs/STAGE/last.json        how the current result got there: ran | restored, when
+    work/COMP/STAGE -> _runs/STAGE/FP      the current result (a relative symbolic link)
+    work/COMP/_runs/ensemble-members/KEY/  units: cached pieces of a stage, keyed by their own fingerprint
+
+An entry is written into a `.tmp-` sibling and renamed into place only once complete, so a crash
+or SIGKILL never leaves an entry that is accepted; `sweep_partial` removes what it leaves. The
+link is replaced atomically (a new link renamed over the old one), so readers see the old result
+or the new one, never neither. Like DVC's run-cache, but inside the competition's work folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.core.artifacts import ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored run or unit: its key (a fingerprint), folder, size in bytes and last use (epoch s)."""
+
+    key: str
+    path: Path
+    size: int
+    used: float
+
+
+def folder_size(path: Path) -> int:
+    """Bytes in every file under `path`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+class RunStore:
+    """The stored runs of one stage (or units of one kind), each in `root/KEY/`.
+
+    `used`, when given, collects every key asked for through `path` (a manifest lists the units a
+    run used, so that cleaning keeps them with the run).
+    """
+
+    def __init__(self, root: Path, used: list[str] | None = None):
+        self.root = Path(root)
+        self.used = used
+
+    def path(self, key: str) -> Path:
+        if self.used is not None and key not in self.used:
+            self.used.append(key)
+        return self.root / key
+
+    def has(self, key: str) -> bool:
+        """An entry that was written completely (its `.entry.json` is the last thing written)."""
+        return (self.path(key) / ENTRY_FILE).is_file()
+
+    def touch(self, key: str) -> None:
+        """Mark an entry as just used (what `kp clean --keep-last` keeps)."""
+        os.utime(self.path(key) / ENTRY_FILE)
+
+    @contextlib.contextmanager
+    def write(self, key: str) -> Iterator[Path]:
+        """Yield a fresh temporary folder; on success it becomes `root/KEY/` (replacing an older one).
+
+        On an exception the temporary folder is removed and any earlier entry is left as it was.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            (tmp / ENTRY_FILE).write_text(json.dumps({"key": key, "size": folder_size(tmp),
+                                                      "written": time.time()}) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.path(key)
+        old = self.root / f"{OLD_PREFIX}{key}-{uuid.uuid4().hex[:6]}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def entries(self) -> list[Entry]:
+        """Every complete entry, most recently used first."""
+        found = []
+        if not self.root.is_dir():
+            return found
+        for folder in self.root.iterdir():
+            marker = folder / ENTRY_FILE
+            if folder.name.startswith((TMP_PREFIX, OLD_PREFIX)) or not marker.is_file():
+                continue
+            try:
+                size = int(json.loads(marker.read_text()).get("size", 0))
+            except (OSError, ValueError):
+                size = 0
+            found.append(Entry(folder.name, folder, size, marker.stat().st_mtime))
+        return sorted(found, key=lambda e: e.used, reverse=True)
+
+    def prune(self, keep_last: int, protect: set[str] = frozenset()) -> list[Entry]:
+        """Delete all but the `keep_last` most recently used entries (never those in `protect`)."""
+        removed = []
+        for rank, entry in enumerate(self.entries()):
+            if rank >= keep_last and entry.key not in protect:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry)
+        return removed
+
+
+def runs_root(work_dir: Path) -> Path:
+    return work_dir / RUNS_FOLDER
+
+
+def stage_store(work_dir: Path, stage: str) -> RunStore:
+    """The stored runs of `stage`."""
+    return RunStore(runs_root(work_dir) / stage)
+
+
+def current_key(work_dir: Path, stage: str) -> str | None:
+    """The fingerprint the stage's link points at (None: no link)."""
+    link = work_dir / stage
+    if link.is_symlink():
+        return Path(os.readlink(link)).name
+    return None
+
+
+def point(work_dir: Path, stage: str, key: str, action: str) -> None:
+    """Make `work/STAGE` the stored run `key` (atomically) and record how (`ran` or `restored`)."""
+    link = work_dir / stage
+    if link.exists() and not link.is_symlink():  # an output folder from before the run cache
+        adopt_legacy_folder(work_dir, stage)
+    tmp = work_dir / f"{TMP_PREFIX}link-{stage}-{uuid.uuid4().hex[:6]}"
+    os.symlink(Path(RUNS_FOLDER) / stage / key, tmp)
+    os.replace(tmp, link)
+    store = stage_store(work_dir, stage)
+    store.touch(key)
+    last = {"fingerprint": key, "action": action, "time": time.time()}
+    (store.root / LAST_FILE).write_text(json.dumps(last) + "\n")
+
+
+def last_action(work_dir: Path, stage: str) -> dict:
+    try:
+        return json.loads((stage_store(work_dir, stage).root / LAST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def adopt_legacy_folder(work_dir: Path, stage: str) -> None:
+    """Move a pre-run-cache `work/STAGE/` folder into the store under its manifest's fingerprint."""
+    folder = work_dir / stage
+    try:
+        key = json.loads((folder / MANIFEST).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        shutil.rmtree(folder)  # no manifest: never accepted anyway
+        return
+    store = stage_store(work_dir, stage)
+    store.root.mkdir(parents=True, exist_ok=True)
+    if store.path(key).exists():
+        shutil.rmtree(folder)
+        return
+    (folder / ENTRY_FILE).write_text(json.dumps({"key": key, "size": folder_size(folder),
+                                                 "written": time.time()}) + "\n")
+    os.rename(folder, store.path(key))
+
+
+def unit_stores(work_dir: Path, stage: str) -> list[RunStore]:
+    """The unit stores of `stage` (`_runs/STAGE-KIND/`)."""
+    root = runs_root(work_dir)
+    return [RunStore(p) for p in sorted(root.glob(f"{stage}-*")) if p.is_dir()] if root.is_dir() else []
+
+
+def remove_stage(work_dir: Path, stage: str) -> list[Path]:
+    """Delete a stage's current link, every stored run and every unit it cached."""
+    removed = []
+    link = work_dir / stage
+    if link.is_symlink():
+        link.unlink()
+        removed.append(link)
+    elif link.is_dir():
+        shutil.rmtree(link)
+        removed.append(link)
+    for folder in [stage_store(work_dir, stage).root, *(s.root for s in unit_stores(work_dir, stage))]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
+def prune_stage(work_dir: Path, stage: str, keep_last: int) -> list[Entry]:
+    """Keep the current run and the `keep_last` most recently used stored runs of `stage` (at least
+    the current one), and the units those runs used; delete the rest."""
+    store = stage_store(work_dir, stage)
+    current = current_key(work_dir, stage)
+    removed = store.prune(max(keep_last, 1 if current else 0), protect={current} if current else set())
+    kept_units: dict[str, set[str]] = {}
+    for entry in store.entries():
+        try:
+            units = json.loads((entry.path / MANIFEST).read_text()).get("units", {})
+        except (OSError, ValueError):
+            units = {}
+        for name, keys in units.items():
+            kept_units.setdefault(name, set()).update(keys)
+    for units in unit_stores(work_dir, stage):
+        removed += units.prune(0, protect=kept_units.get(units.root.name, set()))
+    return removed
+
+
+def store_sizes(work_dir: Path) -> dict[str, tuple[int, int]]:
+    """{store name: (entries, bytes)} for every store under `_runs/`, from the sizes recorded at write time."""
+    root = runs_root(work_dir)
+    if not root.is_dir():
+        return {}
+    sizes = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        entries = RunStore(folder).entries()
+        sizes[folder.name] = (len(entries), sum(e.size for e in entries))
+    return sizes

@@ -1,0 +1,196 @@
+"""What a stage is: its declaration (`Stage`), its settings base class, and what it is handed at run time.
+
+A stage module in `stages/` defines a `Settings` model (its config section), a `run(ctx)` function
+(the recipe) and a module-level `STAGE = Stage(...)` that ties them together with the stage's
+upstream stages, the config keys it reads and the outputs it writes. The cache fingerprints exactly
+those declarations, so they are enforced rather than remembered: a stage sees the config only
+through a `ConfigView` that raises on any key it did not declare, and the runner checks that a
+finished run wrote every declared output.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.core.artifacts import RUNS_FOLDER
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are an error, and a loaded config is read-only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UndeclaredConfigRead(RuntimeError):
+    """A stage read a config key it does not declare: a bug in its `STAGE`, which would let a
+    change of that key go unnoticed by the cache."""
+
+
+def _covers(declared: tuple[str, ...], dotted: str) -> bool:
+    return any(dotted == d or dotted.startswith(d + ".") for d in declared)
+
+
+class _SectionView:
+    """A config section of which only some keys are declared: other attributes raise."""
+
+    def __init__(self, model, name: str, view: "ConfigView"):
+        self._model, self._name, self._view = model, name, view
+
+    def __getattr__(self, attribute: str):
+        self._view.check(f"{self._name}.{attribute}")
+        return getattr(self._model, attribute)
+
+
+class ConfigView:
+    """The config as one stage may see it: its own section and its declared `reads`, nothing else.
+
+    Offers what stages use of `pipeline.config.ResolvedConfig` (`get`, `section`, `competition`,
+    `path`, `root`, `comp`, `submissions_dir`); anything outside the declaration raises
+    `UndeclaredConfigRead`, so a test run of every stage proves its declaration complete.
+    """
+
+    def __init__(self, config, stage: "Stage"):
+        self._config, self.stage = config, stage
+        self.declared = stage.keys
+        self.comp, self.root = config.comp, config.root
+
+    def check(self, dotted: str) -> None:
+        if not _covers(self.declared, dotted):
+            raise UndeclaredConfigRead(
+                f"stage {self.stage.name!r} read config key {dotted!r} without declaring it: add it to "
+                f"STAGE.reads in {self.stage.run.__module__} (declared: {', '.join(self.declared)})"
+            )
+
+    def get(self, dotted: str) -> Any:
+        self.check(dotted)
+        return self._config.get(dotted)
+
+    def section(self, name: str) -> Any:
+        if _covers(self.declared, name):
+            return self._config.section(name)
+        if any(d.startswith(name + ".") for d in self.declared):
+            return _SectionView(self._config.section(name), name, self)
+        self.check(name)
+
+    @property
+    def competition(self):
+        return self.section("competition")
+
+    def path(self, value) -> Path:
+        return self._config.path(value)
+
+    @property
+    def submissions_dir(self) -> Path:
+        self.check("paths.submissions")
+        return self._config.submissions_dir
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration.
+
+    name: the command (`kp NAME`) and the work folder (`work/COMP/NAME/`).
+    run: the recipe; takes a `StageContext`, writes under `ctx.out`, returns its metrics (a dict
+        of JSON values), which land in the manifest and in `kp status --json`.
+    settings: the pydantic model of its config section.
+    section: the config section it owns (default: its name).
+    needs: upstream stages whose outputs it reads.
+    reads: dotted config keys outside its own section that change its output (also those a shared
+        recipe reads on its behalf); reading any other key raises.
+    outs: the files (and `folders/`) every run writes: checked when a run finishes, and by `kp
+        status`, which reports a run whose outputs went missing or changed size as stale.
+    headline: turns its metrics into the short text `kp status` shows.
+    source_stamp: extra fingerprint inputs read from outside the config, as
+        `source_stamp(config, stamp)` where `stamp(path)` is the configured file stamp (size and
+        mtime, or sha256), so that replacing an input file makes the stage stale.
+    extra_needs: upstream stages chosen by the config (submit reads the stage `submit.source` names).
+    restore: called with a `StageContext` (whose `out` is the stored run) when a stored run becomes
+        current again without rerunning, for a stage that also writes outside its folder.
+    """
+
+    name: str
+    run: Callable[["StageContext"], dict[str, Any]]
+    settings: type[StrictModel]
+    section: str = ""
+    needs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    headline: Callable[[dict[str, Any]], str] = lambda metrics: ""
+    source_stamp: Callable[[Any, Callable[[Path], dict]], dict[str, Any]] | None = None
+    extra_needs: Callable[[Any], tuple[str, ...]] | None = None
+    restore: Callable[["StageContext"], None] | None = None
+
+    def __post_init__(self):
+        if not self.section:
+            object.__setattr__(self, "section", self.name)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every config key whose value goes into the fingerprint: its section, then `reads`."""
+        return (self.section, *self.reads)
+
+    def view(self, config) -> ConfigView:
+        """The config as this stage may read it."""
+        return config if isinstance(config, ConfigView) else ConfigView(config, self)
+
+    def needs_for(self, config) -> tuple[str, ...]:
+        """Upstream stages under this config: `needs`, then whatever `extra_needs` adds."""
+        extra = self.extra_needs(self.view(config)) if self.extra_needs else ()
+        return self.needs + tuple(name for name in extra if name not in self.needs)
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: its settings, its view of the config, where to read and write.
+
+    out: a fresh temporary folder; everything the stage writes goes here. It becomes the stored run
+        `work/COMP/_runs/STAGE/FINGERPRINT/` (and `work/COMP/STAGE` points at it) only once `run`
+        returns, so a crash never leaves an accepted artifact.
+    inputs: the current output folder of each upstream stage, by name.
+    cache_dir: a per-competition folder that survives reruns (downloaded archives live here).
+    config_fingerprint: this stage's fingerprint (submissions carry it).
+    fingerprint_inputs: what that fingerprint hashes (config values, upstream fingerprints, code).
+    """
+
+    comp: str
+    config: ConfigView
+    settings: Any
+    out: Path
+    inputs: dict[str, Path]
+    cache_dir: Path
+    work_dir: Path
+    config_fingerprint: str = ""
+    fingerprint_inputs: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    units_used: dict[str, list[str]] = field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.comp}] {message}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        """Print a warning and keep it for the manifest (shown again by `kp status --json`)."""
+        self.warnings.append(message)
+        print(f"[{self.comp}] WARNING: {message}", file=sys.stderr, flush=True)
+
+    def input(self, stage: str) -> Path:
+        return self.inputs[stage]
+
+    def units(self, kind: str):
+        """The run store of this stage's cached units of `kind` (`work/COMP/_runs/STAGE-KIND/`),
+        e.g. ensemble members: each unit is keyed by its own fingerprint and written atomically."""
+        from pipeline.core.runs import RunStore
+
+        name = f"{self.config.stage.name}-{kind}"
+        return RunStore(self.work_dir / RUNS_FOLDER / name, used=self.units_used.setdefault(name, []))
+
+    def progress(self, total: int, desc: str):
+        """A progress bar on stderr (redrawn in place on a terminal, a line every 30 s in a log)."""
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()
+        return tqdm(total=total, desc=f"[{self.comp}] {desc}", unit="img", file=sys.stderr,
+                    mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)

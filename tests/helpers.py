@@ -1,0 +1,116 @@
+"""Helpers shared by the test modules: paths, synthetic Kaggle archives, configs and served competitions.
+
+Fixtures stay in conftest.py; everything a test module imports by name lives here.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+COMPETITIONS = SHARED_DATA / "competitions"
+
+needs_shared_data = pytest.mark.skipif(
+    not COMPETITIONS.is_dir(), reason=f"real data folder {COMPETITIONS} is absent"
+)
+
+
+def write_config(root: Path, name: str, text: str) -> Path:
+    path = root / "configs" / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def image_bytes(seed: int, size=(16, 12), fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def nested_zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return buffer.getvalue()
+
+
+def make_statefarm_like(folder: Path, drivers=6, classes=3, per_driver_class=4, test=5,
+                        broken: set[str] = frozenset()) -> Path:
+    """A State-Farm-shaped SLUG.zip: imgs.zip (train/cK/img_N.jpg, test/img_N.jpg),
+    driver_imgs_list.csv and sample_submission.csv. Names in `broken` get truncated JPEG bytes."""
+    images: dict[str, bytes] = {}
+    rows = ["subject,classname,img"]
+    n = 0
+    for d in range(drivers):
+        for c in range(classes):
+            for _ in range(per_driver_class):
+                name = f"img_{n}.jpg"
+                data = image_bytes(n)
+                images[f"train/c{c}/{name}"] = data[: len(data) // 3] if name in broken else data
+                rows.append(f"p{d:03d},c{c},{name}")
+                n += 1
+    test_names = [f"img_{n + i}.jpg" for i in range(test)]
+    for i, name in enumerate(test_names):
+        images[f"test/{name}"] = image_bytes(10_000 + i)
+    header = "img," + ",".join(f"c{c}" for c in range(classes))
+    sample = [header] + [name + "," + ",".join(["0.1"] * classes) for name in test_names]
+    archive = folder / "statefarm-like.zip"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("imgs.zip", nested_zip(images))
+        zf.writestr("driver_imgs_list.csv", "\n".join(rows) + "\n")
+        zf.writestr("sample_submission.csv", "\n".join(sample) + "\n")
+    return archive
+
+
+def statefarm_like_config(root: Path, archive: Path, classes=3, extra: str = "") -> None:
+    names = [f"c{c}" for c in range(classes)]
+    write_config(root, "synth", f"""
+competition:
+  slug: synth-statefarm
+  classes: {names}
+  id_column: img
+  submission_columns: [img, {", ".join(names)}]
+  image_size: [12, 16]
+stages: [download, split]
+download:
+  source: {archive}
+  layout: class_folders
+  expected: [imgs.zip, driver_imgs_list.csv, sample_submission.csv]
+  test_file: "{{id}}"
+  groups: {{csv: driver_imgs_list.csv, file_column: img, label_column: classname, group_column: subject}}
+split:
+  strategy: group
+  fraction: 0.34
+{extra}""")
+
+
+def serve_competition(folder: Path, slug: str, files: dict[str, bytes], solution: str) -> Path:
+    """A competition as the local Kaggle server reads it: folder/SLUG/SLUG.zip (+ solution.csv)."""
+    (folder / slug).mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / slug / f"{slug}.zip", "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    (folder / slug / "solution.csv").write_text(solution)
+    return folder
+
+
+def serve_digits(folder: Path, drop_solution_rows: int = 0) -> Path:
+    """The embedded digits competition served as `digit-recognizer` (the slug configs/digits.yaml names)."""
+    from pipeline.data.digits import write_digits_competition
+
+    raw = folder.parent / "digits-raw"
+    write_digits_competition(raw, raw / "solution.csv")
+    solution = (raw / "solution.csv").read_text().splitlines()
+    kept = solution[: len(solution) - drop_solution_rows]
+    files = {name: (raw / name).read_bytes() for name in ("train.csv", "test.csv", "sample_submission.csv")}
+    return serve_competition(folder, "digit-recognizer", files, "\n".join(kept) + "\n")

@@ -1,0 +1,74 @@
+"""The code's shape: layered subpackages, one place for artifact names, stages offered only once they exist."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from pipeline.core import artifacts
+from pipeline.registry import stage_names
+from tests.helpers import REPO
+
+# Lower layers never import higher ones; a package may import its own modules.
+LAYERS = {"pipeline.core": 0, "pipeline.data": 1, "pipeline.models": 2, "pipeline.evaluation": 2,
+          "pipeline.training": 3, "pipeline.kaggle": 3, "stages": 4, "pipeline": 5}
+
+
+def _layer(module: str) -> tuple[str, int]:
+    for package in sorted(LAYERS, key=len, reverse=True):
+        if module == package or module.startswith(package + "."):
+            return package, LAYERS[package]
+    raise AssertionError(f"{module} is in no layer")
+
+
+def _modules() -> dict[str, Path]:
+    files = [*(REPO / "pipeline").rglob("*.py"), *(REPO / "stages").glob("*.py")]
+    return {".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m == "pipeline" or m.startswith(("pipeline.", "stages"))}
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    problems = []
+    for module, path in _modules().items():
+        package, rank = _layer(module)
+        for imported in _imports(path):
+            other, other_rank = _layer(imported)
+            if other != package and other_rank >= rank:
+                problems.append(f"{module} ({package}) imports {imported} ({other})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_engine_is_the_only_code_that_imports_stages():
+    users = {m for m, path in _modules().items() if any(i.startswith("stages") for i in _imports(path))}
+    assert {_layer(m)[0] for m in users} <= {"pipeline", "stages"}
+
+
+def test_every_artifact_name_is_spelled_once():
+    names = {value for key, value in vars(artifacts).items() if key.isupper() and isinstance(value, str)
+             and "." in value and not value.startswith(".")}
+    problems = []
+    for module, path in _modules().items():
+        if module == "pipeline.core.artifacts":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings:
+                problems.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert not problems, "spell these through pipeline.core.artifacts:\n" + "\n".join(problems)
+
+
+def test_make_offers_exactly_the_stages_that_exist():
+    match = re.search(r"^STAGES := (.*)$", (REPO / "Makefile").read_text(), re.M)
+    assert tuple(match.group(1).split()) == stage_names()
