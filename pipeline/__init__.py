@@ -1,9 +1,12 @@
 """kaggle-pipeline: a staged, cached Keras pipeline for Kaggle image competitions.
 
-The library half of the project: configuration (`config`), the artifact cache (`cache`), the stage
-registry and runner (`stages_registry`, `runner`), data handling (`archive`, `dataset_index`,
-`splits`) and the command line (`cli`). Stage recipes live in the top-level `stages` package.
-Nothing imported here may import TensorFlow: `kp --help` and `kp status` must start fast.
+The engine lives at this level: the command line (`cli`), configuration (`config`), the stage
+registry (`registry`), staleness (`status`) and the runner (`runner`); it is the only code that
+imports the stage recipes of the top-level `stages` package. The library is layered below it:
+`core` (what a stage is written against: Stage, cache, run store, artifact names, errors), `data`,
+`models`, `evaluation`, `training` and `kaggle`; no module imports from a layer above its own.
+Nothing imported at start-up may import TensorFlow or pandas: `kp --help` and `kp status` must
+start fast.
 """
 
 import os as _os

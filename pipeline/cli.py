@@ -19,13 +19,17 @@ import shutil
 
 import click
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, describe_os_error
 
 DEFAULT_COMP = "digits"
 
 
 class _UserError(click.ClickException):
     exit_code = 2
+
+
+class _Interrupted(click.ClickException):
+    exit_code = 130  # the shell's code for Ctrl-C
 
 
 def _config_options(command):
@@ -106,6 +110,13 @@ class _PipelineGroup(click.Group):
             return super().invoke(ctx)
         except PipelineError as exc:
             raise _UserError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise _Interrupted("interrupted: the stage that was running left nothing that will be accepted; "
+                               "earlier results are intact, and running the same command again continues") from None
+        except OSError as exc:  # outside any stage: the work folder, the lock, the ledger, a config file
+            if os.environ.get("KP_DEBUG") == "1":
+                raise
+            raise _UserError(describe_os_error(exc)) from None
 
 
 def _stage_command(name: str, doc: str) -> click.Command:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from pipeline.core.stage import StrictModel
 from pipeline.models.build import Model
 
 DEFAULTS_FILE = "defaults.yaml"
+COMPETITION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # never a path: it names folders that kp deletes
 
 
 class Paths(StrictModel):
@@ -120,10 +123,14 @@ def load_config(
     defaults_path = configs / DEFAULTS_FILE
     if not defaults_path.is_file():
         raise PipelineError(f"{defaults_path}: missing (the project root {root} has no configs/{DEFAULTS_FILE})")
+    known = known_competitions(root)
+    if not COMPETITION_NAME.fullmatch(comp):
+        raise PipelineError(f"--comp {comp!r}: a competition is a plain name (letters, digits, '-', '_'), "
+                            f"the name of a file in {configs}; known competitions: {', '.join(known) or 'none'}")
     comp_path = configs / f"{comp}.yaml"
     if not comp_path.is_file():
-        known = ", ".join(known_competitions(root)) or "none"
-        raise PipelineError(f"unknown competition {comp!r}: there is no {comp_path}; known competitions: {known}")
+        raise PipelineError(f"unknown competition {comp!r}: there is no {comp_path}; "
+                            f"known competitions: {', '.join(known) or 'none'}")
 
     merged: dict[str, Any] = {}
     provenance: dict[str, str] = {}
@@ -136,6 +143,8 @@ def load_config(
         layers.append(Path(extra))
     for path in layers:  # each competition file or overlay may `extends:` another, merged before it
         for layer_path, layer in _overlay_chain(path):
+            if not layer:
+                print(f"warning: {layer_path}: empty, changes nothing", file=sys.stderr)
             files.append(layer_path)
             _merge(merged, layer, _display(layer_path, root), provenance)
     for assignment in sets:
@@ -282,9 +291,8 @@ def _validate(merged: dict, provenance: dict[str, str], comp: str):
         return model_cls.model_validate(merged)
     except ValidationError as exc:
         problems = [_describe(error, model_cls, provenance) for error in exc.errors()]
-        raise PipelineError(
-            f"invalid configuration for competition {comp!r}:\n  " + "\n  ".join(problems)
-        ) from None
+        joined = problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems)
+        raise PipelineError(f"invalid configuration for competition {comp!r}: {joined}") from None
 
 
 def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:

@@ -20,7 +20,7 @@ from pipeline.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
 from pipeline.core.cache import Manifest, competition_lock, output_problems, output_sizes, sweep_partial, \
     write_text_atomic
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
 from pipeline.registry import all_stages
@@ -109,9 +109,19 @@ def _guarded(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
     except Exception as exc:
         if os.environ.get("KP_DEBUG") == "1":
             raise
-        write_text_atomic(log, traceback.format_exc())
-        reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-        raise PipelineError(f"stage {stage.name} failed: {reason} (traceback: {log})") from None
+        details = traceback.format_exc()
+        try:
+            write_text_atomic(log, details)
+            where = f" (traceback: {log})"
+        except OSError:  # the disk that is full, or read-only, cannot take the log either
+            where = ""
+        if isinstance(exc, PipelineError):
+            reason = str(exc)
+        elif isinstance(exc, OSError):
+            reason = describe_os_error(exc)
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        raise PipelineError(f"stage {stage.name} failed: {reason}{where}") from None
     log.unlink(missing_ok=True)
     return manifest
 

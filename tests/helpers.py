@@ -44,9 +44,11 @@ def nested_zip(files: dict[str, bytes]) -> bytes:
 
 
 def make_statefarm_like(folder: Path, drivers=6, classes=3, per_driver_class=4, test=5,
-                        broken: set[str] = frozenset()) -> Path:
+                        broken: set[str] = frozenset(), replaced: dict[str, bytes] | None = None) -> Path:
     """A State-Farm-shaped SLUG.zip: imgs.zip (train/cK/img_N.jpg, test/img_N.jpg),
-    driver_imgs_list.csv and sample_submission.csv. Names in `broken` get truncated JPEG bytes."""
+    driver_imgs_list.csv and sample_submission.csv. Names in `broken` get truncated JPEG bytes,
+    names in `replaced` the bytes given (e.g. a TIFF named .jpg)."""
+    replaced = replaced or {}
     images: dict[str, bytes] = {}
     rows = ["subject,classname,img"]
     n = 0
@@ -55,7 +57,7 @@ def make_statefarm_like(folder: Path, drivers=6, classes=3, per_driver_class=4, 
             for _ in range(per_driver_class):
                 name = f"img_{n}.jpg"
                 data = image_bytes(n)
-                images[f"train/c{c}/{name}"] = data[: len(data) // 3] if name in broken else data
+                images[f"train/c{c}/{name}"] = replaced.get(name, data[: len(data) // 3] if name in broken else data)
                 rows.append(f"p{d:03d},c{c},{name}")
                 n += 1
     test_names = [f"img_{n + i}.jpg" for i in range(test)]

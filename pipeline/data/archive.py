@@ -47,8 +47,13 @@ def extract_zip(archive: Path, dest: Path) -> int:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, length=1 << 20)
+                try:
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+                except OSError as exc:  # a write error (disk full) carries no file name: give it one
+                    if isinstance(exc, _BAD_ARCHIVE) or exc.filename:
+                        raise
+                    raise OSError(exc.errno, exc.strerror, str(target)) from None
                 count += 1
     except _BAD_ARCHIVE as exc:
         raise PipelineError(f"{archive}: corrupt or truncated zip archive ({exc})") from None

@@ -7,10 +7,13 @@ by a crash is never accepted; `complete` tells whether every row was written.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+from pipeline.core.errors import PipelineError
 
 
 class ChunkedArrayWriter:
@@ -21,6 +24,7 @@ class ChunkedArrayWriter:
         self.n_rows = n_rows
         self.written = 0
         self._array = open_memmap(self.path, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, *row_shape))
+        reserve_space(self.path)
 
     def append(self, chunk: np.ndarray) -> None:
         end = self.written + len(chunk)
@@ -49,6 +53,36 @@ class ChunkedArrayWriter:
             self.close()
 
 
+def reserve_space(path: Path) -> None:
+    """Allocate every block of a new memory-mapped file before writing into it.
+
+    `open_memmap` makes a sparse file: writing into it on a full disk kills the process with SIGBUS
+    and no message. Allocating first turns that into an ordinary OSError (ENOSPC) naming the file,
+    before anything is written; the half-made file is removed.
+    """
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def load_array(path: Path) -> np.ndarray:
-    """A cached array, memory-mapped read-only: memory does not grow with its size."""
+    """A cached array, memory-mapped read-only: memory does not grow with its size.
+
+    Raises:
+        PipelineError: the file is shorter than its header says (damaged outside the pipeline).
+    """
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        data_start = handle.tell()
+    expected = data_start + int(np.prod(shape)) * dtype.itemsize
+    actual = os.path.getsize(path)
+    if actual < expected:
+        raise PipelineError(f"{path}: truncated: its header says {shape[0]} rows of {tuple(shape[1:])} {dtype} "
+                            f"({expected:,} bytes), the file holds {actual:,}; rerun the stage that wrote it "
+                            "(kp STAGE --force)")
     return np.load(path, mmap_mode="r")

@@ -79,11 +79,11 @@ def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, 
     Returns:
         The number of rows written.
     """
-    from pipeline.data.images import image_batches
+    from pipeline.data.images import checked_batches
 
     bar = progress if progress is not None else contextlib.nullcontext()
     with ChunkedArrayWriter(out, len(paths), row_shape, dtype) as writer, bar:
-        for images in image_batches(paths, size, batch_size, preprocess):
+        for images in checked_batches(paths, size, batch_size, preprocess):
             writer.append(np.asarray(forward(images)).astype(dtype, copy=False))
             if progress is not None:
                 progress.update(len(images))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 JPEG_SCALES = (1, 2, 4, 8)  # the reductions libjpeg can apply while decoding
+# What tf.io.decode_image reads, as PIL names the formats (download checks against this list).
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 
 
 def decode_resize(path, size: tuple[int, int], channels: int = 3):
@@ -53,3 +55,37 @@ def image_batches(paths: list[str | Path], size: tuple[int, int], batch_size: in
     dataset = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,
+                    channels: int = 3):
+    """`image_batches` as NumPy-ready tensors, in order; a file that fails to decode is named.
+
+    tf.data reports a decoding error without the file; the batch it came from is the next one in
+    order, so its files are decoded one by one to find it.
+
+    Raises:
+        PipelineError: naming the first file of that batch (or a later one) that does not decode.
+    """
+    import tensorflow as tf
+
+    from pipeline.core.errors import PipelineError
+
+    done = 0
+    iterator = iter(image_batches(paths, size, batch_size, preprocess, channels))
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as exc:
+            for path in paths[done:]:
+                try:
+                    decode_resize(str(path), size, channels)
+                except tf.errors.InvalidArgumentError:
+                    reason = str(exc).splitlines()[0].split("status: ")[-1][:200]
+                    raise PipelineError(f"{path}: cannot decode this image ({reason}); replace or remove the file "
+                                        "and rerun download") from None
+            raise
+        done += len(batch)
+        yield batch

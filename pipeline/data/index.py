@@ -209,12 +209,18 @@ def _sample_ids(raw: Path, download, competition) -> list[str]:
 
 
 def undecodable_images(raw: Path, paths: list[str]) -> list[dict]:
-    """The images that fail to decode (truncated, corrupt, not an image), checked in parallel."""
+    """The images that fail to decode (truncated, corrupt, not an image) or come in a format the
+    later stages' decoder (TensorFlow's) cannot read, checked in parallel with PIL."""
     from PIL import Image
+
+    from pipeline.data.images import DECODABLE_FORMATS
 
     def check(relative: str) -> dict | None:
         try:
             with Image.open(raw / relative) as image:
+                if image.format not in DECODABLE_FORMATS:
+                    return {"path": relative, "row": -1, "error": f"a {image.format} image, which TensorFlow cannot "
+                            f"decode (it reads {', '.join(DECODABLE_FORMATS)})"}
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: decode at 1/8
                 image.load()
             return None

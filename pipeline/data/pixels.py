@@ -22,16 +22,17 @@ def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], lay
             raise PipelineError(f"pixel rows of one subset must come from one CSV, got {list(files)}")
         if not len(files):
             return
-        table = pd.read_csv(raw / files[0])
-        pixels = table[[c for c in table.columns if c.startswith("pixel")]].to_numpy(dtype=np.float32)
-        if pixels.shape[1] != int(np.prod(shape)):
-            raise PipelineError(f"{raw / files[0]}: {pixels.shape[1]} pixel columns, competition.image_size x "
+        table = pd.read_csv(raw / files[0], dtype=str)
+        columns = [c for c in table.columns if c.startswith("pixel")]
+        if len(columns) != int(np.prod(shape)):
+            raise PipelineError(f"{raw / files[0]}: {len(columns)} pixel columns, competition.image_size x "
                                 f"channels needs {int(np.prod(shape))}")
-        selected = pixels[rows["row"].to_numpy()].reshape((-1, *shape))
+        # only the indexed rows: the ones download skipped (non-numeric, out of range) are never parsed
+        selected = table.iloc[rows["row"].to_numpy()][columns].astype(np.float32).to_numpy().reshape((-1, *shape))
         for start in range(0, len(selected), chunk):
             yield selected[start:start + chunk]
         return
-    from pipeline.data.images import image_batches
+    from pipeline.data.images import checked_batches
 
-    for batch in image_batches([raw / p for p in rows["path"]], shape[:2], chunk, channels=shape[2]):
+    for batch in checked_batches([raw / p for p in rows["path"]], shape[:2], chunk, channels=shape[2]):
         yield batch.numpy()

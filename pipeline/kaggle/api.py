@@ -36,15 +36,32 @@ def check_credentials() -> str:
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return "KAGGLE_USERNAME/KAGGLE_KEY"
     folder = config_dir()
-    for name in ("access_token", "kaggle.json"):
-        if (folder / name).is_file():
-            return str(folder / name)
+    if (folder / "access_token").is_file():
+        return str(folder / "access_token")
+    if (folder / "kaggle.json").is_file():
+        _check_kaggle_json(folder / "kaggle.json")
+        return str(folder / "kaggle.json")
     raise PipelineError(
         "Kaggle credentials not found: the kaggle client looks for KAGGLE_API_TOKEN, or KAGGLE_USERNAME "
         f"and KAGGLE_KEY in the environment, or {folder / 'kaggle.json'} (or access_token there; "
         "KAGGLE_CONFIG_DIR moves that folder). Create a token at kaggle.com > Settings > API, or use a "
         "downloaded archive offline with --set download.source=PATH/SLUG.zip"
     )
+
+
+def _check_kaggle_json(path: Path) -> None:
+    """The client prints its whole help twice on a bad kaggle.json; say what is wrong instead."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc}); it should be "
+                            '{"username": "YOU", "key": "YOUR_API_KEY"} as downloaded from kaggle.com > Settings > API') from None
+    missing = [k for k in ("username", "key") if not isinstance(data, dict) or not isinstance(data.get(k), str)]
+    if missing:
+        raise PipelineError(f"{path}: missing {', '.join(repr(k) for k in missing)}; it should be "
+                            '{"username": "YOU", "key": "YOUR_API_KEY"}')
 
 
 LOCAL_ENDPOINT = "KAGGLE_LOCAL_ENDPOINT"

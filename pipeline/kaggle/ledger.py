@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import LEDGER_FILE
 from pipeline.core.cache import write_text_atomic
+from pipeline.core.errors import PipelineError
 from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
 COLUMNS = ["time", "file", "fingerprint", "split_strategy", "metric", "val_score", "lb_score", "difference",
            "status", "ref", "error", "description"]
@@ -26,10 +27,20 @@ def ledger_path(config) -> Path:
 
 
 def read_ledger(path: Path) -> list[dict[str, str]]:
+    """Every row of the ledger ([] when there is none yet).
+
+    Raises:
+        PipelineError: the file lacks columns; it is then never rewritten (`record` reads first).
+    """
     if not path.is_file():
         return []
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(COLUMNS)}); "
+                                "it was left as it is: repair it or move it away")
+        return list(reader)
 
 
 def write_ledger(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,326 @@
+"""Bad input and a hostile filesystem: each fault ends as one message (exit status 2, no traceback)
+naming what is wrong and where, nothing already written is lost, and the next correct run works.
+
+The other faults of the matrix are tested where their mechanism lives: archives (test_archive.py:
+truncated, non-zip, traversal, absolute and symlink members), download (test_download.py: missing
+members, wrong headers, out-of-range labels, undecodable images, missing credentials), the Kaggle
+server (test_leaderboard.py / test_kaggle_local.py: server down, 403, 404, rejected upload), the
+cache (test_cache.py: two runs at once, SIGKILL mid-write, leftovers swept everywhere).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.data.arrays import ChunkedArrayWriter, load_array
+from tests.helpers import (REPO, image_bytes, make_statefarm_like, nested_zip, statefarm_like_config,
+                           write_config)
+
+CHEAP = ["--set", "stages=[download, split]"]
+
+
+def kp(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The run failed with exit status 2 and exactly one `Error:` line holding every fragment."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size: str, read_only: bool = False):
+    """A small tmpfs at `folder` (needs root, as on CI and these machines; skipped otherwise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_tiff_named_jpg_is_caught_at_download_by_the_decoder_precompute_uses(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", replaced={"img_3.jpg": image_bytes(3, fmt="TIFF")})
+    statefarm_like_config(project, archive)
+    one_line_error(kp("download", "--comp", "synth", "--set", "download.bad_images=fail"),
+                   "train/c0/img_3.jpg", "TIFF")
+    result = kp("all", "--comp", "synth", "--set", "stages=[download, split, precompute]",
+                "--set", "precompute.backbone=none")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 undecodable items: train/c0/img_3.jpg" in result.output
+    assert Manifest.read(project / "work" / "synth" / "precompute").metrics["n_train"] == 71
+
+
+def test_an_image_damaged_after_download_fails_precompute_by_name(project, tmp_path):
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data"))
+    assert kp("download", "--comp", "synth").exit_code == 0
+    target = project / "work" / "synth" / "download" / "raw" / "train" / "c1" / "img_5.jpg"
+    target.write_bytes(image_bytes(5, fmt="TIFF"))
+    one_line_error(kp("precompute", "--comp", "synth", "--set", "stages=[download, split, precompute]",
+                      "--set", "precompute.backbone=none"),
+                   "stage precompute failed", "raw/train/c1/img_5.jpg")
+
+
+def test_a_skipped_pixels_row_is_really_skipped_downstream(project, tmp_path):
+    folder = tmp_path / "digits-like"
+    folder.mkdir()
+    header = "label," + ",".join(f"pixel{i}" for i in range(4))
+    (folder / "train.csv").write_text(f"{header}\n1,0,255,0,3\n0,1,abc,3,4\n1,9,9,9,9\n0,1,2,3,4\n0,4,3,2,1\n")
+    (folder / "test.csv").write_text(",".join(f"pixel{i}" for i in range(4)) + "\n1,2,3,4\n")
+    (folder / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
+    write_config(project, "tiny", f"""
+extends: mnist.yaml
+competition: {{classes: ["0", "1"], image_size: [2, 2]}}
+stages: [download, split, precompute]
+download: {{source: {folder}}}
+split: {{fraction: 0.5}}
+""")
+    result = kp("all", "--comp", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 undecodable items: train.csv row 1" in result.output
+    assert np.load(project / "work" / "tiny" / "precompute" / "train.npy").shape == (4, 2, 2, 1)
+
+
+def test_disk_full_is_one_message_and_the_earlier_outputs_survive(project, tmp_path):
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data"))
+    with mounted_tmpfs(tmp_path / "small", "2m") as small:
+        sets = ["--set", f"paths.work={small}", "--set", "stages=[download, split, precompute]",
+                "--set", "precompute.backbone=none", "--set", "competition.image_size=[160, 160]",
+                "--set", "precompute.dtype=float32"]  # 72 x 160 x 160 x 3 float32 = 22 MB > 2 MB
+        assert kp("split", "--comp", "synth", *sets).exit_code == 0
+        index = (small / "synth" / "download" / "index.csv").read_bytes()
+        one_line_error(kp("precompute", "--comp", "synth", *sets),
+                       "stage precompute failed: disk full while writing", "train.npy", "MB free there")
+        assert (small / "synth" / "download" / "index.csv").read_bytes() == index
+        status = kp("status", "--comp", "synth", *sets).output
+        assert "download    up to date" in status and "split       up to date" in status
+
+
+def test_the_chunked_writer_reserves_its_space_before_writing(tmp_path):
+    with mounted_tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(OSError) as raised:
+            ChunkedArrayWriter(small / "big.npy", 1000, (32, 32, 3), np.float32)  # 12 MB
+        assert raised.value.filename == str(small / "big.npy")
+        assert not (small / "big.npy").exists()
+
+
+def test_a_competition_name_is_never_a_path(project):
+    (project / "configs" / "dogscats").mkdir()
+    (project / "configs" / "dogscats" / "keep.txt").write_text("x")
+    one_line_error(kp("clean", "--comp", "../configs/dogscats"), "a competition is a plain name")
+    one_line_error(kp("status", "--comp", "/etc/passwd"), "a competition is a plain name")
+    assert (project / "configs" / "dogscats" / "keep.txt").exists()
+
+
+def test_work_folders_that_are_files_or_read_only(project, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    one_line_error(kp("all", "--comp", "digits", *CHEAP, "--set", f"paths.work={tmp_path / 'a-file'}"),
+                   str(tmp_path / "a-file"), "a file is in the way")
+    (project / "work").mkdir()
+    (project / "work" / "digits").write_text("x")
+    one_line_error(kp("all", "--comp", "digits", *CHEAP), "work/digits", "a file is in the way")
+    (project / "work" / "digits").unlink()
+    (tmp_path / "subs").write_text("x")
+    result = kp("all", "--comp", "digits", "--set", "stages=[download, split, precompute, finetune, submit]",
+                "--set", "submit.source=finetune", "--set", "finetune.phases=[{epochs: 1, lr: 0.001}]",
+                "--set", "model.arch=linear", "--set", "finetune.augment=null",
+                "--set", f"paths.submissions={tmp_path / 'subs'}")
+    one_line_error(result, "stage submit failed", str(tmp_path / "subs"), "a file is in the way")
+    assert Manifest.read(project / "work" / "digits" / "finetune") is not None  # the trained model is kept
+    with mounted_tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
+        one_line_error(kp("all", "--comp", "digits", *CHEAP, "--set", f"paths.work={read_only}"),
+                       str(read_only / "digits"), "cannot write here")
+
+
+def test_a_malformed_kaggle_json_is_named(project, kaggle_env, tmp_path):
+    kaggle_env.delenv("KAGGLE_USERNAME")
+    kaggle_env.delenv("KAGGLE_KEY")
+    folder = tmp_path / "kaggle-config"
+    folder.mkdir(exist_ok=True)
+    (folder / "kaggle.json").write_text('{"username": "me", "key": ')
+    one_line_error(kp("download", "--comp", "dogscats"), str(folder / "kaggle.json"), "not valid JSON")
+    (folder / "kaggle.json").write_text('{"username": "me"}')
+    one_line_error(kp("download", "--comp", "dogscats"), str(folder / "kaggle.json"), "'key'")
+
+
+def test_a_corrupt_ledger_is_named_and_never_rewritten(project):
+    ledger = project / "submissions" / "digits" / "ledger.csv"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text("time,file\n2026,x.csv\n")
+    one_line_error(kp("ledger", "--comp", "digits"), str(ledger), "missing column(s) fingerprint")
+    one_line_error(kp("status", "--comp", "digits", *CHEAP), str(ledger), "missing column(s)")
+    assert ledger.read_text() == "time,file\n2026,x.csv\n"
+
+
+def test_a_truncated_array_is_named_when_read(tmp_path):
+    path = tmp_path / "train.npy"
+    np.save(path, np.zeros((100, 8), np.float32))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(PipelineError, match=r"train.npy: truncated: its header says 100 rows of \(8,\) float32"):
+        load_array(path)
+
+
+def test_wrong_kinds_of_values_and_an_empty_overlay(project, tmp_path):
+    one_line_error(kp("status", "--comp", "digits", "--set", "finetune.batch_size=true"),
+                   "finetune.batch_size", "expected a number, got True")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    result = kp("status", "--comp", "digits", "--config", str(empty))
+    assert result.exit_code == 0 and f"warning: {empty}: empty, changes nothing" in result.output
+
+
+def _start(project, *args):
+    env = {**os.environ, "KP_ROOT": str(project)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _when_partial(process, folder, pattern: str, timeout=120.0):
+    """Wait until a file matching `pattern` is being written under `folder`'s temporary entries."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(tmp.rglob(pattern) for tmp in folder.glob(".tmp-*")):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"kp finished before the fault:\n{process.stdout.read().decode()}")
+        time.sleep(0.002)
+    process.kill()
+    pytest.fail("timed out waiting for a partial output")
+
+
+def test_ctrl_c_mid_stage_loses_nothing_and_the_rerun_gives_the_same_result(project, tmp_path):
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data", drivers=20, classes=10, per_driver_class=12),
+                          classes=10)
+    reference = tmp_path / "reference"
+    assert kp("all", "--comp", "synth", "--set", f"paths.work={reference}").exit_code == 0
+    work = project / "work" / "synth"
+    process = _start(project, "all", "--comp", "synth")
+    _when_partial(process, work / "_runs" / "download", "*.jpg")
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 130 and "Traceback" not in output, output
+    assert "interrupted: the stage that was running left nothing that will be accepted" in output
+    assert not (work / "download").exists() and not list(work.rglob(".tmp-*"))
+    assert kp("all", "--comp", "synth").exit_code == 0
+    for name in ("download/index.csv", "split/split.csv"):
+        assert (work / name).read_bytes() == (reference / "synth" / name).read_bytes()
+
+
+def test_sigkill_in_precompute_then_the_rerun_gives_the_same_arrays(project, tmp_path):
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data", drivers=10, classes=6, per_driver_class=6),
+                          classes=6)
+    sets = ["--set", "stages=[download, split, precompute]", "--set", "precompute.backbone=none",
+            "--set", "competition.image_size=[96, 96]", "--set", "precompute.batch_size=8"]
+    assert kp("split", "--comp", "synth", *sets).exit_code == 0
+    work = project / "work" / "synth"
+    process = _start(project, "precompute", "--comp", "synth", *sets)
+    _when_partial(process, work / "_runs" / "precompute", "train.npy")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert kp("status", "--comp", "synth", *sets).output.count("missing") == 1  # precompute only
+    assert kp("precompute", "--comp", "synth", *sets).exit_code == 0
+    first = np.load(work / "precompute" / "train.npy")
+    assert kp("precompute", "--comp", "synth", *sets, "--force").exit_code == 0
+    np.testing.assert_array_equal(np.load(work / "precompute" / "train.npy"), first)
+    assert not list(work.rglob(".tmp-*"))
+
+
+def _outer_zip(good: Path, path: Path, add: dict | None = None, drop: set = frozenset(),
+               images: dict | None = None, symlink: str | None = None, text: dict | None = None) -> Path:
+    """A variant of a good State-Farm-like SLUG.zip: members added, dropped or rewritten, images
+    inside its imgs.zip replaced."""
+    with zipfile.ZipFile(good) as zf:
+        members = {name: zf.read(name) for name in zf.namelist() if name not in drop}
+    if images:
+        with zipfile.ZipFile(io.BytesIO(members["imgs.zip"])) as inner:
+            files = {name: inner.read(name) for name in inner.namelist()}
+        members["imgs.zip"] = nested_zip({**files, **images})
+    members.update(add or {})
+    members.update({name: value.encode() for name, value in (text or {}).items()})
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = 0o120777 << 16
+            zf.writestr(info, "/etc/passwd")
+    return path
+
+
+def _cmyk_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("CMYK", (16, 12), (10, 200, 30, 0)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+BAD_ARCHIVES = {
+    "truncated zip": (lambda good, p: (p.write_bytes(good.read_bytes()[:500]), p)[1], "corrupt or truncated"),
+    "not a zip": (lambda good, p: (p.write_bytes(b"<html>not found</html>"), p)[1], "not a readable zip"),
+    "traversal member": (lambda good, p: _outer_zip(good, p, add={"../evil.txt": b"x"}), "contains '..'"),
+    "absolute member": (lambda good, p: _outer_zip(good, p, add={"/tmp/kp-evil.txt": b"x"}), "absolute path"),
+    "symlink member": (lambda good, p: _outer_zip(good, p, symlink="link"), "symbolic link"),
+    "missing member": (lambda good, p: _outer_zip(good, p, drop={"driver_imgs_list.csv"}),
+                       "missing expected member(s) ['driver_imgs_list.csv']"),
+    "wrong CSV header": (lambda good, p: _outer_zip(good, p, text={"driver_imgs_list.csv": "a,b,c\n1,2,3\n"}),
+                         "wrong header: expected columns img,classname,subject"),
+    "unknown class folder": (lambda good, p: _outer_zip(good, p, images={"train/c9/img_0x.jpg": image_bytes(1)}),
+                             "folder name is not one of competition.classes"),
+    "zero-byte image": (lambda good, p: _outer_zip(good, p, images={"train/c0/img_1.jpg": b""}), "train/c0/img_1.jpg"),
+    "garbage image": (lambda good, p: _outer_zip(good, p, images={"train/c0/img_2.jpg": b"\x00garbage" * 50}),
+                      "train/c0/img_2.jpg"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
+def test_a_bad_archive_is_one_message_and_the_good_download_stays(project, tmp_path, case):
+    good = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, good)
+    assert kp("download", "--comp", "synth").exit_code == 0
+    index = (project / "work" / "synth" / "download" / "index.csv").read_bytes()
+    build, fragment = BAD_ARCHIVES[case]
+    bad = build(good, tmp_path / "bad.zip")
+    one_line_error(kp("download", "--comp", "synth", "--set", f"download.source={bad}",
+                      "--set", "download.bad_images=fail"), fragment)
+    assert (project / "work" / "synth" / "download" / "index.csv").read_bytes() == index
+    assert not Path("/tmp/kp-evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "grayscale", "CMYK", "huge"])
+def test_images_that_are_unusual_but_fine_are_used(project, tmp_path, fmt):
+    data = {"PNG": image_bytes(7, fmt="PNG"), "WEBP": image_bytes(7, fmt="WEBP"),
+            "grayscale": _gray_jpeg(), "CMYK": _cmyk_jpeg(), "huge": image_bytes(7, size=(4000, 3000))}[fmt]
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data", replaced={"img_7.jpg": data}))
+    result = kp("all", "--comp", "synth", "--set", "stages=[download, split, precompute]",
+                "--set", "precompute.backbone=none", "--set", "download.bad_images=fail")
+    assert result.exit_code == 0, result.output
+    assert np.isfinite(np.load(project / "work" / "synth" / "precompute" / "train.npy")).all()
+
+
+def _gray_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (16, 12), 128).save(buffer, format="JPEG")
+    return buffer.getvalue()
