@@ -5,6 +5,10 @@ Fixtures stay in conftest.py; everything a test module imports by name lives her
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -116,3 +120,26 @@ def serve_digits(folder: Path, drop_solution_rows: int = 0) -> Path:
     kept = solution[: len(solution) - drop_solution_rows]
     files = {name: (raw / name).read_bytes() for name in ("train.csv", "test.csv", "sample_submission.csv")}
     return serve_competition(folder, "digit-recognizer", files, "\n".join(kept) + "\n")
+
+
+
+def start_kp(project: Path, *args: str) -> subprocess.Popen:
+    """`kp ARGS` in a subprocess on the throwaway project (for killing or interrupting it)."""
+    env = {**os.environ, "KP_ROOT": str(project)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for_partial(process: subprocess.Popen, store: Path, pattern: str, timeout: float = 120.0) -> Path:
+    """Wait until a file matching `pattern` is being written into one of `store`'s temporary
+    entries (`.tmp-*`); returns that entry. Fails the test if `process` finishes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for tmp in store.glob(".tmp-*"):
+            if any(tmp.rglob(pattern)):
+                return tmp
+        if process.poll() is not None:
+            pytest.fail(f"kp finished before the fault:\n{process.stdout.read().decode()}")
+        time.sleep(0.002)
+    process.kill()
+    pytest.fail("timed out waiting for a partial output")

@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,7 +19,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunStore
 from pipeline.registry import all_stages
 from pipeline.status import MISSING, STALE, UP_TO_DATE, explain, fingerprint_inputs, stage_statuses
-from tests.helpers import REPO, make_statefarm_like, statefarm_like_config
+from tests.helpers import REPO, make_statefarm_like, start_kp, statefarm_like_config, wait_for_partial
 
 
 UPSTREAM_ONLY = ["stages=[download, split]"]  # digits' cheap stages: these tests are about the cache
@@ -149,42 +147,28 @@ def test_second_run_on_the_same_competition_is_refused(tmp_path):
                 pass
 
 
-def _kp(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _kill_when_partial(process, work_dir, stage: str, timeout=120.0):
+def _kill_when_partial(process, work_dir, stage: str):
     """SIGKILL `process` as soon as its temporary output for `stage` holds files."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for tmp in work_dir.glob(f"_runs/{stage}/.tmp-*"):
-            if any(tmp.rglob("*.jpg")):
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return tmp
-        if process.poll() is not None:
-            pytest.fail(f"kp finished before it could be killed:\n{process.stdout.read().decode()}")
-        time.sleep(0.002)
-    process.kill()
-    pytest.fail("timed out waiting for the stage's partial output")
+    partial = wait_for_partial(process, work_dir / "_runs" / stage, "*.jpg")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return partial
 
 
 def test_sigkill_mid_write_leaves_no_accepted_artifact_and_rerun_succeeds(project, tmp_path):
     archive = make_statefarm_like(tmp_path / "data", drivers=20, classes=10, per_driver_class=12)
     statefarm_like_config(project, archive, classes=10)
-    env = {**os.environ, "KP_ROOT": str(project)}
     work = project / "work" / "synth"
 
     # first run killed mid-write: nothing accepted
-    partial = _kill_when_partial(_kp("all", "--comp", "synth", env=env), work, "download")
+    partial = _kill_when_partial(start_kp(project, "all", "--comp", "synth"), work, "download")
     assert partial.exists()  # the half-written folder is there ...
     config = load_config("synth")
     assert states(config)["download"][0] == MISSING  # ... but never accepted
     assert not (work / "download").exists()
 
     # a rerun sweeps the leftovers and succeeds
-    done = _kp("all", "--comp", "synth", env=env)
+    done = start_kp(project, "all", "--comp", "synth")
     output = done.communicate()[0].decode()
     assert done.returncode == 0, output
     assert "left by an interrupted run" in output
@@ -193,7 +177,7 @@ def test_sigkill_mid_write_leaves_no_accepted_artifact_and_rerun_succeeds(projec
     good = (work / "download" / "index.csv").read_bytes()
 
     # a forced rerun killed mid-write keeps the previous good output
-    _kill_when_partial(_kp("download", "--force", "--comp", "synth", env=env), work, "download")
+    _kill_when_partial(start_kp(project, "download", "--force", "--comp", "synth"), work, "download")
     assert (work / "download" / "index.csv").read_bytes() == good
     assert states(config)["download"][0] == UP_TO_DATE
 

@@ -83,7 +83,8 @@ def test_python_m_pipeline_and_no_tensorflow_at_start_up():
         "        cli(args, prog_name='kp')\n"
         "    except SystemExit as e:\n"
         "        assert e.code == 0, (args, e.code)\n"
-        "heavy = sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'albumentations', 'kaggle') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras', 'sklearn', 'albumentations', 'kaggle', 'pandas')\n"
+        "               if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -92,3 +93,12 @@ def test_python_m_pipeline_and_no_tensorflow_at_start_up():
     help_text = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=REPO, capture_output=True,
                                text=True, timeout=120)
     assert help_text.returncode == 0 and "Usage: kp" in help_text.stdout
+
+
+def test_help_reads_the_stage_list_without_importing_stages_or_pydantic():
+    probe = ("import sys\nfrom pipeline.cli import cli\n"
+             "try:\n    cli(['--help'], prog_name='kp')\nexcept SystemExit:\n    pass\n"
+             "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('stages', 'pydantic', 'numpy', 'yaml')))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "LOADED []" in done.stdout, done.stdout + done.stderr
+    assert all(name in done.stdout for name in ("download", "split", "precompute", "finetune", "ensemble", "submit"))

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import signal
 import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -28,8 +25,8 @@ from pipeline.cli import cli
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import ChunkedArrayWriter, load_array
-from tests.helpers import (REPO, image_bytes, make_statefarm_like, nested_zip, statefarm_like_config,
-                           write_config)
+from tests.helpers import (image_bytes, make_statefarm_like, nested_zip, start_kp, statefarm_like_config,
+                           wait_for_partial, write_config)
 
 CHEAP = ["--set", "stages=[download, split]"]
 
@@ -193,33 +190,14 @@ def test_wrong_kinds_of_values_and_an_empty_overlay(project, tmp_path):
     assert result.exit_code == 0 and f"warning: {empty}: empty, changes nothing" in result.output
 
 
-def _start(project, *args):
-    env = {**os.environ, "KP_ROOT": str(project)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _when_partial(process, folder, pattern: str, timeout=120.0):
-    """Wait until a file matching `pattern` is being written under `folder`'s temporary entries."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(tmp.rglob(pattern) for tmp in folder.glob(".tmp-*")):
-            return
-        if process.poll() is not None:
-            pytest.fail(f"kp finished before the fault:\n{process.stdout.read().decode()}")
-        time.sleep(0.002)
-    process.kill()
-    pytest.fail("timed out waiting for a partial output")
-
-
 def test_ctrl_c_mid_stage_loses_nothing_and_the_rerun_gives_the_same_result(project, tmp_path):
     statefarm_like_config(project, make_statefarm_like(tmp_path / "data", drivers=20, classes=10, per_driver_class=12),
                           classes=10)
     reference = tmp_path / "reference"
     assert kp("all", "--comp", "synth", "--set", f"paths.work={reference}").exit_code == 0
     work = project / "work" / "synth"
-    process = _start(project, "all", "--comp", "synth")
-    _when_partial(process, work / "_runs" / "download", "*.jpg")
+    process = start_kp(project, "all", "--comp", "synth")
+    wait_for_partial(process, work / "_runs" / "download", "*.jpg")
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 130 and "Traceback" not in output, output
@@ -237,8 +215,8 @@ def test_sigkill_in_precompute_then_the_rerun_gives_the_same_arrays(project, tmp
             "--set", "competition.image_size=[96, 96]", "--set", "precompute.batch_size=8"]
     assert kp("split", "--comp", "synth", *sets).exit_code == 0
     work = project / "work" / "synth"
-    process = _start(project, "precompute", "--comp", "synth", *sets)
-    _when_partial(process, work / "_runs" / "precompute", "train.npy")
+    process = start_kp(project, "precompute", "--comp", "synth", *sets)
+    wait_for_partial(process, work / "_runs" / "precompute", "train.npy")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert kp("status", "--comp", "synth", *sets).output.count("missing") == 1  # precompute only
