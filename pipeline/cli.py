@@ -2,14 +2,16 @@
 
     kp STAGE  --comp NAME [--config FILE ...] [--set dotted.key=value ...] [--force]
     kp submit --comp NAME [--upload [-m MESSAGE]]   write the submission; upload it and read the score
-    kp all    --comp NAME [--upload [-m MESSAGE]]   every listed stage, skipping the up-to-date ones
-    kp status --comp NAME [--json]         up to date / stale (and why) / missing, per stage; ledger
+    kp all    --comp NAME [--upload [-m MESSAGE]]   every listed stage: skipped, restored or run
+    kp status --comp NAME [--json]         up to date / restored / stale (and why) / missing; run cache; ledger
     kp ledger --comp NAME [--refresh]      validation vs leaderboard of every upload; ledger.png
     kp config --comp NAME                  the merged config, each value with the file that set it
-    kp clean  --comp NAME [--stage S]      delete outputs
+    kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
 
-Stage commands are built from the stage registry, so a new module in `stages/` is a new command.
-This module and everything it imports at the top stay free of TensorFlow.
+Stage commands are built from the stage modules' files (read, not imported), so a new module in
+`stages/` is a new command and `kp --help` imports no stage. This module and everything it imports
+at the top stay free of TensorFlow and pandas. Any PipelineError or OSError ends as one line and
+exit status 2 (Ctrl-C: 130).
 """
 from __future__ import annotations
 
@@ -133,8 +135,8 @@ def _stage_command(name: str, doc: str) -> click.Command:
 def cli():
     """kp: a staged, cached Keras pipeline from a Kaggle competition's download to its submission.
 
-    Each stage writes work/COMP/STAGE/ with a manifest; a stage whose config, code version and
-    upstream are unchanged is skipped. Stage commands are listed first, in pipeline order.
+    Each stage writes work/COMP/STAGE/ with a manifest; a stage whose config, code and upstream
+    are unchanged is skipped, and one whose earlier result is in the run cache is restored. Stage commands are listed first, in pipeline order.
     """
 
 
