@@ -118,6 +118,8 @@ def _guarded(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
         if isinstance(exc, PipelineError):
             reason = str(exc)
         elif isinstance(exc, OSError):
+            if not exc.filename:  # a failed write() names no file: name the run's folder
+                exc.filename = str(stage_store(config.work_dir, stage.name).root)
             reason = describe_os_error(exc)
         else:
             reason = f"{type(exc).__name__}: {exc}"

@@ -302,3 +302,14 @@ def _gray_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (16, 12), 128).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def test_disk_full_while_writing_the_submission_names_it(project, tmp_path):
+    with mounted_tmpfs(tmp_path / "tiny", "64k") as tiny:
+        (tiny / "filler").write_bytes(b"x" * 60_000)
+        result = kp("all", "--comp", "digits", "--set", "stages=[download, split, precompute, finetune, submit]",
+                    "--set", "submit.source=finetune", "--set", "finetune.phases=[{epochs: 1, lr: 0.001}]",
+                    "--set", "model.arch=linear", "--set", "finetune.augment=null",
+                    "--set", f"paths.submissions={tiny}")
+        one_line_error(result, "stage submit failed: disk full while writing", str(tiny / "digits"))
+    assert Manifest.read(project / "work" / "digits" / "finetune") is not None
