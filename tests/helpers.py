@@ -130,13 +130,14 @@ def start_kp(project: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def wait_for_partial(process: subprocess.Popen, store: Path, pattern: str, timeout: float = 120.0) -> Path:
+def wait_for_partial(process: subprocess.Popen, store: Path, pattern: str | None, timeout: float = 120.0) -> Path:
     """Wait until a file matching `pattern` is being written into one of `store`'s temporary
-    entries (`.tmp-*`); returns that entry. Fails the test if `process` finishes first."""
+    entries (`.tmp-*`; with `pattern` None, until such an entry exists); returns that entry.
+    Fails the test if `process` finishes first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for tmp in store.glob(".tmp-*"):
-            if any(tmp.rglob(pattern)):
+            if pattern is None or any(tmp.rglob(pattern)):
                 return tmp
         if process.poll() is not None:
             pytest.fail(f"kp finished before the fault:\n{process.stdout.read().decode()}")

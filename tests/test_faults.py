@@ -313,3 +313,29 @@ def test_disk_full_while_writing_the_submission_names_it(project, tmp_path):
                     "--set", f"paths.submissions={tiny}")
         one_line_error(result, "stage submit failed: disk full while writing", str(tiny / "digits"))
     assert Manifest.read(project / "work" / "digits" / "finetune") is not None
+
+
+QUICK_DIGITS = ["--set", "finetune.phases=[{epochs: 2, lr: 0.003}]", "--set", "model.arch=cnn",
+                "--set", "finetune.augment=null", "--set", "ensemble.n=2"]
+COMPARED = {"download": ["index.csv"], "split": ["split.csv"], "precompute": ["train.npy", "test.npy"],
+            "finetune": ["valid_probs.npy", "test_probs.npy", "history.csv"],
+            "ensemble": ["valid_probs.npy", "test_probs.npy"], "submit": ["submission.csv"]}
+
+
+@pytest.mark.slow
+def test_sigkill_in_every_stage_then_the_rerun_gives_the_same_bytes(project, tmp_path):
+    reference = tmp_path / "reference"
+    assert kp("all", "--comp", "digits", *QUICK_DIGITS, "--set", f"paths.work={reference}").exit_code == 0
+    work = project / "work" / "digits"
+    for stage, files in COMPARED.items():
+        process = start_kp(project, stage, "--comp", "digits", *QUICK_DIGITS)
+        wait_for_partial(process, work / "_runs" / stage, None)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert Manifest.read(work / stage) is None, stage  # nothing of the killed run is accepted
+        result = kp(stage, "--comp", "digits", *QUICK_DIGITS)
+        assert result.exit_code == 0, result.output
+        for name in files:
+            assert (work / stage / name).read_bytes() == (reference / "digits" / stage / name).read_bytes(), \
+                f"{stage}/{name} differs after the rerun"
+    assert not list(work.rglob(".tmp-*"))
