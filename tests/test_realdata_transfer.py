@@ -48,3 +48,17 @@ def test_statefarm_driver_split_predicts_the_leaderboard_better_than_a_random_sp
     gap = {strategy: abs(float(r["difference"])) for strategy, r in rows.items()}
     assert gap["group"] < gap["random"] / 2, rows  # measured with the 5-head ensembles: 0.47 vs 1.47
     assert (config.submissions_dir / "ledger.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("alpha", [0.35, 0.5])
+def test_the_mobilenetv2_files_load_as_the_mobilenetv2_backbone(alpha):
+    import numpy as np
+
+    from pipeline.models.backbones import build_feature_model
+
+    path = COMPETITIONS.parent / "weights" / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
+    features = build_feature_model("mobilenetv2", str(path), (224, 224, 3), "pool", alpha)
+    assert features.name == f"mobilenetv2_{alpha}" and features.model.output.shape[1:] == (1280,)
+    images = features.preprocess(np.random.default_rng(0).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32))
+    assert float(images.min()) >= -1 and float(images.max()) <= 1  # mobilenet_v2's own scaling
+    assert np.isfinite(np.asarray(features.model(images))).all()

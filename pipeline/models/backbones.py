@@ -1,4 +1,4 @@
-"""Frozen ImageNet backbones for feature precomputation: VGG16 (the course's), MobileNet, ResNet50.
+"""Frozen ImageNet backbones for feature precomputation: VGG16 (the course's), MobileNet v1 and v2, ResNet50.
 
 `build_feature_model` returns the conv base cut where the config says (`conv`: the last conv
 layer's activations; `pool`: VGG16's block5_pool, the course's cut, or global average pooling for
@@ -14,7 +14,7 @@ from typing import Callable
 
 from pipeline.core.errors import PipelineError
 
-BACKBONES = ("vgg16", "mobilenet", "resnet50")
+BACKBONES = ("vgg16", "mobilenet", "mobilenetv2", "resnet50")
 VGG_LAST_CONV = "block5_conv3"
 
 
@@ -53,6 +53,10 @@ def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[i
             base = apps.MobileNet(include_top=False, weights=weights, input_shape=input_shape, alpha=alpha,
                                   pooling="avg" if cut == "pool" else None)
             return FeatureModel(base, apps.mobilenet.preprocess_input, f"mobilenet_{alpha}")
+        if backbone == "mobilenetv2":
+            base = apps.MobileNetV2(include_top=False, weights=weights, input_shape=input_shape, alpha=alpha,
+                                    pooling="avg" if cut == "pool" else None)
+            return FeatureModel(base, apps.mobilenet_v2.preprocess_input, f"mobilenetv2_{alpha}")
         if backbone == "resnet50":
             base = apps.ResNet50(include_top=False, weights=weights, input_shape=input_shape,
                                  pooling="avg" if cut == "pool" else None)
