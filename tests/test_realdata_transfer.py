@@ -39,6 +39,19 @@ def test_dogscats_mobilenet_features(project, kaggle_server):
     assert finetune["val_accuracy"] >= 0.91  # 0.924 measured; a 210-image validation set
     assert test_accuracy >= 0.90 and float(row["lb_score"]) <= 0.25
 
+    # batchnorm inserted into the trained head keeps every prediction on real features (the course's
+    # Vgg16BN step, with gamma = sqrt(variance + epsilon) and beta = mean)
+    import keras
+    import numpy as np
+
+    from pipeline.data.features import load_split_features
+    from pipeline.models.batchnorm import with_batchnorm
+
+    data = load_split_features(config.work_dir / "precompute", config.work_dir / "split", config.competition.classes)
+    head = keras.models.load_model(config.work_dir / "finetune" / "model.keras")
+    bn = with_batchnorm(head, data.x_train, dropout=0.0)
+    np.testing.assert_allclose(bn.predict(data.x_valid, verbose=0), head.predict(data.x_valid, verbose=0), atol=1e-5)
+
 
 @pytest.mark.slow
 def test_statefarm_driver_split_predicts_the_leaderboard_better_than_a_random_split(project, kaggle_server):

@@ -178,3 +178,29 @@ def test_fc_head_takes_vgg16_top_weights_when_shapes_match():
             np.testing.assert_array_equal(mine, theirs)
     conv_head = build_head((14, 14, 512), 10, "fc", [4096, 4096], [0.5, 0.5])  # last-conv cut: pooled first
     assert conv_head.get_layer("block5_pool").output.shape[1:] == (7, 7, 512)
+
+
+def test_batchnorm_inserted_into_a_trained_head_changes_no_prediction():
+    from pipeline.models.batchnorm import BN_EPSILON, with_batchnorm
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, size=(512, 20)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 4).astype(np.int64) + (x[:, 2] > 2)
+    head = build_head((20,), 3, "pool", [32, 16], [0.5, 0.25])
+    head.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    head.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    before = head.predict(x, verbose=0)
+
+    bn = with_batchnorm(head, x, dropout=0.1)
+    np.testing.assert_allclose(bn.predict(x, verbose=0), before, atol=1e-5)
+    assert [layer.name for layer in bn.layers if isinstance(layer, keras.layers.BatchNormalization)] == \
+        ["fc1_bn", "fc2_bn"]
+    assert {layer.rate for layer in bn.layers if isinstance(layer, keras.layers.Dropout)} == {0.1}
+    gamma, beta, mean, variance = bn.get_layer("fc1_bn").get_weights()
+    np.testing.assert_allclose(gamma, np.sqrt(variance + BN_EPSILON), rtol=1e-6)
+    np.testing.assert_allclose(beta, mean)
+
+    # the course's initialisation, gamma = variance, changes the predictions
+    bn.get_layer("fc1_bn").set_weights([variance, beta, mean, variance])
+    assert np.abs(bn.predict(x, verbose=0) - before).max() > 1e-2
