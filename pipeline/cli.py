@@ -15,6 +15,7 @@ exit status 2 (Ctrl-C: 130).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -116,8 +117,8 @@ class _PipelineGroup(click.Group):
             raise _Interrupted("interrupted: the stage that was running left nothing that will be accepted; "
                                "earlier results are intact, and running the same command again continues") from None
         except OSError as exc:  # outside any stage: the work folder, the lock, the ledger, a config file
-            if os.environ.get("KP_DEBUG") == "1":
-                raise
+            if os.environ.get("KP_DEBUG") == "1" or exc.errno == errno.EPIPE:
+                raise  # a closed pipe (kp status | head): click exits quietly
             raise _UserError(describe_os_error(exc)) from None
 
 

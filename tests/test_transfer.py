@@ -204,3 +204,30 @@ def test_batchnorm_inserted_into_a_trained_head_changes_no_prediction():
     # the course's initialisation, gamma = variance, changes the predictions
     bn.get_layer("fc1_bn").set_weights([variance, beta, mean, variance])
     assert np.abs(bn.predict(x, verbose=0) - before).max() > 1e-2
+
+
+def test_bnretrain_inserts_batchnorm_without_a_change_then_retrains(tiny_vgg_run):
+    config = load_config("synth", sets=[s.replace("finetune, submit", "finetune, bnretrain, submit") for s in TINY_VGG]
+                         + ["bnretrain.phases=[{epochs: 2, lr: 0.001}]", "bnretrain.dropout=0.1",
+                            "submit.source=bnretrain"])
+    runner.run(config)  # download .. finetune are reused from the fixture's run
+    work = config.work_dir
+    bn = Manifest.read(work / "bnretrain").metrics
+    assert bn["insertion_change"] < 1e-5 and bn["epochs"] == 2 and bn["dropout"] == 0.1
+    assert bn["finetune_val_log_loss"] == Manifest.read(work / "finetune").metrics["val_log_loss"]
+    assert bn["log_loss_gain"] == pytest.approx(bn["finetune_val_log_loss"] - bn["val_log_loss"], abs=1e-5)
+    model = keras.models.load_model(work / "bnretrain" / "model.keras")
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)] == \
+        ["fc1_bn", "fc2_bn"]
+    assert {layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)} == {0.1}
+    assert Manifest.read(work / "submit").metrics["source"] == "bnretrain"
+
+
+def test_bnretrain_refuses_a_from_scratch_model(project):
+    from pipeline.core.errors import PipelineError
+
+    config = load_config("digits", sets=["stages=[download, split, precompute, finetune, bnretrain]",
+                                         "finetune.phases=[{epochs: 1, lr: 0.001}]", "model.arch=linear",
+                                         "finetune.augment=null"])
+    with pytest.raises(PipelineError, match="model.arch 'linear' is a from-scratch model that has it already"):
+        runner.run(config)

@@ -46,11 +46,7 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
     """
     import keras
 
-    from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.plots import plot_confusion, plot_history
-    from pipeline.evaluation.predictions import Predictions, save_predictions
     from pipeline.models.build import build_model
-    from pipeline.models.inference import predict_in_chunks
     from pipeline.training.augment import augmented_batches, build_augmenter
     from pipeline.training.fit import Phase, fit
 
@@ -75,14 +71,8 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         out_dir=out_dir, verbose=verbose, warmup_epochs=s.warmup_epochs,
     )
     train_seconds = time.perf_counter() - start
-    model.save(out_dir / MODEL_FILE)
-    valid_probs = predict_in_chunks(model, data.x_valid)
-    test_probs = predict_in_chunks(model, data.x_test)
-    save_predictions(out_dir, Predictions(data.valid_ids, data.y_valid, valid_probs, data.test_ids, test_probs))
     metrics = {
-        **evaluate(data.y_valid, valid_probs),
-        "best_epoch": best_epoch + 1,
-        "epochs": len(history["loss"]),
+        **finish_training(model, data, history, best_epoch, out_dir, f"{title} {arch}"),
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(train_seconds / max(1, len(history["loss"])), 3),
         "arch": arch,
@@ -93,7 +83,27 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         "n_train": len(data.x_train),
         "n_valid": len(data.x_valid),
     }
-    heading = f"{title} {arch}: val loss {metrics['val_log_loss']:.4f}, acc {metrics['val_accuracy']:.4f}"
+    return metrics
+
+
+def finish_training(model, data: SplitFeatures, history: dict, best_epoch: int, out_dir: Path, title: str) -> dict:
+    """What every trained model leaves behind: `model.keras`, the valid/test probabilities, `loss.png`
+    and `confusion.png` in `out_dir`.
+
+    Returns:
+        The validation scores (`evaluate`), the best epoch (1-based) and the number of epochs.
+    """
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.plots import plot_confusion, plot_history
+    from pipeline.evaluation.predictions import Predictions, save_predictions
+    from pipeline.models.inference import predict_in_chunks
+
+    model.save(out_dir / MODEL_FILE)
+    valid_probs = predict_in_chunks(model, data.x_valid)
+    test_probs = predict_in_chunks(model, data.x_test)
+    save_predictions(out_dir, Predictions(data.valid_ids, data.y_valid, valid_probs, data.test_ids, test_probs))
+    scores = evaluate(data.y_valid, valid_probs)
+    heading = f"{title}: val loss {scores['val_log_loss']:.4f}, acc {scores['val_accuracy']:.4f}"
     plot_history(history, out_dir / LOSS_PLOT, heading)
     plot_confusion(data.y_valid, np.argmax(valid_probs, axis=1), data.classes, out_dir / CONFUSION_PLOT, heading)
-    return metrics
+    return {**scores, "best_epoch": best_epoch + 1, "epochs": len(history["loss"])}
