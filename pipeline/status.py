@@ -98,8 +98,8 @@ def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> Stag
         problems = output_problems(folder, stage.outs, manifest.outputs)
         if problems:
             return StageStatus(stage.name, STALE, problems, fp, inputs, manifest)
-        restored = last_action(config.work_dir, stage.name).get("action") == "restored" \
-            and last_action(config.work_dir, stage.name).get("fingerprint") == fp
+        last = last_action(config.work_dir, stage.name)
+        restored = last.get("action") == "restored" and last.get("fingerprint") == fp
         return StageStatus(stage.name, UP_TO_DATE, [], fp, inputs, manifest, restored=restored)
     reasons = explain(manifest.inputs, inputs) or ["fingerprint changed"]
     return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable)
