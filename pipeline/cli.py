@@ -51,10 +51,10 @@ def _config_options(command):
     return command
 
 
-def _load(comp: str, extra_files, sets):
+def _load(comp: str, extra_files, sets, shallow: bool = False):
     from pipeline.config import load_config
 
-    return load_config(comp, extra_files=list(extra_files), sets=list(sets))
+    return load_config(comp, extra_files=list(extra_files), sets=list(sets), shallow=shallow)
 
 
 def _run(comp, extra_files, sets, targets, force, upload=False, message=None) -> None:
@@ -188,7 +188,7 @@ def status(comp, extra_files, sets, as_json):
     from pipeline.kaggle.ledger import ledger_path, read_ledger
     from pipeline.status import format_table, stage_statuses
 
-    config = _load(comp, extra_files, sets)
+    config = _load(comp, extra_files, sets, shallow=True)
     statuses = stage_statuses(config)
     if as_json:
         payload = {

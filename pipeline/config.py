@@ -116,8 +116,13 @@ def load_config(
     root: Path | None = None,
     extra_files: list[str | os.PathLike] = (),
     sets: list[str] = (),
+    shallow: bool = False,
 ) -> ResolvedConfig:
-    """Merge and validate the configuration of competition `comp`; raise PipelineError on any fault."""
+    """Merge and validate the configuration of competition `comp`; raise PipelineError on any fault.
+
+    `shallow` skips the checks that import a heavy library (albumentations' own check of
+    `augment.transforms`): for `kp status`, which shows the cache without running anything.
+    """
     root = (root or project_root()).resolve()
     configs = root / "configs"
     defaults_path = configs / DEFAULTS_FILE
@@ -150,7 +155,7 @@ def load_config(
     for assignment in sets:
         _apply_set(merged, assignment, provenance)
 
-    model = _validate(merged, provenance, comp)
+    model = _validate(merged, provenance, comp, shallow)
     resolved = ResolvedConfig(
         comp=comp,
         root=root,
@@ -285,10 +290,10 @@ def config_model() -> type[StrictModel]:
     return create_model("Config", __base__=StrictModel, **fields)
 
 
-def _validate(merged: dict, provenance: dict[str, str], comp: str):
+def _validate(merged: dict, provenance: dict[str, str], comp: str, shallow: bool = False):
     model_cls = config_model()
     try:
-        return model_cls.model_validate(merged)
+        return model_cls.model_validate(merged, context={"shallow": shallow})
     except ValidationError as exc:
         problems = [_describe(error, model_cls, provenance) for error in exc.errors()]
         joined = problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems)

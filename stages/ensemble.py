@@ -3,45 +3,78 @@
 Recipe: for member i in 0..n-1, seed = `ensemble.seed` + i: reuse the member if one with the same
 upstream data, model, training settings, code and seed was trained before (members are units of
 the run cache, `work/COMP/_runs/ensemble-members/KEY/`, so raising n from 5 to 8 trains only 3),
-else train it with the same recipe as finetune -> average the members' probabilities on the
-validation and test rows -> report each member's validation accuracy and log loss, the average's,
-and the gain of the average over the mean member (manifest, `kp status`, `members.png`).
+else train it with the recipe `ensemble.source` names: finetune's, or finetune's followed by
+bnretrain's (each with its own `augmented` / `tta` settings) -> average the members' probabilities
+on the validation and test rows -> report each member's validation accuracy and log loss, the
+average's, and the gain of the average over the mean member (manifest, `kp status`, `members.png`).
 """
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import MEMBER_FILE, MEMBERS_PLOT, PREDICTION_FILES
+from pipeline.core.artifacts import MEMBER_FILE, MEMBER_HEAD_DIR, MEMBERS_PLOT, MODEL_FILE, PREDICTION_FILES
 from pipeline.core.cache import fingerprint
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import TRAINING_READS
+from stages.finetune import TRAINING_READS, uses_passes
+
+SOURCES = ("finetune", "bnretrain")  # the recipes a member can follow
 
 
 class Settings(StrictModel):
     n: int = Field(ge=1)
     seed: int
+    source: Literal[SOURCES]
 
 
 def member_key(ctx: StageContext, seed: int) -> str:
-    """Everything a member depends on, except how many members there are."""
+    """Everything a member depends on, except how many members there are (and, for finetune
+    members, the bnretrain settings they never use)."""
     inputs = ctx.fingerprint_inputs
-    config = {key: value for key, value in inputs["config"].items() if key != "ensemble"}
+    unused = {"ensemble"} | ({"bnretrain"} if ctx.settings.source == "finetune" else set())
+    config = {key: value for key, value in inputs["config"].items() if key not in unused}
     return fingerprint({"upstream": inputs["upstream"], "config": config, "code": inputs["code"],
-                        "member_seed": seed})
+                        "source": ctx.settings.source, "member_seed": seed})
+
+
+def train_member(ctx: StageContext, data: dict, seed: int, out, title: str) -> dict:
+    """One member into `out`: finetune's recipe, then bnretrain's on its head (kept in `out/head/`)
+    when that is the source."""
+    from pipeline.training.recipe import retrain_with_batchnorm, train_model
+
+    if ctx.settings.source == "finetune":
+        return train_model(ctx.config, data["finetune"], seed, out, ctx.log, ctx.warn, title=title, verbose=0)
+    import keras
+
+    (out / MEMBER_HEAD_DIR).mkdir()
+    head = train_model(ctx.config, data["finetune"], seed, out / MEMBER_HEAD_DIR, ctx.log, ctx.warn, title=title,
+                       verbose=0)
+    metrics = retrain_with_batchnorm(ctx.config, keras.models.load_model(out / MEMBER_HEAD_DIR / MODEL_FILE),
+                                     data["bnretrain"], seed, out, ctx.log, title=title, verbose=0)
+    return {**metrics, "arch": head["arch"], "finetune_val_log_loss": head["val_log_loss"],
+            "finetune_val_accuracy": head["val_accuracy"]}
 
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
 
-    from pipeline.data.features import load_split_features
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
-    from pipeline.training.recipe import train_model
+    from pipeline.training.recipe import load_training_data
 
-    data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
+    loaded, data = {}, {}
+    for name, section in _recipe_sections(ctx.config).items():
+        flags = (section.augmented, section.tta)
+        if flags not in loaded:
+            loaded[flags] = load_training_data(ctx.config, ctx.inputs, *flags)
+        data[name] = loaded[flags]
+    if ctx.settings.source == "bnretrain":
+        from stages.bnretrain import check_dense_head
+
+        check_dense_head(ctx.config)
     store = ctx.units("members")
     members, predictions = [], []
     for i in range(ctx.settings.n):
@@ -55,8 +88,7 @@ def run(ctx: StageContext) -> dict:
         else:
             ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
             with store.write(key) as tmp:
-                metrics = train_model(ctx.config, data, seed, tmp, ctx.log, ctx.warn,
-                                      title=f"{ctx.comp} member {i + 1}", verbose=0)
+                metrics = train_member(ctx, data, seed, tmp, title=f"{ctx.comp} member {i + 1}")
                 (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         members.append({"member": i + 1, "seed": seed, "reused": reused, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
@@ -64,13 +96,15 @@ def run(ctx: StageContext) -> dict:
 
     valid = np.mean([p.valid_probs for p in predictions], axis=0)
     test = np.mean([p.test_probs for p in predictions], axis=0)
-    save_predictions(ctx.out, Predictions(data.valid_ids, data.y_valid, valid, data.test_ids, test))
+    rows = data["finetune"]
+    save_predictions(ctx.out, Predictions(rows.valid_ids, rows.y_valid, valid, rows.test_ids, test))
     mean_loss = float(np.mean([m["val_log_loss"] for m in members]))
     mean_accuracy = float(np.mean([m["val_accuracy"] for m in members]))
     result = {
         "n": len(members),
+        "source": ctx.settings.source,
         "trained": sum(not m["reused"] for m in members),
-        **evaluate(data.y_valid, valid),
+        **evaluate(rows.y_valid, valid),
         "mean_member_val_log_loss": round(mean_loss, 5),
         "mean_member_val_accuracy": round(mean_accuracy, 5),
         "members": members,
@@ -81,9 +115,16 @@ def run(ctx: StageContext) -> dict:
     return result
 
 
+def _recipe_sections(config) -> dict:
+    """The training sections a member follows, by recipe: finetune's, and bnretrain's when it is the source."""
+    names = ("finetune",) if config.section("ensemble").source == "finetune" else SOURCES
+    return {name: config.section(name) for name in names}
+
+
 def headline(m: dict) -> str:
-    return (f"{m['n']} members: val log loss {m['val_log_loss']:.4f} (mean member {m['mean_member_val_log_loss']:.4f}), "
-            f"accuracy {m['val_accuracy']:.4f} (mean member {m['mean_member_val_accuracy']:.4f})")
+    return (f"{m.get('source', 'finetune')} x {m['n']}: val log loss {m['val_log_loss']:.4f} "
+            f"(mean member {m['mean_member_val_log_loss']:.4f}), accuracy {m['val_accuracy']:.4f} "
+            f"(mean member {m['mean_member_val_accuracy']:.4f})")
 
 
 STAGE = Stage(
@@ -91,7 +132,8 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("precompute", "split"),
-    reads=("finetune", *TRAINING_READS),
+    reads=("finetune", "bnretrain", *TRAINING_READS),
     outs=(*PREDICTION_FILES, MEMBERS_PLOT),
     headline=headline,
+    extra_needs=lambda config: ("augment",) if any(map(uses_passes, _recipe_sections(config).values())) else (),
 )

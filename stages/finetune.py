@@ -1,11 +1,12 @@
 """finetune: train the model on the cached features (or pixels) of the split's training rows.
 
 Recipe: load the cached arrays and keep the split's train and valid rows (ids checked for
-alignment) -> train the network `model.arch` names (a dense head on conv features: `fc`, the
+alignment), plus augment's passes of the training rows with `augmented` -> train the network `model.arch` names (a dense head on conv features: `fc`, the
 course's VGG16 head, or `pool`; or a from-scratch ladder model on pixels: linear, hidden, cnn,
 cnn_bn, cnn_bn_do, optionally with augmentation) with the configured optimizer and learning-rate
 schedule, keeping the epoch with the best validation loss -> save `model.keras`, `history.csv`,
-`loss.png`, `confusion.png`, and the probabilities on the validation and test rows.
+`loss.png`, `confusion.png`, and the probabilities on the validation and test rows (with `tta`,
+averaged over the clean rows and augment's test passes, and the validation rows' passes alike).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class Settings(StrictModel):
     seed: int
     deterministic: bool
     augment: Augment | None
+    augmented: bool
+    tta: bool
 
     @model_validator(mode="after")
     def _cosine_has_one_phase(self):
@@ -57,17 +60,30 @@ class Settings(StrictModel):
         return self
 
 
-def run(ctx: StageContext) -> dict:
-    from pipeline.data.features import load_split_features
-    from pipeline.training.recipe import train_model
+def uses_passes(settings) -> bool:
+    """Whether a training section (finetune's, bnretrain's) reads augment's passes."""
+    return settings.augmented or settings.tta
 
-    data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
-    return train_model(ctx.config, data, ctx.settings.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
+
+def run(ctx: StageContext) -> dict:
+    from pipeline.training.recipe import load_training_data, train_model
+
+    s = ctx.settings
+    data = load_training_data(ctx.config, ctx.inputs, s.augmented, s.tta)
+    return train_model(ctx.config, data, s.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
+
+
+def with_passes(m: dict) -> str:
+    """What a training headline adds for augmented passes and TTA."""
+    text = f", clean + {m['train_passes']} passes" if m.get("train_passes") else ""
+    if m.get("tta_passes"):
+        text += f", TTA x{m['tta_passes']} (without: {m['val_log_loss_no_tta']:.4f})"
+    return text
 
 
 def headline(m: dict) -> str:
     return (f"{m['arch']}: val log loss {m['val_log_loss']:.4f}, accuracy {m['val_accuracy']:.4f} "
-            f"(best epoch {m['best_epoch']}/{m['epochs']}, {m['seconds_per_epoch']:.1f}s/epoch)")
+            f"(best epoch {m['best_epoch']}/{m['epochs']}, {m['seconds_per_epoch']:.1f}s/epoch{with_passes(m)})")
 
 
 STAGE = Stage(
@@ -78,4 +94,5 @@ STAGE = Stage(
     reads=TRAINING_READS,
     outs=TRAINING_OUTS,
     headline=headline,
+    extra_needs=lambda config: ("augment",) if uses_passes(config.section("finetune")) else (),
 )

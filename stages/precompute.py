@@ -15,7 +15,6 @@ base every epoch. The split is not an input: changing it never recomputes featur
 from __future__ import annotations
 
 import json
-import time
 from typing import Literal
 
 from pydantic import Field
@@ -39,13 +38,10 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.models.backbones import build_feature_model, resolve_weights
-    from pipeline.data.features import write_features
-    from pipeline.models.inference import compiled_forward
-
     from pipeline.data.index import read_index
+    from pipeline.models.extractor import build_extractor
 
-    s, competition = ctx.settings, ctx.config.competition
+    s = ctx.settings
     if s.backbone == "none":
         return _cache_pixels(ctx)
     if ctx.config.get("download.layout") == "pixels_csv":
@@ -55,27 +51,17 @@ def run(ctx: StageContext) -> dict:
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
     raw = ctx.input("download") / RAW_DIR
-    height, width = competition.image_size
-    features = build_feature_model(s.backbone, resolve_weights(s.weights, ctx.config.root),
-                                   (height, width, 3), s.cut, s.alpha)
-    forward = compiled_forward(features.model)
-    preprocess = features.preprocess if s.preprocess == "backbone" else None
-    row_shape = tuple(int(d) for d in features.model.output.shape[1:])
-    ctx.log(f"{features.name} cut at {s.cut}: {row_shape} per image, {s.dtype}")
+    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size))
+    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}")
 
     timings = {}
     for subset in SUBSETS:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
-        start = time.perf_counter()
-        write_features(forward, [raw / p for p in rows["path"]], ctx.out / array_file(subset), row_shape,
-                       s.dtype, (height, width), s.batch_size, preprocess,
-                       progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
-        seconds = time.perf_counter() - start
-        timings[subset] = {"images": len(rows), "seconds": round(seconds, 2),
-                           "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}
-    meta = {"backbone": features.name, "weights": s.weights, "cut": s.cut, "shape": list(row_shape),
-            "dtype": s.dtype, "input_size": [height, width], "timings": timings}
+        timings[subset] = extractor.write([raw / p for p in rows["path"]], ctx.out / array_file(subset),
+                                          progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
+    meta = {"backbone": extractor.name, "weights": s.weights, "cut": s.cut, "shape": list(extractor.row_shape),
+            "dtype": s.dtype, "input_size": list(extractor.size), "timings": timings}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -40,6 +40,17 @@ def rows_file(subset: str) -> str:
     return f"{subset}_rows.csv"
 
 
+# augment: K passes over the training images, T over the test images, each aligned with rows_file(subset)
+PASSES_DIR = "passes"               # work/COMP/augment/passes/: every pass of the current run
+PASS_FILE = "pass.json"             # a cached pass's seed and throughput
+PREVIEW_PLOT = "preview.png"        # training images beside their augmented versions
+
+
+def pass_file(subset: str, number: int) -> str:
+    """`passes/train_3.npy`: the third augmented pass over the training images (numbered from 1)."""
+    return f"{PASSES_DIR}/{subset}_{number}.npy"
+
+
 # predictions (finetune, ensemble, members): valid and test probabilities with their row ids
 def probs_file(side: str) -> str:
     """`valid_probs.npy` / `test_probs.npy`."""
@@ -54,6 +65,7 @@ HISTORY_FILE = "history.csv"
 LOSS_PLOT = "loss.png"
 CONFUSION_PLOT = "confusion.png"
 MEMBER_FILE = "member.json"         # an ensemble member's metrics
+MEMBER_HEAD_DIR = "head"            # a bnretrain member's finetune head, before batchnorm went in
 MEMBERS_PLOT = "members.png"
 
 # submit

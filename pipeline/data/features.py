@@ -8,20 +8,24 @@ Reading: the precompute stage writes `train.npy` / `test.npy` with `train_rows.c
 label) beside them, row for row. The split stage writes `split.csv` over the same training rows.
 `load_split_features` checks that the ids agree in order before selecting train and valid rows:
 a misalignment (the course's shuffled-generator bug) fails loudly instead of training on noise.
+The augment stage's passes (`passes/train_K.npy`, `passes/test_K.npy`) follow the same rows, with
+their own rows tables checked the same way; the split selects their rows exactly as it selects
+the clean ones, so a validation image's augmented copy can never reach training.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.core.artifacts import SPLIT_FILE, array_file, rows_file
+from pipeline.core.artifacts import META_FILE, SPLIT_FILE, array_file, pass_file, rows_file
 from pipeline.data.arrays import ChunkedArrayWriter, load_array
 from pipeline.core.errors import PipelineError
+
 
 def read_rows(folder: Path, subset: str) -> pd.DataFrame:
     return pd.read_csv(folder / rows_file(subset), dtype=str, keep_default_na=False)
@@ -29,6 +33,13 @@ def read_rows(folder: Path, subset: str) -> pd.DataFrame:
 
 @dataclass
 class SplitFeatures:
+    """The split's rows of the cached arrays, ready to train on.
+
+    With augmented passes, `x_train` holds the clean training rows followed by each pass's training
+    rows (`train_passes` of them, `y_train` repeated); `valid_passes` / `test_passes` hold the
+    augmented versions of the validation / test rows that test-time augmentation averages over.
+    """
+
     classes: list[str]
     x_train: np.ndarray
     y_train: np.ndarray
@@ -37,6 +48,9 @@ class SplitFeatures:
     valid_ids: list[str]
     x_test: np.ndarray
     test_ids: list[str]
+    train_passes: int = 0
+    valid_passes: list[np.ndarray] = field(default_factory=list)
+    test_passes: list[np.ndarray] = field(default_factory=list)
 
 
 def label_indices(labels, classes: list[str]) -> np.ndarray:
@@ -47,19 +61,38 @@ def label_indices(labels, classes: list[str]) -> np.ndarray:
         raise PipelineError(f"label {exc.args[0]!r} is not one of competition.classes {classes}") from None
 
 
-def load_split_features(features_dir: Path, split_dir: Path, classes: list[str], dtype=np.float32) -> SplitFeatures:
+def _check_same_ids(ids, other, what: str, other_what: str) -> None:
+    if len(ids) != len(other) or not (np.asarray(ids) == np.asarray(other)).all():
+        first = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
+        raise PipelineError(f"{what} and {other_what} disagree at row {first} ({len(ids)} vs {len(other)} rows): "
+                            "features and split are not aligned")
+
+
+def load_split_features(features_dir: Path, split_dir: Path, classes: list[str], dtype=np.float32,
+                        passes_dir: Path | None = None, train_passes: bool = False,
+                        tta: bool = False) -> SplitFeatures:
+    """The split's train / valid rows and the test rows of precompute's arrays, with augment's passes.
+
+    Args:
+        features_dir: precompute's output (`train.npy`, `test.npy` and their rows tables).
+        split_dir: split's output (`split.csv`, the same training ids in the same order).
+        classes: the competition's classes, in output order.
+        dtype: what the arrays are converted to.
+        passes_dir: augment's output, needed when `train_passes` or `tta`.
+        train_passes: append every augmented pass of the training rows (never a validation row's) to x_train.
+        tta: load the T augmented test passes, and the validation rows of the first T training passes.
+
+    Returns:
+        `SplitFeatures`; raises PipelineError when any two of the tables disagree on the ids' order.
+    """
     rows = read_rows(features_dir, "train")
     split = pd.read_csv(split_dir / SPLIT_FILE, dtype={"id": str})
-    if len(rows) != len(split) or not (rows["id"].values == split["id"].values).all():
-        first = next((i for i, (a, b) in enumerate(zip(rows["id"], split["id"])) if a != b), min(len(rows), len(split)))
-        raise PipelineError(
-            f"{features_dir / rows_file('train')} and {split_dir / SPLIT_FILE} disagree at row {first} "
-            f"({len(rows)} vs {len(split)} rows): features and split are not aligned"
-        )
+    _check_same_ids(rows["id"].values, split["id"].values, str(features_dir / rows_file("train")),
+                    str(split_dir / SPLIT_FILE))
     train_all = load_array(features_dir / array_file("train"))
     labels = label_indices(rows["label"], classes)
     valid = (split["side"] == "valid").to_numpy()
-    return SplitFeatures(
+    data = SplitFeatures(
         classes=classes,
         x_train=np.asarray(train_all[~valid], dtype=dtype),
         y_train=labels[~valid],
@@ -69,12 +102,40 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         x_test=load_array(features_dir / array_file("test")),
         test_ids=read_rows(features_dir, "test")["id"].tolist(),
     )
+    if passes_dir is None:
+        if train_passes or tta:
+            raise PipelineError("augmented passes were asked for, but there is no augment output to read them from")
+        return data
+    counts = json.loads((passes_dir / META_FILE).read_text())
+    for subset, ids in (("train", rows["id"].values), ("test", np.asarray(data.test_ids))):
+        _check_same_ids(read_rows(passes_dir, subset)["id"].values, ids, str(passes_dir / rows_file(subset)),
+                        str(features_dir / rows_file(subset)))
+
+    def load_pass(subset: str, number: int) -> np.ndarray:
+        array = load_array(passes_dir / pass_file(subset, number))
+        expected = len(rows) if subset == "train" else len(data.test_ids)
+        if array.shape != (expected, *train_all.shape[1:]):
+            raise PipelineError(f"{passes_dir / pass_file(subset, number)}: shape {array.shape}, expected "
+                                f"{(expected, *train_all.shape[1:])} like {features_dir / array_file(subset)}")
+        return array
+
+    if train_passes:
+        k = counts["passes"]
+        data.x_train = np.concatenate([data.x_train, *(np.asarray(load_pass("train", n)[~valid], dtype=dtype)
+                                                       for n in range(1, k + 1))])
+        data.y_train = np.tile(data.y_train, k + 1)
+        data.train_passes = k
+    if tta:
+        t = counts["test_passes"]
+        data.valid_passes = [np.asarray(load_pass("train", n)[valid], dtype=dtype) for n in range(1, t + 1)]
+        data.test_passes = [load_pass("test", n) for n in range(1, t + 1)]
+    return data
 
 
 def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, ...], dtype: str,
-                   size: tuple[int, int], batch_size: int, preprocess=None, progress=None) -> int:
+                   size: tuple[int, int], batch_size: int, preprocess=None, progress=None, augment=None) -> int:
     """Run `forward` (see `pipeline.models.inference.compiled_forward`) over the images in `paths`, in
-    order, into `out` (.npy). Imports TensorFlow.
+    order, into `out` (.npy); `augment(image, row)` changes each decoded image first. Imports TensorFlow.
 
     Returns:
         The number of rows written.
@@ -83,7 +144,7 @@ def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, 
 
     bar = progress if progress is not None else contextlib.nullcontext()
     with ChunkedArrayWriter(out, len(paths), row_shape, dtype) as writer, bar:
-        for images in checked_batches(paths, size, batch_size, preprocess):
+        for images in checked_batches(paths, size, batch_size, preprocess, augment=augment):
             writer.append(np.asarray(forward(images)).astype(dtype, copy=False))
             if progress is not None:
                 progress.update(len(images))

@@ -44,21 +44,30 @@ def decode_resize(path, size: tuple[int, int], channels: int = 3):
 
 
 def image_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,
-                  channels: int = 3):
-    """A tf.data.Dataset of image batches, in the order of `paths`, decoded in parallel."""
+                  channels: int = 3, augment=None):
+    """A tf.data.Dataset of image batches, in the order of `paths`, decoded in parallel.
+
+    `augment(image, row)`, when given, changes each decoded image (uint8, 0..255) before `preprocess`;
+    `row` is the image's position in `paths` (see `pipeline.data.augmentation.RowAugmenter`).
+    """
     import tensorflow as tf
 
-    def load(path):
+    def load(path, row):
         image = decode_resize(path, size, channels)
+        if augment is not None:
+            pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+            changed = tf.numpy_function(lambda x, r: augment(x, int(r)), [pixels, row], tf.uint8, stateful=False)
+            image = tf.cast(tf.ensure_shape(changed, pixels.shape), tf.float32)
         return preprocess(image) if preprocess is not None else image
 
-    dataset = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
+    rows = tf.range(len(paths), dtype=tf.int64)
+    dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], rows))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,
-                    channels: int = 3):
+                    channels: int = 3, augment=None):
     """`image_batches` as NumPy-ready tensors, in order; a file that fails to decode is named.
 
     tf.data reports a decoding error without the file; the batch it came from is the next one in
@@ -72,7 +81,7 @@ def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: 
     from pipeline.core.errors import PipelineError
 
     done = 0
-    iterator = iter(image_batches(paths, size, batch_size, preprocess, channels))
+    iterator = iter(image_batches(paths, size, batch_size, preprocess, channels, augment))
     while True:
         try:
             batch = next(iterator)

@@ -1,4 +1,4 @@
-"""Training plots written beside a model: loss and accuracy per epoch, and the confusion matrix.
+"""Plots: loss and accuracy per epoch, the confusion matrix, ensemble members, augmentation previews.
 
 Uses matplotlib's non-interactive Agg backend (no display on these machines).
 """
@@ -78,4 +78,24 @@ def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarray]], path: Path,
+                       title: str = "") -> None:
+    """preview.png: one row per image, the original (uint8) first, then its augmented versions."""
+    plt = pyplot()
+    columns = 1 + max((len(v) for v in versions), default=0)
+    fig, axes = plt.subplots(len(originals), columns, figsize=(1.8 * columns, 1.8 * len(originals)), squeeze=False)
+    for row, (original, changed) in enumerate(zip(originals, versions)):
+        for column, image in enumerate([original, *changed]):
+            ax = axes[row][column]
+            ax.imshow(image.squeeze(), cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title("original" if column == 0 else f"pass {column}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)

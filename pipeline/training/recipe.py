@@ -1,12 +1,15 @@
-"""One trained model, start to finish: the recipe finetune runs once and ensemble runs per member.
+"""One trained model, start to finish: the recipes finetune and bnretrain run once and ensemble runs per member.
 
-build the network `model.arch` names (`pipeline.models.build`) -> train it on the split's training
-rows (augmented when `finetune.augment` is set and the inputs are pixels) with the configured
-optimizer and learning-rate schedule, keeping the best epoch by validation loss -> save the model,
-its history, loss and confusion plots, and the valid/test probabilities. With
-`finetune.deterministic` TensorFlow's op determinism is on, so the same config gives the same bytes.
-Config keys read here must be declared by every stage that calls it (finetune, ensemble): `model`,
-`finetune`, `precompute.backbone`, `precompute.weights`. Imports Keras.
+`train_model`: build the network `model.arch` names (`pipeline.models.build`) -> train it on the
+split's training rows (plus augment's passes of them with `finetune.augmented`; augmented on the
+fly when `finetune.augment` is set and the inputs are pixels) with the configured optimizer and
+learning-rate schedule, keeping the best epoch by validation loss -> save the model, its history,
+loss and confusion plots, and the valid/test probabilities (averaged over augment's test passes
+with `tta`). `retrain_with_batchnorm`: the same for a trained head with batchnorm inserted
+(`pipeline.models.batchnorm`) and the `bnretrain` settings. With `finetune.deterministic`
+TensorFlow's op determinism is on, so the same config gives the same bytes. Config keys read here
+must be declared by every stage that calls it: `model`, `finetune`, `precompute.backbone`,
+`precompute.weights` (and `bnretrain`). Imports Keras.
 """
 from __future__ import annotations
 
@@ -17,8 +20,23 @@ import numpy as np
 
 from pipeline.core.artifacts import CONFUSION_PLOT, LOSS_PLOT, MODEL_FILE
 from pipeline.core.errors import PipelineError
-from pipeline.data.features import SplitFeatures
+from pipeline.data.features import SplitFeatures, load_split_features
 from pipeline.models.scratch import LADDER
+
+IDENTITY_TOLERANCE = 1e-4  # largest change of a validation probability batchnorm insertion may cause
+
+
+def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool) -> SplitFeatures:
+    """The split's rows of precompute's arrays, with augment's passes when `augmented` / `tta` ask for them.
+
+    Args:
+        config: the calling stage's view of the config (reads `competition.classes`).
+        inputs: upstream output folders by stage name (`precompute`, `split`, and `augment` when used).
+        augmented: train on the clean rows plus every augmented pass of them.
+        tta: average predictions over the clean rows and the augmented test passes.
+    """
+    return load_split_features(inputs["precompute"], inputs["split"], config.competition.classes,
+                               passes_dir=inputs.get("augment"), train_passes=augmented, tta=tta)
 
 
 def set_determinism(enabled: bool) -> None:
@@ -54,7 +72,8 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
     set_determinism(s.deterministic)
     keras.utils.set_random_seed(seed)
     model, arch = build_model(config, data.x_train.shape[1:], len(data.classes), warn)
-    log(f"{arch}: {model.count_params():,} parameters, {len(data.x_train):,} train / {len(data.x_valid):,} "
+    passes = f" (clean + {data.train_passes} augmented passes)" if data.train_passes else ""
+    log(f"{arch}: {model.count_params():,} parameters, {len(data.x_train):,} train{passes} / {len(data.x_valid):,} "
         f"valid rows of {data.x_train.shape[1:]}, seed {seed}")
     train = (data.x_train, data.y_train)
     if s.augment:
@@ -76,33 +95,90 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         "train_seconds": round(train_seconds, 2),
         "seconds_per_epoch": round(train_seconds / max(1, len(history["loss"])), 3),
         "arch": arch,
-        "augmented": bool(s.augment),
+        "augmented_on_the_fly": bool(s.augment),
         "deterministic": s.deterministic,
         "parameters": int(model.count_params()),
         "seed": seed,
-        "n_train": len(data.x_train),
+        "n_train": len(data.x_train) // (data.train_passes + 1),
+        "train_passes": data.train_passes,
         "n_valid": len(data.x_valid),
     }
     return metrics
 
 
-def finish_training(model, data: SplitFeatures, history: dict, best_epoch: int, out_dir: Path, title: str) -> dict:
-    """What every trained model leaves behind: `model.keras`, the valid/test probabilities, `loss.png`
-    and `confusion.png` in `out_dir`.
+def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir: Path, log=print,
+                           title: str = "", verbose: int = 2) -> dict:
+    """Insert batchnorm into a trained dense head without changing a prediction, reset its dropout,
+    and retrain it with the `bnretrain` settings into `out_dir`.
+
+    Args:
+        config: the calling stage's view of the config (reads `bnretrain`, `finetune.deterministic`).
+        head: the trained Keras head (finetune's model).
+        data: the rows to retrain on (the same features the head was trained on).
+        seed: shuffling and dropout draws.
+        out_dir: where the model, history, plots and predictions go.
 
     Returns:
-        The validation scores (`evaluate`), the best epoch (1-based) and the number of epochs.
+        Its metrics (as `train_model`'s), with `insertion_change`: the largest change of a validation
+        probability the insertion caused (an error above `IDENTITY_TOLERANCE`).
+    """
+    import keras
+
+    from pipeline.models.batchnorm import with_batchnorm
+    from pipeline.models.inference import predict_in_chunks
+    from pipeline.training.fit import Phase, fit
+
+    s = config.section("bnretrain")
+    before = predict_in_chunks(head, data.x_valid)
+    model = with_batchnorm(head, data.x_train, dropout=s.dropout)
+    change = float(np.abs(predict_in_chunks(model, data.x_valid) - before).max()) if len(before) else 0.0
+    if change > IDENTITY_TOLERANCE:
+        raise RuntimeError(f"inserting batchnorm changed a validation probability by {change:.2e}")
+    log(f"batchnorm inserted after {sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers)} "
+        f"hidden layers; largest change of a validation probability {change:.1e}; dropout -> {s.dropout}")
+    set_determinism(config.get("finetune.deterministic"))
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    history, best_epoch, _ = fit(model, (data.x_train, data.y_train), (data.x_valid, data.y_valid),
+                                 phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases",
+                                 optimizer=s.optimizer, momentum=0.9, batch_size=s.batch_size, out_dir=out_dir,
+                                 verbose=verbose)
+    seconds = time.perf_counter() - start
+    return {
+        **finish_training(model, data, history, best_epoch, out_dir, f"{title} + batchnorm"),
+        "insertion_change": change,
+        "dropout": s.dropout,
+        "seconds_per_epoch": round(seconds / max(1, len(history["loss"])), 3),
+        "seed": seed,
+        "train_passes": data.train_passes,
+    }
+
+
+def finish_training(model, data: SplitFeatures, history: dict, best_epoch: int, out_dir: Path, title: str) -> dict:
+    """What every trained model leaves behind: `model.keras`, the valid/test probabilities, `loss.png`
+    and `confusion.png` in `out_dir`. With augmented passes of the validation and test rows (`tta`)
+    the probabilities are the mean over the clean rows and every pass, on both sides alike, so the
+    validation score measures what is submitted.
+
+    Returns:
+        The validation scores (`evaluate`), the best epoch (1-based) and the number of epochs; with
+        TTA also `tta_passes`, the scores without it (`*_no_tta`) and `tta_log_loss_gain`.
     """
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.plots import plot_confusion, plot_history
     from pipeline.evaluation.predictions import Predictions, save_predictions
-    from pipeline.models.inference import predict_in_chunks
+    from pipeline.models.inference import predict_averaged
 
     model.save(out_dir / MODEL_FILE)
-    valid_probs = predict_in_chunks(model, data.x_valid)
-    test_probs = predict_in_chunks(model, data.x_test)
+    valid_probs, valid_each = predict_averaged(model, [data.x_valid, *data.valid_passes])
+    test_probs, _ = predict_averaged(model, [data.x_test, *data.test_passes])
     save_predictions(out_dir, Predictions(data.valid_ids, data.y_valid, valid_probs, data.test_ids, test_probs))
     scores = evaluate(data.y_valid, valid_probs)
+    if data.valid_passes:
+        clean = evaluate(data.y_valid, valid_each[0])
+        scores = {**scores, "tta_passes": len(data.valid_passes),
+                  **{f"{name}_no_tta": value for name, value in clean.items()},
+                  "tta_log_loss_gain": round(clean["val_log_loss"] - scores["val_log_loss"], 5)}
     heading = f"{title}: val loss {scores['val_log_loss']:.4f}, acc {scores['val_accuracy']:.4f}"
     plot_history(history, out_dir / LOSS_PLOT, heading)
     plot_confusion(data.y_valid, np.argmax(valid_probs, axis=1), data.classes, out_dir / CONFUSION_PLOT, heading)
