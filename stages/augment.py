@@ -105,7 +105,8 @@ def run(ctx: StageContext) -> dict:
     versions = [[RowAugmenter(s.transforms, (s.seed, 0, n))(image, row) for n in range(1, PREVIEW_PASSES + 1)]
                 for row, image in zip(rows, originals)]
     plot_augmentations(originals, versions, ctx.out / PREVIEW_PLOT,
-                       title=f"{ctx.comp}: training rows {list(rows)}, then their versions in passes 1-{PREVIEW_PASSES}")
+                       title=f"{ctx.comp}: training rows {', '.join(map(str, rows))} and their versions in "
+                             f"passes 1-{PREVIEW_PASSES}")
     meta = {"passes": s.passes, "test_passes": s.test_passes, "seed": s.seed, "transforms": s.transforms,
             "computed": sum(not p["reused"] for p in passes), "reused": sum(p["reused"] for p in passes),
             **source.speed(passes), "pass_runs": passes}
@@ -121,16 +122,26 @@ def _link(source, target) -> None:
         shutil.copyfile(source, target)
 
 
+def _spread_rows(count: int, n: int) -> list[int]:
+    """Up to `n` row numbers spread evenly over `count` rows (the preview's images)."""
+    return sorted({round(i * (count - 1) / max(n - 1, 1)) for i in range(n)})
+
+
 class _ImageSource:
     """Image files, decoded and augmented on the way into precompute's network."""
 
     def __init__(self, ctx: StageContext):
+        from pipeline.data.features import check_same_ids, read_rows
         from pipeline.data.index import read_index
 
         self.ctx = ctx
         index = read_index(ctx.input("download") / INDEX_FILE)
         raw = ctx.input("download") / RAW_DIR
         self.paths = {subset: [raw / p for p in index.loc[index.subset == subset, "path"]] for subset in SUBSETS}
+        for subset in SUBSETS:  # the passes must follow precompute's rows, which follow the index
+            check_same_ids(index.loc[index.subset == subset, "id"].to_numpy(),
+                           read_rows(ctx.input("precompute"), subset)["id"].to_numpy(),
+                           str(ctx.input("download") / INDEX_FILE), str(ctx.input("precompute") / rows_file(subset)))
         self.precompute = json.loads((ctx.input("precompute") / META_FILE).read_text())
         self._extractor = None
 
@@ -150,7 +161,7 @@ class _ImageSource:
 
         from pipeline.data.images import checked_batches
 
-        rows = np.unique(np.linspace(0, self.count("train") - 1, n).astype(int))
+        rows = _spread_rows(self.count("train"), n)
         paths = [self.paths["train"][r] for r in rows]
         batch = next(iter(checked_batches(paths, tuple(self.ctx.config.competition.image_size), len(paths))))
         return rows, [np.clip(np.round(image), 0, 255).astype(np.uint8) for image in np.asarray(batch)]
@@ -201,9 +212,7 @@ class _PixelSource:
                 "images_per_s": round(len(source) / max(seconds, 1e-9), 1)}
 
     def preview_images(self, n: int):
-        import numpy as np
-
-        rows = np.unique(np.linspace(0, self.count("train") - 1, n).astype(int))
+        rows = _spread_rows(self.count("train"), n)
         return rows, list(self._images(self.arrays["train"][rows]))
 
     def speed(self, passes: list[dict]) -> dict:

@@ -93,7 +93,7 @@ def test_misaligned_split_is_refused(tiny_vgg_run):
     shuffled = work / "shuffled"
     shuffled.mkdir()
     split.sample(frac=1, random_state=0).to_csv(shuffled / "split.csv", index=False)
-    with pytest.raises(PipelineError, match="features and split are not aligned"):
+    with pytest.raises(PipelineError, match="disagree at row .* not aligned with the rows"):
         load_split_features(work / "precompute", shuffled, ["c0", "c1", "c2"])
 
 

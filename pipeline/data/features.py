@@ -61,11 +61,12 @@ def label_indices(labels, classes: list[str]) -> np.ndarray:
         raise PipelineError(f"label {exc.args[0]!r} is not one of competition.classes {classes}") from None
 
 
-def _check_same_ids(ids, other, what: str, other_what: str) -> None:
+def check_same_ids(ids, other, what: str, other_what: str) -> None:
+    """Raise PipelineError naming both tables and the first row where two id sequences differ."""
     if len(ids) != len(other) or not (np.asarray(ids) == np.asarray(other)).all():
         first = next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other)))
         raise PipelineError(f"{what} and {other_what} disagree at row {first} ({len(ids)} vs {len(other)} rows): "
-                            "features and split are not aligned")
+                            "the arrays are not aligned with the rows")
 
 
 def load_split_features(features_dir: Path, split_dir: Path, classes: list[str], dtype=np.float32,
@@ -87,7 +88,7 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
     """
     rows = read_rows(features_dir, "train")
     split = pd.read_csv(split_dir / SPLIT_FILE, dtype={"id": str})
-    _check_same_ids(rows["id"].values, split["id"].values, str(features_dir / rows_file("train")),
+    check_same_ids(rows["id"].values, split["id"].values, str(features_dir / rows_file("train")),
                     str(split_dir / SPLIT_FILE))
     train_all = load_array(features_dir / array_file("train"))
     labels = label_indices(rows["label"], classes)
@@ -108,7 +109,7 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         return data
     counts = json.loads((passes_dir / META_FILE).read_text())
     for subset, ids in (("train", rows["id"].values), ("test", np.asarray(data.test_ids))):
-        _check_same_ids(read_rows(passes_dir, subset)["id"].values, ids, str(passes_dir / rows_file(subset)),
+        check_same_ids(read_rows(passes_dir, subset)["id"].values, ids, str(passes_dir / rows_file(subset)),
                         str(features_dir / rows_file(subset)))
 
     def load_pass(subset: str, number: int) -> np.ndarray:
