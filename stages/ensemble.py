@@ -15,18 +15,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import MEMBER_FILE, MEMBER_HEAD_DIR, MEMBERS_PLOT, MODEL_FILE, PREDICTION_FILES
+from pipeline.core.artifacts import MEMBER_FILE, MEMBERS_PLOT, PREDICTION_FILES
 from pipeline.core.cache import fingerprint
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import TRAINING_READS, uses_passes
-
-SOURCES = ("finetune", "bnretrain")  # the recipes a member can follow
+from stages.finetune import RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
 
 class Settings(StrictModel):
     n: int = Field(ge=1)
     seed: int
-    source: Literal[SOURCES]
+    source: Literal[RECIPES]
 
 
 def member_key(ctx: StageContext, seed: int) -> str:
@@ -39,38 +37,15 @@ def member_key(ctx: StageContext, seed: int) -> str:
                         "source": ctx.settings.source, "member_seed": seed})
 
 
-def train_member(ctx: StageContext, data: dict, seed: int, out, title: str) -> dict:
-    """One member into `out`: finetune's recipe, then bnretrain's on its head (kept in `out/head/`)
-    when that is the source."""
-    from pipeline.training.recipe import retrain_with_batchnorm, train_model
-
-    if ctx.settings.source == "finetune":
-        return train_model(ctx.config, data["finetune"], seed, out, ctx.log, ctx.warn, title=title, verbose=0)
-    import keras
-
-    (out / MEMBER_HEAD_DIR).mkdir()
-    head = train_model(ctx.config, data["finetune"], seed, out / MEMBER_HEAD_DIR, ctx.log, ctx.warn, title=title,
-                       verbose=0)
-    metrics = retrain_with_batchnorm(ctx.config, keras.models.load_model(out / MEMBER_HEAD_DIR / MODEL_FILE),
-                                     data["bnretrain"], seed, out, ctx.log, title=title, verbose=0)
-    return {**metrics, "arch": head["arch"], "finetune_val_log_loss": head["val_log_loss"],
-            "finetune_val_accuracy": head["val_accuracy"]}
-
-
 def run(ctx: StageContext) -> dict:
     import numpy as np
 
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
-    from pipeline.training.recipe import load_training_data
+    from pipeline.training.recipe import load_recipe_data, train_recipe
 
-    loaded, data = {}, {}
-    for name, section in _recipe_sections(ctx.config).items():
-        flags = (section.augmented, section.tta)
-        if flags not in loaded:
-            loaded[flags] = load_training_data(ctx.config, ctx.inputs, *flags)
-        data[name] = loaded[flags]
+    data = load_recipe_data(ctx.config, ctx.inputs, recipe_sections(ctx.config, ctx.settings.source))
     if ctx.settings.source == "bnretrain":
         from stages.bnretrain import check_dense_head
 
@@ -88,7 +63,8 @@ def run(ctx: StageContext) -> dict:
         else:
             ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
             with store.write(key) as tmp:
-                metrics = train_member(ctx, data, seed, tmp, title=f"{ctx.comp} member {i + 1}")
+                metrics = train_recipe(ctx.config, ctx.settings.source, data, seed, tmp, ctx.log, ctx.warn,
+                                       title=f"{ctx.comp} member {i + 1}")
                 (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         members.append({"member": i + 1, "seed": seed, "reused": reused, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
@@ -115,12 +91,6 @@ def run(ctx: StageContext) -> dict:
     return result
 
 
-def _recipe_sections(config) -> dict:
-    """The training sections a member follows, by recipe: finetune's, and bnretrain's when it is the source."""
-    names = ("finetune",) if config.section("ensemble").source == "finetune" else SOURCES
-    return {name: config.section(name) for name in names}
-
-
 def headline(m: dict) -> str:
     return (f"{m.get('source', 'finetune')} x {m['n']}: val log loss {m['val_log_loss']:.4f} "
             f"(mean member {m['mean_member_val_log_loss']:.4f}), accuracy {m['val_accuracy']:.4f} "
@@ -135,5 +105,6 @@ STAGE = Stage(
     reads=("finetune", "bnretrain", *TRAINING_READS),
     outs=(*PREDICTION_FILES, MEMBERS_PLOT),
     headline=headline,
-    extra_needs=lambda config: ("augment",) if any(map(uses_passes, _recipe_sections(config).values())) else (),
+    extra_needs=lambda config: ("augment",) if any(
+        map(uses_passes, recipe_sections(config, config.section("ensemble").source).values())) else (),
 )

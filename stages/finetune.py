@@ -60,9 +60,17 @@ class Settings(StrictModel):
         return self
 
 
+RECIPES = ("finetune", "bnretrain")  # what a model can follow: finetune's recipe, or finetune's then bnretrain's
+
+
 def uses_passes(settings) -> bool:
     """Whether a training section (finetune's, bnretrain's) reads augment's passes."""
     return settings.augmented or settings.tta
+
+
+def recipe_sections(config, source: str) -> dict:
+    """The training sections a model trained by `source`'s recipe follows, by name."""
+    return {name: config.section(name) for name in RECIPES[:RECIPES.index(source) + 1]}
 
 
 def run(ctx: StageContext) -> dict:

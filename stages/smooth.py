@@ -1,7 +1,8 @@
 """smooth: blend each test image's probabilities with its nearest test images' (State Farm's winning trick).
 
-Recipe: read the valid and test probabilities of `smooth.source` and precompute's clean features of
-the same rows (ids checked) -> for each test row, its `k` nearest other test rows by `metric` on
+Recipe: read the valid and test probabilities of `smooth.source` (the split's validation rows, or
+with `cv` every training row out of fold) and precompute's clean features of the same rows (ids
+checked) -> for each test row, its `k` nearest other test rows by `metric` on
 the flattened features -> p' = (1 - weight) * p + weight * the neighbours' mean p (1 / distance
 weighted with `distance_weighted`) -> the same on the validation rows with neighbours among the
 validation rows only, which measures what smoothing does (valid log loss before and after in the
@@ -19,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import INDEX_FILE, PREDICTION_FILES
+from pipeline.core.artifacts import INDEX_FILE, PREDICTION_FILES, SPLIT_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.smoothing import METRICS
@@ -46,16 +47,20 @@ class Settings(StrictModel):
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
+    import pandas as pd
 
     from pipeline.data.features import load_split_features
     from pipeline.data.index import read_index
     from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
+    from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions, validation_kind
     from pipeline.evaluation.smoothing import choose, cross_fitted, halves, neighbours, smooth
 
     s = ctx.settings
     before = load_predictions(ctx.input(s.source))
-    data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes)
+    split_ids = pd.read_csv(ctx.input("split") / SPLIT_FILE, dtype={"id": str})["id"].to_numpy()
+    scored = np.isin(split_ids, before.valid_ids)  # the split's validation rows, or every row out of fold (cv)
+    data = load_split_features(ctx.input("precompute"), ctx.input("split"), ctx.config.competition.classes,
+                               sides=(~scored, scored))
     for side, ids, expected in (("valid", before.valid_ids, data.valid_ids), ("test", before.test_ids, data.test_ids)):
         if list(ids) != list(expected):
             raise PipelineError(f"{ctx.input(s.source)}: its {side} rows are not precompute's {side} rows of this "
@@ -65,7 +70,8 @@ def run(ctx: StageContext) -> dict:
     valid_near = neighbours(data.x_valid, max(ks), s.metric)
     test_near = neighbours(data.x_test, max(ks), s.metric)
 
-    result = {"source": s.source, "metric": s.metric, "distance_weighted": s.distance_weighted, "tune": s.tune}
+    result = {"source": s.source, "validation": validation_kind(ctx.input(s.source)), "metric": s.metric,
+              "distance_weighted": s.distance_weighted, "tune": s.tune}
     if s.tune:
         train = read_index(ctx.input("download") / INDEX_FILE).query("subset == 'train'")
         group_of = dict(zip(train.id, train.group))

@@ -23,7 +23,7 @@ from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 
-PREDICTING_STAGES = ("finetune", "bnretrain", "ensemble", "smooth")  # stages whose output is a predictions folder
+PREDICTING_STAGES = ("finetune", "bnretrain", "ensemble", "cv", "smooth")  # stages whose output is a predictions folder
 
 
 class Settings(StrictModel):
@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
     import pandas as pd
 
     from pipeline.evaluation.metrics import evaluate, leaderboard_score_name
-    from pipeline.evaluation.predictions import load_predictions
+    from pipeline.evaluation.predictions import load_predictions, validation_kind
     from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
 
     s, competition = ctx.settings, ctx.config.competition
@@ -78,6 +78,7 @@ def run(ctx: StageContext) -> dict:
         "fingerprint": fingerprint,
         "source": s.source,
         "split_strategy": ctx.config.get("split.strategy"),
+        "validation": validation_kind(ctx.input(s.source)),
         "metric": competition.metric,
         "score_name": leaderboard_score_name(competition.metric),
         **scores,

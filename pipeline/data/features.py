@@ -71,7 +71,7 @@ def check_same_ids(ids, other, what: str, other_what: str) -> None:
 
 def load_split_features(features_dir: Path, split_dir: Path, classes: list[str], dtype=np.float32,
                         passes_dir: Path | None = None, train_passes: bool = False,
-                        tta: bool = False) -> SplitFeatures:
+                        tta: bool = False, sides: tuple[np.ndarray, np.ndarray] | None = None) -> SplitFeatures:
     """The split's train / valid rows and the test rows of precompute's arrays, with augment's passes.
 
     Args:
@@ -82,6 +82,8 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         passes_dir: augment's output, needed when `train_passes` or `tta`.
         train_passes: append every augmented pass of the training rows (never a validation row's) to x_train.
         tta: load the T augmented test passes, and the validation rows of the first T training passes.
+        sides: (train, valid) boolean masks over the training rows instead of the split's sides
+            (a fold's model: train on the other folds, predict this one); disjoint.
 
     Returns:
         `SplitFeatures`; raises PipelineError when any two of the tables disagree on the ids' order.
@@ -92,11 +94,17 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
                     str(split_dir / SPLIT_FILE))
     train_all = load_array(features_dir / array_file("train"))
     labels = label_indices(rows["label"], classes)
-    valid = (split["side"] == "valid").to_numpy()
+    if sides is None:
+        valid = (split["side"] == "valid").to_numpy()
+        train = ~valid
+    else:
+        train, valid = (np.asarray(mask, bool) for mask in sides)
+        if (train & valid).any():
+            raise ValueError("a row cannot be on both sides")
     data = SplitFeatures(
         classes=classes,
-        x_train=np.asarray(train_all[~valid], dtype=dtype),
-        y_train=labels[~valid],
+        x_train=np.asarray(train_all[train], dtype=dtype),
+        y_train=labels[train],
         x_valid=np.asarray(train_all[valid], dtype=dtype),
         y_valid=labels[valid],
         valid_ids=rows["id"][valid].tolist(),
@@ -122,7 +130,7 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
 
     if train_passes:
         k = counts["passes"]
-        data.x_train = np.concatenate([data.x_train, *(np.asarray(load_pass("train", n)[~valid], dtype=dtype)
+        data.x_train = np.concatenate([data.x_train, *(np.asarray(load_pass("train", n)[train], dtype=dtype)
                                                        for n in range(1, k + 1))])
         data.y_train = np.tile(data.y_train, k + 1)
         data.train_passes = k

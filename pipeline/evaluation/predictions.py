@@ -43,3 +43,12 @@ def load_predictions(folder: Path) -> Predictions:
     if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
         raise PipelineError(f"{folder}: probabilities and row ids have different lengths")
     return p
+
+
+def validation_kind(folder: Path) -> str:
+    """What a predicting stage's `valid` rows are: `holdout` (the split's validation rows) or
+    `cvF-oof` (every training row, out of fold), from its manifest."""
+    from pipeline.core.cache import Manifest
+
+    manifest = Manifest.read(folder)
+    return (manifest.metrics.get("validation") if manifest else None) or "holdout"

@@ -49,7 +49,8 @@ def upload(config, message: str | None = None, again: bool = False, say=print) -
     except PipelineError as exc:
         raise PipelineError(f"{exc}; the submission stays at {path}") from None
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": str(path),
-           "fingerprint": meta["fingerprint"], "split_strategy": meta["split_strategy"], "metric": meta["metric"],
+           "fingerprint": meta["fingerprint"], "split_strategy": meta["split_strategy"],
+           "validation": meta.get("validation", "holdout"), "metric": meta["metric"],
            "val_score": f"{meta[meta['score_name']]:.5f}", "status": PENDING, "ref": ref,
            "description": description}
     record(ledger, row)

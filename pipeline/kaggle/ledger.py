@@ -18,8 +18,10 @@ from pipeline.core.artifacts import LEDGER_FILE
 from pipeline.core.cache import write_text_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
-COLUMNS = ["time", "file", "fingerprint", "split_strategy", "metric", "val_score", "lb_score", "difference",
-           "status", "ref", "error", "description"]
+COLUMNS = ["time", "file", "fingerprint", "split_strategy", "validation", "metric", "val_score", "lb_score",
+           "difference", "status", "ref", "error", "description"]
+# Columns added after ledgers were first written, with the value an older ledger's rows had.
+ADDED_COLUMNS = {"validation": "holdout"}
 
 
 def ledger_path(config) -> Path:
@@ -36,11 +38,11 @@ def read_ledger(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in ADDED_COLUMNS]
         if missing:
             raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(COLUMNS)}); "
                                 "it was left as it is: repair it or move it away")
-        return list(reader)
+        return [{**row, **{c: v for c, v in ADDED_COLUMNS.items() if c not in row}} for row in reader]
 
 
 def write_ledger(path: Path, rows: list[dict]) -> None:
@@ -71,12 +73,18 @@ def with_score(row: dict, status: str, lb_score: float | None, error: str | None
     return done
 
 
+def _design(row: dict[str, str]) -> str:
+    """The validation design of a row: the split, and `cvF-oof` when its score is out-of-fold."""
+    validation = row.get("validation") or "holdout"
+    return row["split_strategy"] + ("" if validation == "holdout" else f" {validation}")
+
+
 def format_ledger(rows: list[dict[str, str]]) -> str:
     """The rows as an aligned table (time, file, split, validation, leaderboard, difference, status)."""
     table = [("time", "file", "split", "metric", "valid", "leaderboard", "lb - valid", "status")]
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r.get("error") else "")
-        table.append((r["time"][:16].replace("T", " "), Path(r["file"]).name, r["split_strategy"], r["metric"],
+        table.append((r["time"][:16].replace("T", " "), Path(r["file"]).name, _design(r), r["metric"],
                       r["val_score"], r["lb_score"] or "-", r["difference"] or "-", status))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
@@ -89,9 +97,9 @@ def plot_ledger(rows: list[dict[str, str]], path: Path, title: str) -> None:
     plt = pyplot()
     scored = [r for r in rows if r["lb_score"]]
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for strategy in sorted({r["split_strategy"] for r in scored}):
-        points = [(float(r["val_score"]), float(r["lb_score"])) for r in scored if r["split_strategy"] == strategy]
-        ax.plot(*zip(*points), "o", label=f"split: {strategy}", alpha=0.8)
+    for design in sorted({_design(r) for r in scored}):
+        points = [(float(r["val_score"]), float(r["lb_score"])) for r in scored if _design(r) == design]
+        ax.plot(*zip(*points), "o", label=f"split: {design}", alpha=0.8)
     values = [float(r[key]) for r in scored for key in ("val_score", "lb_score")]
     if values:
         lo, hi = min(values), max(values)

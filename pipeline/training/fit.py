@@ -63,20 +63,22 @@ def cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup_epoch
     return keras.optimizers.schedules.CosineDecay(peak, decay)
 
 
-def fit(model, train, valid: tuple, *, phases: list[Phase], schedule: str, optimizer: str,
+def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str, optimizer: str,
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
-        extra_callbacks=()):
+        extra_callbacks=(), stop_after: int | None = None):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
         train: (x, y) arrays, shuffled each epoch, or a keras PyDataset of batches (augmentation).
-        valid: (x, y) arrays.
+        valid: (x, y) arrays; None with `stop_after` (nothing is selected on any rows).
         phases: `phases` schedule: each phase's rate for its epochs; `cosine`: exactly one phase,
             its epochs and peak rate.
         warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
+        stop_after: train only the first this many epochs of the schedule (the schedule itself is
+            unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
 
     Returns:
-        (history dict, best epoch index, best validation loss).
+        (history dict, best epoch index, best validation loss; with `stop_after` the last epoch and None).
     """
     import keras
 
@@ -95,11 +97,17 @@ def fit(model, train, valid: tuple, *, phases: list[Phase], schedule: str, optim
         scheduling = keras.callbacks.LearningRateScheduler(lambda epoch: rates[min(epoch, epochs - 1)])
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs + 1, restore_best_weights=True)
-    callbacks = [scheduling, best, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
+    logger = keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))
+    if stop_after is not None:
+        best, callbacks, valid, run_epochs = None, [scheduling, *extra_callbacks, logger], None, min(stop_after, epochs)
+    else:
+        best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs + 1, restore_best_weights=True)
+        callbacks, run_epochs = [scheduling, best, *extra_callbacks, logger], epochs
     if arrays:
-        history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=epochs,
+        history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,
                             shuffle=True, callbacks=callbacks, verbose=verbose)
     else:
-        history = model.fit(train, validation_data=valid, epochs=epochs, callbacks=callbacks, verbose=verbose)
+        history = model.fit(train, validation_data=valid, epochs=run_epochs, callbacks=callbacks, verbose=verbose)
+    if best is None:
+        return history.history, run_epochs - 1, None
     return history.history, best.best_epoch, best.best

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.artifacts import CONFUSION_PLOT, LOSS_PLOT, MODEL_FILE
+from pipeline.core.artifacts import CONFUSION_PLOT, LOSS_PLOT, MEMBER_HEAD_DIR, MODEL_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.data.features import SplitFeatures, load_split_features
 from pipeline.models.scratch import LADDER
@@ -26,7 +26,7 @@ from pipeline.models.scratch import LADDER
 IDENTITY_TOLERANCE = 1e-4  # largest change of a validation probability batchnorm insertion may cause
 
 
-def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool) -> SplitFeatures:
+def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None) -> SplitFeatures:
     """The split's rows of precompute's arrays, with augment's passes when `augmented` / `tta` ask for them.
 
     Args:
@@ -34,9 +34,21 @@ def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bo
         inputs: upstream output folders by stage name (`precompute`, `split`, and `augment` when used).
         augmented: train on the clean rows plus every augmented pass of them.
         tta: average predictions over the clean rows and the augmented test passes.
+        sides: (train, valid) row masks instead of the split's sides (`load_split_features`).
     """
     return load_split_features(inputs["precompute"], inputs["split"], config.competition.classes,
-                               passes_dir=inputs.get("augment"), train_passes=augmented, tta=tta)
+                               passes_dir=inputs.get("augment"), train_passes=augmented, tta=tta, sides=sides)
+
+
+def load_recipe_data(config, inputs: dict[str, Path], sections: dict, sides=None) -> dict[str, SplitFeatures]:
+    """`load_training_data` for each recipe's section (`augmented`, `tta`), loaded once per distinct pair."""
+    loaded, data = {}, {}
+    for name, section in sections.items():
+        flags = (section.augmented, section.tta)
+        if flags not in loaded:
+            loaded[flags] = load_training_data(config, inputs, *flags, sides=sides)
+        data[name] = loaded[flags]
+    return data
 
 
 def set_determinism(enabled: bool) -> None:
@@ -50,7 +62,7 @@ def set_determinism(enabled: bool) -> None:
 
 
 def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print, warn=print,
-                title: str = "", verbose: int = 2) -> dict:
+                title: str = "", verbose: int = 2, stop_after: int | None = None) -> dict:
     """Train one model with `seed` into `out_dir`.
 
     Args:
@@ -58,6 +70,9 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         data: the split's rows of the cached features (or pixels).
         seed: weight initialisation, shuffling and augmentation draws.
         out_dir: where the model, history, plots and predictions go.
+        stop_after: train this many epochs of the schedule and keep the last, never looking at the
+            validation rows while training (they are only predicted); None: keep the best epoch by
+            validation loss.
 
     Returns:
         Its metrics: the validation scores (`pipeline.evaluation.metrics.evaluate`), best epoch, timing.
@@ -87,7 +102,7 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
     history, best_epoch, _ = fit(
         model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
         schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
-        out_dir=out_dir, verbose=verbose, warmup_epochs=s.warmup_epochs,
+        out_dir=out_dir, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
     )
     train_seconds = time.perf_counter() - start
     metrics = {
@@ -107,7 +122,7 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
 
 
 def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir: Path, log=print,
-                           title: str = "", verbose: int = 2) -> dict:
+                           title: str = "", verbose: int = 2, stop_after: int | None = None) -> dict:
     """Insert batchnorm into a trained dense head without changing a prediction, reset its dropout,
     and retrain it with the `bnretrain` settings into `out_dir`.
 
@@ -117,6 +132,7 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
         data: the rows to retrain on (the same features the head was trained on).
         seed: shuffling and dropout draws.
         out_dir: where the model, history, plots and predictions go.
+        stop_after: as `train_model`'s.
 
     Returns:
         Its metrics (as `train_model`'s), with `insertion_change`: the largest change of a validation
@@ -142,7 +158,7 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
     history, best_epoch, _ = fit(model, (data.x_train, data.y_train), (data.x_valid, data.y_valid),
                                  phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases",
                                  optimizer=s.optimizer, momentum=0.9, batch_size=s.batch_size, out_dir=out_dir,
-                                 verbose=verbose)
+                                 verbose=verbose, stop_after=stop_after)
     seconds = time.perf_counter() - start
     return {
         **finish_training(model, data, history, best_epoch, out_dir, f"{title} + batchnorm"),
@@ -152,6 +168,39 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
         "seed": seed,
         "train_passes": data.train_passes,
     }
+
+
+def train_recipe(config, source: str, data: dict[str, SplitFeatures], seed: int, out_dir: Path, log=print,
+                 warn=print, title: str = "", stop_after: dict[str, int] | None = None) -> dict:
+    """One model by a stage's recipe into `out_dir`: finetune's, or finetune's then bnretrain's on its
+    head (kept in `out_dir/head/`), as ensemble members and fold models are trained.
+
+    Args:
+        config: the calling stage's view of the config (reads what both recipes read).
+        source: finetune | bnretrain.
+        data: the rows each recipe trains on, by recipe name (each with its own passes / TTA).
+        seed: the model's seed.
+        out_dir: where the final model, history, plots and predictions go.
+        stop_after: epochs per recipe name (see `train_model`); None: best epoch by validation loss.
+
+    Returns:
+        The final model's metrics; for bnretrain also finetune's `finetune_val_log_loss`,
+        `finetune_val_accuracy` and `finetune_best_epoch`.
+    """
+    import keras
+
+    stop_after = stop_after or {}
+    if source == "finetune":
+        return train_model(config, data["finetune"], seed, out_dir, log, warn, title=title, verbose=0,
+                           stop_after=stop_after.get("finetune"))
+    (out_dir / MEMBER_HEAD_DIR).mkdir()
+    head = train_model(config, data["finetune"], seed, out_dir / MEMBER_HEAD_DIR, log, warn, title=title, verbose=0,
+                       stop_after=stop_after.get("finetune"))
+    metrics = retrain_with_batchnorm(config, keras.models.load_model(out_dir / MEMBER_HEAD_DIR / MODEL_FILE),
+                                     data["bnretrain"], seed, out_dir, log, title=title, verbose=0,
+                                     stop_after=stop_after.get("bnretrain"))
+    return {**metrics, "arch": head["arch"], "finetune_val_log_loss": head["val_log_loss"],
+            "finetune_val_accuracy": head["val_accuracy"], "finetune_best_epoch": head["best_epoch"]}
 
 
 def finish_training(model, data: SplitFeatures, history: dict, best_epoch: int, out_dir: Path, title: str) -> dict:

@@ -1,0 +1,99 @@
+"""Cross-validation: every training row predicted once by a model that never saw it, each fold's epochs
+chosen on another fold, test predictions the mean of the fold models, fold models cached."""
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.data.arrays import load_array
+from pipeline.evaluation.predictions import load_predictions
+from tests.helpers import make_statefarm_like, statefarm_like_config
+from tests.test_transfer import TINY_VGG
+
+CV = [s.replace("finetune, submit", "cv, submit") for s in TINY_VGG] + [
+    "split.strategy=group_kfold", "split.folds=4", "submit.source=cv"]
+
+
+@pytest.fixture
+def cv_run(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(project, archive)
+    config = load_config("synth", sets=CV)
+    runner.run(config)
+    return config
+
+
+def test_out_of_fold_rows_cover_every_row_once_each_from_the_model_that_never_saw_it(cv_run):
+    work = cv_run.work_dir
+    m = Manifest.read(work / "cv").metrics
+    assert m["validation"] == "cv4-oof" and m["folds"] == 4 and m["trained"] == 4
+    split = pd.read_csv(work / "split" / "split.csv", dtype={"id": str})
+    oof = load_predictions(work / "cv")
+    assert oof.valid_ids == split["id"].tolist()  # every training row, once, in split order
+    features = np.asarray(load_array(work / "precompute" / "train.npy"), np.float32)
+    tests = []
+    for run in m["fold_runs"]:
+        unit = work / "_runs" / "cv-folds" / run["key"]
+        record = json.loads((unit / "member.json").read_text())
+        held_out = split["fold"].to_numpy() == run["fold"] - 1
+        assert record["rows"]["held_out"] == sorted(split["id"][held_out])
+        assert not set(record["rows"]["held_out"]) & set(record["rows"]["train"] + record["rows"]["selection"])
+        assert not set(record["rows"]["selection"]) & set(record["rows"]["train"])
+        model = keras.models.load_model(unit / "model.keras")
+        np.testing.assert_allclose(oof.valid_probs[held_out], model.predict_on_batch(features[held_out]), rtol=1e-5,
+                                   atol=1e-6)
+        history = pd.read_csv(unit / "history.csv")
+        assert len(history) == record["chosen_epochs"]["finetune"]
+        assert history.get("val_loss", pd.Series([np.nan])).isna().all()  # the held-out rows were never scored
+        assert pd.read_csv(unit / "selection" / "history.csv")["val_loss"].notna().all()  # epochs chosen on fold g
+        tests.append(load_predictions(unit).test_probs)
+    np.testing.assert_allclose(oof.test_probs, np.mean(tests, axis=0), rtol=1e-6)
+    losses = [r["val_log_loss"] for r in m["fold_runs"]]
+    assert m["fold_val_log_loss_min"] == pytest.approx(min(losses), abs=1e-5)
+    submit = json.loads((work / "submit" / "submission.json").read_text())
+    assert submit["source"] == "cv"
+
+
+def test_fold_models_are_cached_and_ignore_settings_they_do_not_use(cv_run):
+    runner.run(load_config("synth", sets=CV + ["bnretrain.dropout=0.2", "ensemble.n=3"]))
+    assert Manifest.read(cv_run.work_dir / "cv").metrics["trained"] == 0
+
+
+def test_cv_needs_folds(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=2, test=2)
+    statefarm_like_config(project, archive)
+    with pytest.raises(PipelineError, match="split.strategy is 'group'"):
+        runner.run(load_config("synth", sets=[s for s in CV if not s.startswith("split.")]), ["cv"])
+
+
+def test_smoothing_out_of_fold_rows_and_submitting_says_the_score_is_out_of_fold(cv_run):
+    sets = [s.replace("cv, submit", "cv, smooth, submit") for s in CV] + [
+        "smooth.source=cv", "smooth.tune=true", "smooth.grid={k: [1, 3], weight: [0.0, 0.5]}", "submit.source=smooth"]
+    runner.run(load_config("synth", sets=sets))
+    work = cv_run.work_dir
+    smoothed = Manifest.read(work / "smooth").metrics
+    assert smoothed["validation"] == "cv4-oof" and smoothed["halves_by"] == "group"
+    assert load_predictions(work / "smooth").valid_ids == load_predictions(work / "cv").valid_ids
+    meta = json.loads((work / "submit" / "submission.json").read_text())
+    assert meta["source"] == "smooth" and meta["validation"] == "cv4-oof"
+
+
+def test_a_ledger_written_before_the_validation_column_still_reads(tmp_path):
+    from pipeline.kaggle.ledger import COLUMNS, format_ledger, read_ledger
+
+    old = [c for c in COLUMNS if c != "validation"]
+    path = tmp_path / "ledger.csv"
+    path.write_text(",".join(old) + "\n" + ",".join("1.0" if c in ("val_score", "lb_score") else
+                                                  ("group" if c == "split_strategy" else "x") for c in old) + "\n")
+    rows = read_ledger(path)
+    assert rows[0]["validation"] == "holdout" and "group" in format_ledger(rows)
+    assert "group_kfold cv4-oof" in format_ledger([{**rows[0], "split_strategy": "group_kfold",
+                                                    "validation": "cv4-oof"}])
