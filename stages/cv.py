@@ -68,6 +68,10 @@ def run(ctx: StageContext) -> dict:
     if n_folds < 3:
         raise PipelineError(f"cv chooses each fold's epochs on another fold, so it needs at least 3 folds; "
                             f"split.folds is {n_folds}")
+    if s.source == "bnretrain":
+        from stages.bnretrain import check_dense_head
+
+        check_dense_head(ctx.config)
     classes = ctx.config.competition.classes
     labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
     ids = split["id"].to_numpy()
