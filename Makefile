@@ -7,10 +7,10 @@ ARGS ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 KP := $(VENV)/bin/kp
-STAGES := download split precompute augment finetune bnretrain ensemble cv smooth submit
+STAGES := download split precompute augment finetune bnretrain ensemble cv smooth pseudo submit
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: all test test-all status clean bench kaggle-local $(STAGES)
+.PHONY: all test test-all status clean bench kaggle-local browser $(STAGES)
 
 all: $(VENV)/.installed
 	$(KP) all --comp $(COMP) $(ARGS)
@@ -24,11 +24,18 @@ status: $(VENV)/.installed
 clean: $(VENV)/.installed
 	$(KP) clean --comp $(COMP) $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed browser
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# Headless Chromium from Debian's packages, for the tests marked `browser` (kp report rendered in a real
+# browser); they skip with the reason where it cannot be installed (no apt-get, not root, no package index).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+	  && echo "installed $$(chromium --version)"; } || echo "chromium could not be installed: the browser tests will skip"
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/cli_startup.py

@@ -6,6 +6,9 @@
     kp status --comp NAME [--json]         up to date / restored / stale (and why) / missing; run cache; ledger
     kp ledger --comp NAME [--refresh]      validation vs leaderboard of every upload; ledger.png
     kp config --comp NAME                  the merged config, each value with the file that set it
+    kp lr-find --comp NAME [--stage S] [--apply]   learning-rate range test: suggested rates, lr_find.png
+    kp show   --comp NAME [--augmented]     a grid of training images with their labels, as a PNG
+    kp report --comp NAME                  one self-contained HTML page of everything the run left
     kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
 
 Stage commands are built from the stage modules' files (read, not imported), so a new module in
@@ -204,6 +207,55 @@ def status(comp, extra_files, sets, as_json):
         click.echo(format_table(statuses))
         _echo_run_cache(config)
         _echo_ledger(config, last=3)
+
+
+@cli.command("lr-find")
+@click.option("--stage", type=click.Choice(["finetune", "bnretrain"]), default="finetune", show_default=True,
+              help="Whose training the range test imitates: its model, rows, optimizer and batch size.")
+@click.option("--steps", type=click.IntRange(10, 10000), default=200, show_default=True, help="Batches at most.")
+@click.option("--apply", is_flag=True, help="Also write the suggestion as a config overlay to pass with --config.")
+@_config_options
+def lr_find(comp, extra_files, sets, stage, steps, apply):
+    """Learning-rate range test on a copy of the stage's model: suggested rates, lr_find.png."""
+    from pipeline import runner
+    from pipeline.core.artifacts import LR_FIND_DIR
+    from pipeline.training.lr_find import find_for_stage
+
+    config = _load(comp, extra_files, sets)
+    view, inputs = runner.stage_inputs(config, stage)
+    record = find_for_stage(view, stage, inputs, config.work_dir / LR_FIND_DIR / stage, steps, apply,
+                            say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    s = record["suggestions"]
+    click.echo(f"{stage}: {record['batches']} batches ({'diverged' if record['diverged'] else 'did not diverge'}); "
+               f"steepest fall at lr {s['steepest']:.3g}, minimum / 10 = {s['minimum_over_10']:.3g} "
+               f"(configured: {record['current_lr']:.3g})")
+    click.echo(f"plot: {record['plot']}")
+    if record["overlay"]:
+        click.echo(f"overlay: {record['overlay']} (use: --config {record['overlay']})")
+
+
+@cli.command()
+@click.option("--augmented", is_flag=True, help="Each image beside its versions in augment's first passes.")
+@click.option("--per-class", type=click.IntRange(1, 50), default=4, show_default=True, help="Images of each class.")
+@_config_options
+def show(comp, extra_files, sets, augmented, per_class):
+    """A grid of training images with their labels (and augmented versions), written to a PNG."""
+    from pipeline import runner
+    from pipeline.evaluation.gallery import show_training_images
+
+    config = _load(comp, extra_files, sets)
+    runner.run(config, ["download"])
+    path, _ = show_training_images(config, per_class, augmented, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    click.echo(str(path))
+
+
+@cli.command()
+@_config_options
+def report(comp, extra_files, sets):
+    """One self-contained HTML page of the run: stages, scores, plots, ladder, ledger."""
+    from pipeline.report import build_report
+
+    click.echo(str(build_report(_load(comp, extra_files, sets, shallow=True))))
 
 
 @cli.command("config")

@@ -51,6 +51,20 @@ def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
     return [name for name in listed if name in wanted]
 
 
+def stage_inputs(config: ResolvedConfig, name: str):
+    """Bring the stages `name` reads up to date (not `name` itself), for a tool that imitates it
+    (`kp lr-find`).
+
+    Returns:
+        (the stage's config view, its upstream output folders by stage name).
+    """
+    plan(config, [name])  # one clear error when the competition does not list it
+    stage = all_stages()[name]
+    needs = list(stage.needs_for(config))
+    run(config, needs)
+    return stage.view(config), {upstream: (config.work_dir / upstream).resolve() for upstream in needs}
+
+
 def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = False) -> list[StageStatus]:
     """Bring the targets (default: every listed stage) up to date; `force` reruns the targets themselves.
 

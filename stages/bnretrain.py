@@ -25,7 +25,8 @@ from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.training.fit import OPTIMIZERS
-from stages.finetune import TRAINING_OUTS, Phase, uses_passes, with_passes
+from pipeline.evaluation.mistakes import MISTAKES_READS
+from stages.finetune import PREDICTING_NEEDS, TRAINING_OUTS, Phase, uses_passes, with_passes
 
 
 class Settings(StrictModel):
@@ -54,6 +55,8 @@ def run(ctx: StageContext) -> dict:
     import keras
 
     from pipeline.core.cache import Manifest
+    from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import load_predictions
     from pipeline.training.recipe import load_training_data, retrain_with_batchnorm
 
     s = ctx.settings
@@ -69,6 +72,7 @@ def run(ctx: StageContext) -> dict:
         "finetune_val_accuracy": finetune["val_accuracy"],
         "log_loss_gain": round(finetune["val_log_loss"] - metrics["val_log_loss"], 5),
         "accuracy_gain": round(metrics["val_accuracy"] - finetune["val_accuracy"], 5),
+        **write_mistakes(ctx.config, ctx.input("download"), load_predictions(ctx.out), ctx.out, f"{ctx.comp} bnretrain"),
     }
 
 
@@ -81,8 +85,8 @@ STAGE = Stage(
     name="bnretrain",
     settings=Settings,
     run=run,
-    needs=("finetune", "precompute", "split"),
-    reads=("model.arch", "competition.classes", "precompute.backbone", "finetune.deterministic"),
+    needs=("finetune", *PREDICTING_NEEDS),
+    reads=("model.arch", "precompute.backbone", "finetune.deterministic", *MISTAKES_READS),
     outs=TRAINING_OUTS,
     headline=headline,
     extra_needs=lambda config: ("augment",) if uses_passes(config.section("bnretrain")) else (),

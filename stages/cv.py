@@ -12,7 +12,8 @@ units of the run cache, `work/COMP/_runs/cv-folds/KEY/`), else
   2. train on every fold but f for exactly those epochs of the same schedule (nothing selected on
      any row), then predict fold f (with its TTA passes when the recipe uses `tta`) and the test rows
 -> the OOF probabilities cover every training row once (written as the `valid` rows, in split
-order), the test probabilities are the mean of the F fold models -> the manifest and `kp status`
+order), the test probabilities are the mean of the F fold models (each fold model's own are kept
+too, `fold_test_probs.npy`, for students taught fold by fold in `pseudo`) -> the manifest and `kp status`
 report the OOF log loss and accuracy, each fold's, and their mean / min / max; `validation` says
 `cvF-oof`, which submit and the ledger carry.
 """
@@ -23,11 +24,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE
+from pipeline.core.artifacts import FOLD_TEST_FILE, MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import RECIPES, TRAINING_READS, recipe_sections, uses_passes
+from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
 FOLD_STRATEGIES = ("kfold", "group_kfold")
 SELECTION_DIR = "selection"  # inside a fold's unit: the model that chose the epochs
@@ -54,7 +55,8 @@ def run(ctx: StageContext) -> dict:
 
     from pipeline.data.features import label_indices, read_rows
     from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
+    from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
     from pipeline.training.recipe import load_recipe_data, train_recipe
 
     s = ctx.settings
@@ -115,7 +117,9 @@ def run(ctx: StageContext) -> dict:
         fold_rows.append({"fold": f + 1, "reused": reused, "key": key, "rows": int(held_out.sum()),
                           "chosen_epochs": record["chosen_epochs"], **evaluate(labels[held_out], predictions.valid_probs)})
 
-    save_predictions(ctx.out, Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0)))
+    out_of_fold = Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0))
+    save_predictions(ctx.out, out_of_fold)
+    save_fold_test(ctx.out, np.stack(test_probs))
     losses = [r["val_log_loss"] for r in fold_rows]
     return {
         "source": s.source,
@@ -127,6 +131,7 @@ def run(ctx: StageContext) -> dict:
         "fold_val_log_loss_min": round(float(np.min(losses)), 5),
         "fold_val_log_loss_max": round(float(np.max(losses)), 5),
         "fold_runs": fold_rows,
+        **write_mistakes(ctx.config, ctx.input("download"), out_of_fold, ctx.out, f"{ctx.comp} cv out of fold"),
     }
 
 
@@ -139,9 +144,9 @@ STAGE = Stage(
     name="cv",
     settings=Settings,
     run=run,
-    needs=("precompute", "split"),
+    needs=PREDICTING_NEEDS,
     reads=("finetune", "bnretrain", "split.strategy", *TRAINING_READS),
-    outs=PREDICTION_FILES,
+    outs=(*PREDICTION_FILES, FOLD_TEST_FILE, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: ("augment",) if any(
         map(uses_passes, recipe_sections(config, config.section("cv").source).values())) else (),

@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import MEMBER_FILE, MEMBERS_PLOT, PREDICTION_FILES
+from pipeline.core.artifacts import MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import RECIPES, TRAINING_READS, recipe_sections, uses_passes
+from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
 
 class Settings(StrictModel):
@@ -41,6 +41,7 @@ def run(ctx: StageContext) -> dict:
     import numpy as np
 
     from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
     from pipeline.training.recipe import load_recipe_data, train_recipe
@@ -73,7 +74,8 @@ def run(ctx: StageContext) -> dict:
     valid = np.mean([p.valid_probs for p in predictions], axis=0)
     test = np.mean([p.test_probs for p in predictions], axis=0)
     rows = data["finetune"]
-    save_predictions(ctx.out, Predictions(rows.valid_ids, rows.y_valid, valid, rows.test_ids, test))
+    averaged = Predictions(rows.valid_ids, rows.y_valid, valid, rows.test_ids, test)
+    save_predictions(ctx.out, averaged)
     mean_loss = float(np.mean([m["val_log_loss"] for m in members]))
     mean_accuracy = float(np.mean([m["val_accuracy"] for m in members]))
     result = {
@@ -88,7 +90,7 @@ def run(ctx: StageContext) -> dict:
     result["log_loss_gain"] = round(mean_loss - result["val_log_loss"], 5)
     result["accuracy_gain"] = round(result["val_accuracy"] - mean_accuracy, 5)
     plot_members(members, result, ctx.out / MEMBERS_PLOT, title=f"{ctx.comp}: {len(members)}-member ensemble")
-    return result
+    return {**result, **write_mistakes(ctx.config, ctx.input("download"), averaged, ctx.out, f"{ctx.comp} ensemble")}
 
 
 def headline(m: dict) -> str:
@@ -101,9 +103,9 @@ STAGE = Stage(
     name="ensemble",
     settings=Settings,
     run=run,
-    needs=("precompute", "split"),
+    needs=PREDICTING_NEEDS,
     reads=("finetune", "bnretrain", *TRAINING_READS),
-    outs=(*PREDICTION_FILES, MEMBERS_PLOT),
+    outs=(*PREDICTION_FILES, MEMBERS_PLOT, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: ("augment",) if any(
         map(uses_passes, recipe_sections(config, config.section("ensemble").source).values())) else (),

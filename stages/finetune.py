@@ -6,7 +6,9 @@ course's VGG16 head, or `pool`; or a from-scratch ladder model on pixels: linear
 cnn_bn, cnn_bn_do, optionally with augmentation) with the configured optimizer and learning-rate
 schedule, keeping the epoch with the best validation loss -> save `model.keras`, `history.csv`,
 `loss.png`, `confusion.png`, and the probabilities on the validation and test rows (with `tta`,
-averaged over the clean rows and augment's test passes, and the validation rows' passes alike).
+averaged over the clean rows and augment's test passes, and the validation rows' passes alike) ->
+`top_losses.png` (the validation images it is most confidently wrong about) and the most confused
+class pairs in the manifest, as every predicting stage.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.artifacts import CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES
+from pipeline.core.artifacts import CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES
 
-# What the shared training recipe (pipeline.training.recipe) reads besides this stage's section.
-TRAINING_READS = ("model", "competition.classes", "precompute.backbone", "precompute.weights")
-TRAINING_OUTS = (MODEL_FILE, HISTORY_FILE, LOSS_PLOT, CONFUSION_PLOT, *PREDICTION_FILES)
+# What the shared training recipe (pipeline.training.recipe) and `write_mistakes` read besides this stage's section.
+TRAINING_READS = ("model", "precompute.backbone", "precompute.weights", *MISTAKES_READS)
+TRAINING_OUTS = (MODEL_FILE, HISTORY_FILE, LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, *PREDICTION_FILES)
+PREDICTING_NEEDS = ("download", "precompute", "split")  # download: the images `top_losses.png` draws
 
 
 class Phase(StrictModel):
@@ -74,11 +78,15 @@ def recipe_sections(config, source: str) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import load_predictions
     from pipeline.training.recipe import load_training_data, train_model
 
     s = ctx.settings
     data = load_training_data(ctx.config, ctx.inputs, s.augmented, s.tta)
-    return train_model(ctx.config, data, s.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
+    metrics = train_model(ctx.config, data, s.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
+    return {**metrics, **write_mistakes(ctx.config, ctx.input("download"), load_predictions(ctx.out), ctx.out,
+                                        f"{ctx.comp} finetune")}
 
 
 def with_passes(m: dict) -> str:
@@ -98,7 +106,7 @@ STAGE = Stage(
     name="finetune",
     settings=Settings,
     run=run,
-    needs=("precompute", "split"),
+    needs=PREDICTING_NEEDS,
     reads=TRAINING_READS,
     outs=TRAINING_OUTS,
     headline=headline,

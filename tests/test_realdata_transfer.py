@@ -18,12 +18,13 @@ from tests.helpers import COMPETITIONS, REPO, needs_shared_data
 pytestmark = [needs_shared_data, pytest.mark.realdata]
 
 
-def run_through_kaggle(project, comp: str, sets=()):
+def run_through_kaggle(project, comp: str, sets=(), overlays=()):
     """kp all with the committed configs/offline/COMP-kaggle.yaml (the weights path made absolute for the
-    temporary project root), then kp submit --upload; the ledger row and the config."""
-    overlay = project / "configs" / "offline" / f"{comp}-kaggle.yaml"
-    weights = (REPO / load_config(comp, root=REPO, extra_files=[overlay]).get("precompute.weights")).resolve()
-    config = load_config(comp, extra_files=[overlay], sets=[f"precompute.weights={weights}", *sets])
+    temporary project root) and `overlays` (names in configs/offline/), then kp submit --upload; the
+    ledger row and the config."""
+    files = [project / "configs" / "offline" / name for name in (f"{comp}-kaggle.yaml", *overlays)]
+    weights = (REPO / load_config(comp, root=REPO, extra_files=files).get("precompute.weights")).resolve()
+    config = load_config(comp, extra_files=files, sets=[f"precompute.weights={weights}", *sets])
     runner.run(config)
     row = leaderboard.upload(config, "acceptance test", say=lambda _: None)
     solution = COMPETITIONS / config.competition.slug / "solution.csv"
@@ -72,6 +73,16 @@ def test_statefarm_driver_split_predicts_the_leaderboard_better_than_a_random_sp
     gap = {strategy: abs(float(r["difference"])) for strategy, r in rows.items()}
     assert gap["group"] < gap["random"] / 2, rows  # measured with the 5-head ensembles: 0.47 vs 1.47
     assert (config.submissions_dir / "ledger.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_dogscats_cross_validated_smoothed_and_pseudo_labelled(project, kaggle_server):
+    config, row, test_accuracy = run_through_kaggle(project, "dogscats", SHORT_RECIPE[:2], ["dogscats-cv.yaml"])
+    pseudo = Manifest.read(config.work_dir / "pseudo").metrics
+    assert pseudo["validation"] == "cv4-oof" and pseudo["source"] == "smooth" and pseudo["trained"] == 4
+    assert pseudo["teacher_val_log_loss"] <= 0.10 and pseudo["val_log_loss"] <= 0.10  # 0.059 and 0.062 measured
+    assert row["validation"] == "cv4-oof" and abs(float(row["difference"])) <= 0.05  # ledger: OOF vs leaderboard
+    assert test_accuracy >= 0.95 and float(row["lb_score"]) <= 0.10
 
 
 @pytest.mark.parametrize("alpha", [0.35, 0.5])

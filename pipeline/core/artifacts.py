@@ -58,6 +58,7 @@ def probs_file(side: str) -> str:
 
 
 PREDICTION_FILES = (probs_file("valid"), rows_file("valid"), probs_file("test"), rows_file("test"))
+FOLD_TEST_FILE = "fold_test_probs.npy"  # cv, and what smooths or students it: each fold model's test probabilities
 
 # training
 MODEL_FILE = "model.keras"
@@ -67,6 +68,17 @@ CONFUSION_PLOT = "confusion.png"
 MEMBER_FILE = "member.json"         # an ensemble member's metrics
 MEMBER_HEAD_DIR = "head"            # a bnretrain member's finetune head, before batchnorm went in
 MEMBERS_PLOT = "members.png"
+TOP_LOSSES_PLOT = "top_losses.png"  # every predicting stage: the validation rows with the highest loss
+
+# looking at the data and the model (kp show, kp lr-find, kp report): no stage reads these
+SHOW_DIR = "show"                   # work/COMP/show/: kp show's grids
+SHOW_PLOT = "train.png"             # ... of training images; SHOW_AUGMENTED_PLOT beside their augmented passes
+SHOW_AUGMENTED_PLOT = "train_augmented.png"
+LR_FIND_DIR = "lr_find"             # work/COMP/lr_find/STAGE/: kp lr-find's plot, record and overlay
+LR_FIND_PLOT = "lr_find.png"
+LR_FIND_RECORD = "lr_find.json"
+LR_FIND_OVERLAY = "overlay.yaml"
+REPORT_FILE = "report.html"         # work/COMP/report.html: kp report
 
 # submit
 SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core.artifacts import probs_file, rows_file
+from pipeline.core.artifacts import FOLD_TEST_FILE, probs_file, rows_file
 from pipeline.core.errors import PipelineError
 
 
@@ -43,6 +43,23 @@ def load_predictions(folder: Path) -> Predictions:
     if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
         raise PipelineError(f"{folder}: probabilities and row ids have different lengths")
     return p
+
+
+def save_fold_test(folder: Path, fold_test: np.ndarray) -> None:
+    """Each fold model's test probabilities, (folds, n_test, classes), rows as `test_rows.csv`."""
+    np.save(folder / FOLD_TEST_FILE, np.asarray(fold_test, dtype=np.float32))
+
+
+def load_fold_test(folder: Path, n_test: int, n_folds: int | None = None) -> np.ndarray:
+    """What `save_fold_test` wrote, checked to hold `n_test` rows per fold (and `n_folds` folds)."""
+    path = folder / FOLD_TEST_FILE
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: the stage that wrote {folder} predates per-fold test "
+                            "probabilities or did not train folds; rerun it")
+    fold_test = np.load(path)
+    if fold_test.ndim != 3 or fold_test.shape[1] != n_test or n_folds not in (None, fold_test.shape[0]):
+        raise PipelineError(f"{path}: shape {fold_test.shape}, expected {n_folds or 'F'} folds of {n_test} test rows")
+    return fold_test
 
 
 def validation_kind(folder: Path) -> str:

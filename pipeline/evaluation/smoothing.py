@@ -9,7 +9,9 @@ of another set because it only ever sees one set.
 Choosing `k` and `weight` on validation rows and then reporting the smoothed validation score would
 report a tuned number. `cross_fitted` avoids that: the rows are cut into two halves (by group when
 there are groups, e.g. drivers); each half is smoothed with the setting chosen on the other half's
-labels, so no reported row took part in choosing its own setting. Imports scikit-learn.
+labels, so no reported row took part in choosing its own setting. `smooth_predictions` is the
+whole procedure on a predicting stage's output, as the smooth stage (and pseudo's `smooth`) runs
+it. Imports scikit-learn.
 """
 from __future__ import annotations
 
@@ -103,3 +105,72 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, near: Neighbours, ks: li
         out[applied] = smooth(probs, near, k, weight, distance_weighted)[applied]
         choices.append({"chosen_on_half": int(not chosen_on), "k": k, "weight": weight, "loss": round(loss, 5)})
     return out, choices
+
+
+def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_test: np.ndarray | None = None):
+    """Smooth a predicting stage's valid and test probabilities with the `smooth` section's settings.
+
+    The valid rows (the split's validation rows, or every training row out of fold) are smoothed
+    among themselves, the test rows among themselves, each on precompute's clean features of the
+    same rows. With `settings.tune`, k and weight come from the grid: the reported valid rows are
+    cross-fitted over two halves (by group where the competition has groups), the test rows get
+    the setting chosen on all valid rows.
+
+    Args:
+        config: a config view reading `competition.classes`.
+        inputs: upstream folders by stage name: `download`, `precompute`, `split`.
+        before: the `Predictions` to smooth.
+        settings: the `smooth` section (k, weight, metric, distance_weighted, tune, grid, seed).
+        where: the folder `before` came from, for error messages.
+        fold_test: (folds, n_test, classes) each fold model's test probabilities, smoothed alike.
+
+    Returns:
+        (the smoothed `Predictions`, the metrics: k, weight, scores before and after, the
+        cross-fitted choices; the smoothed `fold_test` or None).
+    """
+    import pandas as pd
+
+    from pipeline.core.artifacts import INDEX_FILE, SPLIT_FILE
+    from pipeline.core.errors import PipelineError
+    from pipeline.data.features import load_split_features
+    from pipeline.data.index import read_index
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.predictions import Predictions
+
+    s = settings
+    split_ids = pd.read_csv(inputs["split"] / SPLIT_FILE, dtype={"id": str})["id"].to_numpy()
+    scored = np.isin(split_ids, before.valid_ids)  # the split's validation rows, or every row out of fold (cv)
+    data = load_split_features(inputs["precompute"], inputs["split"], config.competition.classes,
+                               sides=(~scored, scored))
+    for side, ids, expected in (("valid", before.valid_ids, data.valid_ids), ("test", before.test_ids, data.test_ids)):
+        if list(ids) != list(expected):
+            raise PipelineError(f"{where}: its {side} rows are not precompute's {side} rows of this split, in order; "
+                                "rerun it")
+    ks = sorted(set(s.grid.k)) if s.tune else [s.k]
+    weights = sorted(set(s.grid.weight)) if s.tune else [s.weight]
+    valid_near = neighbours(data.x_valid, max(ks), s.metric)
+    test_near = neighbours(data.x_test, max(ks), s.metric)
+
+    result = {"metric": s.metric, "distance_weighted": s.distance_weighted, "tune": s.tune}
+    if s.tune:
+        train = read_index(inputs["download"] / INDEX_FILE).query("subset == 'train'")
+        group_of = dict(zip(train.id, train.group))
+        groups = np.array([group_of[i] for i in data.valid_ids])
+        groups = groups if (groups != "").all() else None  # no groups: halves of random rows
+        side = halves(len(data.valid_ids), groups, s.seed)
+        valid, choices = cross_fitted(before.valid_probs, data.y_valid, valid_near, ks, weights,
+                                      s.distance_weighted, side)
+        k, weight, _ = choose(before.valid_probs, data.y_valid, valid_near, ks, weights, s.distance_weighted,
+                              np.ones(len(data.valid_ids), bool))
+        result.update({"cross_fit_choices": choices, "halves_by": "group" if groups is not None else "row"})
+    else:
+        k, weight = s.k, s.weight
+        valid = smooth(before.valid_probs, valid_near, k, weight, s.distance_weighted)
+    test = smooth(before.test_probs, test_near, k, weight, s.distance_weighted)
+    unsmoothed = evaluate(data.y_valid, before.valid_probs)
+    result.update({"k": k, "weight": weight, **evaluate(data.y_valid, valid),
+                   **{f"{name}_before": value for name, value in unsmoothed.items()}})
+    result["log_loss_gain"] = round(result["val_log_loss_before"] - result["val_log_loss"], 5)
+    smoothed_folds = None if fold_test is None else np.stack(
+        [smooth(probs, test_near, k, weight, s.distance_weighted) for probs in fold_test])
+    return (Predictions(before.valid_ids, before.valid_labels, valid, before.test_ids, test), result, smoothed_folds)

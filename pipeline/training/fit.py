@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core.artifacts import HISTORY_FILE
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -30,6 +32,11 @@ class Phase:
 def epoch_learning_rates(phases: list[Phase]) -> list[float]:
     """The learning rate of each epoch under a list of phases: [(2, 1e-3), (1, 1e-4)] -> [1e-3, 1e-3, 1e-4]."""
     return [phase.lr for phase in phases for _ in range(phase.epochs)]
+
+
+def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Class indices as float32 probability rows."""
+    return np.eye(classes, dtype=np.float32)[labels]
 
 
 def make_optimizer(name: str, learning_rate, momentum: float = 0.9):
@@ -65,7 +72,7 @@ def cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup_epoch
 
 def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str, optimizer: str,
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
-        extra_callbacks=(), stop_after: int | None = None):
+        extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
@@ -76,6 +83,8 @@ def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str
         warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
         stop_after: train only the first this many epochs of the schedule (the schedule itself is
             unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
+        soft_targets: `train` yields probability rows (pseudo-labels) instead of class indices:
+            categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
 
     Returns:
         (history dict, best epoch index, best validation loss; with `stop_after` the last epoch and None).
@@ -95,8 +104,12 @@ def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str
     else:
         learning_rate = rates[0]
         scheduling = keras.callbacks.LearningRateScheduler(lambda epoch: rates[min(epoch, epochs - 1)])
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss = "sparse_categorical_crossentropy"
+    if soft_targets:
+        loss = "categorical_crossentropy"
+        if valid is not None:
+            valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum), loss=loss, metrics=["accuracy"])
     logger = keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))
     if stop_after is not None:
         best, callbacks, valid, run_epochs = None, [scheduling, *extra_callbacks, logger], None, min(stop_after, epochs)

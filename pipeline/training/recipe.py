@@ -2,7 +2,8 @@
 
 `train_model`: build the network `model.arch` names (`pipeline.models.build`) -> train it on the
 split's training rows (plus augment's passes of them with `finetune.augmented`; augmented on the
-fly when `finetune.augment` is set and the inputs are pixels) with the configured optimizer and
+fly when `finetune.augment` is set and the inputs are pixels; plus pseudo-labelled test rows, a
+share of every batch, when a student is `taught`, see `pipeline.training.pseudo`) with the configured optimizer and
 learning-rate schedule, keeping the best epoch by validation loss -> save the model, its history,
 loss and confusion plots, and the valid/test probabilities (averaged over augment's test passes
 with `tta`). `retrain_with_batchnorm`: the same for a trained head with batchnorm inserted
@@ -62,7 +63,7 @@ def set_determinism(enabled: bool) -> None:
 
 
 def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print, warn=print,
-                title: str = "", verbose: int = 2, stop_after: int | None = None) -> dict:
+                title: str = "", verbose: int = 2, stop_after: int | None = None, teaching=None) -> dict:
     """Train one model with `seed` into `out_dir`.
 
     Args:
@@ -73,6 +74,8 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         stop_after: train this many epochs of the schedule and keep the last, never looking at the
             validation rows while training (they are only predicted); None: keep the best epoch by
             validation loss.
+        teaching: a `pipeline.training.pseudo.Teaching`: also train on the test rows with the
+            teacher's probabilities as soft labels, its share of every batch.
 
     Returns:
         Its metrics: the validation scores (`pipeline.evaluation.metrics.evaluate`), best epoch, timing.
@@ -95,14 +98,19 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         if arch not in LADDER:
             raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
                                 "(precompute.backbone is not none); set finetune.augment: null")
+        if teaching is not None:
+            raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with finetune.augment "
+                                "(augmentation on the fly): set finetune.augment: null")
         augmenter = build_augmenter(s.augment, fill=float(np.min(data.x_train)))
         train = augmented_batches(data.x_train, data.y_train, s.batch_size, augmenter, seed)
+    train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, log)
 
     start = time.perf_counter()
     history, best_epoch, _ = fit(
         model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
         schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
         out_dir=out_dir, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
+        soft_targets=teaching is not None,
     )
     train_seconds = time.perf_counter() - start
     metrics = {
@@ -117,12 +125,31 @@ def train_model(config, data: SplitFeatures, seed: int, out_dir: Path, log=print
         "n_train": len(data.x_train) // (data.train_passes + 1),
         "train_passes": data.train_passes,
         "n_valid": len(data.x_valid),
+        **pseudo_rows,
     }
     return metrics
 
 
+def taught(train, data: SplitFeatures, teaching, batch_size: int, seed: int, log):
+    """`train` unchanged without `teaching`; with it, batches mixing the labelled rows with the taught
+    test rows (`pipeline.training.pseudo.mixed_batches`) and the counts for the metrics."""
+    if teaching is None:
+        return train, {}
+    from pipeline.training.pseudo import mixed_batches, pseudo_share
+
+    pseudo = teaching.rows(data)
+    share = pseudo_share(batch_size, teaching.weight)
+    passes = f" ({len(pseudo.x):,} rows with their passes)" if len(pseudo.x) > teaching.keep.sum() else ""
+    log(f"pseudo-labels: {int(teaching.keep.sum()):,} of {len(teaching.keep):,} test rows{passes}, "
+        f"{share} added to every {batch_size} labelled rows")
+    return (mixed_batches(data.x_train, data.y_train, pseudo, batch_size, teaching.weight, seed),
+            {"pseudo_rows": int(teaching.keep.sum()), "pseudo_rows_with_passes": len(pseudo.x),
+             "pseudo_per_batch": share})
+
+
 def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir: Path, log=print,
-                           title: str = "", verbose: int = 2, stop_after: int | None = None) -> dict:
+                           title: str = "", verbose: int = 2, stop_after: int | None = None,
+                           teaching=None) -> dict:
     """Insert batchnorm into a trained dense head without changing a prediction, reset its dropout,
     and retrain it with the `bnretrain` settings into `out_dir`.
 
@@ -133,6 +160,7 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
         seed: shuffling and dropout draws.
         out_dir: where the model, history, plots and predictions go.
         stop_after: as `train_model`'s.
+        teaching: as `train_model`'s.
 
     Returns:
         Its metrics (as `train_model`'s), with `insertion_change`: the largest change of a validation
@@ -154,11 +182,12 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
         f"hidden layers; largest change of a validation probability {change:.1e}; dropout -> {s.dropout}")
     set_determinism(config.get("finetune.deterministic"))
     keras.utils.set_random_seed(seed)
+    train, pseudo_rows = taught((data.x_train, data.y_train), data, teaching, s.batch_size, seed, log)
     start = time.perf_counter()
-    history, best_epoch, _ = fit(model, (data.x_train, data.y_train), (data.x_valid, data.y_valid),
+    history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid),
                                  phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases",
                                  optimizer=s.optimizer, momentum=0.9, batch_size=s.batch_size, out_dir=out_dir,
-                                 verbose=verbose, stop_after=stop_after)
+                                 verbose=verbose, stop_after=stop_after, soft_targets=teaching is not None)
     seconds = time.perf_counter() - start
     return {
         **finish_training(model, data, history, best_epoch, out_dir, f"{title} + batchnorm"),
@@ -167,11 +196,12 @@ def retrain_with_batchnorm(config, head, data: SplitFeatures, seed: int, out_dir
         "seconds_per_epoch": round(seconds / max(1, len(history["loss"])), 3),
         "seed": seed,
         "train_passes": data.train_passes,
+        **pseudo_rows,
     }
 
 
 def train_recipe(config, source: str, data: dict[str, SplitFeatures], seed: int, out_dir: Path, log=print,
-                 warn=print, title: str = "", stop_after: dict[str, int] | None = None) -> dict:
+                 warn=print, title: str = "", stop_after: dict[str, int] | None = None, teaching=None) -> dict:
     """One model by a stage's recipe into `out_dir`: finetune's, or finetune's then bnretrain's on its
     head (kept in `out_dir/head/`), as ensemble members and fold models are trained.
 
@@ -182,6 +212,7 @@ def train_recipe(config, source: str, data: dict[str, SplitFeatures], seed: int,
         seed: the model's seed.
         out_dir: where the final model, history, plots and predictions go.
         stop_after: epochs per recipe name (see `train_model`); None: best epoch by validation loss.
+        teaching: pseudo-labels for every step of the recipe (see `train_model`).
 
     Returns:
         The final model's metrics; for bnretrain also finetune's `finetune_val_log_loss`,
@@ -192,13 +223,13 @@ def train_recipe(config, source: str, data: dict[str, SplitFeatures], seed: int,
     stop_after = stop_after or {}
     if source == "finetune":
         return train_model(config, data["finetune"], seed, out_dir, log, warn, title=title, verbose=0,
-                           stop_after=stop_after.get("finetune"))
+                           stop_after=stop_after.get("finetune"), teaching=teaching)
     (out_dir / MEMBER_HEAD_DIR).mkdir()
     head = train_model(config, data["finetune"], seed, out_dir / MEMBER_HEAD_DIR, log, warn, title=title, verbose=0,
-                       stop_after=stop_after.get("finetune"))
+                       stop_after=stop_after.get("finetune"), teaching=teaching)
     metrics = retrain_with_batchnorm(config, keras.models.load_model(out_dir / MEMBER_HEAD_DIR / MODEL_FILE),
                                      data["bnretrain"], seed, out_dir, log, title=title, verbose=0,
-                                     stop_after=stop_after.get("bnretrain"))
+                                     stop_after=stop_after.get("bnretrain"), teaching=teaching)
     return {**metrics, "arch": head["arch"], "finetune_val_log_loss": head["val_log_loss"],
             "finetune_val_accuracy": head["val_accuracy"], "finetune_best_epoch": head["best_epoch"]}
 

@@ -1,0 +1,102 @@
+"""`kp report`: one self-contained HTML file with everything a run left behind (`work/COMP/report.html`).
+
+The stage graph and each stage's state, its headline, run time and scores, its plots (training
+curves, confusion matrix, top losses, ensemble members, augmentation preview), the most confused
+class pairs, the ensemble member and cv fold tables, the ladder of validation scores across the
+predicting stages, the learning-rate range tests and `kp show` grids when they exist, and the
+ledger with its plot. Rendered with Jinja2 (`pipeline/templates/report.html.j2`, autoescaped);
+images are embedded as data URIs, so the file opens anywhere with no network. Nothing here
+imports TensorFlow.
+"""
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.core.artifacts import (CONFUSION_PLOT, LEDGER_PLOT, LOSS_PLOT, LR_FIND_DIR, LR_FIND_PLOT, MEMBERS_PLOT,
+                                     PREVIEW_PLOT, REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
+from pipeline.status import UP_TO_DATE, stage_statuses
+
+PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)  # a stage's own plots, in order
+SCORES = ("val_log_loss", "val_accuracy", "val_log_loss_clipped", "val_accuracy_clipped")
+
+
+def embedded(path: Path) -> str | None:
+    """A PNG as a data URI, or None when it does not exist."""
+    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.is_file() else None
+
+
+def _stage_section(config, status) -> dict:
+    m = status.manifest
+    metrics = m.metrics if m else {}
+    folder = config.work_dir / status.name
+    return {
+        "name": status.name,
+        "state": status.state + (" (restored)" if status.restored else ""),
+        "current": status.state == UP_TO_DATE,
+        "reasons": status.reasons,
+        "finished": m.finished if m else None,
+        "duration_s": m.duration_s if m else None,
+        "headline": m.headline if m else "",
+        "needs": list(status.inputs.get("upstream", {})),
+        "scores": {key: metrics[key] for key in SCORES if isinstance(metrics.get(key), (int, float))},
+        "validation": metrics.get("validation", "holdout") if "val_log_loss" in metrics else None,
+        "plots": [(name, uri) for name in PLOTS if (uri := embedded(folder / name))],
+        "most_confused": metrics.get("most_confused", []),
+        "members": metrics.get("members", []),
+        "folds": metrics.get("fold_runs") or [row for row in metrics.get("students", []) if row.get("fold")],
+        "warnings": m.warnings if m else [],
+    }
+
+
+def _ladder(stages: list[dict]) -> list[dict]:
+    """The predicting stages' validation log loss in pipeline order, each with its change on the one before."""
+    rows, previous = [], None
+    for stage in stages:
+        loss = stage["scores"].get("val_log_loss")
+        if loss is None or stage["name"] == "submit":
+            continue
+        rows.append({"stage": stage["name"], "validation": stage["validation"], "val_log_loss": loss,
+                     "val_accuracy": stage["scores"].get("val_accuracy"),
+                     "change": None if previous is None else loss - previous, "current": stage["current"]})
+        previous = loss
+    return rows
+
+
+def build_report(config) -> Path:
+    """Write `work/COMP/report.html` from what the work folder holds now; runs nothing.
+
+    Args:
+        config: the resolved config.
+
+    Returns:
+        The report's path.
+    """
+    import jinja2
+
+    from pipeline.core.cache import write_text_atomic
+    from pipeline.kaggle.ledger import ledger_path, read_ledger
+
+    statuses = stage_statuses(config)
+    stages = [_stage_section(config, status) for status in statuses]
+    extras = [(f"{LR_FIND_DIR}/{path.parent.name}", embedded(path))
+              for path in sorted((config.work_dir / LR_FIND_DIR).glob(f"*/{LR_FIND_PLOT}"))]
+    extras += [(f"{SHOW_DIR}/{path.name}", embedded(path)) for path in sorted((config.work_dir / SHOW_DIR).glob("*.png"))]
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
+                                     autoescape=jinja2.select_autoescape(["html", "j2"]),
+                                     undefined=jinja2.StrictUndefined)
+    html = environment.get_template("report.html.j2").render(
+        comp=config.comp,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        work_dir=str(config.work_dir),
+        stages=stages,
+        ladder=_ladder(stages),
+        extras=extras,
+        ledger=read_ledger(ledger_path(config)),
+        ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
+    )
+    path = config.work_dir / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, html)
+    return path

@@ -1,0 +1,184 @@
+"""The learning-rate range test (fastai's `lr_find`, after Leslie Smith): which rate to train a model at.
+
+From a copy of the model (the original's weights are never touched), one batch at a time with an
+exponentially rising learning rate from `start` to `end` over at most `steps` batches; each batch's
+own loss (not Keras' running mean over the epoch) is smoothed with a bias-corrected exponential
+moving average, and the test stops once the smoothed loss passes `diverge` times its minimum.
+Suggested: the rate where the smoothed loss falls fastest (steepest descent in log-rate) and the
+rate at the minimum divided by 10 (fastai's two classic readings). Imports Keras.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class RangeTest:
+    """What the range test saw: one entry per batch trained."""
+
+    rates: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    diverged: bool = False
+
+    def suggestions(self, skip_start: int = 10, skip_end: int = 5) -> dict[str, float]:
+        """`steepest`: the middle rate of the smoothed loss's steepest fall, measured per log-rate over
+        a window of a tenth of the batches (a single-batch slope is noise); `minimum_over_10`: the
+        rate of the lowest smoothed loss / 10. The first `skip_start` batches (the average is still
+        forming) and the last `skip_end` (the blow-up) are left out, as fastai does."""
+        end = len(self.rates) - skip_end if len(self.rates) - skip_end > skip_start + 3 else len(self.rates)
+        rates = np.asarray(self.rates[skip_start:end])
+        smoothed = np.asarray(self.smoothed[skip_start:end])
+        if len(rates) < 4:
+            raise ValueError(f"the range test ran only {len(self.rates)} batches; give it more steps or rows")
+        lowest = int(np.argmin(smoothed))
+        window = max(2, len(rates) // 10)
+        logs = np.log(rates)
+        upto = max(1, lowest - window + 1)  # windows that end by the minimum: the fall, not the blow-up after it
+        slopes = [(smoothed[i + window] - smoothed[i]) / (logs[i + window] - logs[i]) for i in range(upto)]
+        steepest = int(np.argmin(slopes))
+        return {"steepest": float(np.exp((logs[steepest] + logs[steepest + window]) / 2)),
+                "minimum_over_10": float(rates[lowest] / 10)}
+
+
+def range_test(model, x: np.ndarray, y: np.ndarray, optimizer: str = "adam", start: float = 1e-7,
+               end: float = 10.0, steps: int = 200, batch_size: int = 64, beta: float = 0.98,
+               diverge: float = 4.0, seed: int = 0, loss: str = "sparse_categorical_crossentropy") -> RangeTest:
+    """Run the range test on a copy of `model` (its weights and optimizer state stay as they are).
+
+    Args:
+        model: a built Keras model.
+        x, y: training rows and their labels (class indices), shuffled here with `seed`.
+        optimizer: adam | sgd | rmsprop (`pipeline.training.fit.make_optimizer`).
+        start, end: the first and the largest rate tried; the rate grows by (end / start) ** (1 / steps).
+        steps: batches at most (passes over the rows repeat, reshuffled).
+        batch_size: rows per batch.
+        beta: smoothing of the loss (0.98 as fastai).
+        diverge: stop when the smoothed loss exceeds this times its minimum (or is not finite).
+        seed: the batch order.
+
+    Returns:
+        A `RangeTest`.
+    """
+    import keras
+
+    from pipeline.training.fit import make_optimizer
+
+    trial = keras.models.clone_model(model)
+    trial.set_weights(model.get_weights())
+    trial.compile(optimizer=make_optimizer(optimizer, start), loss=loss)
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    rng = np.random.default_rng(seed)
+    per_pass = max(1, math.ceil(len(x) / batch_size))
+    result, average, best = RangeTest(), 0.0, math.inf
+    order = rng.permutation(len(x))
+    for step in range(steps):
+        if step and step % per_pass == 0:
+            order = rng.permutation(len(x))
+        rows = order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
+        rate = start * factor ** step
+        trial.optimizer.learning_rate.assign(rate)
+        loss_value = float(np.asarray(trial.train_on_batch(x[rows], y[rows])))
+        average = beta * average + (1 - beta) * loss_value
+        smoothed = average / (1 - beta ** (step + 1))
+        result.rates.append(rate)
+        result.losses.append(loss_value)
+        result.smoothed.append(smoothed)
+        best = min(best, smoothed)
+        if not math.isfinite(smoothed) or smoothed > diverge * best:
+            result.diverged = True
+            break
+    return result
+
+
+def plot_range_test(test: RangeTest, suggestions: dict[str, float], path, title: str = "") -> None:
+    """Loss against learning rate (log scale), raw and smoothed, with the suggested rates marked."""
+    from pipeline.evaluation.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(test.rates, test.losses, color="0.75", linewidth=0.8, label="batch loss")
+    ax.plot(test.rates, test.smoothed, color="C0", label="smoothed")
+    for (name, rate), colour in zip(suggestions.items(), ("C1", "C2")):
+        ax.axvline(rate, color=colour, linestyle="--", label=f"{name}: {rate:.2g}")
+    finite = [v for v in test.smoothed if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.05)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "learning-rate range test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200, apply: bool = False,
+                   say=print) -> dict:
+    """The range test on the real training rows of `stage` (finetune: a fresh model as finetune builds
+    it; bnretrain: finetune's trained head with batchnorm inserted, as bnretrain starts); nothing
+    its upstream stages wrote changes. Writes `lr_find.png` and `lr_find.json` into `out`; with
+    `apply` also `overlay.yaml`: the stage's phases rescaled so the first phase's rate is the
+    `minimum_over_10` suggestion, the others keeping their ratio to it, for `--config`.
+
+    Args:
+        config: the stage's config view.
+        stage: finetune | bnretrain.
+        inputs: its upstream output folders by stage name (up to date).
+        out: where the files go (`work/COMP/lr_find/STAGE/`).
+        steps: batches at most.
+        apply: write the overlay.
+        say: prints progress.
+
+    Returns:
+        The record: suggestions, current rate, batches run, whether it diverged, the files written.
+    """
+    import json
+
+    import keras
+    import yaml
+
+    from pipeline.core.artifacts import LR_FIND_OVERLAY, LR_FIND_PLOT, LR_FIND_RECORD, MODEL_FILE
+    from pipeline.core.cache import write_text_atomic
+    from pipeline.training.recipe import load_training_data, set_determinism
+
+    s = config.section(stage)
+    set_determinism(False)
+    keras.utils.set_random_seed(s.seed)
+    data = load_training_data(config, inputs, s.augmented, tta=False)
+    if stage == "finetune":
+        from pipeline.models.build import build_model
+
+        model, _ = build_model(config, data.x_train.shape[1:], len(data.classes), warn=say)
+    else:
+        from pipeline.models.batchnorm import with_batchnorm
+
+        model = with_batchnorm(keras.models.load_model(inputs["finetune"] / MODEL_FILE), data.x_train,
+                               dropout=s.dropout)
+    say(f"range test for {stage}: {len(data.x_train):,} training rows, {s.optimizer}, batch {s.batch_size}, "
+        f"at most {steps} batches")
+    test = range_test(model, data.x_train, data.y_train, optimizer=s.optimizer, steps=steps,
+                      batch_size=s.batch_size)
+    suggestions = test.suggestions()
+    out.mkdir(parents=True, exist_ok=True)
+    current = s.phases[0].lr
+    scale = suggestions["minimum_over_10"] / current
+    phases = [{"epochs": p.epochs, "lr": float(f"{p.lr * scale:.3g}")} for p in s.phases]
+    if apply:
+        write_text_atomic(out / LR_FIND_OVERLAY, (
+            f"# kp lr-find --comp {config.comp} --stage {stage}: the first phase's rate set to the range test's\n"
+            f"# minimum / 10 ({suggestions['minimum_over_10']:.3g}; steepest fall at {suggestions['steepest']:.3g}),"
+            f" the others keep their ratio.\n# Use: --config {out / LR_FIND_OVERLAY}\n"
+            + yaml.safe_dump({stage: {"phases": phases}}, default_flow_style=None, sort_keys=False)))
+    plot_range_test(test, suggestions, out / LR_FIND_PLOT, f"{config.comp} {stage}: learning-rate range test")
+    record = {"stage": stage, "optimizer": s.optimizer, "batch_size": s.batch_size, "current_lr": current,
+              "suggestions": suggestions, "suggested_phases": phases, "batches": len(test.rates),
+              "diverged": test.diverged, "rates": test.rates, "losses": test.losses, "smoothed": test.smoothed,
+              "plot": str(out / LR_FIND_PLOT), "overlay": str(out / LR_FIND_OVERLAY) if apply else None}
+    write_text_atomic(out / LR_FIND_RECORD, json.dumps(record, indent=1) + "\n")
+    return record

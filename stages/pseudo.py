@@ -1,0 +1,200 @@
+"""pseudo: a student trained on the training rows plus the test rows labelled by a teacher's probabilities.
+
+The course's pseudo-labelling and knowledge distillation, without its leak (it pseudo-labelled its
+validation set and then scored on it): the only unlabeled rows are the test rows, and the student
+is scored on rows that were never unlabeled data.
+
+Recipe: the teacher is `pseudo.source` (finetune, bnretrain, ensemble, cv or smooth); the student
+follows the teacher's recipe (finetune's, or finetune's then bnretrain's, with their `augmented`
+and `tta`) and trains on its labelled rows with `weight` of every batch drawn from the test rows,
+whose targets are the teacher's probabilities (soft labels; only rows whose top probability
+reaches `threshold` when one is set; with augmented passes, the test rows' passes too) ->
+  - holdout teacher (the split's validation rows): one student on the split's training rows, its
+    best epoch by validation loss as finetune's, taught the teacher's test probabilities;
+  - cross-validated teacher (cv, or smooth of cv): one student per fold, trained on every fold but
+    its own for the epochs cv chose for that fold (on another fold), taught by that fold's own
+    teacher model (`fold_test_probs.npy`), so no fold's labels reach its own out-of-fold score
+    through the teacher; students are units of the run cache (`_runs/pseudo-students/KEY`) ->
+the student's valid (or out-of-fold) and test probabilities (test: the mean of the fold students)
+-> with `smooth: true`, smoothed as the smooth stage does, with its settings, tuned on these rows ->
+the manifest reports the teacher's score, the student's, the gain, and the smoothed score.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.core.artifacts import MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
+from pipeline.core.cache import fingerprint
+from pipeline.core.errors import PipelineError
+from pipeline.core.stage import Stage, StageContext, StrictModel
+from stages.finetune import PREDICTING_NEEDS, TRAINING_READS, recipe_sections, uses_passes
+
+TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth")
+STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
+
+
+class Settings(StrictModel):
+    source: Literal[TEACHERS]
+    weight: float = Field(gt=0, lt=1)
+    threshold: float | None = Field(ge=0, le=1)
+    unlabeled: list[Literal["test", "valid"]] = Field(min_length=1)
+    smooth: bool
+    seed: int
+
+    @field_validator("unlabeled")
+    @classmethod
+    def _only_test_rows(cls, subsets: list[str]) -> list[str]:
+        if "valid" in subsets:
+            raise ValueError("the validation rows cannot be unlabeled data: they are the rows the student is scored "
+                             "on, and a student taught the teacher's answers on them scores what it was told (the "
+                             "course's leak). Use [test]")
+        return subsets
+
+
+def teacher_base(config, source: str) -> str:
+    """The stage whose models made the teacher's predictions: smooth's source for smooth."""
+    return config.section("smooth").source if source == "smooth" else source
+
+
+def student_recipe(config, source: str) -> str:
+    """The recipe the teacher's models followed, which the student follows too: finetune | bnretrain."""
+    base = teacher_base(config, source)
+    return {"ensemble": config.get("ensemble.source"), "cv": config.get("cv.source")}.get(base, base)
+
+
+def student_key(ctx: StageContext, fold: int, rows: dict) -> str:
+    """A fold's student depends on its rows, the teacher, the features, the recipe, the code and the
+    seed; not on whether its predictions are smoothed afterwards."""
+    inputs = ctx.fingerprint_inputs
+    config = {key: value for key, value in inputs["config"].items() if key != "smooth"}
+    config["pseudo"] = {key: value for key, value in config["pseudo"].items() if key != "smooth"}
+    return fingerprint({"upstream": inputs["upstream"], "config": config, "code": inputs["code"],
+                        "fold": fold, "rows": rows})
+
+
+def run(ctx: StageContext) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.core.cache import Manifest
+    from pipeline.data.features import label_indices, read_rows
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import (Predictions, load_fold_test, load_predictions, save_fold_test,
+                                                 save_predictions, validation_kind)
+    from pipeline.evaluation.smoothing import smooth_predictions
+    from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
+    from pipeline.training.recipe import load_recipe_data, train_recipe
+
+    s = ctx.settings
+    teacher_dir = ctx.input(s.source)
+    teacher = load_predictions(teacher_dir)
+    kind = validation_kind(teacher_dir)
+    recipe = student_recipe(ctx.config, s.source)
+    if recipe == "bnretrain":
+        from stages.bnretrain import check_dense_head
+
+        check_dense_head(ctx.config)
+    sections = recipe_sections(ctx.config, recipe)
+    split = pd.read_csv(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
+    ids = split["id"].to_numpy()
+    if list(teacher.test_ids) != read_rows(ctx.input("precompute"), "test")["id"].tolist():
+        raise PipelineError(f"{teacher_dir}: its test rows are not precompute's test rows, in order; rerun it")
+
+    if kind == "holdout":
+        valid = (split["side"] == "valid").to_numpy()
+        if list(teacher.valid_ids) != list(ids[valid]):
+            raise PipelineError(f"{teacher_dir}: its validation rows are not the split's; rerun it")
+        check_unlabeled(teacher.test_ids, ids[~valid], ids[valid], str(teacher_dir))
+        keep = confident_rows(teacher.test_probs, s.threshold)
+        data = load_recipe_data(ctx.config, ctx.inputs, sections)
+        (ctx.out / STUDENT_DIR).mkdir()
+        teaching = Teaching(teacher.test_probs, keep, s.weight)
+        record = train_recipe(ctx.config, recipe, data, s.seed, ctx.out / STUDENT_DIR, ctx.log, ctx.warn,
+                              title=f"{ctx.comp} student", teaching=teaching)
+        student = load_predictions(ctx.out / STUDENT_DIR)
+        fold_test, students = None, [{"fold": None, "reused": False, "pseudo_rows": int(keep.sum()),
+                                      "taught": teaching.digest(), "best_epoch": record["best_epoch"],
+                                      **evaluate(student.valid_labels, student.valid_probs)}]
+    else:
+        if list(teacher.valid_ids) != list(ids):
+            raise PipelineError(f"{teacher_dir}: its out-of-fold rows are not every row of {SPLIT_FILE}; rerun it")
+        folds = split["fold"].to_numpy()
+        n_folds = int(folds.max()) + 1
+        teachers = load_fold_test(teacher_dir, len(teacher.test_ids), n_folds)
+        chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input("cv")).metrics["fold_runs"]}
+        labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], ctx.config.competition.classes)
+        store = ctx.units("students")
+        oof = np.zeros_like(teacher.valid_probs)
+        fold_test, students = [], []
+        for f in range(n_folds):
+            held_out = folds == f
+            check_unlabeled(teacher.test_ids, ids[~held_out], ids[held_out], str(teacher_dir))
+            teaching = Teaching(teachers[f], confident_rows(teachers[f], s.threshold), s.weight)
+            key = student_key(ctx, f, {"train": sorted(ids[~held_out]), "held_out": sorted(ids[held_out])})
+            reused = store.has(key)
+            if reused:
+                store.touch(key)
+                ctx.log(f"fold {f + 1}/{n_folds}: student reused from {store.path(key)}")
+            else:
+                ctx.log(f"fold {f + 1}/{n_folds}: student taught by fold {f + 1}'s teacher, {chosen[f + 1]} epochs")
+                with store.write(key) as tmp:
+                    record = train_recipe(ctx.config, recipe, load_recipe_data(ctx.config, ctx.inputs, sections,
+                                                                               (~held_out, held_out)),
+                                          s.seed, tmp, ctx.log, ctx.warn, title=f"{ctx.comp} fold {f + 1} student",
+                                          stop_after=chosen[f + 1], teaching=teaching)
+                    record = {**record, "fold": f + 1, "taught": teaching.digest()}
+                    (tmp / MEMBER_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            predictions = load_predictions(store.path(key))
+            if list(predictions.valid_ids) != list(ids[held_out]):
+                raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
+            oof[held_out] = predictions.valid_probs
+            fold_test.append(predictions.test_probs)
+            students.append({"fold": f + 1, "reused": reused, "key": key, "pseudo_rows": int(teaching.keep.sum()),
+                             "taught": teaching.digest(), "chosen_epochs": chosen[f + 1],
+                             **evaluate(labels[held_out], predictions.valid_probs)})
+        fold_test = np.stack(fold_test)
+        student = Predictions(list(ids), labels, oof, teacher.test_ids, fold_test.mean(axis=0))
+
+    teacher_scores = evaluate(teacher.valid_labels, teacher.valid_probs)
+    student_scores = evaluate(student.valid_labels, student.valid_probs)
+    result = {"source": s.source, "recipe": recipe, "validation": kind, "weight": s.weight, "threshold": s.threshold,
+              **{f"teacher_{name}": value for name, value in teacher_scores.items()},
+              **{f"student_{name}": value for name, value in student_scores.items()},
+              "gain_over_teacher": round(teacher_scores["val_log_loss"] - student_scores["val_log_loss"], 5),
+              "trained": sum(not row["reused"] for row in students), "students": students, **student_scores}
+    final = student
+    if s.smooth:
+        final, smoothing, fold_test = smooth_predictions(ctx.config, ctx.inputs, student, ctx.config.section("smooth"),
+                                                         "the student's predictions", fold_test)
+        result.update({**{f"smooth_{name}": value for name, value in smoothing.items()
+                          if not name.startswith("val_")}, **evaluate(student.valid_labels, final.valid_probs)})
+    save_predictions(ctx.out, final)
+    if fold_test is not None:
+        save_fold_test(ctx.out, fold_test)
+    return {**result, **write_mistakes(ctx.config, ctx.input("download"), final, ctx.out, f"{ctx.comp} pseudo")}
+
+
+def headline(m: dict) -> str:
+    smoothed = f", smoothed {m['val_log_loss']:.4f}" if "smooth_k" in m else ""
+    return (f"{m['recipe']} student of {m['source']} ({m['validation']}, {m['weight']:.2f} pseudo per batch): "
+            f"val log loss {m['teacher_val_log_loss']:.4f} -> {m['student_val_log_loss']:.4f}{smoothed}")
+
+
+STAGE = Stage(
+    name="pseudo",
+    settings=Settings,
+    run=run,
+    needs=PREDICTING_NEEDS,
+    reads=("finetune", "bnretrain", "smooth", "ensemble.source", "cv.source", *TRAINING_READS),
+    outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
+    headline=headline,
+    extra_needs=lambda config: tuple(dict.fromkeys(
+        (config.section("pseudo").source,
+         *(("cv",) if teacher_base(config, config.section("pseudo").source) == "cv" else ()),
+         *(("augment",) if any(map(uses_passes, recipe_sections(
+             config, student_recipe(config, config.section("pseudo").source)).values())) else ())))),
+)

@@ -1,0 +1,88 @@
+"""kp report: one self-contained HTML page with every stage of the run, checked as HTML and in a real browser."""
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_config
+from pipeline.core.cache import Manifest
+from tests.helpers import make_statefarm_like, statefarm_like_config
+from tests.test_transfer import TINY_VGG
+
+SETS = [s.replace("finetune, submit", "finetune, ensemble, submit") for s in TINY_VGG] + ["ensemble.n=2",
+                                                                                          "submit.source=ensemble"]
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.images, self.links = set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        for key in ("href", "src"):
+            if key in attrs and not attrs[key].startswith(("#", "data:")):
+                self.links.append(attrs[key])
+
+
+@pytest.fixture
+def report(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=4)
+    statefarm_like_config(project, archive)
+    args = [arg for s in SETS for arg in ("--set", s)]
+    assert CliRunner().invoke(cli, ["all", "--comp", "synth", *args], catch_exceptions=False).exit_code == 0
+    result = CliRunner().invoke(cli, ["report", "--comp", "synth", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = load_config("synth", sets=SETS)
+    path = config.work_dir / "report.html"
+    assert result.output.strip() == str(path)
+    return config, path
+
+
+def test_the_report_holds_every_stage_its_scores_and_only_embedded_images(report):
+    config, path = report
+    html = path.read_text()
+    page = _Page()
+    page.feed(html)
+    assert {f"stage-{name}" for name in config.stage_names} <= page.ids
+    assert page.links == []  # self-contained: nothing to fetch
+    assert len(page.images) == 5  # finetune: loss, confusion, top losses; ensemble: top losses, members
+    for src in page.images:
+        assert base64.b64decode(src.removeprefix("data:image/png;base64,"))[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("finetune", "ensemble"):
+        loss = Manifest.read(config.work_dir / stage).metrics["val_log_loss"]
+        assert re.search(rf"<td>{stage}</td>\s*<td>holdout</td>\s*<td>{loss:.4f}</td>", html), stage
+    assert "up to date" in html and "Ledger" in html
+
+
+@pytest.mark.browser
+def test_the_report_renders_in_headless_chromium_with_every_image_loaded(report, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (make browser installs Debian's package where it can)")
+    from PIL import Image
+
+    _, path = report
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    body = re.search(r'<body data-images-total="(\d+)" data-images-loaded="(\d+)"', dom)
+    assert body and int(body[1]) == 5 and body[1] == body[2], body and body.groups()
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1200,1600", f"--screenshot={shot}", path.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (1600, 1200)
+    assert (pixels < 128).mean() > 0.01 and len(np.unique(pixels)) > 50  # text and plots, not a blank page
