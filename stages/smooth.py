@@ -5,8 +5,9 @@ with `cv` every training row out of fold) and precompute's clean features of the
 checked) -> for each test row, its `k` nearest other test rows by `metric` on
 the flattened features -> p' = (1 - weight) * p + weight * the neighbours' mean p (1 / distance
 weighted with `distance_weighted`) -> the same on the validation rows with neighbours among the
-validation rows only, which measures what smoothing does (valid log loss before and after in the
-manifest and `kp status`).
+validation rows only (with `match_test_size`, only within their set of about the test set's size,
+whole groups: a neighbour as near as a test row's), which measures what smoothing does (valid log
+loss before and after in the manifest and `kp status`).
 
 With `tune: true`, k and weight come from `grid`, chosen on validation rows by cross-fitting: the
 validation rows are cut in two halves (by group, e.g. driver, when the competition has groups),
@@ -43,15 +44,16 @@ class Settings(StrictModel):
     weight: float = Field(ge=0, le=1)
     metric: Literal[METRICS]
     distance_weighted: bool
+    match_test_size: bool
     tune: bool
     grid: Grid
     seed: int
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.evaluation.predictions import load_fold_test, load_predictions, save_fold_test, save_predictions
-    from pipeline.evaluation.predictions import validation_kind
     from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import (load_fold_test, load_predictions, save_fold_test, save_predictions,
+                                                 validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
 
     s = ctx.settings

@@ -11,7 +11,8 @@ from pipeline.core.cache import Manifest
 from pipeline.data.features import load_split_features
 from pipeline.evaluation.metrics import multiclass_log_loss
 from pipeline.evaluation.predictions import load_predictions
-from pipeline.evaluation.smoothing import cross_fitted, halves, neighbours, smooth
+from pipeline.evaluation.smoothing import (cross_fitted, halves, neighbours, neighbours_within, size_matched_sets,
+                                           smooth)
 from tests.helpers import make_statefarm_like, statefarm_like_config
 from tests.test_transfer import TINY_VGG
 
@@ -83,3 +84,19 @@ def test_the_smooth_stage_smooths_test_rows_among_test_rows_and_submits(smoothed
     assert after.valid_ids == before.valid_ids and after.test_ids == before.test_ids
     submit = Manifest.read(work / "submit").metrics
     assert submit["source"] == "smooth"
+
+
+def test_validation_rows_are_smoothed_within_sets_the_size_of_the_test_set():
+    groups = np.repeat(np.array(list("abcdefgh")), [30, 25, 20, 20, 15, 10, 10, 10])
+    sets = size_matched_sets(len(groups), 45, groups, seed=1)
+    assert len(sets) == 3  # 140 rows / 45 test rows
+    assert sorted(np.concatenate(sets).tolist()) == list(range(len(groups)))  # every row once
+    assert all(not set(groups[rows]) & set(groups[np.setdiff1d(np.arange(len(groups)), rows)]) for rows in sets)
+    assert max(map(len, sets)) - min(map(len, sets)) <= 15  # about equal: whole groups only
+    random_sets = size_matched_sets(100, 30, None, seed=0)
+    assert [len(rows) for rows in random_sets] == [34, 33, 33]
+    x, _, _, _ = _clustered(n_per=25, clusters=4)
+    near = neighbours_within(x, random_sets, 5, "cosine")
+    for rows in random_sets:  # a row's neighbours all come from its own set, never itself
+        assert np.isin(near.index[rows], rows).all()
+        assert not (near.index[rows] == rows[:, None]).any()

@@ -24,7 +24,7 @@ def test_binary_submission_is_clipped_probability_of_the_positive_class():
     probs = np.array([[0.999, 0.001], [0.3, 0.7], [0.0, 1.0]])
     frame = submission_frame(["1", "2", "3"], probs, dogscats, renormalize=False)
     assert list(frame.columns) == ["id", "label"]
-    assert frame.label.tolist() == pytest.approx([0.05, 0.7, 0.95])
+    assert frame.label.tolist() == pytest.approx([0.005, 0.7, 0.995])  # competition.clip [0.005, 0.995]
 
 
 def test_multiclass_submission_clips_each_class_and_can_renormalise():
@@ -105,7 +105,7 @@ def test_scoring_a_file_like_kaggle():
 def test_evaluate_names_every_score_once_and_clips_as_submitted():
     dogscats, statefarm = competition("dogscats"), competition("statefarm")
     labels = np.array([1, 0, 1])
-    probs = np.array([[0.01, 0.99], [0.6, 0.4], [0.98, 0.02]])
+    probs = np.array([[0.01, 0.99], [0.6, 0.4], [0.999, 0.001]])  # the last: a confident miss
     plain = evaluate(labels, probs)
     assert set(plain) == {"val_log_loss", "val_accuracy"}
     assert plain["val_log_loss"] == pytest.approx(log_loss(labels, probs), abs=1e-5)

@@ -9,7 +9,14 @@ of another set because it only ever sees one set.
 Choosing `k` and `weight` on validation rows and then reporting the smoothed validation score would
 report a tuned number. `cross_fitted` avoids that: the rows are cut into two halves (by group when
 there are groups, e.g. drivers); each half is smoothed with the setting chosen on the other half's
-labels, so no reported row took part in choosing its own setting. `smooth_predictions` is the
+labels, so no reported row took part in choosing its own setting.
+
+A row's neighbours are only as near as the set it is smoothed in is dense: 1,400 dogs-vs-cats
+training images hold closer look-alikes than 200 test images do, so a weight chosen among all
+validation rows over-smooths the test rows. `size_matched_sets` cuts the validation rows into
+sets of about the test set's size (whole groups, e.g. drivers, where there are groups), and
+validation rows find their neighbours within their own set only, as test rows do among the test
+rows. `smooth_predictions` is the
 whole procedure on a predicting stage's output, as the smooth stage (and pseudo's `smooth`) runs
 it. Imports scikit-learn.
 """
@@ -51,6 +58,37 @@ def neighbours(features: np.ndarray, k: int, metric: str) -> Neighbours:
     own[~own.any(axis=1), -1] = True  # a row tied with duplicates of itself: drop the farthest instead
     keep = ~own
     return Neighbours(index[keep].reshape(len(x), k), distance[keep].reshape(len(x), k).astype(np.float32))
+
+
+def neighbours_within(features: np.ndarray, sets: list[np.ndarray], k: int, metric: str) -> Neighbours:
+    """`neighbours` computed inside each of `sets` (arrays of row numbers covering every row once),
+    as row numbers of `features`; k is capped so that every set has k other rows."""
+    k = min(k, min(len(rows) for rows in sets) - 1)
+    index = np.zeros((len(features), max(k, 0)), np.int64)
+    distance = np.zeros((len(features), max(k, 0)), np.float32)
+    for rows in sets:
+        near = neighbours(features[rows], k, metric)
+        index[rows], distance[rows] = rows[near.index], near.distance
+    return Neighbours(index, distance)
+
+
+def size_matched_sets(n: int, size: int, groups: np.ndarray | None, seed: int = 0) -> list[np.ndarray]:
+    """Row numbers 0..n-1 cut into round(n / size) sets (at least one) of about `size` rows each: whole
+    groups per set when `groups` is given (largest group first, each to the smallest set so far),
+    else a seeded random partition."""
+    count = max(1, round(n / max(size, 1)))
+    rng = np.random.default_rng(seed)
+    if groups is None or len(set(groups)) < count:
+        return [np.sort(part) for part in np.array_split(rng.permutation(n), count)]
+    names = list(rng.permutation(sorted(set(groups))))
+    sizes = {name: int((groups == name).sum()) for name in names}
+    members: list[list[str]] = [[] for _ in range(count)]
+    totals = [0] * count
+    for name in sorted(names, key=lambda g: -sizes[g]):  # stable: ties keep the seeded order
+        smallest = totals.index(min(totals))
+        members[smallest].append(name)
+        totals[smallest] += sizes[name]
+    return [np.flatnonzero(np.isin(groups, chosen)) for chosen in members]
 
 
 def smooth(probs: np.ndarray, near: Neighbours, k: int, weight: float, distance_weighted: bool = False) -> np.ndarray:
@@ -111,8 +149,8 @@ def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_
     """Smooth a predicting stage's valid and test probabilities with the `smooth` section's settings.
 
     The valid rows (the split's validation rows, or every training row out of fold) are smoothed
-    among themselves, the test rows among themselves, each on precompute's clean features of the
-    same rows. With `settings.tune`, k and weight come from the grid: the reported valid rows are
+    among themselves (with `settings.match_test_size`, within sets of about the test set's size),
+    the test rows among themselves, each on precompute's clean features of the same rows. With `settings.tune`, k and weight come from the grid: the reported valid rows are
     cross-fitted over two halves (by group where the competition has groups), the test rows get
     the setting chosen on all valid rows.
 
@@ -120,7 +158,8 @@ def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_
         config: a config view reading `competition.classes`.
         inputs: upstream folders by stage name: `download`, `precompute`, `split`.
         before: the `Predictions` to smooth.
-        settings: the `smooth` section (k, weight, metric, distance_weighted, tune, grid, seed).
+        settings: the `smooth` section (k, weight, metric, distance_weighted, match_test_size, tune,
+            grid, seed).
         where: the folder `before` came from, for error messages.
         fold_test: (folds, n_test, classes) each fold model's test probabilities, smoothed alike.
 
@@ -148,15 +187,18 @@ def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_
                                 "rerun it")
     ks = sorted(set(s.grid.k)) if s.tune else [s.k]
     weights = sorted(set(s.grid.weight)) if s.tune else [s.weight]
-    valid_near = neighbours(data.x_valid, max(ks), s.metric)
+    train = read_index(inputs["download"] / INDEX_FILE).query("subset == 'train'")
+    group_of = dict(zip(train.id, train.group))
+    groups = np.array([group_of[i] for i in data.valid_ids])
+    groups = groups if (groups != "").all() else None  # no groups: random rows
+    sets = (size_matched_sets(len(data.valid_ids), len(data.test_ids), groups, s.seed) if s.match_test_size
+            else [np.arange(len(data.valid_ids))])
+    valid_near = neighbours_within(data.x_valid, sets, max(ks), s.metric)
     test_near = neighbours(data.x_test, max(ks), s.metric)
 
-    result = {"metric": s.metric, "distance_weighted": s.distance_weighted, "tune": s.tune}
+    result = {"metric": s.metric, "distance_weighted": s.distance_weighted, "tune": s.tune,
+              "valid_sets": len(sets), "valid_set_rows": [len(rows) for rows in sets]}
     if s.tune:
-        train = read_index(inputs["download"] / INDEX_FILE).query("subset == 'train'")
-        group_of = dict(zip(train.id, train.group))
-        groups = np.array([group_of[i] for i in data.valid_ids])
-        groups = groups if (groups != "").all() else None  # no groups: halves of random rows
         side = halves(len(data.valid_ids), groups, s.seed)
         valid, choices = cross_fitted(before.valid_probs, data.y_valid, valid_near, ks, weights,
                                       s.distance_weighted, side)
