@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -124,10 +125,13 @@ def serve_digits(folder: Path, drop_solution_rows: int = 0) -> Path:
 
 
 def start_kp(project: Path, *args: str) -> subprocess.Popen:
-    """`kp ARGS` in a subprocess on the throwaway project (for killing or interrupting it)."""
+    """`kp ARGS` in a subprocess on the throwaway project (for killing or interrupting it). SIGINT is
+    reset to its default first: a test run started as a background job inherits it ignored, and
+    Python then never raises KeyboardInterrupt."""
     env = {**os.environ, "KP_ROOT": str(project)}
     return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_partial(process: subprocess.Popen, store: Path, pattern: str | None, timeout: float = 120.0) -> Path:
