@@ -41,6 +41,7 @@ PLAIN_RECIPE = ["stages=[download, split, precompute, finetune, ensemble, submit
                 "finetune.tta=false", "ensemble.source=finetune"]
 
 
+@pytest.mark.slow  # 2.5-3 minutes: the heaviest real-data run, kept out of `make test` (15-minute budget)
 def test_dogscats_mobilenet_features(project, kaggle_server):
     config, row, test_accuracy = run_through_kaggle(project, "dogscats", SHORT_RECIPE)
     finetune = Manifest.read(config.work_dir / "finetune").metrics
