@@ -7,7 +7,7 @@ ARGS ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 KP := $(VENV)/bin/kp
-STAGES := download split precompute augment finetune bnretrain ensemble cv smooth pseudo submit
+STAGES := download split precompute augment finetune bnretrain tune ensemble cv smooth pseudo submit
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: all test test-all status clean bench kaggle-local browser $(STAGES)

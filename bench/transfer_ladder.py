@@ -5,7 +5,9 @@ rung before. `--ladder transfer`: the head on clean features -> + augment's K pa
 + bnretrain (on the augmented rows) -> + test-time augmentation -> an ensemble of N such models.
 `--ladder cv` (with the competition's cv overlay, configs/offline/*-cv.yaml): the best single model
 (that last recipe, one model, the split's fold 1 held out) -> one such model per fold, scored out of
-fold -> + test-neighbour smoothing -> + a pseudo-labelled student per fold -> + smoothing again. Each row: the
+fold -> + test-neighbour smoothing -> + a pseudo-labelled student per fold -> + smoothing again.
+`--ladder tune` (with configs/offline/*-tune.yaml): the head on clean features -> + the tune stage
+(backbone's top blocks fine-tuned on images, with its TTA; `val_no_tta` is its score without). Each row: the
 submitted stage's validation log loss and accuracy, the submission's clipped validation score, and
 its test score on solution.csv (a benchmark may read it; no stage does). Settings are the
 competition's config; nothing here is tuned on the test score.
@@ -47,7 +49,12 @@ CV_RUNGS = [
     ("+ smooth again", WITH_TTA + [f"stages=[{CV_STAGES}, cv, smooth, pseudo, submit]", "smooth.source=cv",
                                    "pseudo.source=smooth", "pseudo.smooth=true", "submit.source=pseudo"]),
 ]
-LADDERS = {"transfer": RUNGS, "cv": CV_RUNGS}
+TUNE_STAGES = "download, split, precompute, finetune"
+TUNE_RUNGS = [
+    ("finetune", PLAIN + [f"stages=[{TUNE_STAGES}, submit]", "submit.source=finetune"]),
+    ("+ tune", PLAIN + [f"stages=[{TUNE_STAGES}, tune, submit]", "submit.source=tune"]),  # TTA as the overlay says
+]
+LADDERS = {"transfer": RUNGS, "cv": CV_RUNGS, "tune": TUNE_RUNGS}
 
 
 def main() -> None:
@@ -72,6 +79,7 @@ def main() -> None:
                      "test_score": round(test_score, 5),
                      "test_accuracy": None if test_accuracy is None else round(test_accuracy, 5),
                      "tta_log_loss_gain": source.get("tta_log_loss_gain"), "train_passes": source.get("train_passes"),
+                     "val_no_tta": source.get("val_log_loss_no_tta"), "seconds_per_epoch": source.get("seconds_per_epoch"),
                      "file": submit["file"]})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n{'step':22} {'validation':>10} {'val loss':>9} {'val acc':>8} {'val clipped':>12} {'test':>8} {'test acc':>9}")

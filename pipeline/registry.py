@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 # The product's stage order; among stages that do not need each other, this decides who comes first.
-PIPELINE_ORDER = ("download", "split", "precompute", "augment", "finetune", "bnretrain", "ensemble", "cv", "smooth", "pseudo",
-                  "submit")
+PIPELINE_ORDER = ("download", "split", "precompute", "augment", "finetune", "bnretrain", "tune", "ensemble", "cv", "smooth",
+                  "pseudo", "submit")
 
 
 def _order(name: str) -> tuple[int, str]:

@@ -23,7 +23,7 @@ from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 
-PREDICTING_STAGES = ("finetune", "bnretrain", "ensemble", "cv", "smooth", "pseudo")  # stages whose output is a predictions folder
+PREDICTING_STAGES = ("finetune", "bnretrain", "tune", "ensemble", "cv", "smooth", "pseudo")  # stages whose output is a predictions folder
 
 
 class Settings(StrictModel):

@@ -148,3 +148,24 @@ def wait_for_partial(process: subprocess.Popen, store: Path, pattern: str | None
         time.sleep(0.002)
     process.kill()
     pytest.fail("timed out waiting for a partial output")
+
+
+def calibrated_mobilenetv2_weights(path: Path, size: int = 32, alpha: float = 0.35) -> Path:
+    """A MobileNetV2 weights file (`precompute.weights`) for tiny tests: random convolutions whose
+    batchnorm moving statistics are set, layer by layer, to the statistics of the activations they
+    normalise on random images (a data-dependent init). With Keras' defaults (mean 0, variance 1)
+    random features vanish to ~1e-12 and are 0 in float16, so nothing downstream could learn."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(size, size, 3),
+                                          alpha=alpha, pooling="avg")
+    images = np.random.default_rng(0).uniform(-1, 1, (32, size, size, 3)).astype("float32")
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            inputs = np.asarray(keras.Model(base.input, layer.input)(images))  # eager: no compile per layer
+            axes = tuple(range(inputs.ndim - 1))
+            gamma, beta, _, _ = layer.get_weights()
+            layer.set_weights([gamma, beta, inputs.mean(axis=axes), inputs.var(axis=axes)])
+    base.save_weights(path)
+    return path

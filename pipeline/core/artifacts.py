@@ -70,6 +70,16 @@ MEMBER_HEAD_DIR = "head"            # a bnretrain member's finetune head, before
 MEMBERS_PLOT = "members.png"
 TOP_LOSSES_PLOT = "top_losses.png"  # every predicting stage: the validation rows with the highest loss
 
+# a training run that survives being killed (pipeline.training.resumable), e.g. work/COMP/_cache/tune-backup/FP/
+BACKUP_FOLDER = "{stage}-backup"    # in CACHE_FOLDER: one folder per fingerprint, removed once the stage succeeds
+BACKUP_METADATA = "training_metadata.json"  # Keras' BackupAndRestore: the epoch the backup holds
+BACKUP_JOURNAL = "journal.json"     # every finished epoch's logs
+
+
+def best_weights_file(epoch) -> str:
+    """`best-7.weights.h5`: the weights of the best epoch so far (0-based), kept beside the backup."""
+    return f"best-{epoch}.weights.h5"
+
 # looking at the data and the model (kp show, kp lr-find, kp report): no stage reads these
 SHOW_DIR = "show"                   # work/COMP/show/: kp show's grids
 SHOW_PLOT = "train.png"             # ... of training images; SHOW_AUGMENTED_PLOT beside their augmented passes

@@ -52,18 +52,24 @@ def image_batches(paths: list[str | Path], size: tuple[int, int], batch_size: in
     """
     import tensorflow as tf
 
-    def load(path, row):
-        image = decode_resize(path, size, channels)
-        if augment is not None:
-            pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-            changed = tf.numpy_function(lambda x, r: augment(x, int(r)), [pixels, row], tf.uint8, stateful=False)
-            image = tf.cast(tf.ensure_shape(changed, pixels.shape), tf.float32)
-        return preprocess(image) if preprocess is not None else image
-
     rows = tf.range(len(paths), dtype=tf.int64)
     dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], rows))
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.map(lambda path, row: load_image(path, row, size, channels, augment, preprocess),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def load_image(path, row, size: tuple[int, int], channels: int = 3, augment=None, preprocess=None):
+    """One image inside a tf.data map: decoded and resized (`decode_resize`), then `augment(image, row)`
+    on its uint8 pixels when given (`row` an int64 tensor: which draw), then `preprocess`."""
+    import tensorflow as tf
+
+    image = decode_resize(path, size, channels)
+    if augment is not None:
+        pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        changed = tf.numpy_function(lambda x, r: augment(x, int(r)), [pixels, row], tf.uint8, stateful=False)
+        image = tf.cast(tf.ensure_shape(changed, pixels.shape), tf.float32)
+    return preprocess(image) if preprocess is not None else image
 
 
 def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,

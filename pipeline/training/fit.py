@@ -6,11 +6,16 @@ silently did nothing in its Keras. Here Keras' own mechanisms own the rate: `pha
 `cosine` is a `keras.optimizers.schedules.CosineDecay` (with optional linear warmup) evaluated by
 the optimizer at every step. Either way `history.csv`'s `learning_rate` column is read back from
 the optimizer, so it is what the updates really used. The best epoch by validation loss is kept
-by `EarlyStopping(restore_best_weights=True)` with a patience that never stops training early.
-Imports Keras.
+by `EarlyStopping(restore_best_weights=True)` with a patience that never stops training early,
+or, for a run that must survive being killed (`backup_dir`), by
+`pipeline.training.resumable.ResumableTraining` around Keras' `BackupAndRestore`.
+Discriminative learning rates (the tune stage: backbone layers slower than the head) are an
+optimizer whose update of each variable uses the schedule's rate times that variable's factor,
+so the one schedule drives every group. Imports Keras.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +44,58 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[labels]
 
 
-def make_optimizer(name: str, learning_rate, momentum: float = 0.9):
-    """A Keras optimizer; `learning_rate` is a float or a `keras.optimizers.schedules` schedule."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors: dict[str, float] | None = None):
+    """A Keras optimizer.
+
+    Args:
+        name: adam | sgd | rmsprop.
+        learning_rate: a float or a `keras.optimizers.schedules` schedule.
+        momentum: sgd only.
+        rate_factors: variable path -> factor of the learning rate for that variable (discriminative
+            rates); variables not named use the rate itself. None: a plain Keras optimizer.
+    """
     import keras
 
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=learning_rate)
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    if name not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    arguments = {"learning_rate": learning_rate, **({"momentum": momentum} if name == "sgd" else {})}
+    if rate_factors is None:
+        return classes[name](**arguments)
+    return discriminative(name)(rate_factors=rate_factors, **arguments)
+
+
+@functools.cache
+def discriminative(name: str):
+    """The optimizer class `name` with a learning-rate factor per variable (registered with Keras, so a
+    saved model that was compiled with it loads again)."""
+    import keras
+
+    base = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}[name]
+
+    @keras.saving.register_keras_serializable(package="kp", name=f"Discriminative{base.__name__}")
+    class Discriminative(base):
+        def __init__(self, rate_factors: dict[str, float], **kwargs):
+            super().__init__(**kwargs)
+            self.rate_factors = {str(path): float(factor) for path, factor in rate_factors.items()}
+
+        def build(self, var_list):
+            paths = [v.path for v in var_list]
+            unknown = set(self.rate_factors) - set(paths)
+            if unknown or len(set(paths)) != len(paths):
+                raise ValueError(f"learning-rate factors name {len(unknown)} variables the model does not train "
+                                 f"(e.g. {sorted(unknown)[:3]}), or two trained variables share a path")
+            super().build(var_list)
+            self._factors = [self.rate_factors.get(path, 1.0) for path in paths]
+
+        def update_step(self, gradient, variable, learning_rate):
+            factor = self._factors[self._get_variable_index(variable)]
+            return super().update_step(gradient, variable, learning_rate if factor == 1.0 else learning_rate * factor)
+
+        def get_config(self):
+            return {**super().get_config(), "rate_factors": self.rate_factors}
+
+    return Discriminative
 
 
 def current_learning_rate(optimizer) -> float:
@@ -70,14 +116,18 @@ def cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup_epoch
     return keras.optimizers.schedules.CosineDecay(peak, decay)
 
 
-def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str, optimizer: str,
+def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: str,
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
-        extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False):
+        extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
+        rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
+        backup_dir: Path | None = None):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
-        train: (x, y) arrays, shuffled each epoch, or a keras PyDataset of batches (augmentation).
-        valid: (x, y) arrays; None with `stop_after` (nothing is selected on any rows).
+        train: (x, y) arrays, shuffled each epoch, a keras PyDataset of batches (augmentation), or a
+            tf.data Dataset of (x, y) batches (with `steps_per_epoch` when its length is unknown).
+        valid: (x, y) arrays or a tf.data Dataset of batches; None with `stop_after` (nothing is
+            selected on any rows).
         phases: `phases` schedule: each phase's rate for its epochs; `cosine`: exactly one phase,
             its epochs and peak rate.
         warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
@@ -85,6 +135,12 @@ def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str
             unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
         soft_targets: `train` yields probability rows (pseudo-labels) instead of class indices:
             categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
+        rate_factors: discriminative learning rates, see `make_optimizer`.
+        steps_per_epoch: batches per epoch of a `train` whose length tf.data cannot tell.
+        backup_dir: make the run resumable: every finished epoch is backed up there (weights,
+            optimizer state, history, the best epoch's weights), and a run that finds a backup
+            continues after its last epoch (`train` must then start at that epoch, see
+            `pipeline.training.resumable.resumed_epoch`). The backup stays until the caller removes it.
 
     Returns:
         (history dict, best epoch index, best validation loss; with `stop_after` the last epoch and None).
@@ -92,7 +148,7 @@ def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str
     import keras
 
     arrays = isinstance(train, tuple)
-    steps = math.ceil(len(train[0]) / batch_size) if arrays else len(train)
+    steps = steps_per_epoch or (math.ceil(len(train[0]) / batch_size) if arrays else len(train))
     rates = epoch_learning_rates(phases)
     epochs = len(rates)
     if schedule == "cosine":
@@ -109,18 +165,30 @@ def fit(model, train, valid: tuple | None, *, phases: list[Phase], schedule: str
         loss = "categorical_crossentropy"
         if valid is not None:
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum), loss=loss, metrics=["accuracy"])
-    logger = keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))
-    if stop_after is not None:
-        best, callbacks, valid, run_epochs = None, [scheduling, *extra_callbacks, logger], None, min(stop_after, epochs)
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors), loss=loss,
+                  metrics=["accuracy"])
+    run_epochs = epochs if stop_after is None else min(stop_after, epochs)
+    valid = valid if stop_after is None else None
+    if backup_dir is not None:
+        from pipeline.training.resumable import ResumableTraining
+
+        keeper = ResumableTraining(backup_dir, select_best=stop_after is None)
+        callbacks = [scheduling, *extra_callbacks, keeper]
+    elif stop_after is not None:
+        keeper, callbacks = None, [scheduling, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
     else:
-        best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs + 1, restore_best_weights=True)
-        callbacks, run_epochs = [scheduling, best, *extra_callbacks, logger], epochs
+        keeper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs + 1, restore_best_weights=True)
+        callbacks = [scheduling, keeper, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
     if arrays:
         history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,
                             shuffle=True, callbacks=callbacks, verbose=verbose)
     else:
-        history = model.fit(train, validation_data=valid, epochs=run_epochs, callbacks=callbacks, verbose=verbose)
-    if best is None:
+        history = model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks, verbose=verbose)
+    if backup_dir is not None:
+        keeper.write_history(out_dir / HISTORY_FILE)
+        best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch
+        return keeper.history, best_epoch, keeper.best
+    if stop_after is not None:
         return history.history, run_epochs - 1, None
-    return history.history, best.best_epoch, best.best
+    return history.history, keeper.best_epoch, keeper.best

@@ -45,14 +45,18 @@ class RangeTest:
                 "minimum_over_10": float(rates[lowest] / 10)}
 
 
-def range_test(model, x: np.ndarray, y: np.ndarray, optimizer: str = "adam", start: float = 1e-7,
+def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str = "adam", start: float = 1e-7,
                end: float = 10.0, steps: int = 200, batch_size: int = 64, beta: float = 0.98,
-               diverge: float = 4.0, seed: int = 0, loss: str = "sparse_categorical_crossentropy") -> RangeTest:
+               diverge: float = 4.0, seed: int = 0, loss: str = "sparse_categorical_crossentropy",
+               batches=None, rate_factors: dict[str, float] | None = None) -> RangeTest:
     """Run the range test on a copy of `model` (its weights and optimizer state stay as they are).
 
     Args:
         model: a built Keras model.
-        x, y: training rows and their labels (class indices), shuffled here with `seed`.
+        x, y: training rows and their labels (class indices), shuffled here with `seed`; None with `batches`.
+        batches: an iterator of (x, y) batches to take instead (images streamed from disk).
+        rate_factors: discriminative rates (`pipeline.training.fit.make_optimizer`): the tested rate
+            times each named variable's factor.
         optimizer: adam | sgd | rmsprop (`pipeline.training.fit.make_optimizer`).
         start, end: the first and the largest rate tried; the rate grows by (end / start) ** (1 / steps).
         steps: batches at most (passes over the rows repeat, reshuffled).
@@ -70,19 +74,15 @@ def range_test(model, x: np.ndarray, y: np.ndarray, optimizer: str = "adam", sta
 
     trial = keras.models.clone_model(model)
     trial.set_weights(model.get_weights())
-    trial.compile(optimizer=make_optimizer(optimizer, start), loss=loss)
+    trial.compile(optimizer=make_optimizer(optimizer, start, rate_factors=rate_factors), loss=loss)
     factor = (end / start) ** (1 / max(1, steps - 1))
-    rng = np.random.default_rng(seed)
-    per_pass = max(1, math.ceil(len(x) / batch_size))
+    if batches is None:
+        batches = _shuffled_batches(x, y, batch_size, seed)
     result, average, best = RangeTest(), 0.0, math.inf
-    order = rng.permutation(len(x))
     for step in range(steps):
-        if step and step % per_pass == 0:
-            order = rng.permutation(len(x))
-        rows = order[(step % per_pass) * batch_size:(step % per_pass + 1) * batch_size]
         rate = start * factor ** step
         trial.optimizer.learning_rate.assign(rate)
-        loss_value = float(np.asarray(trial.train_on_batch(x[rows], y[rows])))
+        loss_value = float(np.asarray(trial.train_on_batch(*next(batches))))
         average = beta * average + (1 - beta) * loss_value
         smoothed = average / (1 - beta ** (step + 1))
         result.rates.append(rate)
@@ -93,6 +93,16 @@ def range_test(model, x: np.ndarray, y: np.ndarray, optimizer: str = "adam", sta
             result.diverged = True
             break
     return result
+
+
+def _shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+    """(x, y) batches of the rows, reshuffled with `seed` at every pass, forever."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(x))
+        for first in range(0, len(x), batch_size):
+            rows = order[first:first + batch_size]
+            yield x[rows], y[rows]
 
 
 def plot_range_test(test: RangeTest, suggestions: dict[str, float], path, title: str = "") -> None:
@@ -121,14 +131,16 @@ def plot_range_test(test: RangeTest, suggestions: dict[str, float], path, title:
 def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200, apply: bool = False,
                    say=print) -> dict:
     """The range test on the real training rows of `stage` (finetune: a fresh model as finetune builds
-    it; bnretrain: finetune's trained head with batchnorm inserted, as bnretrain starts); nothing
-    its upstream stages wrote changes. Writes `lr_find.png` and `lr_find.json` into `out`; with
-    `apply` also `overlay.yaml`: the stage's phases rescaled so the first phase's rate is the
-    `minimum_over_10` suggestion, the others keeping their ratio to it, for `--config`.
+    it; bnretrain: finetune's trained head with batchnorm inserted, as bnretrain starts; tune: the
+    source's head on the backbone with its top blocks unfrozen, on the training images streamed and
+    augmented as tune streams them, the backbone at its `backbone_lr_mult` of the tested rate);
+    nothing its upstream stages wrote changes. Writes `lr_find.png` and `lr_find.json` into `out`;
+    with `apply` also `overlay.yaml`: the stage's phases rescaled so the first phase's rate is the
+    `minimum_over_10` suggestion, the others keeping their ratio to it (tune: its `lr`), for `--config`.
 
     Args:
         config: the stage's config view.
-        stage: finetune | bnretrain.
+        stage: finetune | bnretrain | tune.
         inputs: its upstream output folders by stage name (up to date).
         out: where the files go (`work/COMP/lr_find/STAGE/`).
         steps: batches at most.
@@ -150,31 +162,42 @@ def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200
     s = config.section(stage)
     set_determinism(False)
     keras.utils.set_random_seed(s.seed)
-    data = load_training_data(config, inputs, s.augmented, tta=False)
-    if stage == "finetune":
-        from pipeline.models.build import build_model
+    x = y = batches = factors = None
+    if stage == "tune":
+        from pipeline.training.tune import range_test_setup
 
-        model, _ = build_model(config, data.x_train.shape[1:], len(data.classes), warn=say)
+        model, batches, factors, rows = range_test_setup(config, inputs, steps)
     else:
-        from pipeline.models.batchnorm import with_batchnorm
+        data = load_training_data(config, inputs, s.augmented, tta=False)
+        x, y, rows = data.x_train, data.y_train, len(data.x_train)
+        if stage == "finetune":
+            from pipeline.models.build import build_model
 
-        model = with_batchnorm(keras.models.load_model(inputs["finetune"] / MODEL_FILE), data.x_train,
-                               dropout=s.dropout)
-    say(f"range test for {stage}: {len(data.x_train):,} training rows, {s.optimizer}, batch {s.batch_size}, "
+            model, _ = build_model(config, data.x_train.shape[1:], len(data.classes), warn=say)
+        else:
+            from pipeline.models.batchnorm import with_batchnorm
+
+            model = with_batchnorm(keras.models.load_model(inputs["finetune"] / MODEL_FILE), data.x_train,
+                                   dropout=s.dropout)
+    say(f"range test for {stage}: {rows:,} training rows, {s.optimizer}, batch {s.batch_size}, "
         f"at most {steps} batches")
-    test = range_test(model, data.x_train, data.y_train, optimizer=s.optimizer, steps=steps,
-                      batch_size=s.batch_size)
+    test = range_test(model, x, y, optimizer=s.optimizer, steps=steps, batch_size=s.batch_size, batches=batches,
+                      rate_factors=factors)
     suggestions = test.suggestions()
     out.mkdir(parents=True, exist_ok=True)
-    current = s.phases[0].lr
+    current = s.lr if stage == "tune" else s.phases[0].lr
     scale = suggestions["minimum_over_10"] / current
-    phases = [{"epochs": p.epochs, "lr": float(f"{p.lr * scale:.3g}")} for p in s.phases]
+    if stage == "tune":
+        phases, setting, what = None, {"lr": float(f"{suggestions['minimum_over_10']:.3g}")}, "tune's peak rate"
+    else:
+        phases = [{"epochs": p.epochs, "lr": float(f"{p.lr * scale:.3g}")} for p in s.phases]
+        setting, what = {"phases": phases}, "the first phase's rate"
     if apply:
         write_text_atomic(out / LR_FIND_OVERLAY, (
-            f"# kp lr-find --comp {config.comp} --stage {stage}: the first phase's rate set to the range test's\n"
-            f"# minimum / 10 ({suggestions['minimum_over_10']:.3g}; steepest fall at {suggestions['steepest']:.3g}),"
-            f" the others keep their ratio.\n# Use: --config {out / LR_FIND_OVERLAY}\n"
-            + yaml.safe_dump({stage: {"phases": phases}}, default_flow_style=None, sort_keys=False)))
+            f"# kp lr-find --comp {config.comp} --stage {stage}: {what} set to the range test's\n"
+            f"# minimum / 10 ({suggestions['minimum_over_10']:.3g}; steepest fall at {suggestions['steepest']:.3g})"
+            + (", the others keep their ratio" if phases else "") + f".\n# Use: --config {out / LR_FIND_OVERLAY}\n"
+            + yaml.safe_dump({stage: setting}, default_flow_style=None, sort_keys=False)))
     plot_range_test(test, suggestions, out / LR_FIND_PLOT, f"{config.comp} {stage}: learning-rate range test")
     record = {"stage": stage, "optimizer": s.optimizer, "batch_size": s.batch_size, "current_lr": current,
               "suggestions": suggestions, "suggested_phases": phases, "batches": len(test.rates),

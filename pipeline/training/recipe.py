@@ -244,22 +244,46 @@ def finish_training(model, data: SplitFeatures, history: dict, best_epoch: int, 
         The validation scores (`evaluate`), the best epoch (1-based) and the number of epochs; with
         TTA also `tta_passes`, the scores without it (`*_no_tta`) and `tta_log_loss_gain`.
     """
-    from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.plots import plot_confusion, plot_history
-    from pipeline.evaluation.predictions import Predictions, save_predictions
+    from pipeline.evaluation.predictions import Predictions
     from pipeline.models.inference import predict_averaged
 
     model.save(out_dir / MODEL_FILE)
     valid_probs, valid_each = predict_averaged(model, [data.x_valid, *data.valid_passes])
     test_probs, _ = predict_averaged(model, [data.x_test, *data.test_passes])
-    save_predictions(out_dir, Predictions(data.valid_ids, data.y_valid, valid_probs, data.test_ids, test_probs))
-    scores = evaluate(data.y_valid, valid_probs)
-    if data.valid_passes:
-        clean = evaluate(data.y_valid, valid_each[0])
-        scores = {**scores, "tta_passes": len(data.valid_passes),
+    predictions = Predictions(data.valid_ids, data.y_valid, valid_probs, data.test_ids, test_probs)
+    return record_training(predictions, valid_each, data.classes, history, best_epoch, out_dir, title)
+
+
+def record_training(predictions, valid_each: list[np.ndarray], classes: list[str], history: dict, best_epoch: int,
+                    out_dir: Path, title: str) -> dict:
+    """What every trained model leaves besides itself: the probabilities, `loss.png` and `confusion.png`.
+
+    Args:
+        predictions: the validation and test probabilities (with TTA: the mean over the versions).
+        valid_each: the validation probabilities of each version (the clean rows first); one entry: no TTA.
+        classes: the class names.
+        history: the training history (`loss`, `val_loss`, ... per epoch).
+        best_epoch: the kept epoch (0-based).
+        out_dir: where the files go.
+        title: the plots' title.
+
+    Returns:
+        The validation scores (`evaluate`), the best epoch (1-based) and the number of epochs; with
+        TTA also `tta_passes`, the scores without it (`*_no_tta`) and `tta_log_loss_gain`.
+    """
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.plots import plot_confusion, plot_history
+    from pipeline.evaluation.predictions import save_predictions
+
+    save_predictions(out_dir, predictions)
+    y_valid, valid_probs = predictions.valid_labels, predictions.valid_probs
+    scores = evaluate(y_valid, valid_probs)
+    if len(valid_each) > 1:
+        clean = evaluate(y_valid, valid_each[0])
+        scores = {**scores, "tta_passes": len(valid_each) - 1,
                   **{f"{name}_no_tta": value for name, value in clean.items()},
                   "tta_log_loss_gain": round(clean["val_log_loss"] - scores["val_log_loss"], 5)}
     heading = f"{title}: val loss {scores['val_log_loss']:.4f}, acc {scores['val_accuracy']:.4f}"
     plot_history(history, out_dir / LOSS_PLOT, heading)
-    plot_confusion(data.y_valid, np.argmax(valid_probs, axis=1), data.classes, out_dir / CONFUSION_PLOT, heading)
+    plot_confusion(y_valid, np.argmax(valid_probs, axis=1), classes, out_dir / CONFUSION_PLOT, heading)
     return {**scores, "best_epoch": best_epoch + 1, "epochs": len(history["loss"])}

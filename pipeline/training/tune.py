@@ -1,0 +1,197 @@
+"""Fine-tuning end to end (fastai's `fine_tune`): a trained head back on its backbone, the top blocks unfrozen.
+
+`build_tuned_model` builds the backbone the `precompute` section names (its weights; `weights: none`
+from the same seed precompute used) at the tune image size, stacks the trained head of `tune.source`
+on it and unfreezes the top `tune.unfreeze` blocks, batchnorm kept in inference mode
+(`pipeline.models.unfreeze`). `tune_model` trains it on the split's training images, decoded and
+augmented on the fly (`pipeline.data.image_stream`, augment's `transforms`), with one warmup +
+cosine schedule whose rate the backbone's variables take times `tune.backbone_lr_mult`
+(discriminative rates, `pipeline.training.fit.make_optimizer`); every epoch is backed up so a
+killed run resumes (`pipeline.training.resumable`); the best epoch by validation loss is kept. Then
+it predicts the validation and test images, with `tune.tta` also augment's test passes of them
+(drawn exactly as augment draws them) and averages. Config keys read here must be declared by the
+calling stage: `tune`, `precompute`, `competition.image_size`, `augment.transforms`, `augment.seed`,
+`augment.test_passes`, `finetune.deterministic`. Imports Keras.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.artifacts import MODEL_FILE
+from pipeline.core.errors import PipelineError
+from pipeline.data.image_rows import ImageRows, SplitImages
+
+TRAINING_DRAWS = 2  # augment draws subset 0 (train) and 1 (test) passes; tune's training draws are stream 2
+
+
+def image_size(config) -> tuple[int, int]:
+    """(height, width) the tune stage feeds its backbone: `tune.image_size`, else `competition.image_size`."""
+    return tuple(config.get("tune.image_size") or config.competition.image_size)
+
+
+def build_tuned_model(config, head_dir: Path):
+    """The trained head of `head_dir` on the `precompute` backbone, top blocks unfrozen.
+
+    Returns:
+        (model, backbone, the backbone's preprocessing or None, `Unfrozen`).
+    """
+    import keras
+
+    from pipeline.models.backbones import build_feature_model, resolve_weights
+    from pipeline.models.extractor import RANDOM_WEIGHTS_SEED
+    from pipeline.models.unfreeze import stack, unfreeze_top
+
+    p, s = config.section("precompute"), config.section("tune")
+    if p.backbone == "none":
+        raise PipelineError("tune fine-tunes an ImageNet backbone under a trained head, but precompute.backbone is "
+                            "none (a from-scratch model already trains end to end): remove tune from stages")
+    height, width = image_size(config)
+    weights = resolve_weights(p.weights, config.root)
+    if weights is None:
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)  # the random network precompute's features came from
+    features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha)
+    backbone = features.model
+    unfrozen = unfreeze_top(backbone, s.unfreeze)
+    head = keras.models.load_model(head_dir / MODEL_FILE)
+    return stack(backbone, head), backbone, features.preprocess if p.preprocess == "backbone" else None, unfrozen
+
+
+def training_augmenter(config):
+    """Augment's transforms drawn afresh for every (epoch, image) of tune's training, or None."""
+    from pipeline.data.augmentation import RowAugmenter
+
+    s = config.section("tune")
+    transforms = config.get("augment.transforms")
+    return RowAugmenter(transforms, (s.seed, TRAINING_DRAWS)) if s.augment and transforms else None
+
+
+def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, log=print,
+               title: str = "", verbose: int = 2) -> dict:
+    """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
+
+    Args:
+        config: the calling stage's view of the config.
+        images: the split's rows as image files.
+        head_dir: the output folder of the stage whose trained head starts it (`tune.source`).
+        out_dir: where the model, history, plots and predictions go.
+        backup_dir: the run's backup (kept outside `out_dir`, which a killed run loses).
+        log: prints progress.
+        title: the plots' title.
+        verbose: Keras' fit verbosity.
+
+    Returns:
+        Its metrics: validation scores, best epoch, what was unfrozen, timing, `resumed_at`.
+    """
+    import keras
+
+    from pipeline.data.image_stream import labelled_batches, training_stream
+    from pipeline.models.unfreeze import backbone_rate_factors
+    from pipeline.training.fit import Phase, fit
+    from pipeline.training.recipe import record_training, set_determinism
+    from pipeline.training.resumable import resumed_epoch
+
+    s = config.section("tune")
+    size = image_size(config)
+    set_determinism(config.get("finetune.deterministic"))
+    keras.utils.set_random_seed(s.seed)  # the loaded head's dropout seeds come from here
+    model, backbone, preprocess, unfrozen = build_tuned_model(config, head_dir)
+    keras.utils.set_random_seed(s.seed)
+    factors = backbone_rate_factors(backbone, s.backbone_lr_mult)
+    start = resumed_epoch(backup_dir)
+    train, steps = training_stream(images.train, size, s.batch_size, preprocess, training_augmenter(config), s.seed,
+                                   start, s.epochs)
+    log(f"{backbone.name} at {size[0]}x{size[1]} + {s.source}'s head: {len(unfrozen.blocks)} of "
+        f"{unfrozen.total_blocks} blocks unfrozen ({unfrozen.trainable_backbone_weights:,} backbone parameters at "
+        f"lr x {s.backbone_lr_mult}, {unfrozen.frozen_batchnorm} batchnorm layers in inference mode), "
+        f"{len(images.train):,} train / {len(images.valid):,} valid images, {steps} steps per epoch"
+        + (f"; resuming at epoch {start + 1}" if start else ""))
+    began = time.perf_counter()
+    history, best_epoch, _ = fit(
+        model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
+        phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
+        momentum=0.9, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
+        steps_per_epoch=steps, backup_dir=backup_dir)
+    seconds = time.perf_counter() - began
+    model.save(out_dir / MODEL_FILE)
+    predictions, valid_each = predict_split(config, model, images, preprocess)
+    metrics = record_training(predictions, valid_each, images.classes, history, best_epoch, out_dir,
+                              f"{title} tune")
+    trained_now = max(1, s.epochs - start)
+    return {**metrics, "source": s.source, "image_size": list(size), "unfreeze": s.unfreeze,
+            "unfrozen_blocks": unfrozen.blocks, "total_blocks": unfrozen.total_blocks,
+            "trainable_backbone_parameters": unfrozen.trainable_backbone_weights,
+            "frozen_batchnorm_layers": unfrozen.frozen_batchnorm, "backbone_lr_mult": s.backbone_lr_mult,
+            "resumed_at": start, "seconds_per_epoch": round(seconds / trained_now, 2),
+            "train_images_per_s": round(len(images.train) * trained_now / max(seconds, 1e-9), 1),
+            "n_train": len(images.train), "n_valid": len(images.valid), "seed": s.seed}
+
+
+def predict_split(config, model, images: SplitImages, preprocess):
+    """The validation and test probabilities, with `tune.tta` averaged over the clean images and
+    augment's first `augment.test_passes` passes (validation rows: their training passes, as augment draws them).
+
+    Returns:
+        (`Predictions`, the validation probabilities of each version, clean first).
+    """
+    from pipeline.data.augmentation import RowAugmenter
+    from pipeline.evaluation.predictions import Predictions
+    from pipeline.models.inference import compiled_forward
+
+    s = config.section("tune")
+    passes = config.get("augment.test_passes") if s.tta else 0
+    transforms, seed = config.get("augment.transforms"), config.get("augment.seed")
+
+    forward = compiled_forward(model)
+
+    def versions(rows: ImageRows, subset: int) -> list[np.ndarray]:
+        augmenters = [None] + [RowAugmenter(transforms, (seed, subset, k)) for k in range(1, passes + 1)]
+        return [predict_images(forward, rows, image_size(config), s.batch_size, preprocess, a) for a in augmenters]
+
+    valid_each, test_each = versions(images.valid, 0), versions(images.test, 1)
+    mean = lambda each: np.mean(each, axis=0, dtype=np.float64).astype(np.float32)  # noqa: E731
+    return (Predictions(images.valid.ids, images.valid.labels, mean(valid_each), images.test.ids, mean(test_each)),
+            valid_each)
+
+
+def predict_images(forward, rows: ImageRows, size: tuple[int, int], batch_size: int, preprocess,
+                   augmenter=None) -> np.ndarray:
+    """A model's outputs on image files, in order.
+
+    Args:
+        forward: the model's compiled inference (`pipeline.models.inference.compiled_forward`).
+        rows: the images.
+        size: (height, width) they are decoded at.
+        batch_size: images per call.
+        preprocess: the backbone's preprocessing, or None.
+        augmenter: `augmenter(image, row)`: each image's version drawn from its row number in its
+            subset (`rows.rows`), as augment's passes draw it; None: the clean images.
+    """
+    from pipeline.data.images import checked_batches
+
+    augment = None if augmenter is None else (lambda image, position: augmenter(image, int(rows.rows[position])))
+    parts = [np.asarray(forward(batch)) for batch in checked_batches(rows.paths, size, batch_size, preprocess,
+                                                                     augment=augment)]
+    return np.concatenate(parts)
+
+
+def range_test_setup(config, inputs: dict[str, Path], steps: int):
+    """What `kp lr-find --stage tune` tests: the model tune starts from and its training batches.
+
+    Returns:
+        (the model, an iterator of at least `steps` (images, labels) batches streamed as tune streams
+        them, the backbone's rate factors, the number of training images).
+    """
+    from pipeline.data.image_rows import load_split_images
+    from pipeline.data.image_stream import training_stream
+    from pipeline.models.unfreeze import backbone_rate_factors
+
+    s = config.section("tune")
+    images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
+    model, backbone, preprocess, _ = build_tuned_model(config, inputs[s.source])
+    per_epoch = -(-len(images.train) // s.batch_size)
+    stream, _ = training_stream(images.train, image_size(config), s.batch_size, preprocess, training_augmenter(config),
+                                s.seed, 0, -(-steps // per_epoch) + 1)
+    return model, stream.as_numpy_iterator(), backbone_rate_factors(backbone, s.backbone_lr_mult), len(images.train)

@@ -1,0 +1,116 @@
+"""tune: unfreeze the backbone's top blocks under the trained head and fine-tune the whole network on images.
+
+Everything before this stage trains heads on frozen features; this is fastai's `fine_tune`, its
+second step: the head is already trained (`tune.source`: finetune's, or bnretrain's), so the
+backbone can be unfrozen without the random head's large gradients wrecking its ImageNet weights.
+
+Recipe: build precompute's backbone (same weights) at `tune.image_size` (default
+`competition.image_size`; State Farm's 80x60 frames gain nothing from 224x224) and put the source's
+trained head on it -> unfreeze the top `tune.unfreeze` blocks (or `all`), every BatchNormalization
+layer of the backbone kept in inference mode (its moving statistics never change) -> stream the
+split's training images through tf.data (parallel decode, augment's `transforms` drawn afresh for
+every epoch and image, prefetch; never all in memory) -> train with a linear warmup then cosine
+decay of `tune.lr`, the backbone's variables at `tune.lr * tune.backbone_lr_mult` (discriminative
+rates), every epoch backed up (`keras.callbacks.BackupAndRestore`: a killed run, rerun, continues
+after its last finished epoch), the best epoch by validation loss kept -> predict the validation
+and test images (with `tune.tta`, averaged with augment's test passes of them, drawn as augment
+draws them) -> write what finetune writes, the gain over the source stage, and the time per epoch.
+"""
+from __future__ import annotations
+
+import shutil
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER
+from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.evaluation.mistakes import MISTAKES_READS
+from pipeline.training.fit import OPTIMIZERS
+from stages.finetune import RECIPES, TRAINING_OUTS
+
+
+class Settings(StrictModel):
+    source: Literal[RECIPES]
+    unfreeze: int | Literal["all"]
+    image_size: list[int] | None
+    optimizer: Literal[OPTIMIZERS]
+    lr: float = Field(gt=0)
+    backbone_lr_mult: float = Field(ge=0, le=1)
+    epochs: int = Field(ge=1)
+    warmup_epochs: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    augment: bool
+    tta: bool
+    seed: int
+
+    @field_validator("unfreeze", mode="before")
+    @classmethod
+    def _blocks(cls, value):
+        if isinstance(value, bool) or not (value == "all" or (isinstance(value, int) and value >= 0)):
+            raise ValueError(f"expected a number of top blocks (0 or more) or all, got {value!r}")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _height_width(cls, value):
+        if value is not None and (len(value) != 2 or min(value) < 32):
+            raise ValueError(f"expected [height, width] of at least 32 pixels each, or null, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_inside(self):
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
+        return self
+
+
+def backup_dir(ctx: StageContext):
+    """Where this run backs up its epochs: outside the run's temporary folder, which a kill loses."""
+    return ctx.work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage=ctx.config.stage.name) / ctx.config_fingerprint
+
+
+def run(ctx: StageContext) -> dict:
+    from pipeline.core.cache import Manifest
+    from pipeline.data.image_rows import load_split_images
+    from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.predictions import load_predictions
+    from pipeline.training.tune import tune_model
+
+    s = ctx.settings
+    images = load_split_images(ctx.input("download"), ctx.input("split"), ctx.config.competition.classes)
+    backup = backup_dir(ctx)
+    metrics = tune_model(ctx.config, images, ctx.input(s.source), ctx.out, backup, ctx.log, title=ctx.comp)
+    source = Manifest.read(ctx.input(s.source)).metrics
+    result = {
+        **metrics,
+        "arch": f"{source.get('arch', 'head')} + backbone",
+        "source_val_log_loss": source["val_log_loss"],
+        "source_val_accuracy": source["val_accuracy"],
+        "log_loss_gain": round(source["val_log_loss"] - metrics["val_log_loss"], 5),
+        "accuracy_gain": round(metrics["val_accuracy"] - source["val_accuracy"], 5),
+        **write_mistakes(ctx.config, ctx.input("download"), load_predictions(ctx.out), ctx.out, f"{ctx.comp} tune"),
+    }
+    shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing left to resume
+    return result
+
+
+def headline(m: dict) -> str:
+    tta = f", TTA x{m['tta_passes']}" if m.get("tta_passes") else ""
+    return (f"{len(m['unfrozen_blocks'])}/{m['total_blocks']} blocks of the backbone at "
+            f"{m['image_size'][0]}x{m['image_size'][1]}: val log loss {m['val_log_loss']:.4f} "
+            f"({m['source']} {m['source_val_log_loss']:.4f}), accuracy {m['val_accuracy']:.4f} "
+            f"(best epoch {m['best_epoch']}/{m['epochs']}, {m['seconds_per_epoch']:.0f}s/epoch{tta})")
+
+
+STAGE = Stage(
+    name="tune",
+    settings=Settings,
+    run=run,
+    needs=("download", "split"),
+    reads=("precompute", "competition.image_size", "augment.transforms", "augment.seed", "augment.test_passes",
+           "finetune.deterministic", *MISTAKES_READS),
+    outs=TRAINING_OUTS,
+    headline=headline,
+    extra_needs=lambda config: (config.section("tune").source,),
+)

@@ -1,0 +1,204 @@
+"""The tune stage: the trained head back on its backbone, top blocks unfrozen, trained end to end on images.
+
+Tiny State-Farm-shaped images (32x32) through MobileNetV2 0.35 with calibrated random weights
+(`calibrated_mobilenetv2_weights`: with Keras' default batchnorm statistics random features vanish).
+"""
+from __future__ import annotations
+
+import json
+import signal
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.core.artifacts import BACKUP_JOURNAL, BACKUP_METADATA, MODEL_FILE
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.predictions import load_predictions
+from pipeline.models.unfreeze import backbone_blocks
+from pipeline.training.fit import Phase, fit
+from tests.helpers import (calibrated_mobilenetv2_weights, make_statefarm_like, start_kp, statefarm_like_config,
+                           wait_for_partial)
+
+AUGMENT = """
+augment:
+  test_passes: 2
+  transforms:
+    - Affine: {rotate: [-10, 10], translate_percent: {x: [-0.1, 0.1], y: [-0.1, 0.1]}, p: 1.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    return calibrated_mobilenetv2_weights(tmp_path_factory.mktemp("weights") / "mobilenetv2_tiny.weights.h5")
+
+
+def tiny_tune(weights, *extra: str) -> list[str]:
+    return ["competition.image_size=[32, 32]", "stages=[download, split, precompute, finetune, tune, submit]",
+            "precompute.backbone=mobilenetv2", "precompute.alpha=0.35", f"precompute.weights={weights}",
+            "precompute.dtype=float32", "precompute.batch_size=16", "model.arch=pool", "model.hidden=[16]",
+            "model.dropout=[0.25]", "finetune.phases=[{epochs: 3, lr: 0.003}]", "finetune.batch_size=16",
+            "tune.unfreeze=2", "tune.epochs=2", "tune.warmup_epochs=1", "tune.lr=0.001", "tune.batch_size=8",
+            "submit.source=tune", *extra]
+
+
+@pytest.fixture
+def synth(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(project, archive, extra=AUGMENT)
+    return project
+
+
+def weights_by_layer(model) -> dict[str, list[np.ndarray]]:
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
+
+
+def test_tune_trains_the_top_blocks_and_the_head_only_with_batchnorm_in_inference_mode(synth, weights_file):
+    config = load_config("synth", sets=tiny_tune(weights_file, "tune.tta=true"))
+    runner.run(config)
+    work = config.work_dir
+    metrics = Manifest.read(work / "tune").metrics
+    assert metrics["unfrozen_blocks"] == ["block_16", "Conv_1"] and metrics["total_blocks"] == 19
+    assert metrics["epochs"] == 2 and metrics["tta_passes"] == 2 and "val_log_loss_no_tta" in metrics
+    assert metrics["source_val_log_loss"] == Manifest.read(work / "finetune").metrics["val_log_loss"]
+
+    tuned = keras.models.load_model(work / "tune" / MODEL_FILE)
+    start = keras.applications.MobileNetV2(include_top=False, weights=str(weights_file), input_shape=(32, 32, 3),
+                                           alpha=0.35, pooling="avg")
+    before, after = weights_by_layer(start), weights_by_layer(tuned)
+    blocks = {layer.name: name for name, layers in backbone_blocks(start) for layer in layers}
+    changed = {name for name in before if any(not np.array_equal(a, b) for a, b in zip(before[name], after[name]))}
+    batchnorm = {layer.name for layer in start.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert changed, "no backbone weight moved"
+    assert not changed & batchnorm, f"batchnorm weights or moving statistics changed: {sorted(changed & batchnorm)}"
+    assert {blocks[name] for name in changed} <= {"block_16", "Conv_1"}, sorted(changed)
+    assert {"block_16_project", "Conv_1"} <= changed
+    head_before = keras.models.load_model(work / "finetune" / MODEL_FILE).get_weights()
+    head_after = tuned.get_layer(tuned.layers[-1].name).get_weights()
+    assert all(not np.array_equal(a, b) for a, b in zip(head_before, head_after))
+
+    history = pd.read_csv(work / "tune" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert history["learning_rate"].round(8).tolist() == [0.001, 0.0]  # warmup to the peak, cosine down to 0
+    predictions = load_predictions(work / "tune")
+    assert predictions.valid_probs.shape == (12, 3) and predictions.test_probs.shape == (6, 3)
+    assert np.allclose(predictions.test_probs.sum(axis=1), 1, atol=1e-5)
+    assert Manifest.read(work / "submit").metrics["source"] == "tune"
+
+
+def test_discriminative_rates_reach_the_optimizer():
+    """SGD without momentum: a variable at factor 0.5 moves exactly half as far as at factor 1, and at 0 not at all."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, activation="softmax", name="top")(keras.layers.Dense(5, name="low")(inputs))
+    x, y = np.random.default_rng(0).normal(size=(32, 4)).astype("float32"), np.arange(32) % 3
+    moves, initial = {}, keras.Model(inputs, outputs).get_weights()
+    for factor in (0.0, 0.5, 1.0):
+        model = keras.Model(inputs, outputs)
+        model.set_weights(initial)
+        start = model.get_layer("low").get_weights()[0].copy()
+        factors = {v.path: factor for v in model.get_layer("low").trainable_variables}
+        fit(model, (x, y), (x, y), phases=[Phase(1, 0.1)], schedule="phases", optimizer="sgd", momentum=0.0,
+            batch_size=32, out_dir=_tmp_dir(), verbose=0, rate_factors=factors)
+        moves[factor] = model.get_layer("low").get_weights()[0] - start
+    assert np.abs(moves[0.0]).max() == 0 and np.abs(moves[1.0]).max() > 1e-4
+    np.testing.assert_allclose(moves[0.5], moves[1.0] / 2, rtol=1e-4, atol=1e-8)
+
+
+def _tmp_dir():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp())
+
+
+def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_uninterrupted_run(synth, weights_file):
+    sets = tiny_tune(weights_file, "tune.epochs=4")  # the head has dropout: its draws resume too
+    config = load_config("synth", sets=sets)
+    runner.run(config, ["finetune"])
+    backups = config.work_dir / "_cache" / "tune-backup"
+    process = start_kp(synth, "tune", "--comp", "synth", *[arg for s in sets for arg in ("--set", s)])
+    try:
+        wait_for_epochs(process, backups, 2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    backup, = backups.iterdir()
+    reached = json.loads((backup / BACKUP_METADATA).read_text())["epoch"]
+    assert 2 <= reached < 4 and len(json.loads((backup / BACKUP_JOURNAL).read_text())) == reached
+
+    runner.run(config, ["tune"])
+    metrics = Manifest.read(config.work_dir / "tune").metrics
+    assert metrics["resumed_at"] == reached and metrics["epochs"] == 4
+    assert pd.read_csv(config.work_dir / "tune" / "history.csv")["epoch"].tolist() == [0, 1, 2, 3]
+    assert not backups.exists() or not any(backups.iterdir()), "the backup outlived the finished run"
+
+    whole = load_config("synth", sets=[*sets, f"paths.work={synth / 'work-whole'}"])
+    runner.run(whole, ["tune"])
+    resumed, uninterrupted = load_predictions(config.work_dir / "tune"), load_predictions(whole.work_dir / "tune")
+    assert Manifest.read(whole.work_dir / "tune").metrics["resumed_at"] == 0
+    np.testing.assert_array_equal(resumed.valid_probs, uninterrupted.valid_probs)
+    np.testing.assert_array_equal(resumed.test_probs, uninterrupted.test_probs)
+
+
+def wait_for_epochs(process, backups, epochs: int, timeout: float = 240.0) -> None:
+    """Wait until the run in `process` has backed up `epochs` epochs (fails the test if it ends first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for metadata in backups.glob(f"*/{BACKUP_METADATA}"):
+            try:
+                if json.loads(metadata.read_text())["epoch"] >= epochs:
+                    return
+            except (ValueError, KeyError):  # being written
+                pass
+        if process.poll() is not None:
+            pytest.fail(f"kp finished before the kill:\n{process.stdout.read().decode()}")
+        time.sleep(0.05)
+    pytest.fail("timed out waiting for the backup")
+
+
+def test_lr_find_for_tune_streams_images_and_changes_nothing_cached(synth, weights_file):
+    from pipeline.training.lr_find import find_for_stage
+
+    config = load_config("synth", sets=tiny_tune(weights_file))
+    runner.run(config, ["tune"])
+    model_bytes = (config.work_dir / "tune" / MODEL_FILE).read_bytes()
+    head_bytes = (config.work_dir / "finetune" / MODEL_FILE).read_bytes()
+    fingerprints = {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in ("finetune", "tune")}
+    view, inputs = runner.stage_inputs(config, "tune")
+    record = find_for_stage(view, "tune", inputs, config.work_dir / "lr_find" / "tune", steps=30, apply=True)
+    assert record["batches"] > 10 and record["current_lr"] == 0.001
+    assert 1e-7 < record["suggestions"]["minimum_over_10"] < 10
+    overlay = (config.work_dir / "lr_find" / "tune" / "overlay.yaml").read_text()
+    suggested = float(f"{record['suggestions']['minimum_over_10']:.3g}")
+    assert f"lr: {suggested}" in overlay
+    assert (config.work_dir / "tune" / MODEL_FILE).read_bytes() == model_bytes
+    assert (config.work_dir / "finetune" / MODEL_FILE).read_bytes() == head_bytes
+    assert {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in fingerprints} == fingerprints
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("tune.unfreeze=true", "expected a number of top blocks"),
+    ("tune.unfreeze=-1", "expected a number of top blocks"),
+    ("tune.warmup_epochs=2", "warmup_epochs (2) must be fewer than epochs (2)"),
+    ("tune.image_size=[16, 16]", "at least 32 pixels"),
+    ("tune.source=ensemble", "tune.source"),
+])
+def test_bad_tune_settings_are_one_config_error(synth, weights_file, setting, message):
+    with pytest.raises(PipelineError, match="tune") as error:
+        load_config("synth", sets=tiny_tune(weights_file, setting))
+    assert message in str(error.value)
+
+
+def test_tune_refuses_a_head_trained_on_features_of_another_shape(synth, weights_file):
+    config = load_config("synth", sets=tiny_tune(weights_file, "precompute.cut=conv", "model.arch=fc",
+                                                 "tune.image_size=[64, 64]"))
+    with pytest.raises(PipelineError, match=r"stage tune failed: the backbone makes features of shape \(2, 2, 1280\)"):
+        runner.run(config, ["tune"])
