@@ -57,7 +57,7 @@ def weights_by_layer(model) -> dict[str, list[np.ndarray]]:
     return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
 
 
-def test_tune_trains_the_top_blocks_and_the_head_only_with_batchnorm_in_inference_mode(synth, weights_file):
+def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inference_mode(synth, weights_file):
     config = load_config("synth", sets=tiny_tune(weights_file, "tune.tta=true"))
     runner.run(config)
     work = config.work_dir
@@ -88,9 +88,26 @@ def test_tune_trains_the_top_blocks_and_the_head_only_with_batchnorm_in_inferenc
     assert predictions.valid_probs.shape == (12, 3) and predictions.test_probs.shape == (6, 3)
     assert np.allclose(predictions.test_probs.sum(axis=1), 1, atol=1e-5)
     assert Manifest.read(work / "submit").metrics["source"] == "tune"
+    check_lr_find_changes_nothing(config)
 
 
-def test_discriminative_rates_reach_the_optimizer():
+def check_lr_find_changes_nothing(config):
+    """`kp lr-find --stage tune`: the range test on tune's model and streamed images, nothing cached touched."""
+    from pipeline.training.lr_find import find_for_stage
+
+    files = {stage: (config.work_dir / stage / MODEL_FILE).read_bytes() for stage in ("finetune", "tune")}
+    fingerprints = {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in files}
+    view, inputs = runner.stage_inputs(config, "tune")
+    record = find_for_stage(view, "tune", inputs, config.work_dir / "lr_find" / "tune", steps=30, apply=True)
+    assert record["batches"] > 10 and record["current_lr"] == 0.001
+    assert 1e-7 < record["suggestions"]["minimum_over_10"] < 10
+    suggested = float(f"{record['suggestions']['minimum_over_10']:.3g}")
+    assert f"lr: {suggested}" in (config.work_dir / "lr_find" / "tune" / "overlay.yaml").read_text()
+    assert {stage: (config.work_dir / stage / MODEL_FILE).read_bytes() for stage in files} == files
+    assert {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in files} == fingerprints
+
+
+def test_discriminative_rates_reach_the_optimizer(tmp_path):
     """SGD without momentum: a variable at factor 0.5 moves exactly half as far as at factor 1, and at 0 not at all."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))
@@ -103,17 +120,10 @@ def test_discriminative_rates_reach_the_optimizer():
         start = model.get_layer("low").get_weights()[0].copy()
         factors = {v.path: factor for v in model.get_layer("low").trainable_variables}
         fit(model, (x, y), (x, y), phases=[Phase(1, 0.1)], schedule="phases", optimizer="sgd", momentum=0.0,
-            batch_size=32, out_dir=_tmp_dir(), verbose=0, rate_factors=factors)
+            batch_size=32, out_dir=tmp_path, verbose=0, rate_factors=factors)
         moves[factor] = model.get_layer("low").get_weights()[0] - start
     assert np.abs(moves[0.0]).max() == 0 and np.abs(moves[1.0]).max() > 1e-4
     np.testing.assert_allclose(moves[0.5], moves[1.0] / 2, rtol=1e-4, atol=1e-8)
-
-
-def _tmp_dir():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp())
 
 
 def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_uninterrupted_run(synth, weights_file):
@@ -138,10 +148,10 @@ def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_unin
     assert pd.read_csv(config.work_dir / "tune" / "history.csv")["epoch"].tolist() == [0, 1, 2, 3]
     assert not backups.exists() or not any(backups.iterdir()), "the backup outlived the finished run"
 
-    whole = load_config("synth", sets=[*sets, f"paths.work={synth / 'work-whole'}"])
-    runner.run(whole, ["tune"])
-    resumed, uninterrupted = load_predictions(config.work_dir / "tune"), load_predictions(whole.work_dir / "tune")
-    assert Manifest.read(whole.work_dir / "tune").metrics["resumed_at"] == 0
+    resumed = load_predictions(config.work_dir / "tune")
+    runner.run(config, ["tune"], force=True)  # the same training, never interrupted
+    uninterrupted = load_predictions(config.work_dir / "tune")
+    assert Manifest.read(config.work_dir / "tune").metrics["resumed_at"] == 0
     np.testing.assert_array_equal(resumed.valid_probs, uninterrupted.valid_probs)
     np.testing.assert_array_equal(resumed.test_probs, uninterrupted.test_probs)
 
@@ -164,26 +174,6 @@ def wait_for_epochs(process, backups, epochs: int, timeout: float = 240.0) -> No
     pytest.fail("timed out waiting for the backup")
 
 
-def test_lr_find_for_tune_streams_images_and_changes_nothing_cached(synth, weights_file):
-    from pipeline.training.lr_find import find_for_stage
-
-    config = load_config("synth", sets=tiny_tune(weights_file))
-    runner.run(config, ["tune"])
-    model_bytes = (config.work_dir / "tune" / MODEL_FILE).read_bytes()
-    head_bytes = (config.work_dir / "finetune" / MODEL_FILE).read_bytes()
-    fingerprints = {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in ("finetune", "tune")}
-    view, inputs = runner.stage_inputs(config, "tune")
-    record = find_for_stage(view, "tune", inputs, config.work_dir / "lr_find" / "tune", steps=30, apply=True)
-    assert record["batches"] > 10 and record["current_lr"] == 0.001
-    assert 1e-7 < record["suggestions"]["minimum_over_10"] < 10
-    overlay = (config.work_dir / "lr_find" / "tune" / "overlay.yaml").read_text()
-    suggested = float(f"{record['suggestions']['minimum_over_10']:.3g}")
-    assert f"lr: {suggested}" in overlay
-    assert (config.work_dir / "tune" / MODEL_FILE).read_bytes() == model_bytes
-    assert (config.work_dir / "finetune" / MODEL_FILE).read_bytes() == head_bytes
-    assert {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in fingerprints} == fingerprints
-
-
 @pytest.mark.parametrize("setting, message", [
     ("tune.unfreeze=true", "expected a number of top blocks"),
     ("tune.unfreeze=-1", "expected a number of top blocks"),
@@ -191,14 +181,19 @@ def test_lr_find_for_tune_streams_images_and_changes_nothing_cached(synth, weigh
     ("tune.image_size=[16, 16]", "at least 32 pixels"),
     ("tune.source=ensemble", "tune.source"),
 ])
-def test_bad_tune_settings_are_one_config_error(synth, weights_file, setting, message):
+def test_bad_tune_settings_are_one_config_error(synth, setting, message):
     with pytest.raises(PipelineError, match="tune") as error:
-        load_config("synth", sets=tiny_tune(weights_file, setting))
+        load_config("synth", sets=tiny_tune("none", setting))
     assert message in str(error.value)
 
 
-def test_tune_refuses_a_head_trained_on_features_of_another_shape(synth, weights_file):
-    config = load_config("synth", sets=tiny_tune(weights_file, "precompute.cut=conv", "model.arch=fc",
-                                                 "tune.image_size=[64, 64]"))
-    with pytest.raises(PipelineError, match=r"stage tune failed: the backbone makes features of shape \(2, 2, 1280\)"):
-        runner.run(config, ["tune"])
+def test_tune_refuses_a_head_trained_on_features_of_another_shape():
+    from pipeline.models.heads import build_head
+    from pipeline.models.unfreeze import stack
+
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3), alpha=0.35)
+    head = build_head((1, 1, 1280), 3, "fc", [8], [0.0])  # trained on 32x32 last-conv features
+    with pytest.raises(PipelineError, match=r"the backbone makes features of shape \(2, 2, 1280\) at this image "
+                                            r"size, but the head was trained on \(1, 1, 1280\)"):
+        stack(backbone, head)
+    assert stack(backbone, build_head((2, 2, 1280), 3, "fc", [8], [0.0])).output_shape == (None, 3)
