@@ -4,34 +4,49 @@ Recipe: for member i in 0..n-1, seed = `ensemble.seed` + i: reuse the member if 
 upstream data, model, training settings, code and seed was trained before (members are units of
 the run cache, `work/COMP/_runs/ensemble-members/KEY/`, so raising n from 5 to 8 trains only 3),
 else train it with the recipe `ensemble.source` names: finetune's, or finetune's followed by
-bnretrain's (each with its own `augmented` / `tta` settings) -> average the members' probabilities
+bnretrain's (each with its own `augmented` / `tta` settings), or tune's (a head by `tune.source`'s
+recipe, then its backbone fine-tuned end to end on the images; a killed member resumes from its
+last epoch, see the tune stage) -> average the members' probabilities
 on the validation and test rows -> report each member's validation accuracy and log loss, the
 average's, and the gain of the average over the mean member (manifest, `kp status`, `members.png`).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
+from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER, MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
 
+MEMBER_RECIPES = (*RECIPES, "tune")  # tune: a head by tune.source's recipe, then fine-tuned end to end
+TUNE_READS = ("tune", "precompute", "competition.image_size", "augment.transforms", "augment.seed",
+              "augment.test_passes")  # what tune members read besides the head's recipe
+
+
 class Settings(StrictModel):
     n: int = Field(ge=1)
     seed: int
-    source: Literal[RECIPES]
+    source: Literal[MEMBER_RECIPES]
+
+
+def head_recipe(config) -> str:
+    """The recipe a member's head follows: `ensemble.source`, or for tune members `tune.source`."""
+    source = config.section("ensemble").source
+    return config.get("tune.source") if source == "tune" else source
 
 
 def member_key(ctx: StageContext, seed: int) -> str:
-    """Everything a member depends on, except how many members there are (and, for finetune
-    members, the bnretrain settings they never use)."""
+    """Everything a member depends on, except how many members there are (and the settings of the
+    recipes it does not follow: bnretrain's for finetune heads, tune's for members that are not tuned)."""
     inputs = ctx.fingerprint_inputs
-    unused = {"ensemble"} | ({"bnretrain"} if ctx.settings.source == "finetune" else set())
+    unused = ({"ensemble"} | ({"bnretrain"} if head_recipe(ctx.config) == "finetune" else set())
+              | (set() if ctx.settings.source == "tune" else set(TUNE_READS) - set(TRAINING_READS)))
     config = {key: value for key, value in inputs["config"].items() if key not in unused}
     return fingerprint({"upstream": inputs["upstream"], "config": config, "code": inputs["code"],
                         "source": ctx.settings.source, "member_seed": seed})
@@ -46,8 +61,8 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
     from pipeline.training.recipe import load_recipe_data, train_recipe
 
-    data = load_recipe_data(ctx.config, ctx.inputs, recipe_sections(ctx.config, ctx.settings.source))
-    if ctx.settings.source == "bnretrain":
+    data = load_recipe_data(ctx.config, ctx.inputs, recipe_sections(ctx.config, head_recipe(ctx.config)))
+    if head_recipe(ctx.config) == "bnretrain":
         from stages.bnretrain import check_dense_head
 
         check_dense_head(ctx.config)
@@ -64,8 +79,11 @@ def run(ctx: StageContext) -> dict:
         else:
             ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
             with store.write(key) as tmp:
-                metrics = train_recipe(ctx.config, ctx.settings.source, data, seed, tmp, ctx.log, ctx.warn,
-                                       title=f"{ctx.comp} member {i + 1}")
+                if ctx.settings.source == "tune":
+                    metrics = _tuned_member(ctx, data, seed, tmp, key, f"{ctx.comp} member {i + 1}")
+                else:
+                    metrics = train_recipe(ctx.config, ctx.settings.source, data, seed, tmp, ctx.log, ctx.warn,
+                                           title=f"{ctx.comp} member {i + 1}")
                 (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         members.append({"member": i + 1, "seed": seed, "reused": reused, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
@@ -93,6 +111,18 @@ def run(ctx: StageContext) -> dict:
     return {**result, **write_mistakes(ctx.config, ctx.input("download"), averaged, ctx.out, f"{ctx.comp} ensemble")}
 
 
+def _tuned_member(ctx: StageContext, data: dict, seed: int, out, key: str, title: str) -> dict:
+    """A member that follows the tune recipe, backed up every epoch under its own key."""
+    from pipeline.data.image_rows import load_split_images
+    from pipeline.training.tune import train_tuned_member
+
+    images = load_split_images(ctx.input("download"), ctx.input("split"), ctx.config.competition.classes)
+    backup = ctx.work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage="ensemble") / key
+    metrics = train_tuned_member(ctx.config, data, images, seed, out, backup, ctx.log, ctx.warn, title)
+    shutil.rmtree(backup, ignore_errors=True)
+    return metrics
+
+
 def headline(m: dict) -> str:
     return (f"{m.get('source', 'finetune')} x {m['n']}: val log loss {m['val_log_loss']:.4f} "
             f"(mean member {m['mean_member_val_log_loss']:.4f}), accuracy {m['val_accuracy']:.4f} "
@@ -104,9 +134,9 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=PREDICTING_NEEDS,
-    reads=("finetune", "bnretrain", *TRAINING_READS),
+    reads=("finetune", "bnretrain", *TRAINING_READS, *TUNE_READS),
     outs=(*PREDICTION_FILES, MEMBERS_PLOT, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: ("augment",) if any(
-        map(uses_passes, recipe_sections(config, config.section("ensemble").source).values())) else (),
+        map(uses_passes, recipe_sections(config, head_recipe(config)).values())) else (),
 )

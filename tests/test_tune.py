@@ -58,12 +58,14 @@ def weights_by_layer(model) -> dict[str, list[np.ndarray]]:
 
 
 def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inference_mode(synth, weights_file):
-    config = load_config("synth", sets=tiny_tune(weights_file, "tune.tta=true"))
+    config = load_config("synth", sets=tiny_tune(
+        weights_file, "tune.tta=true", "stages=[download, split, precompute, finetune, tune, ensemble, submit]",
+        "ensemble.source=tune", "ensemble.n=2", "tune.epochs=1", "tune.warmup_epochs=0"))
     runner.run(config)
     work = config.work_dir
     metrics = Manifest.read(work / "tune").metrics
     assert metrics["unfrozen_blocks"] == ["block_16", "Conv_1"] and metrics["total_blocks"] == 19
-    assert metrics["epochs"] == 2 and metrics["tta_passes"] == 2 and "val_log_loss_no_tta" in metrics
+    assert metrics["epochs"] == 1 and metrics["tta_passes"] == 2 and "val_log_loss_no_tta" in metrics
     assert metrics["source_val_log_loss"] == Manifest.read(work / "finetune").metrics["val_log_loss"]
 
     tuned = keras.models.load_model(work / "tune" / MODEL_FILE)
@@ -82,12 +84,21 @@ def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inferenc
     assert all(not np.array_equal(a, b) for a, b in zip(head_before, head_after))
 
     history = pd.read_csv(work / "tune" / "history.csv")
-    assert history["epoch"].tolist() == [0, 1]
-    assert history["learning_rate"].round(8).tolist() == [0.001, 0.0]  # warmup to the peak, cosine down to 0
+    assert history["epoch"].tolist() == [0] and history["learning_rate"].round(8).tolist() == [0.0]  # cosine to 0
     predictions = load_predictions(work / "tune")
     assert predictions.valid_probs.shape == (12, 3) and predictions.test_probs.shape == (6, 3)
     assert np.allclose(predictions.test_probs.sum(axis=1), 1, atol=1e-5)
     assert Manifest.read(work / "submit").metrics["source"] == "tune"
+
+    ensemble = Manifest.read(work / "ensemble").metrics  # members that follow the tune recipe, averaged
+    members = [load_predictions(config.work_dir / "_runs" / "ensemble-members" / m["key"]) for m in ensemble["members"]]
+    assert [m["seed"] for m in ensemble["members"]] == [1000, 1001] and ensemble["source"] == "tune"
+    np.testing.assert_allclose(load_predictions(work / "ensemble").valid_probs,
+                               np.mean([m.valid_probs for m in members], axis=0), rtol=1e-6)
+    assert not np.allclose(members[0].valid_probs, members[1].valid_probs)
+    member = json.loads((config.work_dir / "_runs" / "ensemble-members" / ensemble["members"][0]["key"]
+                         / "member.json").read_text())
+    assert member["arch"] == "pool + backbone" and member["unfrozen_blocks"] == ["block_16", "Conv_1"]
     check_lr_find_changes_nothing(config)
 
 

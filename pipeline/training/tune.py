@@ -59,17 +59,16 @@ def build_tuned_model(config, head_dir: Path):
     return stack(backbone, head), backbone, features.preprocess if p.preprocess == "backbone" else None, unfrozen
 
 
-def training_augmenter(config):
-    """Augment's transforms drawn afresh for every (epoch, image) of tune's training, or None."""
+def training_augmenter(config, seed: int):
+    """Augment's transforms drawn afresh for every (epoch, image) of tune's training with `seed`, or None."""
     from pipeline.data.augmentation import RowAugmenter
 
-    s = config.section("tune")
     transforms = config.get("augment.transforms")
-    return RowAugmenter(transforms, (s.seed, TRAINING_DRAWS)) if s.augment and transforms else None
+    return RowAugmenter(transforms, (seed, TRAINING_DRAWS)) if config.get("tune.augment") and transforms else None
 
 
 def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, log=print,
-               title: str = "", verbose: int = 2) -> dict:
+               title: str = "", verbose: int = 2, seed: int | None = None) -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
     Args:
@@ -81,6 +80,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
         log: prints progress.
         title: the plots' title.
         verbose: Keras' fit verbosity.
+        seed: the run's seed instead of `tune.seed` (an ensemble member's).
 
     Returns:
         Its metrics: validation scores, best epoch, what was unfrozen, timing, `resumed_at`.
@@ -94,15 +94,16 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
     from pipeline.training.resumable import resumed_epoch
 
     s = config.section("tune")
+    seed = s.seed if seed is None else seed
     size = image_size(config)
     set_determinism(config.get("finetune.deterministic"))
-    keras.utils.set_random_seed(s.seed)  # the loaded head's dropout seeds come from here
+    keras.utils.set_random_seed(seed)  # the loaded head's dropout seeds come from here
     model, backbone, preprocess, unfrozen = build_tuned_model(config, head_dir)
-    keras.utils.set_random_seed(s.seed)
+    keras.utils.set_random_seed(seed)
     factors = backbone_rate_factors(backbone, s.backbone_lr_mult)
     start = resumed_epoch(backup_dir)
-    train, steps = training_stream(images.train, size, s.batch_size, preprocess, training_augmenter(config), s.seed,
-                                   start, s.epochs)
+    train, steps = training_stream(images.train, size, s.batch_size, preprocess, training_augmenter(config, seed),
+                                   seed, start, s.epochs)
     log(f"{backbone.name} at {size[0]}x{size[1]} + {s.source}'s head: {len(unfrozen.blocks)} of "
         f"{unfrozen.total_blocks} blocks unfrozen ({unfrozen.trainable_backbone_weights:,} backbone parameters at "
         f"lr x {s.backbone_lr_mult}, {unfrozen.frozen_batchnorm} batchnorm layers in inference mode), "
@@ -126,7 +127,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             "frozen_batchnorm_layers": unfrozen.frozen_batchnorm, "backbone_lr_mult": s.backbone_lr_mult,
             "resumed_at": start, "seconds_per_epoch": round(seconds / trained_now, 2),
             "train_images_per_s": round(len(images.train) * trained_now / max(seconds, 1e-9), 1),
-            "n_train": len(images.train), "n_valid": len(images.valid), "seed": s.seed}
+            "n_train": len(images.train), "n_valid": len(images.valid), "seed": seed}
 
 
 def predict_split(config, model, images: SplitImages, preprocess):
@@ -192,6 +193,32 @@ def range_test_setup(config, inputs: dict[str, Path], steps: int):
     images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
     model, backbone, preprocess, _ = build_tuned_model(config, inputs[s.source])
     per_epoch = -(-len(images.train) // s.batch_size)
-    stream, _ = training_stream(images.train, image_size(config), s.batch_size, preprocess, training_augmenter(config),
-                                s.seed, 0, -(-steps // per_epoch) + 1)
+    stream, _ = training_stream(images.train, image_size(config), s.batch_size, preprocess,
+                                training_augmenter(config, s.seed), s.seed, 0, -(-steps // per_epoch) + 1)
     return model, stream.as_numpy_iterator(), backbone_rate_factors(backbone, s.backbone_lr_mult), len(images.train)
+
+
+def train_tuned_member(config, data: dict, images: SplitImages, seed: int, out_dir: Path, backup_dir: Path,
+                       log=print, warn=print, title: str = "") -> dict:
+    """One ensemble member that follows the tune recipe: a head trained by `tune.source`'s recipe with
+    `seed` (in `out_dir/head/`), then tuned end to end with `seed` into `out_dir`.
+
+    Args:
+        config: the calling stage's view of the config (what the head's recipe and tune read).
+        data: the cached rows the head's recipe trains on, by recipe name (`load_recipe_data`).
+        images: the split's rows as image files.
+        seed: the member's seed.
+        out_dir: where the member's model, history, plots and predictions go.
+        backup_dir: the member's backup, so a killed member resumes.
+
+    Returns:
+        The tuned model's metrics, with the head's `head_val_log_loss`.
+    """
+    from pipeline.core.artifacts import MEMBER_HEAD_DIR
+    from pipeline.training.recipe import train_recipe
+
+    head_dir = out_dir / MEMBER_HEAD_DIR
+    head_dir.mkdir()
+    head = train_recipe(config, config.get("tune.source"), data, seed, head_dir, log, warn, title=title)
+    metrics = tune_model(config, images, head_dir, out_dir, backup_dir, log, title=title, verbose=0, seed=seed)
+    return {**metrics, "arch": f"{head['arch']} + backbone", "head_val_log_loss": head["val_log_loss"]}
