@@ -49,5 +49,5 @@ kaggle-local: $(VENV)/.installed
 # The virtual environment, created on first use and refreshed when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'
 	touch $@

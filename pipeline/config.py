@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, create_model
 from pipeline.core.cache import STAMP_MODES
 from pipeline.core.competition import Competition
 from pipeline.core.errors import PipelineError
+from pipeline.core.executor import Compute
 from pipeline.core.stage import StrictModel
 from pipeline.models.build import Model
 
@@ -284,6 +285,7 @@ def config_model() -> type[StrictModel]:
         "model": (Model, ...),
         "kaggle": (Kaggle, ...),
         "cache": (Cache, ...),
+        "compute": (Compute, ...),
     }
     for stage in all_stages().values():
         fields[stage.section] = (stage.settings, ...)

@@ -19,6 +19,7 @@ report the OOF log loss and accuracy, each fold's, and their mean / min / max; `
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Literal
 
@@ -27,6 +28,7 @@ from pydantic import Field
 from pipeline.core.artifacts import FOLD_TEST_FILE, MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.errors import PipelineError
+from pipeline.core.executor import say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
@@ -57,7 +59,7 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
-    from pipeline.training.recipe import load_recipe_data, train_recipe
+    from pipeline.core.executor import Unit
 
     s = ctx.settings
     strategy = ctx.config.get("split.strategy")
@@ -77,36 +79,27 @@ def run(ctx: StageContext) -> dict:
     classes = ctx.config.competition.classes
     labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
     ids = split["id"].to_numpy()
-    sections = recipe_sections(ctx.config, s.source)
-    store = ctx.units("folds")
-    oof = None
-    test_probs, fold_rows = [], []
+    plans = []
     for f in range(n_folds):
         g = (f + 1) % n_folds
         held_out, selection = folds == f, folds == g
         rows = {"train": sorted(ids[~held_out & ~selection]), "selection": sorted(ids[selection]),
                 "held_out": sorted(ids[held_out])}
-        key = fold_key(ctx, rows)
-        reused = store.has(key)
+        plans.append((f, g, held_out, selection, rows, fold_key(ctx, rows)))
+    units = [Unit(key, f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
+                  functools.partial(train_fold, ctx.config, ctx.inputs, f, g, held_out, selection, rows,
+                                    f"{ctx.comp} fold {f + 1}"))
+             for f, g, held_out, selection, rows, key in plans]
+    trained = set(ctx.compute_units("folds", units, "cv folds"))
+    store = ctx.units("folds")
+    oof = None
+    test_probs, fold_rows = [], []
+    for f, g, held_out, selection, rows, key in plans:
+        reused = key not in trained
+        record = json.loads((store.path(key) / MEMBER_FILE).read_text())
         if reused:
-            record = json.loads((store.path(key) / MEMBER_FILE).read_text())
             store.touch(key)
             ctx.log(f"fold {f + 1}/{n_folds}: reused from {store.path(key)}")
-        else:
-            ctx.log(f"fold {f + 1}/{n_folds}: choosing epochs on fold {g + 1}, then training on every fold but {f + 1}")
-            with store.write(key) as tmp:
-                (tmp / SELECTION_DIR).mkdir()
-                chosen = train_recipe(ctx.config, s.source,
-                                      load_recipe_data(ctx.config, ctx.inputs, sections, (~held_out & ~selection, selection)),
-                                      s.seed, tmp / SELECTION_DIR, ctx.log, ctx.warn, title=f"{ctx.comp} fold {f + 1} selection")
-                epochs = ({"finetune": chosen["best_epoch"]} if s.source == "finetune" else
-                          {"finetune": chosen["finetune_best_epoch"], "bnretrain": chosen["best_epoch"]})
-                final = train_recipe(ctx.config, s.source, load_recipe_data(ctx.config, ctx.inputs, sections,
-                                                                            (~held_out, held_out)),
-                                     s.seed, tmp, ctx.log, ctx.warn, title=f"{ctx.comp} fold {f + 1}", stop_after=epochs)
-                record = {**final, "fold": f + 1, "selection_fold": g + 1, "chosen_epochs": epochs, "rows": rows,
-                          "selection_val_log_loss": chosen["val_log_loss"]}
-                (tmp / MEMBER_FILE).write_text(json.dumps(record, indent=2) + "\n")
         predictions = load_predictions(store.path(key))
         if list(predictions.valid_ids) != list(ids[held_out]):
             raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
@@ -133,6 +126,25 @@ def run(ctx: StageContext) -> dict:
         "fold_runs": fold_rows,
         **write_mistakes(ctx.config, ctx.input("download"), out_of_fold, ctx.out, f"{ctx.comp} cv out of fold"),
     }
+
+
+def train_fold(config, inputs: dict, f: int, g: int, held_out, selection, rows: dict, title: str, out) -> None:
+    """Fold f's model into `out` (here or on a Ray worker): its epochs chosen on fold g (a model trained
+    on the other folds, kept in `out/selection/`), then trained on every fold but f for exactly those
+    epochs and predicting fold f; its record (epochs, rows, scores) in `member.json`."""
+    from pipeline.training.recipe import load_recipe_data, train_recipe
+
+    s, sections = config.section("cv"), recipe_sections(config, config.section("cv").source)
+    (out / SELECTION_DIR).mkdir()
+    chosen = train_recipe(config, s.source, load_recipe_data(config, inputs, sections, (~held_out & ~selection, selection)),
+                          s.seed, out / SELECTION_DIR, say, say, title=f"{title} selection")
+    epochs = ({"finetune": chosen["best_epoch"]} if s.source == "finetune" else
+              {"finetune": chosen["finetune_best_epoch"], "bnretrain": chosen["best_epoch"]})
+    final = train_recipe(config, s.source, load_recipe_data(config, inputs, sections, (~held_out, held_out)),
+                         s.seed, out, say, say, title=title, stop_after=epochs)
+    record = {**final, "fold": f + 1, "selection_fold": g + 1, "chosen_epochs": epochs, "rows": rows,
+              "selection_val_log_loss": chosen["val_log_loss"]}
+    (out / MEMBER_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def headline(m: dict) -> str:

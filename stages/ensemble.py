@@ -12,6 +12,7 @@ average's, and the gain of the average over the mean member (manifest, `kp statu
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from typing import Literal
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER, MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
+from pipeline.core.executor import say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
@@ -59,33 +61,30 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
-    from pipeline.training.recipe import load_recipe_data, train_recipe
+    from pipeline.core.executor import Unit
+    from pipeline.training.recipe import load_recipe_data
 
     data = load_recipe_data(ctx.config, ctx.inputs, recipe_sections(ctx.config, head_recipe(ctx.config)))
     if head_recipe(ctx.config) == "bnretrain":
         from stages.bnretrain import check_dense_head
 
         check_dense_head(ctx.config)
+    seeds = [ctx.settings.seed + i for i in range(ctx.settings.n)]
+    keys = [member_key(ctx, seed) for seed in seeds]
+    preloaded = data if ctx.compute is None or ctx.compute.backend == "local" else None  # Ray workers load their own
+    units = [Unit(key, f"member {i + 1}/{ctx.settings.n} (seed {seed})",
+                  functools.partial(train_member, ctx.config, ctx.inputs, seed, key, ctx.work_dir,
+                                    f"{ctx.comp} member {i + 1}", preloaded))
+             for i, (seed, key) in enumerate(zip(seeds, keys))]
+    trained = set(ctx.compute_units("members", units, "ensemble members"))
     store = ctx.units("members")
     members, predictions = [], []
-    for i in range(ctx.settings.n):
-        seed = ctx.settings.seed + i
-        key = member_key(ctx, seed)
-        reused = store.has(key)
-        if reused:
-            metrics = json.loads((store.path(key) / MEMBER_FILE).read_text())
+    for i, (seed, key) in enumerate(zip(seeds, keys)):
+        metrics = json.loads((store.path(key) / MEMBER_FILE).read_text())
+        if key not in trained:
             store.touch(key)
             ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): reused from {store.path(key)}")
-        else:
-            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): training")
-            with store.write(key) as tmp:
-                if ctx.settings.source == "tune":
-                    metrics = _tuned_member(ctx, data, seed, tmp, key, f"{ctx.comp} member {i + 1}")
-                else:
-                    metrics = train_recipe(ctx.config, ctx.settings.source, data, seed, tmp, ctx.log, ctx.warn,
-                                           title=f"{ctx.comp} member {i + 1}")
-                (tmp / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        members.append({"member": i + 1, "seed": seed, "reused": reused, "key": key,
+        members.append({"member": i + 1, "seed": seed, "reused": key not in trained, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
         predictions.append(load_predictions(store.path(key)))
 
@@ -111,16 +110,24 @@ def run(ctx: StageContext) -> dict:
     return {**result, **write_mistakes(ctx.config, ctx.input("download"), averaged, ctx.out, f"{ctx.comp} ensemble")}
 
 
-def _tuned_member(ctx: StageContext, data: dict, seed: int, out, key: str, title: str) -> dict:
-    """A member that follows the tune recipe, backed up every epoch under its own key."""
-    from pipeline.data.image_rows import load_split_images
-    from pipeline.training.tune import train_tuned_member
+def train_member(config, inputs: dict, seed: int, key: str, work_dir, title: str, data, out) -> None:
+    """One member into `out` (here or on a Ray worker): `ensemble.source`'s recipe with `seed`, its
+    metrics in `member.json`. `data`: the recipe's rows, or None to load them here (a worker)."""
+    from pipeline.training.recipe import load_recipe_data, train_recipe
 
-    images = load_split_images(ctx.input("download"), ctx.input("split"), ctx.config.competition.classes)
-    backup = ctx.work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage="ensemble") / key
-    metrics = train_tuned_member(ctx.config, data, images, seed, out, backup, ctx.log, ctx.warn, title)
-    shutil.rmtree(backup, ignore_errors=True)
-    return metrics
+    if data is None:
+        data = load_recipe_data(config, inputs, recipe_sections(config, head_recipe(config)))
+    if config.section("ensemble").source == "tune":
+        from pipeline.data.image_rows import load_split_images
+        from pipeline.training.tune import train_tuned_member
+
+        images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
+        backup = work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage="ensemble") / key
+        metrics = train_tuned_member(config, data, images, seed, out, backup, say, say, title)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        metrics = train_recipe(config, config.section("ensemble").source, data, seed, out, say, say, title=title)
+    (out / MEMBER_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def headline(m: dict) -> str:

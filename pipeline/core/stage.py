@@ -193,6 +193,7 @@ class StageContext:
     fingerprint_inputs: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     units_used: dict[str, list[str]] = field(default_factory=dict)
+    compute: Any = None  # the `compute` section: where `compute_units` runs this stage's units (in no fingerprint)
 
     def log(self, message: str) -> None:
         print(f"[{self.comp}] {message}", file=sys.stderr, flush=True)
@@ -213,10 +214,22 @@ class StageContext:
         name = f"{self.config.stage.name}-{kind}"
         return RunStore(self.work_dir / RUNS_FOLDER / name, used=self.units_used.setdefault(name, []))
 
-    def progress(self, total: int, desc: str):
+    def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
+        """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:
+        here or as Ray tasks, as `compute` says), with one progress bar over all of them.
+
+        Returns:
+            The keys computed now.
+        """
+        from pipeline.core.executor import compute_units
+
+        with self.progress(len(units), desc, unit=kind) as bar:
+            return compute_units(self.compute, self.units(kind), units, self.log, bar)
+
+    def progress(self, total: int, desc: str, unit: str = "img"):
         """A progress bar on stderr (redrawn in place on a terminal, a line every 30 s in a log)."""
         from tqdm import tqdm
 
         interactive = sys.stderr.isatty()
-        return tqdm(total=total, desc=f"[{self.comp}] {desc}", unit="img", file=sys.stderr,
+        return tqdm(total=total, desc=f"[{self.comp}] {desc}", unit=unit, file=sys.stderr,
                     mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)

@@ -1,0 +1,145 @@
+"""Where a stage's cached units are computed: in this process (`local`), or as Ray tasks (`ray`).
+
+A unit is a piece of a stage with its own key in a `RunStore` (an ensemble member, ...). The driver
+(the `kp` process) keeps everything that makes the cache safe: the competition lock, the stage's
+manifest and its final rename. A unit only ever writes into its store through `RunStore.write`:
+into a temporary folder renamed into place once complete, so two workers or a killed one can never
+leave a unit that is accepted, and a rerun after a lost worker computes only the missing units.
+
+`compute_units` runs the units that are not stored yet, with one progress bar over all of them.
+With `compute.backend: ray` each unit is a Ray task (`ray.init(address)`, or a local cluster of
+`compute.local_cpus` CPUs when no address is given; `cpus_per_task` / `gpus_per_task` reserve
+resources per unit, so several small trainings can share one GPU with a fraction); Ray retries a
+unit whose worker died or that raised, `retries` times, and a unit that still fails is one error
+naming it. Workers need the work folder and the images at the same paths (a shared filesystem, as
+on a usual cluster); a worker that cannot see the store says so. Imports Ray inside the functions only.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.runs import RunStore
+from pipeline.core.stage import StrictModel
+
+BACKENDS = ("local", "ray")
+
+
+class Compute(StrictModel):
+    """The `compute` section: where units run. In no fingerprint: it never changes what they produce."""
+
+    backend: Literal[BACKENDS]
+    address: str | None
+    local_cpus: int = Field(ge=1)
+    cpus_per_task: float = Field(gt=0)
+    gpus_per_task: float = Field(ge=0)
+    retries: int = Field(ge=0)
+
+
+@dataclass
+class Unit:
+    """One cached piece of a stage: `compute(folder)` writes its files into `folder` (a fresh temporary
+    folder that becomes `store/key` once it returns); it must be picklable for Ray (a module-level
+    function, or a `functools.partial` of one, with plain arguments)."""
+
+    key: str
+    label: str  # how messages name it: "member 3 (seed 1002)"
+    compute: Callable[[Path], Any]
+
+
+def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], log=print, progress=None) -> list[str]:
+    """Compute every unit of `units` that `store` does not hold yet.
+
+    Args:
+        settings: the `compute` section (None: local).
+        store: where the units are kept.
+        units: the units, in order; a unit already stored is left as it is.
+        log: prints a line per unit.
+        progress: a tqdm-like bar over the units (advanced as each finishes), or None.
+
+    Returns:
+        The keys computed now (the others were reused).
+    """
+    missing = [unit for unit in units if not store.has(unit.key)]
+    if progress is not None:
+        progress.update(len(units) - len(missing))
+    if settings is None or settings.backend == "local" or not missing:
+        for unit in missing:
+            log(f"{unit.label}: computing")
+            with store.write(unit.key) as folder:
+                unit.compute(folder)
+            if progress is not None:
+                progress.update(1)
+        return [unit.key for unit in missing]
+    return _compute_on_ray(settings, store, missing, log, progress)
+
+
+def _compute_on_ray(settings: Compute, store: RunStore, units: list[Unit], log, progress) -> list[str]:
+    ray = connect(settings)
+    task = ray.remote(_write_unit).options(num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task,
+                                          max_retries=settings.retries, retry_exceptions=True)
+    pending = {task.remote(str(store.root), unit.key, unit.compute): unit for unit in units}
+    log(f"{len(units)} units sent to Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster)")
+    failures = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        unit = pending.pop(done[0])
+        try:
+            where = ray.get(done[0])
+        except Exception as exc:  # after Ray's retries: the unit's own error, or its worker's death
+            failures.append(f"{unit.label}: {_reason(exc)}")
+            log(f"{unit.label}: failed after {settings.retries} retries")
+            continue
+        log(f"{unit.label}: computed on {where}")
+        if progress is not None:
+            progress.update(1)
+    if failures:
+        raise PipelineError(f"{len(failures)} of {len(units)} units failed on Ray (the others are stored; a rerun "
+                            "computes only the missing ones): " + "; ".join(failures))
+    return [unit.key for unit in units]
+
+
+def say(message: str) -> None:
+    """A unit's log line, wherever it runs (a Ray worker's stderr goes to its log file)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def connect(settings: Compute):
+    """`ray`, connected to `compute.address`, or to a local cluster this process starts once."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError("compute.backend is ray, but Ray is not installed: pip install -e '.[ray]'") from None
+    if not ray.is_initialized():
+        if settings.address:
+            ray.init(address=settings.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=256 * 1024 * 1024)
+    return ray
+
+
+def _write_unit(store_root: str, key: str, compute: Callable[[Path], Any]) -> str:
+    """On a worker: compute one unit into its store, atomically. Returns where it ran."""
+    import os
+    import socket
+
+    root = Path(store_root)
+    if not root.parent.is_dir():
+        raise PipelineError(f"this worker ({socket.gethostname()}) cannot see {root.parent}: the work folder must "
+                            "be on a filesystem every Ray worker shares, at the same path")
+    store = RunStore(root)
+    if not store.has(key):  # another attempt may have finished it
+        with store.write(key) as folder:
+            compute(folder)
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return " ".join(str(cause).split())[:300] or type(cause).__name__

@@ -1,0 +1,89 @@
+"""Units computed as Ray tasks (`compute.backend: ray`) on a local Ray cluster: the same results as the
+local backend, and a worker killed mid-unit costs only that unit. Skipped where Ray is not installed."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.core.artifacts import TMP_PREFIX
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.predictions import load_predictions
+from tests.helpers import make_statefarm_like, statefarm_like_config
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'; make test installs it)")
+pytestmark = pytest.mark.ray
+
+TINY_ENSEMBLE = [
+    "competition.image_size=[32, 32]", "stages=[download, split, precompute, ensemble, submit]",
+    "precompute.backbone=vgg16", "precompute.weights=none", "precompute.batch_size=8",
+    "model.arch=pool", "model.hidden=[16]", "model.dropout=[0.5]",
+    "finetune.phases=[{epochs: 3, lr: 0.001}]", "finetune.batch_size=8", "ensemble.n=3", "submit.source=ensemble",
+]
+RAY = ["compute.backend=ray", "compute.local_cpus=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cluster():
+    """One local Ray cluster for the module (starting one costs seconds), shut down after it."""
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def synth(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(project, archive)
+    return project
+
+
+def test_ensemble_members_as_ray_tasks_equal_the_local_backend(synth):
+    local = load_config("synth", sets=TINY_ENSEMBLE)
+    runner.run(local)
+    remote = load_config("synth", sets=[*TINY_ENSEMBLE, *RAY, f"paths.work={synth / 'work-ray'}"])
+    runner.run(remote)
+    a, b = (Manifest.read(config.work_dir / "ensemble") for config in (local, remote))
+    assert a.fingerprint == b.fingerprint  # where units run is in no fingerprint
+    assert b.metrics["trained"] == 3 and [m["key"] for m in a.metrics["members"]] == [m["key"] for m in b.metrics["members"]]
+    p, q = (load_predictions(config.work_dir / "ensemble") for config in (local, remote))
+    np.testing.assert_array_equal(p.valid_probs, q.valid_probs)  # deterministic ops: bit for bit
+    np.testing.assert_array_equal(p.test_probs, q.test_probs)
+
+
+def test_a_worker_killed_mid_unit_fails_that_unit_only_and_the_rerun_computes_just_it(synth):
+    sets = [*TINY_ENSEMBLE, *RAY, "finetune.phases=[{epochs: 40, lr: 0.001}]"]
+    config = load_config("synth", sets=[*sets, "compute.retries=0"])
+    runner.run(config, ["precompute", "split"])
+    store = config.work_dir / "_runs" / "ensemble-members"
+    killed: list[str] = []
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            for tmp in store.glob(f"{TMP_PREFIX}*"):
+                key, pid = tmp.name[len(TMP_PREFIX):].split("-")[:2]
+                os.kill(int(pid), signal.SIGKILL)  # the Ray worker writing this unit
+                killed.append(key)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    with pytest.raises(PipelineError, match=r"1 of 3 units failed on Ray .*member \d/3 \(seed 100\d\)"):
+        runner.run(config, ["ensemble"])
+    killer.join()
+    assert len(killed) == 1
+    stored = {path.name for path in store.iterdir() if not path.name.startswith(TMP_PREFIX)}
+    assert killed[0] not in stored and len(stored) == 2
+
+    runner.run(load_config("synth", sets=sets), ["ensemble"])  # Ray's retries back on: it completes
+    members = Manifest.read(config.work_dir / "ensemble").metrics["members"]
+    assert [m["key"] for m in members if not m["reused"]] == killed
