@@ -13,7 +13,8 @@ the passes it finished), else stream the images through precompute's parallel de
 albumentations `transforms` (row r of pass k drawn from the seed (seed, subset, k, r): the same
 config gives the same arrays), the backbone's preprocessing and its compiled forward pass into a
 memory-mapped `.npy` -> link every pass into `passes/` beside precompute's rows tables -> draw
-`preview.png` (a few training images, each beside its versions in passes 1-5).
+`preview.png` (a few training images, each beside its versions in passes 1-5). Passes are units
+of `compute`: with `compute.backend: ray` each missing pass is a Ray task.
 
 With `precompute.backbone: none` a pass holds augmented pixels: precompute's normalised arrays,
 turned back into 0..255 images, augmented, and normalised again with the same statistics.
@@ -21,6 +22,7 @@ Like precompute, it never reads the split: changing the validation design recomp
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pipeline.core.artifacts import (INDEX_FILE, META_FILE, PASS_FILE, PASSES_DIR, PREVIEW_PLOT, RAW_DIR, array_file,
                                      pass_file, rows_file)
 from pipeline.core.cache import fingerprint
+from pipeline.core.executor import Unit
 from pipeline.core.stage import Stage, StageContext, StrictModel
 
 SUBSETS = ("train", "test")
@@ -79,28 +82,27 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.plots import plot_augmentations
 
     s = ctx.settings
-    source = _PixelSource(ctx) if ctx.config.get("precompute.backbone") == "none" else _ImageSource(ctx)
     store = ctx.units("passes")
     (ctx.out / PASSES_DIR).mkdir()
-    passes = []
+    units = []
     for subset, count in zip(SUBSETS, (s.passes, s.test_passes)):
         shutil.copyfile(ctx.input("precompute") / rows_file(subset), ctx.out / rows_file(subset))
         for number in range(1, count + 1):
-            key, seed = pass_key(ctx, subset, number), (s.seed, SUBSETS.index(subset), number)
-            if store.has(key):
-                record = {**json.loads((store.path(key) / PASS_FILE).read_text()), "reused": True}
-                store.touch(key)
-                ctx.log(f"{subset} pass {number}/{count}: reused from {store.path(key)}")
-            else:
-                with store.write(key) as tmp:
-                    record = {"subset": subset, "pass": number, "seed": list(seed),
-                              **source.write(subset, RowAugmenter(s.transforms, seed), tmp / array_file(subset),
-                                             ctx.progress(source.count(subset), f"{subset} pass {number}/{count}"))}
-                    (tmp / PASS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-                record = {**record, "reused": False}
-            _link(store.path(key) / array_file(subset), ctx.out / pass_file(subset, number))
-            passes.append({**record, "key": key})
+            seed = (s.seed, SUBSETS.index(subset), number)
+            units.append(Unit(pass_key(ctx, subset, number), f"{subset} pass {number}/{count}",
+                              functools.partial(write_pass, ctx.config, ctx.inputs, subset, number, seed)))
+    computed = set(ctx.compute_units("passes", units, "augmented passes"))
+    passes = []
+    for unit in units:
+        record = {**json.loads((store.path(unit.key) / PASS_FILE).read_text()), "reused": unit.key not in computed}
+        if record["reused"]:
+            store.touch(unit.key)
+            ctx.log(f"{unit.label}: reused from {store.path(unit.key)}")
+        subset = record["subset"]
+        _link(store.path(unit.key) / array_file(subset), ctx.out / pass_file(subset, record["pass"]))
+        passes.append({**record, "key": unit.key})
 
+    source = _source(ctx.config, ctx.inputs)
     rows, originals = source.preview_images(PREVIEW_IMAGES)
     versions = [[RowAugmenter(s.transforms, (s.seed, 0, n))(image, row) for n in range(1, PREVIEW_PASSES + 1)]
                 for row, image in zip(rows, originals)]
@@ -112,6 +114,24 @@ def run(ctx: StageContext) -> dict:
             **source.speed(passes), "pass_runs": passes}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return {k: v for k, v in meta.items() if k != "transforms"}
+
+
+def write_pass(config, inputs: dict, subset: str, number: int, seed: tuple, out) -> None:
+    """One augmented pass into `out` (here or on a Ray worker): the array and its record (`pass.json`)."""
+    from tqdm import tqdm
+
+    from pipeline.data.augmentation import RowAugmenter
+
+    source = _source(config, inputs)
+    record = {"subset": subset, "pass": number, "seed": list(seed),
+              **source.write(subset, RowAugmenter(config.section("augment").transforms, seed), out / array_file(subset),
+                             tqdm(disable=True))}
+    (out / PASS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _source(config, inputs: dict):
+    """Where a pass's images come from: the image files, or precompute's pixels (`backbone: none`)."""
+    return (_PixelSource if config.get("precompute.backbone") == "none" else _ImageSource)(config, inputs)
 
 
 def _link(source, target) -> None:
@@ -130,19 +150,19 @@ def _spread_rows(count: int, n: int) -> list[int]:
 class _ImageSource:
     """Image files, decoded and augmented on the way into precompute's network."""
 
-    def __init__(self, ctx: StageContext):
+    def __init__(self, config, inputs: dict):
         from pipeline.data.features import check_same_ids, read_rows
         from pipeline.data.index import read_index
 
-        self.ctx = ctx
-        index = read_index(ctx.input("download") / INDEX_FILE)
-        raw = ctx.input("download") / RAW_DIR
+        self.config = config
+        index = read_index(inputs["download"] / INDEX_FILE)
+        raw = inputs["download"] / RAW_DIR
         self.paths = {subset: [raw / p for p in index.loc[index.subset == subset, "path"]] for subset in SUBSETS}
         for subset in SUBSETS:  # the passes must follow precompute's rows, which follow the index
             check_same_ids(index.loc[index.subset == subset, "id"].to_numpy(),
-                           read_rows(ctx.input("precompute"), subset)["id"].to_numpy(),
-                           str(ctx.input("download") / INDEX_FILE), str(ctx.input("precompute") / rows_file(subset)))
-        self.precompute = json.loads((ctx.input("precompute") / META_FILE).read_text())
+                           read_rows(inputs["precompute"], subset)["id"].to_numpy(),
+                           str(inputs["download"] / INDEX_FILE), str(inputs["precompute"] / rows_file(subset)))
+        self.precompute = json.loads((inputs["precompute"] / META_FILE).read_text())
         self._extractor = None
 
     def count(self, subset: str) -> int:
@@ -152,8 +172,8 @@ class _ImageSource:
         if self._extractor is None:
             from pipeline.models.extractor import build_extractor
 
-            self._extractor = build_extractor(self.ctx.config.section("precompute"), self.ctx.config.root,
-                                              tuple(self.ctx.config.competition.image_size))
+            self._extractor = build_extractor(self.config.section("precompute"), self.config.root,
+                                              tuple(self.config.competition.image_size))
         return self._extractor.write(self.paths[subset], out, progress=progress, augment=augmenter)
 
     def preview_images(self, n: int):
@@ -163,7 +183,7 @@ class _ImageSource:
 
         rows = _spread_rows(self.count("train"), n)
         paths = [self.paths["train"][r] for r in rows]
-        batch = next(iter(checked_batches(paths, tuple(self.ctx.config.competition.image_size), len(paths))))
+        batch = next(iter(checked_batches(paths, tuple(self.config.competition.image_size), len(paths))))
         return rows, [np.clip(np.round(image), 0, 255).astype(np.uint8) for image in np.asarray(batch)]
 
     def speed(self, passes: list[dict]) -> dict:
@@ -178,12 +198,12 @@ class _ImageSource:
 class _PixelSource:
     """precompute's normalised pixels (`backbone: none`), augmented as 0..255 images."""
 
-    def __init__(self, ctx: StageContext):
+    def __init__(self, config, inputs: dict):
         from pipeline.data.arrays import load_array
 
-        meta = json.loads((ctx.input("precompute") / META_FILE).read_text())
+        meta = json.loads((inputs["precompute"] / META_FILE).read_text())
         self.mean, self.std = meta["mean"], meta["std"]
-        self.arrays = {subset: load_array(ctx.input("precompute") / array_file(subset)) for subset in SUBSETS}
+        self.arrays = {subset: load_array(inputs["precompute"] / array_file(subset)) for subset in SUBSETS}
 
     def count(self, subset: str) -> int:
         return len(self.arrays[subset])
