@@ -14,12 +14,13 @@ base every epoch. The split is not an input: changing it never recomputes featur
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, array_file, rows_file
+from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, array_file, rows_file
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.models.backbones import BACKBONES
@@ -51,6 +52,8 @@ def run(ctx: StageContext) -> dict:
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
     raw = ctx.input("download") / RAW_DIR
+    if ctx.compute is not None and ctx.compute.backend == "ray":
+        return _precompute_in_shards(ctx, index, raw)
     extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size))
     ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}")
 
@@ -60,10 +63,77 @@ def run(ctx: StageContext) -> dict:
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         timings[subset] = extractor.write([raw / p for p in rows["path"]], ctx.out / array_file(subset),
                                           progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
-    meta = {"backbone": extractor.name, "weights": s.weights, "cut": s.cut, "shape": list(extractor.row_shape),
-            "dtype": s.dtype, "input_size": list(extractor.size), "timings": timings}
+    return _write_meta(ctx, extractor.name, extractor.row_shape, extractor.size, timings)
+
+
+def _write_meta(ctx: StageContext, name: str, row_shape, size, timings: dict) -> dict:
+    s = ctx.settings
+    meta = {"backbone": name, "weights": s.weights, "cut": s.cut, "shape": list(row_shape),
+            "dtype": s.dtype, "input_size": list(size), "timings": timings}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
+    """`compute.backend: ray`: each shard of `compute.shard_size` images (whole batches, in index order)
+    is a unit computed by a Ray task; the driver stitches the shards into the memory-mapped arrays
+    (the same bytes as one pass: the batches are the same) and then drops them."""
+    import shutil
+    import time
+
+    import numpy as np
+
+    from pipeline.core.cache import fingerprint
+    from pipeline.core.executor import Unit
+    from pipeline.data.arrays import ChunkedArrayWriter, load_array
+
+    s = ctx.settings
+    shard = -(-ctx.compute.shard_size // s.batch_size) * s.batch_size
+    units, spans = [], {}
+    for subset in SUBSETS:
+        rows = index[index.subset == subset]
+        rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
+        paths = [str(raw / p) for p in rows["path"]]
+        spans[subset] = []
+        for start in range(0, len(paths), shard):
+            key = fingerprint({"stage": ctx.config_fingerprint, "subset": subset, "rows": [start, start + shard]})
+            spans[subset].append(key)
+            units.append(Unit(key, f"{subset} rows {start:,}-{min(start + shard, len(paths)) - 1:,}",
+                              functools.partial(write_shard, ctx.config, paths[start:start + shard])))
+    began = time.perf_counter()
+    ctx.compute_units("shards", units, "feature shards")
+    seconds = time.perf_counter() - began
+    store, timings = ctx.units("shards"), {}
+    record = json.loads((store.path(units[0].key) / META_FILE).read_text())
+    for subset in SUBSETS:
+        arrays = [load_array(store.path(key) / SHARD_FILE) for key in spans[subset]]
+        count = sum(len(a) for a in arrays)
+        with ChunkedArrayWriter(ctx.out / array_file(subset), count, tuple(record["shape"]), s.dtype) as writer:
+            for array in arrays:
+                for first in range(0, len(array), 4096):
+                    writer.append(np.asarray(array[first:first + 4096]))
+        share = seconds * count / max(len(index), 1)  # the shards of both subsets ran together: wall time by images
+        timings[subset] = {"images": count, "seconds": round(share, 2), "shards": len(arrays),
+                           "images_per_s": round(len(index) / max(seconds, 1e-9), 1)}
+    for key in (k for keys in spans.values() for k in keys):
+        shutil.rmtree(store.path(key), ignore_errors=True)  # stitched: the stage's arrays hold them now
+    return _write_meta(ctx, record["name"], record["shape"], record["size"], timings)
+
+
+def write_shard(config, paths: list[str], out) -> None:
+    """One shard's feature rows into `out` (on a Ray worker): the images must be visible there."""
+    import socket
+    from pathlib import Path
+
+    from pipeline.models.extractor import build_extractor
+
+    if paths and not Path(paths[0]).is_file():
+        raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
+                            "folder must be on a filesystem every Ray worker shares, at the same path")
+    extractor = build_extractor(config.section("precompute"), config.root, tuple(config.competition.image_size))
+    timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
+    (out / META_FILE).write_text(json.dumps({"name": extractor.name, "shape": list(extractor.row_shape),
+                                             "size": list(extractor.size), **timing}) + "\n")
 
 
 def _cache_pixels(ctx: StageContext) -> dict:

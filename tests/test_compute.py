@@ -87,3 +87,28 @@ def test_a_worker_killed_mid_unit_fails_that_unit_only_and_the_rerun_computes_ju
     runner.run(load_config("synth", sets=sets), ["ensemble"])  # Ray's retries back on: it completes
     members = Manifest.read(config.work_dir / "ensemble").metrics["members"]
     assert [m["key"] for m in members if not m["reused"]] == killed
+
+
+def test_precompute_in_shards_on_ray_writes_the_same_arrays_as_one_pass(synth):
+    from pipeline.data.arrays import load_array
+
+    sets = [*TINY_ENSEMBLE, "stages=[download, split, precompute]"]
+    local = load_config("synth", sets=sets)
+    runner.run(local)
+    remote = load_config("synth", sets=[*sets, *RAY, "compute.shard_size=20", f"paths.work={synth / 'work-ray'}"])
+    runner.run(remote)
+    meta = Manifest.read(remote.work_dir / "precompute").metrics
+    assert meta["timings"]["train"]["shards"] == 2 and meta["timings"]["test"]["shards"] == 1  # 48 rows, batches of 8: 24
+    for subset in ("train", "test"):
+        np.testing.assert_array_equal(load_array(local.work_dir / "precompute" / f"{subset}.npy"),
+                                      load_array(remote.work_dir / "precompute" / f"{subset}.npy"))
+    assert Manifest.read(local.work_dir / "precompute").fingerprint == Manifest.read(remote.work_dir / "precompute").fingerprint
+    assert not any((remote.work_dir / "_runs" / "precompute-shards").glob("*/shard.npy"))  # stitched, then dropped
+
+
+def test_a_worker_that_cannot_see_the_images_says_so(tmp_path):
+    from stages.precompute import write_shard
+
+    with pytest.raises(PipelineError, match=r"cannot see the images \(/nowhere/img_1.jpg\): the work folder must be "
+                                            r"on a filesystem every Ray worker shares"):
+        write_shard(None, ["/nowhere/img_1.jpg"], tmp_path)

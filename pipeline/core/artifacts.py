@@ -40,6 +40,8 @@ def rows_file(subset: str) -> str:
     return f"{subset}_rows.csv"
 
 
+SHARD_FILE = "shard.npy"            # precompute on Ray: one shard unit's feature rows, stitched into array_file(subset)
+
 # augment: K passes over the training images, T over the test images, each aligned with rows_file(subset)
 PASSES_DIR = "passes"               # work/COMP/augment/passes/: every pass of the current run
 PASS_FILE = "pass.json"             # a cached pass's seed and throughput

@@ -39,6 +39,7 @@ class Compute(StrictModel):
     cpus_per_task: float = Field(gt=0)
     gpus_per_task: float = Field(ge=0)
     retries: int = Field(ge=0)
+    shard_size: int = Field(ge=1)  # precompute on Ray: images per task (rounded up to whole batches)
 
 
 @dataclass
