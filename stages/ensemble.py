@@ -24,11 +24,11 @@ from pipeline.core.cache import fingerprint
 from pipeline.core.executor import say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
+from stages.tune import RECIPE_READS
 
 
 MEMBER_RECIPES = (*RECIPES, "tune")  # tune: a head by tune.source's recipe, then fine-tuned end to end
-TUNE_READS = ("tune", "precompute", "competition.image_size", "augment.transforms", "augment.seed",
-              "augment.test_passes")  # what tune members read besides the head's recipe
+TUNE_READS = ("tune", *RECIPE_READS)  # what tune members read besides the head's recipe
 
 
 class Settings(StrictModel):

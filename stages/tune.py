@@ -30,6 +30,11 @@ from pipeline.training.fit import OPTIMIZERS
 from stages.finetune import RECIPES, TRAINING_OUTS
 
 
+# What the tune recipe (pipeline.training.tune) reads besides the `tune` section: every caller declares it.
+RECIPE_READS = ("precompute", "competition.image_size", "augment.transforms", "augment.seed", "augment.test_passes",
+                "finetune.deterministic")
+
+
 class Settings(StrictModel):
     source: Literal[RECIPES]
     unfreeze: int | Literal["all"]
@@ -108,8 +113,7 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("download", "split"),
-    reads=("precompute", "competition.image_size", "augment.transforms", "augment.seed", "augment.test_passes",
-           "finetune.deterministic", *MISTAKES_READS),
+    reads=(*RECIPE_READS, *MISTAKES_READS),
     outs=TRAINING_OUTS,
     headline=headline,
     extra_needs=lambda config: (config.section("tune").source,),
