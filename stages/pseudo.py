@@ -21,6 +21,7 @@ the manifest reports the teacher's score, the student's, the gain, and the smoot
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Literal
 
@@ -29,6 +30,7 @@ from pydantic import Field, field_validator
 from pipeline.core.artifacts import MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.errors import PipelineError
+from pipeline.core.executor import say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, TRAINING_READS, recipe_sections, uses_passes
 
@@ -87,6 +89,7 @@ def run(ctx: StageContext) -> dict:
                                                  save_predictions, validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
     from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
+    from pipeline.core.executor import Unit
     from pipeline.training.recipe import load_recipe_data, train_recipe
 
     s = ctx.settings
@@ -127,27 +130,26 @@ def run(ctx: StageContext) -> dict:
         teachers = load_fold_test(teacher_dir, len(teacher.test_ids), n_folds)
         chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input("cv")).metrics["fold_runs"]}
         labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], ctx.config.competition.classes)
-        store = ctx.units("students")
-        oof = np.zeros_like(teacher.valid_probs)
-        fold_test, students = [], []
+        plans = []
         for f in range(n_folds):
             held_out = folds == f
             check_unlabeled(teacher.test_ids, ids[~held_out], ids[held_out], str(teacher_dir))
             teaching = Teaching(teachers[f], confident_rows(teachers[f], s.threshold), s.weight)
             key = student_key(ctx, f, {"train": sorted(ids[~held_out]), "held_out": sorted(ids[held_out])})
-            reused = store.has(key)
+            plans.append((f, held_out, teaching, key))
+        units = [Unit(key, f"fold {f + 1}/{n_folds} student ({chosen[f + 1]} epochs, taught by fold {f + 1}'s teacher)",
+                      functools.partial(train_student, ctx.config, ctx.inputs, recipe, f, held_out, teaching,
+                                        chosen[f + 1], f"{ctx.comp} fold {f + 1} student"))
+                 for f, held_out, teaching, key in plans]
+        trained = set(ctx.compute_units("students", units, "pseudo students"))
+        store = ctx.units("students")
+        oof = np.zeros_like(teacher.valid_probs)
+        fold_test, students = [], []
+        for f, held_out, teaching, key in plans:
+            reused = key not in trained
             if reused:
                 store.touch(key)
                 ctx.log(f"fold {f + 1}/{n_folds}: student reused from {store.path(key)}")
-            else:
-                ctx.log(f"fold {f + 1}/{n_folds}: student taught by fold {f + 1}'s teacher, {chosen[f + 1]} epochs")
-                with store.write(key) as tmp:
-                    record = train_recipe(ctx.config, recipe, load_recipe_data(ctx.config, ctx.inputs, sections,
-                                                                               (~held_out, held_out)),
-                                          s.seed, tmp, ctx.log, ctx.warn, title=f"{ctx.comp} fold {f + 1} student",
-                                          stop_after=chosen[f + 1], teaching=teaching)
-                    record = {**record, "fold": f + 1, "taught": teaching.digest()}
-                    (tmp / MEMBER_FILE).write_text(json.dumps(record, indent=2) + "\n")
             predictions = load_predictions(store.path(key))
             if list(predictions.valid_ids) != list(ids[held_out]):
                 raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
@@ -176,6 +178,17 @@ def run(ctx: StageContext) -> dict:
     if fold_test is not None:
         save_fold_test(ctx.out, fold_test)
     return {**result, **write_mistakes(ctx.config, ctx.input("download"), final, ctx.out, f"{ctx.comp} pseudo")}
+
+
+def train_student(config, inputs: dict, recipe: str, f: int, held_out, teaching, epochs: dict, title: str, out) -> None:
+    """Fold f's student into `out` (here or on a Ray worker): trained on every other fold plus the test
+    rows its teacher taught, for the epochs cv chose for fold f; its record in `member.json`."""
+    from pipeline.training.recipe import load_recipe_data, train_recipe
+
+    data = load_recipe_data(config, inputs, recipe_sections(config, recipe), (~held_out, held_out))
+    record = train_recipe(config, recipe, data, config.section("pseudo").seed, out, say, say, title=title,
+                          stop_after=epochs, teaching=teaching)
+    (out / MEMBER_FILE).write_text(json.dumps({**record, "fold": f + 1, "taught": teaching.digest()}, indent=2) + "\n")
 
 
 def headline(m: dict) -> str:

@@ -109,7 +109,7 @@ def check_lr_find_changes_nothing(config):
     files = {stage: (config.work_dir / stage / MODEL_FILE).read_bytes() for stage in ("finetune", "tune")}
     fingerprints = {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in files}
     view, inputs = runner.stage_inputs(config, "tune")
-    record = find_for_stage(view, "tune", inputs, config.work_dir / "lr_find" / "tune", steps=30, apply=True)
+    record = find_for_stage(view, "tune", inputs, config.work_dir / "lr_find" / "tune", steps=20, apply=True)
     assert record["batches"] > 10 and record["current_lr"] == 0.001
     assert 1e-7 < record["suggestions"]["minimum_over_10"] < 10
     suggested = float(f"{record['suggestions']['minimum_over_10']:.3g}")

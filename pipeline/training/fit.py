@@ -54,15 +54,18 @@ def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors
         rate_factors: variable path -> factor of the learning rate for that variable (discriminative
             rates); variables not named use the rate itself. None: a plain Keras optimizer.
     """
-    import keras
-
-    classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
-    if name not in classes:
+    if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     arguments = {"learning_rate": learning_rate, **({"momentum": momentum} if name == "sgd" else {})}
     if rate_factors is None:
-        return classes[name](**arguments)
+        return _optimizer_class(name)(**arguments)
     return discriminative(name)(rate_factors=rate_factors, **arguments)
+
+
+def _optimizer_class(name: str):
+    import keras
+
+    return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}[name]
 
 
 @functools.cache
@@ -71,7 +74,7 @@ def discriminative(name: str):
     saved model that was compiled with it loads again)."""
     import keras
 
-    base = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}[name]
+    base = _optimizer_class(name)
 
     @keras.saving.register_keras_serializable(package="kp", name=f"Discriminative{base.__name__}")
     class Discriminative(base):
