@@ -10,7 +10,9 @@ pass -> write the features chunk by chunk into `train.npy` / `test.npy` (memory-
 float16 halves the disk) with `train_rows.csv` / `test_rows.csv` (id, label) aligned row for row.
 
 Dense heads then train on these arrays in seconds instead of pushing every image through the conv
-base every epoch. The split is not an input: changing it never recomputes features.
+base every epoch. The split is not an input: changing it never recomputes features. With
+`compute.backend: ray` the images go out in shards of `compute.shard_size` (whole batches, index
+order), each a Ray task, and the driver stitches the shards' rows into the same arrays.
 """
 from __future__ import annotations
 
