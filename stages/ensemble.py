@@ -71,7 +71,7 @@ def run(ctx: StageContext) -> dict:
         check_dense_head(ctx.config)
     seeds = [ctx.settings.seed + i for i in range(ctx.settings.n)]
     keys = [member_key(ctx, seed) for seed in seeds]
-    preloaded = data if ctx.compute is None or ctx.compute.backend == "local" else None  # Ray workers load their own
+    preloaded = None if ctx.on_ray else data  # Ray workers load their own
     units = [Unit(key, f"member {i + 1}/{ctx.settings.n} (seed {seed})",
                   functools.partial(train_member, ctx.config, ctx.inputs, seed, key, ctx.work_dir,
                                     f"{ctx.comp} member {i + 1}", preloaded))

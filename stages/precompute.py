@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> dict:
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
     raw = ctx.input("download") / RAW_DIR
-    if ctx.compute is not None and ctx.compute.backend == "ray":
+    if ctx.on_ray:
         return _precompute_in_shards(ctx, index, raw)
     extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size))
     ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}")

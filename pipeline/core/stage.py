@@ -214,6 +214,11 @@ class StageContext:
         name = f"{self.config.stage.name}-{kind}"
         return RunStore(self.work_dir / RUNS_FOLDER / name, used=self.units_used.setdefault(name, []))
 
+    @property
+    def on_ray(self) -> bool:
+        """Whether this run's units go to Ray workers (`compute.backend: ray`), which load their own inputs."""
+        return self.compute is not None and self.compute.backend == "ray"
+
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:
         here or as Ray tasks, as `compute` says), with one progress bar over all of them.
