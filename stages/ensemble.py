@@ -19,12 +19,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER, MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
+from pipeline.core.artifacts import MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.executor import say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
-from stages.tune import RECIPE_READS
+from stages.tune import RECIPE_READS, backup_dir
 
 
 MEMBER_RECIPES = (*RECIPES, "tune")  # tune: a head by tune.source's recipe, then fine-tuned end to end
@@ -122,7 +122,7 @@ def train_member(config, inputs: dict, seed: int, key: str, work_dir, title: str
         from pipeline.training.tune import train_tuned_member
 
         images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
-        backup = work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage="ensemble") / key
+        backup = backup_dir(work_dir, "ensemble", key)
         metrics = train_tuned_member(config, data, images, seed, out, backup, say, say, title)
         shutil.rmtree(backup, ignore_errors=True)
     else:

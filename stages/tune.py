@@ -19,6 +19,7 @@ draws them) -> write what finetune writes, the gain over the source stage, and t
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -70,9 +71,10 @@ class Settings(StrictModel):
         return self
 
 
-def backup_dir(ctx: StageContext):
-    """Where this run backs up its epochs: outside the run's temporary folder, which a kill loses."""
-    return ctx.work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage=ctx.config.stage.name) / ctx.config_fingerprint
+def backup_dir(work_dir: Path, stage: str, key: str) -> Path:
+    """Where a resumable training (this stage's run, a tuned ensemble member) backs up its epochs:
+    `work/COMP/_cache/STAGE-backup/KEY/`, outside the run's temporary folder, which a kill loses."""
+    return work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage=stage) / key
 
 
 def run(ctx: StageContext) -> dict:
@@ -84,7 +86,7 @@ def run(ctx: StageContext) -> dict:
 
     s = ctx.settings
     images = load_split_images(ctx.input("download"), ctx.input("split"), ctx.config.competition.classes)
-    backup = backup_dir(ctx)
+    backup = backup_dir(ctx.work_dir, "tune", ctx.config_fingerprint)
     metrics = tune_model(ctx.config, images, ctx.input(s.source), ctx.out, backup, ctx.log, title=ctx.comp)
     source = Manifest.read(ctx.input(s.source)).metrics
     result = {

@@ -21,8 +21,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.unfreeze import backbone_blocks
 from pipeline.training.fit import Phase, fit
-from tests.helpers import (calibrated_mobilenetv2_weights, make_statefarm_like, start_kp, statefarm_like_config,
-                           wait_for_partial)
+from tests.helpers import calibrated_mobilenetv2_weights, make_statefarm_like, start_kp, statefarm_like_config
 
 AUGMENT = """
 augment:

@@ -186,10 +186,10 @@ def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200
     suggestions = test.suggestions()
     out.mkdir(parents=True, exist_ok=True)
     current = s.lr if stage == "tune" else s.phases[0].lr
-    scale = suggestions["minimum_over_10"] / current
     if stage == "tune":
         phases, setting, what = None, {"lr": float(f"{suggestions['minimum_over_10']:.3g}")}, "tune's peak rate"
     else:
+        scale = suggestions["minimum_over_10"] / current
         phases = [{"epochs": p.epochs, "lr": float(f"{p.lr * scale:.3g}")} for p in s.phases]
         setting, what = {"phases": phases}, "the first phase's rate"
     if apply:

@@ -97,10 +97,9 @@ class ResumableTraining(keras.callbacks.Callback):
         row = {"epoch": epoch, "logs": {key: float(value) for key, value in (logs or {}).items()},
                "seed_states": [[int(x) for x in keras.ops.convert_to_numpy(v)] for v in self._seed_states()]}
         self.rows.append(row)
-        if self._consider(row):
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.model.save_weights(self.dir / best_weights_file(epoch))
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self._consider(row):
+            self.model.save_weights(self.dir / best_weights_file(epoch))
         write_text_atomic(self.dir / BACKUP_JOURNAL, json.dumps(self.rows) + "\n")
         self.backup.on_epoch_end(epoch, logs)
         for old in self.dir.glob(best_weights_file("*")):
