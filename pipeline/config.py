@@ -78,6 +78,11 @@ class ResolvedConfig:
         return self.model.competition
 
     @property
+    def compute(self):
+        """The `compute` section: where and how units run (`pipeline.core.executor.Compute`)."""
+        return self.model.compute
+
+    @property
     def stage_names(self) -> list[str]:
         return list(self.model.stages)
 

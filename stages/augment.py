@@ -173,8 +173,9 @@ class _ImageSource:
             from pipeline.models.extractor import build_extractor
 
             self._extractor = build_extractor(self.config.section("precompute"), self.config.root,
-                                              tuple(self.config.competition.image_size))
-        return self._extractor.write(self.paths[subset], out, progress=progress, augment=augmenter)
+                                              tuple(self.config.competition.image_size), self.config.compute)
+        return {**self._extractor.write(self.paths[subset], out, progress=progress, augment=augmenter),
+                "device": self._extractor.device()}
 
     def preview_images(self, n: int):
         import numpy as np

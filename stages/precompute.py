@@ -56,8 +56,8 @@ def run(ctx: StageContext) -> dict:
     raw = ctx.input("download") / RAW_DIR
     if ctx.on_ray:
         return _precompute_in_shards(ctx, index, raw)
-    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size))
-    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}")
+    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size), ctx.compute)
+    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; {_device_line(extractor.device())}")
 
     timings = {}
     for subset in SUBSETS:
@@ -65,13 +65,13 @@ def run(ctx: StageContext) -> dict:
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         timings[subset] = extractor.write([raw / p for p in rows["path"]], ctx.out / array_file(subset),
                                           progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
-    return _write_meta(ctx, extractor.name, extractor.row_shape, extractor.size, timings)
+    return _write_meta(ctx, extractor.name, extractor.row_shape, extractor.size, timings, extractor.device())
 
 
-def _write_meta(ctx: StageContext, name: str, row_shape, size, timings: dict) -> dict:
+def _write_meta(ctx: StageContext, name: str, row_shape, size, timings: dict, device: dict) -> dict:
     s = ctx.settings
     meta = {"backbone": name, "weights": s.weights, "cut": s.cut, "shape": list(row_shape),
-            "dtype": s.dtype, "input_size": list(size), "timings": timings}
+            "dtype": s.dtype, "input_size": list(size), "timings": timings, "device": device}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -119,7 +119,7 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
                            "images_per_s": round(len(index) / max(seconds, 1e-9), 1)}
     for key in (k for keys in spans.values() for k in keys):
         shutil.rmtree(store.path(key), ignore_errors=True)  # stitched: the stage's arrays hold them now
-    return _write_meta(ctx, record["name"], record["shape"], record["size"], timings)
+    return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
 
 
 def write_shard(config, paths: list[str], out) -> None:
@@ -132,10 +132,12 @@ def write_shard(config, paths: list[str], out) -> None:
     if paths and not Path(paths[0]).is_file():
         raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
                             "folder must be on a filesystem every Ray worker shares, at the same path")
-    extractor = build_extractor(config.section("precompute"), config.root, tuple(config.competition.image_size))
+    extractor = build_extractor(config.section("precompute"), config.root, tuple(config.competition.image_size),
+                                config.compute)  # this worker's own device
     timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
     (out / META_FILE).write_text(json.dumps({"name": extractor.name, "shape": list(extractor.row_shape),
-                                             "size": list(extractor.size), **timing}) + "\n")
+                                             "size": list(extractor.size), "device": extractor.device(),
+                                             **timing}) + "\n")
 
 
 def _cache_pixels(ctx: StageContext) -> dict:
@@ -176,6 +178,11 @@ def _cache_pixels(ctx: StageContext) -> dict:
             "n_test": int((index.subset == "test").sum())}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _device_line(device: dict) -> str:
+    return (f"{device['description']}, {device['precision']}, XLA {'on' if device['xla'] else 'off'}, "
+            f"{device['pixels']} pixels, batch {device['batch_size']}")
 
 
 def _weights_stamp(config, stamp) -> dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field
 
@@ -31,7 +31,9 @@ BACKENDS = ("local", "ray")
 
 
 class Compute(StrictModel):
-    """The `compute` section: where units run. In no fingerprint: it never changes what they produce."""
+    """The `compute` section: where units run, and on which device. In no fingerprint: where a unit runs
+    never changes what it produces; the device settings change it by rounding at most (a GPU's mixed
+    precision and uint8 pixels; the plan a stage ran with is in its meta.json, see `pipeline.models.device`)."""
 
     backend: Literal[BACKENDS]
     address: str | None
@@ -40,6 +42,12 @@ class Compute(StrictModel):
     gpus_per_task: float = Field(ge=0)
     retries: int = Field(ge=0)
     shard_size: int = Field(ge=1)  # precompute on Ray: images per task (rounded up to whole batches)
+    # How a frozen network's forward pass runs, wherever the unit is (`pipeline.models.device`):
+    device: Literal["auto", "cpu", "gpu"]
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+    xla: Literal["auto"] | bool
+    pixels: Literal["auto", "float32", "uint8"]
+    device_batch_size: Literal["auto"] | Annotated[int, Field(ge=1)]  # on a GPU; auto: from its free memory
 
 
 @dataclass

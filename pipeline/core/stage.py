@@ -106,6 +106,12 @@ class ConfigView:
     def competition(self):
         return self.section("competition")
 
+    @property
+    def compute(self):
+        """The `compute` section, readable by every stage undeclared: it is in no fingerprint (where a unit
+        runs, and on which device, changes what it computes by rounding at most)."""
+        return self._config.compute
+
     def path(self, value) -> Path:
         return self._config.path(value)
 

@@ -1,8 +1,9 @@
 """Cached features on disk: written in index order by precompute, read back joined to the split.
 
 Writing: `write_features` runs a forward pass over image files in index order (tf.data decodes in
-parallel, see `pipeline.data.images`) and writes each batch straight into a memory-mapped `.npy`,
-so memory stays flat however many images there are.
+parallel, see `pipeline.data.images`) and writes each batch straight into a memory-mapped `.npy`
+(in a second thread, while the next batch is computed), so memory stays flat however many images
+there are.
 
 Reading: the precompute stage writes `train.npy` / `test.npy` with `train_rows.csv` / `test_rows.csv` (id,
 label) beside them, row for row. The split stage writes `split.csv` over the same training rows.
@@ -141,20 +142,44 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
     return data
 
 
-def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, ...], dtype: str,
-                   size: tuple[int, int], batch_size: int, preprocess=None, progress=None, augment=None) -> int:
-    """Run `forward` (see `pipeline.models.inference.compiled_forward`) over the images in `paths`, in
-    order, into `out` (.npy); `augment(image, row)` changes each decoded image first. Imports TensorFlow.
+def outputs_in_order(forward, batches, write) -> int:
+    """Call `forward` on each batch and hand its outputs, as float32 NumPy rows, to `write`, in order;
+    `write` runs in a second thread while the next batch is read and sent to the device (so disk
+    writes, and waiting for a GPU, overlap the next batch).
 
     Returns:
         The number of rows written.
     """
-    from pipeline.data.images import checked_batches
+    from concurrent.futures import ThreadPoolExecutor
 
+    written, pending = 0, None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows-writer") as writer:
+        for batch in batches:
+            outputs = forward(batch)
+            if pending is not None:
+                pending.result()  # at most one batch waits: memory stays flat, errors surface here
+            pending = writer.submit(lambda o=outputs: write(np.asarray(o)))
+            written += int(batch.shape[0])
+        if pending is not None:
+            pending.result()
+    return written
+
+
+def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, ...], dtype: str,
+                   size: tuple[int, int], progress=None, augment=None) -> int:
+    """Run `forward` (a `pipeline.models.inference.Forward`) over the images in `paths`, in order, into
+    `out` (.npy); `augment(image, row)` changes each decoded image first. Each batch's rows are
+    written while the next batch is computed. Imports TensorFlow.
+
+    Returns:
+        The number of rows written.
+    """
     bar = progress if progress is not None else contextlib.nullcontext()
     with ChunkedArrayWriter(out, len(paths), row_shape, dtype) as writer, bar:
-        for images in checked_batches(paths, size, batch_size, preprocess, augment=augment):
-            writer.append(np.asarray(forward(images)).astype(dtype, copy=False))
+        def write(rows: np.ndarray) -> None:
+            writer.append(rows.astype(dtype, copy=False))
             if progress is not None:
-                progress.update(len(images))
+                progress.update(len(rows))
+
+        outputs_in_order(forward, forward.batches(paths, size, augment=augment), write)
     return len(paths)

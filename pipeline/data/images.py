@@ -44,36 +44,48 @@ def decode_resize(path, size: tuple[int, int], channels: int = 3):
 
 
 def image_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,
-                  channels: int = 3, augment=None):
+                  channels: int = 3, augment=None, pixels: str = "float32", device: str | None = None):
     """A tf.data.Dataset of image batches, in the order of `paths`, decoded in parallel.
 
     `augment(image, row)`, when given, changes each decoded image (uint8, 0..255) before `preprocess`;
     `row` is the image's position in `paths` (see `pipeline.data.augmentation.RowAugmenter`).
+    `pixels: uint8` yields the resized images rounded to uint8 (a quarter of the bytes to move to a
+    GPU; `preprocess` must then be None: the device applies it). `device` ("/GPU:0"): batches are
+    prefetched onto it, so the next batch is already there when the forward pass asks for it.
     """
     import tensorflow as tf
 
     rows = tf.range(len(paths), dtype=tf.int64)
     dataset = tf.data.Dataset.from_tensor_slices(([str(p) for p in paths], rows))
-    dataset = dataset.map(lambda path, row: load_image(path, row, size, channels, augment, preprocess),
+    dataset = dataset.map(lambda path, row: load_image(path, row, size, channels, augment, preprocess, pixels),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset if device is None else dataset.apply(tf.data.experimental.prefetch_to_device(device, 2))
 
 
-def load_image(path, row, size: tuple[int, int], channels: int = 3, augment=None, preprocess=None):
+def load_image(path, row, size: tuple[int, int], channels: int = 3, augment=None, preprocess=None,
+               pixels: str = "float32"):
     """One image inside a tf.data map: decoded and resized (`decode_resize`), then `augment(image, row)`
-    on its uint8 pixels when given (`row` an int64 tensor: which draw), then `preprocess`."""
+    on its uint8 pixels when given (`row` an int64 tensor: which draw), then `preprocess`; with
+    `pixels: uint8` the (augmented) image rounded to uint8 instead, unpreprocessed."""
     import tensorflow as tf
 
+    if pixels == "uint8" and preprocess is not None:
+        raise ValueError("uint8 pixels go to the device unpreprocessed: preprocess there")
     image = decode_resize(path, size, channels)
+    if augment is not None or pixels == "uint8":
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     if augment is not None:
-        pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        changed = tf.numpy_function(lambda x, r: augment(x, int(r)), [pixels, row], tf.uint8, stateful=False)
-        image = tf.cast(tf.ensure_shape(changed, pixels.shape), tf.float32)
+        changed = tf.numpy_function(lambda x, r: augment(x, int(r)), [image, row], tf.uint8, stateful=False)
+        image = tf.ensure_shape(changed, image.shape)
+    if pixels == "uint8":
+        return image
+    image = tf.cast(image, tf.float32)
     return preprocess(image) if preprocess is not None else image
 
 
 def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: int, preprocess=None,
-                    channels: int = 3, augment=None):
+                    channels: int = 3, augment=None, pixels: str = "float32", device: str | None = None):
     """`image_batches` as NumPy-ready tensors, in order; a file that fails to decode is named.
 
     tf.data reports a decoding error without the file; the batch it came from is the next one in
@@ -87,7 +99,7 @@ def checked_batches(paths: list[str | Path], size: tuple[int, int], batch_size: 
     from pipeline.core.errors import PipelineError
 
     done = 0
-    iterator = iter(image_batches(paths, size, batch_size, preprocess, channels, augment))
+    iterator = iter(image_batches(paths, size, batch_size, preprocess, channels, augment, pixels, device))
     while True:
         try:
             batch = next(iterator)

@@ -1,16 +1,19 @@
 """precompute's frozen network as one object: image files in, feature rows out (the augment stage reuses it).
 
 `build_extractor` builds the backbone the `precompute` section names, cut where it says, with a
-compiled forward pass and the backbone's preprocessing; `Extractor.write` streams image files
-through the parallel decoder (optionally augmenting each decoded image) into a memory-mapped
-`.npy` and returns its throughput. Imports TensorFlow / Keras inside the functions only.
+compiled forward pass run as the `compute` section's device plan says (`pipeline.models.device`:
+on a GPU mixed precision, XLA, uint8 pixels, device prefetch) and the backbone's preprocessing;
+`Extractor.write` streams image files through the parallel decoder (optionally augmenting each
+decoded image) into a memory-mapped `.npy` and returns its throughput and the plan it ran with.
+Imports TensorFlow / Keras inside the functions only.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+from pipeline.models.inference import Forward
 
 RANDOM_WEIGHTS_SEED = 0  # `weights: none`: the same random network in every run
 
@@ -20,12 +23,10 @@ class Extractor:
     """A frozen feature network ready to run over image files."""
 
     name: str
-    forward: Callable  # preprocessed image batch -> feature batch (compiled)
-    preprocess: Callable | None  # RGB 0..255 -> what the network expects; None: feed 0..255
+    forward: Forward  # image batches (as `forward.batches` streams them) -> feature rows (compiled)
     row_shape: tuple[int, ...]
     size: tuple[int, int]  # (height, width) images are decoded at
     dtype: str  # storage dtype of the rows
-    batch_size: int
 
     def write(self, paths: list[Path], out: Path, progress=None, augment=None) -> dict:
         """Write one feature row per image of `paths`, in order, into `out` (.npy).
@@ -37,25 +38,30 @@ class Extractor:
             augment: `augment(image, row)` applied to each decoded uint8 image before preprocessing.
 
         Returns:
-            {"images", "seconds", "images_per_s"} of this run.
+            {"images", "seconds", "images_per_s", "batch_size"} of this run.
         """
         from pipeline.data.features import write_features
 
         start = time.perf_counter()
-        write_features(self.forward, paths, out, self.row_shape, self.dtype, self.size, self.batch_size,
-                       self.preprocess, progress=progress, augment=augment)
+        write_features(self.forward, paths, out, self.row_shape, self.dtype, self.size, progress=progress,
+                       augment=augment)
         seconds = time.perf_counter() - start
         return {"images": len(paths), "seconds": round(seconds, 2),
-                "images_per_s": round(len(paths) / max(seconds, 1e-9), 1)}
+                "images_per_s": round(len(paths) / max(seconds, 1e-9), 1), "batch_size": self.forward.batch_size}
+
+    def device(self) -> dict:
+        """The device plan the forward pass runs with, its batch size resolved (for `meta.json`)."""
+        return {**self.forward.plan.record(), "batch_size": self.forward.batch_size}
 
 
-def build_extractor(settings, root: Path, size: tuple[int, int]) -> Extractor:
+def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -> Extractor:
     """The network of a `precompute` config section.
 
     Args:
         settings: the `precompute` section (backbone, alpha, weights, cut, preprocess, dtype, batch_size).
         root: the project root, against which a relative weights path resolves.
         size: (height, width) of the images.
+        compute: the `compute` section (its device settings), or None: all `auto`.
 
     Returns:
         An `Extractor`. With `weights: none` its random weights come from a fixed seed, so that
@@ -64,19 +70,20 @@ def build_extractor(settings, root: Path, size: tuple[int, int]) -> Extractor:
     import keras
 
     from pipeline.models.backbones import build_feature_model, resolve_weights
-    from pipeline.models.inference import compiled_forward
+    from pipeline.models.device import plan_device, precision_scope
 
     height, width = size
+    plan = plan_device(compute, settings.batch_size)
     weights = resolve_weights(settings.weights, root)
     if weights is None:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
-    features = build_feature_model(settings.backbone, weights, (height, width, 3), settings.cut, settings.alpha)
+    with precision_scope(plan.precision):
+        features = build_feature_model(settings.backbone, weights, (height, width, 3), settings.cut, settings.alpha)
+    preprocess = features.preprocess if settings.preprocess == "backbone" else None
     return Extractor(
         name=features.name,
-        forward=compiled_forward(features.model),
-        preprocess=features.preprocess if settings.preprocess == "backbone" else None,
+        forward=Forward(features.model, plan, preprocess),
         row_shape=tuple(int(d) for d in features.model.output.shape[1:]),
         size=(height, width),
         dtype=settings.dtype,
-        batch_size=settings.batch_size,
     )

@@ -11,7 +11,9 @@ or, for a run that must survive being killed (`backup_dir`), by
 `pipeline.training.resumable.ResumableTraining` around Keras' `BackupAndRestore`.
 Discriminative learning rates (the tune stage: backbone layers slower than the head) are an
 optimizer whose update of each variable uses the schedule's rate times that variable's factor,
-so the one schedule drives every group. Imports Keras.
+so the one schedule drives every group. A head on cached arrays runs `STEPS_PER_EXECUTION` steps
+per call of its compiled train function (the same updates, bit for bit; far less Python per step).
+Imports Keras.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from pipeline.core.artifacts import HISTORY_FILE
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("phases", "cosine")
+# Steps per compiled call when training on arrays: measured on these CPUs, a 128-unit head on 14,000
+# rows of 1,280 features trains an epoch 1.8-2.5x faster at 32 than at 1, with identical weights (see
+# README); batch-end callbacks then run every 32 steps (lr-find, which needs every step, compiles its own).
+STEPS_PER_EXECUTION = 32
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,15 @@ def cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup_epoch
     return keras.optimizers.schedules.CosineDecay(peak, decay)
 
 
+def _steps_per_execution(arrays: bool) -> int:
+    """`STEPS_PER_EXECUTION` for arrays, 1 for streamed images (a step there costs far more than the
+    call) and under a distribution strategy (Keras 3.15's multi-step function fails under
+    MirroredStrategy: "You must feed a value for placeholder tensor", measured here)."""
+    import tensorflow as tf
+
+    return STEPS_PER_EXECUTION if arrays and not tf.distribute.has_strategy() else 1
+
+
 def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: str,
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
         extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
@@ -169,7 +184,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         if valid is not None:
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors), loss=loss,
-                  metrics=["accuracy"])
+                  metrics=["accuracy"], steps_per_execution=_steps_per_execution(arrays))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
     valid = valid if stop_after is None else None
     if backup_dir is not None:

@@ -32,8 +32,12 @@ def image_size(config) -> tuple[int, int]:
     return tuple(config.get("tune.image_size") or config.competition.image_size)
 
 
-def build_tuned_model(config, head_dir: Path):
+def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
     """The trained head of `head_dir` on the `precompute` backbone, top blocks unfrozen.
+
+    Args:
+        precision: the Keras dtype policy the backbone computes in (`DevicePlan.precision`; the
+            head keeps the float32 it was saved with, so the probabilities are float32).
 
     Returns:
         (model, backbone, the backbone's preprocessing or None, `Unfrozen`).
@@ -41,6 +45,7 @@ def build_tuned_model(config, head_dir: Path):
     import keras
 
     from pipeline.models.backbones import build_feature_model, resolve_weights
+    from pipeline.models.device import precision_scope
     from pipeline.models.extractor import RANDOM_WEIGHTS_SEED
     from pipeline.models.unfreeze import stack, unfreeze_top
 
@@ -52,11 +57,13 @@ def build_tuned_model(config, head_dir: Path):
     weights = resolve_weights(p.weights, config.root)
     if weights is None:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)  # the random network precompute's features came from
-    features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha)
-    backbone = features.model
-    unfrozen = unfreeze_top(backbone, s.unfreeze)
-    head = keras.models.load_model(head_dir / MODEL_FILE)
-    return stack(backbone, head), backbone, features.preprocess if p.preprocess == "backbone" else None, unfrozen
+    with precision_scope(precision):  # the stacked model too: Keras scales a mixed_float16 model's loss
+        features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha)
+        backbone = features.model
+        unfrozen = unfreeze_top(backbone, s.unfreeze)
+        head = keras.models.load_model(head_dir / MODEL_FILE)
+        model = stack(backbone, head)
+    return model, backbone, features.preprocess if p.preprocess == "backbone" else None, unfrozen
 
 
 def training_augmenter(config, seed: int):
@@ -88,6 +95,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
     import keras
 
     from pipeline.data.image_stream import labelled_batches, training_stream
+    from pipeline.models.device import plan_device, replicas_scope
     from pipeline.models.unfreeze import backbone_rate_factors
     from pipeline.training.fit import Phase, fit
     from pipeline.training.recipe import record_training, set_determinism
@@ -97,27 +105,30 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
     seed = s.seed if seed is None else seed
     size = image_size(config)
     set_determinism(config.get("finetune.deterministic"))
+    plan = plan_device(config.compute, s.batch_size)
     keras.utils.set_random_seed(seed)  # the loaded head's dropout seeds come from here
-    model, backbone, preprocess, unfrozen = build_tuned_model(config, head_dir)
-    keras.utils.set_random_seed(seed)
-    factors = backbone_rate_factors(backbone, s.backbone_lr_mult)
-    start = resumed_epoch(backup_dir)
-    train, steps = training_stream(images.train, size, s.batch_size, preprocess, training_augmenter(config, seed),
-                                   seed, start, s.epochs)
-    log(f"{backbone.name} at {size[0]}x{size[1]} + {s.source}'s head: {len(unfrozen.blocks)} of "
-        f"{unfrozen.total_blocks} blocks unfrozen ({unfrozen.trainable_backbone_weights:,} backbone parameters at "
-        f"lr x {s.backbone_lr_mult}, {unfrozen.frozen_batchnorm} batchnorm layers in inference mode), "
-        f"{len(images.train):,} train / {len(images.valid):,} valid images, {steps} steps per epoch"
-        + (f"; resuming at epoch {start + 1}" if start else ""))
-    began = time.perf_counter()
-    history, best_epoch, _ = fit(
-        model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
-        phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
-        momentum=0.9, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
-        steps_per_epoch=steps, backup_dir=backup_dir)
-    seconds = time.perf_counter() - began
+    with replicas_scope(plan) as replicas:  # several GPUs: one replica each, the batch split among them
+        model, backbone, preprocess, unfrozen = build_tuned_model(config, head_dir, plan.precision)
+        keras.utils.set_random_seed(seed)
+        factors = backbone_rate_factors(backbone, s.backbone_lr_mult)
+        start = resumed_epoch(backup_dir)
+        train, steps = training_stream(images.train, size, s.batch_size, preprocess,
+                                       training_augmenter(config, seed), seed, start, s.epochs)
+        log(f"{backbone.name} at {size[0]}x{size[1]} + {s.source}'s head: {len(unfrozen.blocks)} of "
+            f"{unfrozen.total_blocks} blocks unfrozen ({unfrozen.trainable_backbone_weights:,} backbone parameters "
+            f"at lr x {s.backbone_lr_mult}, {unfrozen.frozen_batchnorm} batchnorm layers in inference mode), "
+            f"{len(images.train):,} train / {len(images.valid):,} valid images, {steps} steps per epoch; "
+            f"{plan.description}, {plan.precision}, {replicas} replica(s)"
+            + (f"; resuming at epoch {start + 1}" if start else ""))
+        began = time.perf_counter()
+        history, best_epoch, _ = fit(
+            model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
+            phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
+            momentum=0.9, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
+            steps_per_epoch=steps, backup_dir=backup_dir)
+        seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
-    predictions, valid_each = predict_split(config, model, images, preprocess)
+    predictions, valid_each = predict_split(config, model, images, preprocess, plan)
     metrics = record_training(predictions, valid_each, images.classes, history, best_epoch, out_dir,
                               f"{title} tune")
     trained_now = max(1, s.epochs - start)
@@ -127,29 +138,33 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             "frozen_batchnorm_layers": unfrozen.frozen_batchnorm, "backbone_lr_mult": s.backbone_lr_mult,
             "resumed_at": start, "seconds_per_epoch": round(seconds / trained_now, 2),
             "train_images_per_s": round(len(images.train) * trained_now / max(seconds, 1e-9), 1),
-            "n_train": len(images.train), "n_valid": len(images.valid), "seed": seed}
+            "n_train": len(images.train), "n_valid": len(images.valid), "seed": seed,
+            "device": {**plan.record(), "replicas": replicas}}
 
 
-def predict_split(config, model, images: SplitImages, preprocess):
+def predict_split(config, model, images: SplitImages, preprocess, plan):
     """The validation and test probabilities, with `tune.tta` averaged over the clean images and
     augment's first `augment.test_passes` passes (validation rows: their training passes, as augment draws them).
+
+    Args:
+        plan: the `DevicePlan` the predictions run with.
 
     Returns:
         (`Predictions`, the validation probabilities of each version, clean first).
     """
     from pipeline.data.augmentation import RowAugmenter
     from pipeline.evaluation.predictions import Predictions
-    from pipeline.models.inference import compiled_forward
+    from pipeline.models.inference import Forward
 
     s = config.section("tune")
     passes = config.get("augment.test_passes") if s.tta else 0
     transforms, seed = config.get("augment.transforms"), config.get("augment.seed")
 
-    forward = compiled_forward(model)
+    forward = Forward(model, plan, preprocess)
 
     def versions(rows: ImageRows, subset: int) -> list[np.ndarray]:
         augmenters = [None] + [RowAugmenter(transforms, (seed, subset, k)) for k in range(1, passes + 1)]
-        return [predict_images(forward, rows, image_size(config), s.batch_size, preprocess, a) for a in augmenters]
+        return [predict_images(forward, rows, image_size(config), a) for a in augmenters]
 
     valid_each, test_each = versions(images.valid, 0), versions(images.test, 1)
     mean = lambda each: np.mean(each, axis=0, dtype=np.float64).astype(np.float32)  # noqa: E731
@@ -157,24 +172,21 @@ def predict_split(config, model, images: SplitImages, preprocess):
             valid_each)
 
 
-def predict_images(forward, rows: ImageRows, size: tuple[int, int], batch_size: int, preprocess,
-                   augmenter=None) -> np.ndarray:
+def predict_images(forward, rows: ImageRows, size: tuple[int, int], augmenter=None) -> np.ndarray:
     """A model's outputs on image files, in order.
 
     Args:
-        forward: the model's compiled inference (`pipeline.models.inference.compiled_forward`).
+        forward: the model's compiled inference (`pipeline.models.inference.Forward`).
         rows: the images.
         size: (height, width) they are decoded at.
-        batch_size: images per call.
-        preprocess: the backbone's preprocessing, or None.
         augmenter: `augmenter(image, row)`: each image's version drawn from its row number in its
             subset (`rows.rows`), as augment's passes draw it; None: the clean images.
     """
-    from pipeline.data.images import checked_batches
+    from pipeline.data.features import outputs_in_order
 
     augment = None if augmenter is None else (lambda image, position: augmenter(image, int(rows.rows[position])))
-    parts = [np.asarray(forward(batch)) for batch in checked_batches(rows.paths, size, batch_size, preprocess,
-                                                                     augment=augment)]
+    parts = []
+    outputs_in_order(forward, forward.batches(rows.paths, size, augment=augment), parts.append)
     return np.concatenate(parts)
 
 
