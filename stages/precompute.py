@@ -9,8 +9,9 @@ images, then the test images, in index order through a parallel decoder into a c
 pass -> write the features chunk by chunk into `train.npy` / `test.npy` (memory-mapped; `dtype`
 float16 halves the disk) with `train_rows.csv` / `test_rows.csv` (id, label) aligned row for row.
 
-Dense heads then train on these arrays in seconds instead of pushing every image through the conv
-base every epoch. The split is not an input: changing it never recomputes features. With
+The forward pass runs as the `compute` section's device plan says (`pipeline.models.device`: on a
+GPU mixed precision, XLA, uint8 pixels; `meta.json` records the plan). Dense heads then train on
+these arrays in seconds instead of pushing every image through the conv base every epoch. The split is not an input: changing it never recomputes features. With
 `compute.backend: ray` the images go out in shards of `compute.shard_size` (whole batches, index
 order), each a Ray task, and the driver stitches the shards' rows into the same arrays.
 """
@@ -196,7 +197,9 @@ def _headline(m: dict) -> str:
         return f"pixels {tuple(m['shape'])} normalised by train mean {m['mean']:.2f} / std {m['std']:.2f}"
     t = m["timings"]
     rate = (t["train"]["images"] + t["test"]["images"]) / max(t["train"]["seconds"] + t["test"]["seconds"], 1e-9)
-    return f"{m['backbone']} {m['cut']} {tuple(m['shape'])} {m['dtype']}, {rate:.0f} img/s"
+    device = m.get("device")
+    where = f" ({device['description'].split(',')[0]}, {device['precision']})" if device else ""
+    return f"{m['backbone']} {m['cut']} {tuple(m['shape'])} {m['dtype']}, {rate:.0f} img/s{where}"
 
 
 STAGE = Stage(

@@ -138,6 +138,10 @@ def _write_unit(store_root: str, key: str, compute: Callable[[Path], Any]) -> st
     import os
     import socket
 
+    # Units sharing a GPU (`gpus_per_task` < 1) must not each take all of its memory: TensorFlow reads
+    # this when it first touches the GPU, which in a worker is inside a unit, after this line.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
     root = Path(store_root)
     if not root.parent.is_dir():
         raise PipelineError(f"this worker ({socket.gethostname()}) cannot see {root.parent}: the work folder must "
