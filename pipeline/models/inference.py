@@ -35,14 +35,14 @@ class Forward:
         on_device = preprocess if plan.pixels == "uint8" else None
 
         def run(pixels):
-            images = tf.cast(pixels, tf.float32) if pixels.dtype != tf.float32 else pixels
-            if on_device is not None:
-                images = on_device(images)
-            outputs = model(images, training=False)
-            return tf.cast(outputs, tf.float32) if outputs.dtype != tf.float32 else outputs
+            with tf.device(plan.device):
+                images = tf.cast(pixels, tf.float32) if pixels.dtype != tf.float32 else pixels
+                if on_device is not None:
+                    images = on_device(images)
+                outputs = model(images, training=False)
+                return tf.cast(outputs, tf.float32) if outputs.dtype != tf.float32 else outputs
 
-        with tf.device(plan.device):
-            self._run = tf.function(run, jit_compile=plan.xla, reduce_retracing=not plan.xla)
+        self._run = tf.function(run, jit_compile=plan.xla, reduce_retracing=not plan.xla)
         self.batch_size = plan.batch_size or self._batch_for_memory()
 
     def __call__(self, batch):
