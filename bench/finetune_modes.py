@@ -8,7 +8,8 @@ Trains the competition's finetune recipe on its cached features (run `kp all` fi
 variant, interleaved, `--repeats` times; reports the median seconds per epoch, their ratio, whether
 the repeats of each variant gave bit-identical validation probabilities, and whether the two
 variants did. Writes bench/results/finetune_VARY_COMP.json.
-    .venv/bin/python bench/finetune_modes.py --comp statefarm --config configs/offline/statefarm.yaml [--vary steps] [--set KEY=VALUE]
+    .venv/bin/python bench/finetune_modes.py --comp statefarm --config configs/offline/statefarm.yaml \
+        [--vary steps] [--set KEY=VALUE]
 """
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def main() -> None:
     from pipeline.training.recipe import train_model
 
     if args.vary == "deterministic":
-        variants = {mode: (load_config(args.comp, extra_files=args.config, sets=[*args.sets, f"finetune.deterministic={mode}"]),
-                           fit.STEPS_PER_EXECUTION) for mode in ("true", "false")}
+        variants = {mode: (load_config(args.comp, extra_files=args.config,
+                                       sets=[*args.sets, f"finetune.deterministic={mode}"]), fit.STEPS_PER_EXECUTION)
+                    for mode in ("true", "false")}
     else:
         config = load_config(args.comp, extra_files=args.config, sets=args.sets)
         variants = {str(steps): (config, steps) for steps in (fit.STEPS_PER_EXECUTION, 1)}
@@ -69,8 +71,10 @@ def main() -> None:
     result["variants_identical"] = len(digests[names[0]] | digests[names[1]]) == 1
     print(f"\n{args.vary:14} {'s/epoch (median)':>17} {'identical over repeats':>23}")
     for name in names:
-        print(f"{name:14} {result[name]['median_s_per_epoch']:17.3f} {str(result[name]['identical_over_repeats']):>23}")
-    print(f"{names[0]} / {names[1]}: {result['ratio']:.2f}x; the two give identical predictions: {result['variants_identical']}")
+        same = str(result[name]["identical_over_repeats"])
+        print(f"{name:14} {result[name]['median_s_per_epoch']:17.3f} {same:>23}")
+    print(f"{names[0]} / {names[1]}: {result['ratio']:.2f}x; "
+          f"the two give identical predictions: {result['variants_identical']}")
     out = REPO / "bench" / "results" / f"finetune_{args.vary}_{args.comp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -279,7 +279,7 @@ def main() -> None:
                        ("cached_head_epoch_s", "(4) head epoch on cached features s"),
                        ("end_to_end_epoch_s", "    head epoch end to end s"),
                        ("head_speedup", "    speed-up  target >= 30")]:
-        print(f"{label[:36]:36}" + "".join(f"{str(r[key]):>12}" for r in rows))
+        print(f"{label[:36]:36}" + "".join(f"{r[key]!s:>12}" for r in rows))
     print(f"device: {rows[0]['device']}; peak: {rows[0]['peak_source']}")
     print("(5) precompute peak RSS, mobilenet: " + ", ".join(f"{r['images']} images {r['peak_rss_mb']} MB" for r in rss))
     out = REPO / "bench" / "results" / "transfer.json"

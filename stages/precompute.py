@@ -11,9 +11,10 @@ float16 halves the disk) with `train_rows.csv` / `test_rows.csv` (id, label) ali
 
 The forward pass runs as the `compute` section's device plan says (`pipeline.models.device`: on a
 GPU mixed precision, XLA, uint8 pixels; `meta.json` records the plan). Dense heads then train on
-these arrays in seconds instead of pushing every image through the conv base every epoch. The split is not an input: changing it never recomputes features. With
-`compute.backend: ray` the images go out in shards of `compute.shard_size` (whole batches, index
-order), each a Ray task, and the driver stitches the shards' rows into the same arrays.
+these arrays in seconds instead of pushing every image through the conv base every epoch. The
+split is not an input: changing it never recomputes features. With `compute.backend: ray` the
+images go out in shards of `compute.shard_size` (whole batches, index order), each a Ray task,
+and the driver stitches the shards' rows into the same arrays.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def run(ctx: StageContext) -> dict:
     if ctx.on_ray:
         return _precompute_in_shards(ctx, index, raw)
     extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size), ctx.compute)
-    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; {_device_line(extractor.device())}")
+    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; "
+            f"{_device_line(extractor.device())}")
 
     timings = {}
     for subset in SUBSETS:

@@ -51,6 +51,8 @@ class Forward:
             return self._run(batch)
         import tensorflow as tf
 
+        if rows > self.batch_size:  # only from `on_pixels`: batches from `batches` are never larger
+            return tf.concat([self(batch[i:i + self.batch_size]) for i in range(0, rows, self.batch_size)], axis=0)
         padding = tf.zeros((self.batch_size - rows, *batch.shape[1:]), batch.dtype)
         return self._run(tf.concat([batch, padding], axis=0))[:rows]
 
@@ -67,8 +69,8 @@ class Forward:
         """Batches of image files in order, ready for this forward pass (see `checked_batches`)."""
         from pipeline.data.images import checked_batches
 
-        return checked_batches(paths, size, self.batch_size, self.preprocess if self.plan.pixels == "float32" else None,
-                               channels, augment, pixels=self.plan.pixels,
+        in_pipeline = self.preprocess if self.plan.pixels == "float32" else None
+        return checked_batches(paths, size, self.batch_size, in_pipeline, channels, augment, pixels=self.plan.pixels,
                                device=self.plan.device if self.plan.prefetch else None)
 
     def _batch_for_memory(self) -> int:
