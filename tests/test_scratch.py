@@ -72,10 +72,10 @@ def _sha(path) -> str:
 
 def test_augmentation_touches_only_training_batches(project):
     augment = "finetune.augment={rotate: 8, shift: 0.1, shear: 10, zoom: 0.1}"
-    config = digits(sets=[augment, "finetune.seed=1"])
+    config = digits(sets=[augment, "finetune.seed=1"], stages=["finetune"])
     cached = {name: _sha(config.work_dir / "precompute" / name) for name in ("train.npy", "test.npy")}
     first = load_predictions(config.work_dir / "finetune")
-    config = digits(sets=[augment, "finetune.seed=2"])
+    config = digits(sets=[augment, "finetune.seed=2"], stages=["finetune"])
     # the cached arrays the model is validated and tested on are bit-identical after two runs
     assert {name: _sha(config.work_dir / "precompute" / name) for name in cached} == cached
     assert load_predictions(config.work_dir / "finetune").valid_ids == first.valid_ids
