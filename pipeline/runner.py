@@ -104,7 +104,6 @@ def _context(config: ResolvedConfig, stage: Stage, status: StageStatus, out) -> 
         work_dir=config.work_dir,
         config_fingerprint=status.fingerprint,
         fingerprint_inputs=status.inputs,
-        compute=config.section("compute"),
     )
 
 

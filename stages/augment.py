@@ -95,9 +95,6 @@ def run(ctx: StageContext) -> dict:
     passes = []
     for unit in units:
         record = {**json.loads((store.path(unit.key) / PASS_FILE).read_text()), "reused": unit.key not in computed}
-        if record["reused"]:
-            store.touch(unit.key)
-            ctx.log(f"{unit.label}: reused from {store.path(unit.key)}")
         subset = record["subset"]
         _link(store.path(unit.key) / array_file(subset), ctx.out / pass_file(subset, record["pass"]))
         passes.append({**record, "key": unit.key})

@@ -28,7 +28,7 @@ from pydantic import Field
 from pipeline.core.artifacts import FOLD_TEST_FILE, MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.errors import PipelineError
-from pipeline.core.executor import say
+from pipeline.core.executor import Unit, say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 
@@ -59,7 +59,6 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
-    from pipeline.core.executor import Unit
 
     s = ctx.settings
     strategy = ctx.config.get("split.strategy")
@@ -97,9 +96,6 @@ def run(ctx: StageContext) -> dict:
     for f, g, held_out, selection, rows, key in plans:
         reused = key not in trained
         record = json.loads((store.path(key) / MEMBER_FILE).read_text())
-        if reused:
-            store.touch(key)
-            ctx.log(f"fold {f + 1}/{n_folds}: reused from {store.path(key)}")
         predictions = load_predictions(store.path(key))
         if list(predictions.valid_ids) != list(ids[held_out]):
             raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")

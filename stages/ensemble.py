@@ -21,7 +21,7 @@ from pydantic import Field
 
 from pipeline.core.artifacts import MEMBERS_PLOT, MEMBER_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
-from pipeline.core.executor import say
+from pipeline.core.executor import Unit, say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
 from stages.tune import RECIPE_READS, backup_dir
@@ -61,7 +61,6 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
-    from pipeline.core.executor import Unit
     from pipeline.training.recipe import load_recipe_data
 
     data = load_recipe_data(ctx.config, ctx.inputs, recipe_sections(ctx.config, head_recipe(ctx.config)))
@@ -81,9 +80,6 @@ def run(ctx: StageContext) -> dict:
     members, predictions = [], []
     for i, (seed, key) in enumerate(zip(seeds, keys)):
         metrics = json.loads((store.path(key) / MEMBER_FILE).read_text())
-        if key not in trained:
-            store.touch(key)
-            ctx.log(f"member {i + 1}/{ctx.settings.n} (seed {seed}): reused from {store.path(key)}")
         members.append({"member": i + 1, "seed": seed, "reused": key not in trained, "key": key,
                         "val_log_loss": metrics["val_log_loss"], "val_accuracy": metrics["val_accuracy"]})
         predictions.append(load_predictions(store.path(key)))

@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> dict:
     raw = ctx.input("download") / RAW_DIR
     if ctx.on_ray:
         return _precompute_in_shards(ctx, index, raw)
-    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size), ctx.compute)
+    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size), ctx.config.compute)
     ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; "
             f"{_device_line(extractor.device())}")
 
@@ -93,7 +93,7 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
     from pipeline.data.arrays import ChunkedArrayWriter, load_array
 
     s = ctx.settings
-    shard = -(-ctx.compute.shard_size // s.batch_size) * s.batch_size
+    shard = -(-ctx.config.compute.shard_size // s.batch_size) * s.batch_size
     units, spans = [], {}
     for subset in SUBSETS:
         rows = index[index.subset == subset]

@@ -30,7 +30,7 @@ from pydantic import Field, field_validator
 from pipeline.core.artifacts import MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.cache import fingerprint
 from pipeline.core.errors import PipelineError
-from pipeline.core.executor import say
+from pipeline.core.executor import Unit, say
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from stages.finetune import PREDICTING_NEEDS, TRAINING_READS, recipe_sections, uses_passes
 
@@ -89,7 +89,6 @@ def run(ctx: StageContext) -> dict:
                                                  save_predictions, validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
     from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
-    from pipeline.core.executor import Unit
     from pipeline.training.recipe import load_recipe_data, train_recipe
 
     s = ctx.settings
@@ -147,9 +146,6 @@ def run(ctx: StageContext) -> dict:
         fold_test, students = [], []
         for f, held_out, teaching, key in plans:
             reused = key not in trained
-            if reused:
-                store.touch(key)
-                ctx.log(f"fold {f + 1}/{n_folds}: student reused from {store.path(key)}")
             predictions = load_predictions(store.path(key))
             if list(predictions.valid_ids) != list(ids[held_out]):
                 raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")

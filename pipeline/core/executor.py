@@ -6,7 +6,8 @@ manifest and its final rename. A unit only ever writes into its store through `R
 into a temporary folder renamed into place once complete, so two workers or a killed one can never
 leave a unit that is accepted, and a rerun after a lost worker computes only the missing units.
 
-`compute_units` runs the units that are not stored yet, with one progress bar over all of them.
+`compute_units` runs the units that are not stored yet, with one progress bar over all of them,
+and marks the stored ones as just used (`RunStore.touch`, what `kp clean --keep-last` keeps).
 With `compute.backend: ray` each unit is a Ray task (`ray.init(address)`, or a local cluster of
 `compute.local_cpus` CPUs when no address is given; `cpus_per_task` / `gpus_per_task` reserve
 resources per unit, so several small trainings can share one GPU with a fraction); Ray retries a
@@ -67,14 +68,20 @@ def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], 
     Args:
         settings: the `compute` section (None: local).
         store: where the units are kept.
-        units: the units, in order; a unit already stored is left as it is.
+        units: the units, in order; a unit already stored is left as it is, touched as just used.
         log: prints a line per unit.
         progress: a tqdm-like bar over the units (advanced as each finishes), or None.
 
     Returns:
         The keys computed now (the others were reused).
     """
-    missing = [unit for unit in units if not store.has(unit.key)]
+    missing = []
+    for unit in units:
+        if store.has(unit.key):
+            store.touch(unit.key)
+            log(f"{unit.label}: reused from {store.path(unit.key)}")
+        else:
+            missing.append(unit)
     if progress is not None:
         progress.update(len(units) - len(missing))
     if settings is None or settings.backend == "local" or not missing:

@@ -199,7 +199,6 @@ class StageContext:
     fingerprint_inputs: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     units_used: dict[str, list[str]] = field(default_factory=dict)
-    compute: Any = None  # the `compute` section: where `compute_units` runs this stage's units (in no fingerprint)
 
     def log(self, message: str) -> None:
         print(f"[{self.comp}] {message}", file=sys.stderr, flush=True)
@@ -223,7 +222,7 @@ class StageContext:
     @property
     def on_ray(self) -> bool:
         """Whether this run's units go to Ray workers (`compute.backend: ray`), which load their own inputs."""
-        return self.compute is not None and self.compute.backend == "ray"
+        return self.config.compute.backend == "ray"
 
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:
@@ -235,7 +234,7 @@ class StageContext:
         from pipeline.core.executor import compute_units
 
         with self.progress(len(units), desc, unit=kind) as bar:
-            return compute_units(self.compute, self.units(kind), units, self.log, bar)
+            return compute_units(self.config.compute, self.units(kind), units, self.log, bar)
 
     def progress(self, total: int, desc: str, unit: str = "img"):
         """A progress bar on stderr (redrawn in place on a terminal, a line every 30 s in a log)."""

@@ -142,27 +142,21 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
     return data
 
 
-def outputs_in_order(forward, batches, write) -> int:
+def outputs_in_order(forward, batches, write) -> None:
     """Call `forward` on each batch and hand its outputs, as float32 NumPy rows, to `write`, in order;
     `write` runs in a second thread while the next batch is read and sent to the device (so disk
-    writes, and waiting for a GPU, overlap the next batch).
-
-    Returns:
-        The number of rows written.
-    """
+    writes, and waiting for a GPU, overlap the next batch)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    written, pending = 0, None
+    pending = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows-writer") as writer:
         for batch in batches:
             outputs = forward(batch)
             if pending is not None:
                 pending.result()  # at most one batch waits: memory stays flat, errors surface here
             pending = writer.submit(lambda o=outputs: write(np.asarray(o)))
-            written += int(batch.shape[0])
         if pending is not None:
             pending.result()
-    return written
 
 
 def write_features(forward, paths: list[Path], out: Path, row_shape: tuple[int, ...], dtype: str,
