@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.core.artifacts import (CONFUSION_PLOT, LEDGER_PLOT, LOSS_PLOT, LR_FIND_DIR, LR_FIND_PLOT, MEMBERS_PLOT,
-                                     PREVIEW_PLOT, REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
+                                     PREVIEW_PLOT, HTML_REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
 from pipeline.status import UP_TO_DATE, stage_statuses
 
 PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)  # a stage's own plots, in order
@@ -96,7 +96,7 @@ def build_report(config) -> Path:
         ledger=read_ledger(ledger_path(config)),
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )
-    path = config.work_dir / REPORT_FILE
+    path = config.work_dir / HTML_REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, html)
     return path

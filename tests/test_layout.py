@@ -52,6 +52,21 @@ def test_the_engine_is_the_only_code_that_imports_stages():
     assert {_layer(m)[0] for m in users} <= {"pipeline", "stages"}
 
 
+def test_every_artifact_constant_is_assigned_once():
+    """Read from the source: a name assigned twice keeps only its last value at run time, so checking
+    the imported module alone cannot see it."""
+    tree = ast.parse(Path(artifacts.__file__).read_text())
+    assigned = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Name)]
+    twice = sorted({name for name in assigned if assigned.count(name) > 1})
+    assert not twice, f"pipeline/core/artifacts.py assigns {twice} more than once"
+    values = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
+              and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+    same = sorted({value for value in values if values.count(value) > 1})
+    assert not same, f"pipeline/core/artifacts.py gives two names the same file name: {same}"
+
+
 def test_every_artifact_name_is_spelled_once():
     names = {value for key, value in vars(artifacts).items() if key.isupper() and isinstance(value, str)
              and "." in value and not value.startswith(".")}

@@ -90,7 +90,7 @@ LR_FIND_DIR = "lr_find"             # work/COMP/lr_find/STAGE/: kp lr-find's plo
 LR_FIND_PLOT = "lr_find.png"
 LR_FIND_RECORD = "lr_find.json"
 LR_FIND_OVERLAY = "overlay.yaml"
-REPORT_FILE = "report.html"         # work/COMP/report.html: kp report
+HTML_REPORT_FILE = "report.html"    # work/COMP/report.html: kp report
 
 # submit
 SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]
