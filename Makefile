@@ -7,7 +7,7 @@ ARGS ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 KP := $(VENV)/bin/kp
-STAGES := download split precompute augment finetune bnretrain tune ensemble cv smooth pseudo submit
+STAGES := $(sort $(basename $(notdir $(wildcard stages/[a-z]*.py))))  # one target per stage module
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: all test test-all status clean bench kaggle-local browser $(STAGES)

@@ -57,7 +57,7 @@ def training_cost(config, paths, labels, n_train: int, passes: int) -> dict:
     from pipeline.data.images import image_batches
     from pipeline.models.backbones import build_feature_model, resolve_weights
     from pipeline.models.build import build_model
-    from pipeline.training.recipe import load_training_data
+    from pipeline.training.recipes.head import load_training_data
 
     work = config.work_dir
     view = all_stages()["finetune"].view(config)

@@ -1,6 +1,6 @@
 """What a finetune mode costs, and whether it changes a prediction: two variants, interleaved.
 
-`--vary deterministic` (default): `finetune.deterministic` (TensorFlow's op determinism) on vs off.
+`--vary deterministic` (default): `training.deterministic` (TensorFlow's op determinism) on vs off.
 `--vary steps`: a head's train function running 1 vs `pipeline.training.fit.STEPS_PER_EXECUTION`
 steps per call (Keras' `steps_per_execution`).
 
@@ -39,11 +39,11 @@ def main() -> None:
     parser.add_argument("--vary", choices=("deterministic", "steps"), default="deterministic")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from pipeline.training.recipe import train_model
+    from pipeline.training.recipes import recipe
 
     if args.vary == "deterministic":
         variants = {mode: (load_config(args.comp, extra_files=args.config,
-                                       sets=[*args.sets, f"finetune.deterministic={mode}"]), fit.STEPS_PER_EXECUTION)
+                                       sets=[*args.sets, f"training.deterministic={mode}"]), fit.STEPS_PER_EXECUTION)
                     for mode in ("true", "false")}
     else:
         config = load_config(args.comp, extra_files=args.config, sets=args.sets)
@@ -58,7 +58,8 @@ def main() -> None:
             fit.STEPS_PER_EXECUTION = steps
             with tempfile.TemporaryDirectory() as folder:
                 view = all_stages()["finetune"].view(config)
-                metrics = train_model(view, data, 0, Path(folder), log=lambda _: None, warn=lambda _: None, verbose=0)
+                metrics = recipe("finetune").fit(view, data, None, 0, Path(folder), log=lambda _: None,
+                                                 warn=lambda _: None)
                 probs = load_predictions(Path(folder)).valid_probs
             seconds[name].append(metrics["seconds_per_epoch"])
             digests[name].add(hashlib.sha256(probs.tobytes()).hexdigest())

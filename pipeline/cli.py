@@ -26,6 +26,7 @@ import shutil
 import click
 
 from pipeline.core.errors import PipelineError, describe_os_error
+from pipeline.training.recipes import NAMES as RECIPE_NAMES
 
 DEFAULT_COMP = "digits"
 
@@ -210,8 +211,8 @@ def status(comp, extra_files, sets, as_json):
 
 
 @cli.command("lr-find")
-@click.option("--stage", type=click.Choice(["finetune", "bnretrain", "tune"]), default="finetune", show_default=True,
-              help="Whose training the range test imitates: its model, rows, optimizer and batch size.")
+@click.option("--stage", type=click.Choice(RECIPE_NAMES), default="finetune", show_default=True,
+              help="Whose training the range test imitates: its recipe's model, rows, optimizer and batch size.")
 @click.option("--steps", type=click.IntRange(10, 10000), default=200, show_default=True, help="Batches at most.")
 @click.option("--apply", is_flag=True, help="Also write the suggestion as a config overlay to pass with --config.")
 @_config_options

@@ -24,6 +24,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.executor import Compute
 from pipeline.core.stage import StrictModel
 from pipeline.models.build import Model
+from pipeline.training.settings import Training
 
 DEFAULTS_FILE = "defaults.yaml"
 COMPETITION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # never a path: it names folders that kp deletes
@@ -84,7 +85,11 @@ class ResolvedConfig:
 
     @property
     def stage_names(self) -> list[str]:
-        return list(self.model.stages)
+        """The listed stages in the order they run: each after the stages it needs (`stages:` says which run)."""
+        from pipeline.registry import all_stages, in_run_order
+
+        stages = all_stages()
+        return in_run_order(self.model.stages, lambda name: stages[name].needs_for(self))
 
     def path(self, value: str | os.PathLike) -> Path:
         """A configured path, resolved against the project root when relative."""
@@ -288,6 +293,7 @@ def config_model() -> type[StrictModel]:
         "stages": (list[str], Field(min_length=1)),
         "paths": (Paths, ...),
         "model": (Model, ...),
+        "training": (Training, ...),
         "kaggle": (Kaggle, ...),
         "cache": (Cache, ...),
         "compute": (Compute, ...),
@@ -358,18 +364,17 @@ def _check_stage_list(resolved: ResolvedConfig) -> None:
 
     known = all_stages()
     source = resolved.provenance.get("stages", "config")
-    seen: list[str] = []
-    for name in resolved.stage_names:
+    listed = list(resolved.model.stages)
+    for name in listed:
         if name not in known:
             raise PipelineError(
                 f"{source}: stages: unknown stage {name!r}{_did_you_mean(name, list(known))}; "
                 f"known stages: {', '.join(known)}"
             )
-        if name in seen:
+        if listed.count(name) > 1:
             raise PipelineError(f"{source}: stages: {name!r} is listed twice")
-        for upstream in known[name].needs_for(resolved):
-            if upstream not in seen:
-                raise PipelineError(
-                    f"{source}: stages: {name!r} needs {upstream!r} listed before it; got {resolved.stage_names}"
-                )
-        seen.append(name)
+    for name in listed:
+        missing = [upstream for upstream in known[name].needs_for(resolved) if upstream not in listed]
+        if missing:
+            raise PipelineError(f"{source}: stages: {name!r} needs {', '.join(map(repr, missing))}, which is not "
+                                f"listed; got {listed}")

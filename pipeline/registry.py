@@ -1,7 +1,8 @@
 """Finds the stages: every module in the `stages` package that defines `STAGE` (named as its module).
 
 Adding a stage is one new module in `stages/` plus its section in `configs/defaults.yaml`; nothing
-here changes. `stage_names` and `stage_summary` read the package's files without importing them,
+here changes. The order stages run in is derived from what each needs (`in_run_order`, a
+topological sort as DVC and Kedro do), never kept in a list. `stage_names` and `stage_summary` read the package's files without importing them,
 so `kp --help` lists the stages without pydantic or any stage code; `all_stages` imports them.
 Stage modules must import only light modules at top level (no TensorFlow, no pandas), because
 `kp status` imports them all.
@@ -18,21 +19,36 @@ if TYPE_CHECKING:
     from pipeline.core.stage import Stage
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
-# The product's stage order; among stages that do not need each other, this decides who comes first.
-PIPELINE_ORDER = ("download", "split", "precompute", "augment", "finetune", "bnretrain", "tune", "ensemble", "cv", "smooth",
-                  "pseudo", "submit")
 
 
-def _order(name: str) -> tuple[int, str]:
-    return (PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else len(PIPELINE_ORDER), name)
+def in_run_order(names, needs) -> list[str]:
+    """`names` sorted so that every stage comes after the stages it needs (Kahn's algorithm); among
+    stages ready at the same time, alphabetically: the order never depends on how they were listed.
+
+    Args:
+        names: the stages to order.
+        needs: `needs(name)` -> the stages `name` reads; those outside `names` are ignored.
+
+    Returns:
+        The order to run them in; a cycle raises RuntimeError naming it.
+    """
+    names = sorted(names)
+    waiting = {name: [n for n in needs(name) if n in names] for name in names}
+    order: list[str] = []
+    while waiting:
+        ready = [name for name in names if name in waiting and all(n in order for n in waiting[name])]
+        if not ready:
+            raise RuntimeError(f"stage dependency cycle among {sorted(waiting)}")
+        order.append(ready[0])
+        del waiting[ready[0]]
+    return order
 
 
 @lru_cache(maxsize=1)
 def stage_names() -> tuple[str, ...]:
-    """The stage modules' names in pipeline order, found without importing them."""
-    names = [p.stem for p in STAGES_DIR.glob("*.py") if not p.stem.startswith("_") and
-             "\nSTAGE = Stage(" in p.read_text()]
-    return tuple(sorted(names, key=_order))
+    """The stage modules' names, alphabetically, found without importing them."""
+    return tuple(sorted(p.stem for p in STAGES_DIR.glob("*.py") if not p.stem.startswith("_") and
+                        "\nSTAGE = Stage(" in p.read_text()))
 
 
 def stage_summary(name: str) -> str:
@@ -54,23 +70,8 @@ def all_stages() -> dict[str, Stage]:
     duplicated = {s for s in sections if sections.count(s) > 1}
     if duplicated:
         raise RuntimeError(f"two stages own the config section(s) {sorted(duplicated)}")
-    return {name: found[name] for name in _upstream_first(found)}
-
-
-def _upstream_first(found: dict[str, Stage]) -> list[str]:
-    order: list[str] = []
-
-    def visit(name: str, path: tuple[str, ...]) -> None:
-        if name in order:
-            return
-        if name in path:
-            raise RuntimeError(f"stage dependency cycle: {' -> '.join(path + (name,))}")
-        if name not in found:
-            raise RuntimeError(f"stage {path[-1]!r} needs unknown stage {name!r}")
-        for upstream in found[name].needs:
-            visit(upstream, path + (name,))
-        order.append(name)
-
-    for name in sorted(found, key=_order):
-        visit(name, ())
-    return order
+    for stage in found.values():
+        unknown = [name for name in stage.needs if name not in found]
+        if unknown:
+            raise RuntimeError(f"stage {stage.name!r} needs unknown stage(s) {unknown}")
+    return {name: found[name] for name in in_run_order(found, lambda name: found[name].needs)}

@@ -96,6 +96,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
 def _context(config: ResolvedConfig, stage: Stage, status: StageStatus, out) -> StageContext:
     return StageContext(
         comp=config.comp,
+        stage=stage,
         config=stage.view(config),
         settings=config.section(stage.section),
         out=out,

@@ -64,8 +64,8 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
 
     return {
         "stage": stage.name,
-        "code": code_hashes(stage.run.__module__),
-        "config": {key: config.get(key) for key in stage.keys},
+        "code": code_hashes(*stage.code_modules(config)),
+        "config": {key: config.get(key) for key in stage.keys_for(config)},
         "upstream": {name: upstream_fingerprints[name] for name in stage.needs_for(config)},
         "stamp": stage.source_stamp(stage.view(config), stamp) if stage.source_stamp else {},
     }

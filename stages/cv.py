@@ -19,46 +19,35 @@ report the OOF log loss and accuracy, each fold's, and their mean / min / max; `
 """
 from __future__ import annotations
 
-import functools
-import json
 from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import FOLD_TEST_FILE, MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
-from pipeline.core.cache import fingerprint
+from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
-from pipeline.core.executor import Unit, say
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import PREDICTING_NEEDS, RECIPES, TRAINING_READS, recipe_sections, uses_passes
+from pipeline.evaluation.mistakes import MISTAKES_READS
+from pipeline.training.recipes import HEAD_RECIPES, needs_of, steps_of
 
 FOLD_STRATEGIES = ("kfold", "group_kfold")
-SELECTION_DIR = "selection"  # inside a fold's unit: the model that chose the epochs
 
 
 class Settings(StrictModel):
-    source: Literal[RECIPES]
+    source: Literal[HEAD_RECIPES]
     seed: int = Field(ge=0)
-
-
-def fold_key(ctx: StageContext, ids_by_side: dict) -> str:
-    """A fold's model depends on its rows (not on how the other folds are cut), the features, the
-    recipe settings, the code and the seed."""
-    inputs = ctx.fingerprint_inputs
-    unused = {"split.strategy"} | ({"bnretrain"} if ctx.settings.source == "finetune" else set())
-    config = {key: value for key, value in inputs["config"].items() if key not in unused}
-    upstream = {name: value for name, value in inputs["upstream"].items() if name != "split"}
-    return fingerprint({"upstream": upstream, "config": config, "code": inputs["code"], "rows": ids_by_side})
 
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
     import pandas as pd
 
+    from pipeline.core.executor import UnitItem
     from pipeline.data.features import label_indices, read_rows
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
+    from pipeline.training.cross_validation import train_fold
+    from pipeline.training.recipes import check_steps
 
     s = ctx.settings
     strategy = ctx.config.get("split.strategy")
@@ -71,40 +60,35 @@ def run(ctx: StageContext) -> dict:
     if n_folds < 3:
         raise PipelineError(f"cv chooses each fold's epochs on another fold, so it needs at least 3 folds; "
                             f"split.folds is {n_folds}")
-    if s.source == "bnretrain":
-        from stages.bnretrain import check_dense_head
-
-        check_dense_head(ctx.config)
+    steps = steps_of(s.source, ctx.config)
+    check_steps(steps, ctx.config)
     classes = ctx.config.competition.classes
     labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
     ids = split["id"].to_numpy()
-    plans = []
+    items = []
     for f in range(n_folds):
         g = (f + 1) % n_folds
         held_out, selection = folds == f, folds == g
         rows = {"train": sorted(ids[~held_out & ~selection]), "selection": sorted(ids[selection]),
                 "held_out": sorted(ids[held_out])}
-        plans.append((f, g, held_out, selection, rows, fold_key(ctx, rows)))
-    units = [Unit(key, f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
-                  functools.partial(train_fold, ctx.config, ctx.inputs, f, g, held_out, selection, rows,
-                                    f"{ctx.comp} fold {f + 1}"))
-             for f, g, held_out, selection, rows, key in plans]
-    trained = set(ctx.compute_units("folds", units, "cv folds"))
-    store = ctx.units("folds")
-    oof = None
+        items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
+                              {"source": s.source, "seed": s.seed, "rows": rows},
+                              (steps, s.seed, f, g, held_out, selection, rows, f"{ctx.comp} fold {f + 1}")))
+    # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
+    units = ctx.map_units("folds", train_fold, items, "cv folds", recipes=steps, upstream=needs_of(steps, ctx.config),
+                          keyed_by_item=("split",))
+    oof = np.zeros((len(ids), len(classes)), np.float32)
     test_probs, fold_rows = [], []
-    for f, g, held_out, selection, rows, key in plans:
-        reused = key not in trained
-        record = json.loads((store.path(key) / MEMBER_FILE).read_text())
-        predictions = load_predictions(store.path(key))
+    for f, unit in enumerate(units):
+        held_out = folds == f
+        predictions = load_predictions(unit.folder)
         if list(predictions.valid_ids) != list(ids[held_out]):
-            raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
-        if oof is None:
-            oof = np.zeros((len(ids), predictions.valid_probs.shape[1]), np.float32)
+            raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
         oof[held_out] = predictions.valid_probs
         test_probs.append(predictions.test_probs)
-        fold_rows.append({"fold": f + 1, "reused": reused, "key": key, "rows": int(held_out.sum()),
-                          "chosen_epochs": record["chosen_epochs"], **evaluate(labels[held_out], predictions.valid_probs)})
+        fold_rows.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "rows": int(held_out.sum()),
+                          "chosen_epochs": unit.record["chosen_epochs"],
+                          **evaluate(labels[held_out], predictions.valid_probs)})
 
     out_of_fold = Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0))
     save_predictions(ctx.out, out_of_fold)
@@ -124,25 +108,6 @@ def run(ctx: StageContext) -> dict:
     }
 
 
-def train_fold(config, inputs: dict, f: int, g: int, held_out, selection, rows: dict, title: str, out) -> None:
-    """Fold f's model into `out` (here or on a Ray worker): its epochs chosen on fold g (a model trained
-    on the other folds, kept in `out/selection/`), then trained on every fold but f for exactly those
-    epochs and predicting fold f; its record (epochs, rows, scores) in `member.json`."""
-    from pipeline.training.recipe import load_recipe_data, train_recipe
-
-    s, sections = config.section("cv"), recipe_sections(config, config.section("cv").source)
-    (out / SELECTION_DIR).mkdir()
-    chosen = train_recipe(config, s.source, load_recipe_data(config, inputs, sections, (~held_out & ~selection, selection)),
-                          s.seed, out / SELECTION_DIR, say, say, title=f"{title} selection")
-    epochs = ({"finetune": chosen["best_epoch"]} if s.source == "finetune" else
-              {"finetune": chosen["finetune_best_epoch"], "bnretrain": chosen["best_epoch"]})
-    final = train_recipe(config, s.source, load_recipe_data(config, inputs, sections, (~held_out, held_out)),
-                         s.seed, out, say, say, title=title, stop_after=epochs)
-    record = {**final, "fold": f + 1, "selection_fold": g + 1, "chosen_epochs": epochs, "rows": rows,
-              "selection_val_log_loss": chosen["val_log_loss"]}
-    (out / MEMBER_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
 def headline(m: dict) -> str:
     return (f"{m['source']} x {m['folds']} folds: OOF log loss {m['val_log_loss']:.4f} (folds {m['fold_val_log_loss_min']:.3f}"
             f"-{m['fold_val_log_loss_max']:.3f}), accuracy {m['val_accuracy']:.4f}")
@@ -152,10 +117,10 @@ STAGE = Stage(
     name="cv",
     settings=Settings,
     run=run,
-    needs=PREDICTING_NEEDS,
-    reads=("finetune", "bnretrain", "split.strategy", *TRAINING_READS),
+    needs=("download", "precompute", "split"),
+    reads=("split.strategy", *MISTAKES_READS),
     outs=(*PREDICTION_FILES, FOLD_TEST_FILE, TOP_LOSSES_PLOT),
     headline=headline,
-    extra_needs=lambda config: ("augment",) if any(
-        map(uses_passes, recipe_sections(config, config.section("cv").source).values())) else (),
+    extra_needs=lambda config: needs_of(steps_of(config.section("cv").source, config), config),
+    recipes=lambda config: steps_of(config.section("cv").source, config),
 )

@@ -16,30 +16,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.artifacts import CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
+from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES
-
-# What the shared training recipe (pipeline.training.recipe) and `write_mistakes` read besides this stage's section.
-TRAINING_READS = ("model", "precompute.backbone", "precompute.weights", *MISTAKES_READS)
-TRAINING_OUTS = (MODEL_FILE, HISTORY_FILE, LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, *PREDICTION_FILES)
-PREDICTING_NEEDS = ("download", "precompute", "split")  # download: the images `top_losses.png` draws
-
-
-class Phase(StrictModel):
-    epochs: int = Field(ge=1)
-    lr: float = Field(gt=0)
-
-
-class Augment(StrictModel):
-    """Random affine changes to training images (the course's MNIST: rotate 8, shift 0.08, shear 0.3 rad, zoom 0.08)."""
-
-    rotate: float = Field(0.0, ge=0, le=180)  # degrees, +-
-    shift: float = Field(0.0, ge=0, lt=1)  # fraction of width/height, +-
-    shear: float = Field(0.0, ge=0, lt=90)  # degrees, +-
-    zoom: float = Field(0.0, ge=0, lt=1)  # fraction, +-
-    flip: bool = False  # random horizontal flip (never for digits or State Farm)
+from pipeline.training.recipes import recipe
+from pipeline.training.settings import Augment, Phase
 
 
 class Settings(StrictModel):
@@ -50,7 +32,6 @@ class Settings(StrictModel):
     warmup_epochs: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     seed: int
-    deterministic: bool
     augment: Augment | None
     augmented: bool
     tta: bool
@@ -64,51 +45,25 @@ class Settings(StrictModel):
         return self
 
 
-RECIPES = ("finetune", "bnretrain")  # what a model can follow: finetune's recipe, or finetune's then bnretrain's
-
-
-def uses_passes(settings) -> bool:
-    """Whether a training section (finetune's, bnretrain's) reads augment's passes."""
-    return settings.augmented or settings.tta
-
-
-def recipe_sections(config, source: str) -> dict:
-    """The training sections a model trained by `source`'s recipe follows, by name."""
-    return {name: config.section(name) for name in RECIPES[:RECIPES.index(source) + 1]}
-
-
 def run(ctx: StageContext) -> dict:
-    from pipeline.evaluation.mistakes import write_mistakes
-    from pipeline.evaluation.predictions import load_predictions
-    from pipeline.training.recipe import load_training_data, train_model
+    from pipeline.training.stage_model import train_stage_model
 
-    s = ctx.settings
-    data = load_training_data(ctx.config, ctx.inputs, s.augmented, s.tta)
-    metrics = train_model(ctx.config, data, s.seed, ctx.out, ctx.log, ctx.warn, title=ctx.comp)
-    return {**metrics, **write_mistakes(ctx.config, ctx.input("download"), load_predictions(ctx.out), ctx.out,
-                                        f"{ctx.comp} finetune")}
-
-
-def with_passes(m: dict) -> str:
-    """What a training headline adds for augmented passes and TTA."""
-    text = f", clean + {m['train_passes']} passes" if m.get("train_passes") else ""
-    if m.get("tta_passes"):
-        text += f", TTA x{m['tta_passes']} (without: {m['val_log_loss_no_tta']:.4f})"
-    return text
+    return train_stage_model(ctx, recipe("finetune"), None, ctx.settings.seed)
 
 
 def headline(m: dict) -> str:
     return (f"{m['arch']}: val log loss {m['val_log_loss']:.4f}, accuracy {m['val_accuracy']:.4f} "
-            f"(best epoch {m['best_epoch']}/{m['epochs']}, {m['seconds_per_epoch']:.1f}s/epoch{with_passes(m)})")
+            f"(best epoch {m['best_epoch']}/{m['epochs']}, {m['seconds_per_epoch']:.1f}s/epoch{passes_text(m)})")
 
 
 STAGE = Stage(
     name="finetune",
     settings=Settings,
     run=run,
-    needs=PREDICTING_NEEDS,
-    reads=TRAINING_READS,
-    outs=TRAINING_OUTS,
+    needs=("download", "precompute", "split"),  # download: the images `top_losses.png` draws
+    reads=MISTAKES_READS,
+    outs=MODEL_OUTPUTS,
     headline=headline,
-    extra_needs=lambda config: ("augment",) if uses_passes(config.section("finetune")) else (),
+    extra_needs=lambda config: recipe("finetune").needs_for(config),
+    recipes=lambda config: (recipe("finetune"),),
 )

@@ -21,18 +21,15 @@ the manifest reports the teacher's score, the student's, the gain, and the smoot
 """
 from __future__ import annotations
 
-import functools
-import json
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.core.artifacts import MEMBER_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
-from pipeline.core.cache import fingerprint
+from pipeline.core.artifacts import PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
-from pipeline.core.executor import Unit, say
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from stages.finetune import PREDICTING_NEEDS, TRAINING_READS, recipe_sections, uses_passes
+from pipeline.evaluation.mistakes import MISTAKES_READS
+from pipeline.training.recipes import needs_of, steps_of
 
 TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth")
 STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
@@ -62,49 +59,48 @@ def teacher_base(config, source: str) -> str:
 
 
 def student_recipe(config, source: str) -> str:
-    """The recipe the teacher's models followed, which the student follows too: finetune | bnretrain."""
+    """The recipe the teacher's models followed, which the student follows too."""
     base = teacher_base(config, source)
     return {"ensemble": config.get("ensemble.source"), "cv": config.get("cv.source")}.get(base, base)
 
 
-def student_key(ctx: StageContext, fold: int, rows: dict) -> str:
-    """A fold's student depends on its rows, the teacher, the features, the recipe, the code and the
-    seed; not on whether its predictions are smoothed afterwards."""
-    inputs = ctx.fingerprint_inputs
-    config = {key: value for key, value in inputs["config"].items() if key != "smooth"}
-    config["pseudo"] = {key: value for key, value in config["pseudo"].items() if key != "smooth"}
-    return fingerprint({"upstream": inputs["upstream"], "config": config, "code": inputs["code"],
-                        "fold": fold, "rows": rows})
+def student_steps(config) -> tuple:
+    """The recipes a student follows, from nothing."""
+    return steps_of(student_recipe(config, config.section("pseudo").source), config)
 
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
     import pandas as pd
 
-    from pipeline.core.cache import Manifest
+    from pipeline.core.cache import Manifest, link_or_copy
+    from pipeline.core.executor import UnitItem
     from pipeline.data.features import label_indices, read_rows
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
+    from pipeline.evaluation.model_outputs import TRAINED_FILES, draw_training
     from pipeline.evaluation.predictions import (Predictions, load_fold_test, load_predictions, save_fold_test,
                                                  save_predictions, validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
     from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
-    from pipeline.training.recipe import load_recipe_data, train_recipe
+    from pipeline.training.recipes import check_steps, train_unit
 
     s = ctx.settings
     teacher_dir = ctx.input(s.source)
     teacher = load_predictions(teacher_dir)
     kind = validation_kind(teacher_dir)
     recipe = student_recipe(ctx.config, s.source)
-    if recipe == "bnretrain":
-        from stages.bnretrain import check_dense_head
-
-        check_dense_head(ctx.config)
-    sections = recipe_sections(ctx.config, recipe)
+    steps = student_steps(ctx.config)
+    check_steps(steps, ctx.config)
     split = pd.read_csv(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     ids = split["id"].to_numpy()
     if list(teacher.test_ids) != read_rows(ctx.input("precompute"), "test")["id"].tolist():
         raise PipelineError(f"{teacher_dir}: its test rows are not precompute's test rows, in order; rerun it")
+
+    def students(items, keyed_by_item=()):
+        # a student is keyed by what it is taught (`Teaching.digest`) and its rows, not by the teacher's stage
+        return ctx.map_units("students", train_unit, items, "pseudo students", recipes=steps,
+                             upstream=needs_of(steps, ctx.config), keyed_by_item=keyed_by_item)
 
     if kind == "holdout":
         valid = (split["side"] == "valid").to_numpy()
@@ -112,15 +108,18 @@ def run(ctx: StageContext) -> dict:
             raise PipelineError(f"{teacher_dir}: its validation rows are not the split's; rerun it")
         check_unlabeled(teacher.test_ids, ids[~valid], ids[valid], str(teacher_dir))
         keep = confident_rows(teacher.test_probs, s.threshold)
-        data = load_recipe_data(ctx.config, ctx.inputs, sections)
-        (ctx.out / STUDENT_DIR).mkdir()
         teaching = Teaching(teacher.test_probs, keep, s.weight)
-        record = train_recipe(ctx.config, recipe, data, s.seed, ctx.out / STUDENT_DIR, ctx.log, ctx.warn,
-                              title=f"{ctx.comp} student", teaching=teaching)
-        student = load_predictions(ctx.out / STUDENT_DIR)
-        fold_test, students = None, [{"fold": None, "reused": False, "pseudo_rows": int(keep.sum()),
-                                      "taught": teaching.digest(), "best_epoch": record["best_epoch"],
-                                      **evaluate(student.valid_labels, student.valid_probs)}]
+        [unit] = students([UnitItem("the student", {"seed": s.seed, "taught": teaching.digest()},
+                                    (steps, s.seed, f"{ctx.comp} student", None, None, None, teaching))])
+        (ctx.out / STUDENT_DIR).mkdir()
+        for name in TRAINED_FILES:
+            link_or_copy(unit.folder / name, ctx.out / STUDENT_DIR / name)
+        draw_training(ctx.out / STUDENT_DIR, ctx.config.competition.classes, f"{ctx.comp} student")
+        student = load_predictions(unit.folder)
+        fold_test, taught = None, [{"fold": None, "reused": unit.reused, "key": unit.key,
+                                    "pseudo_rows": int(keep.sum()), "taught": teaching.digest(),
+                                    "best_epoch": unit.record["best_epoch"],
+                                    **evaluate(student.valid_labels, student.valid_probs)}]
     else:
         if list(teacher.valid_ids) != list(ids):
             raise PipelineError(f"{teacher_dir}: its out-of-fold rows are not every row of {SPLIT_FILE}; rerun it")
@@ -129,31 +128,31 @@ def run(ctx: StageContext) -> dict:
         teachers = load_fold_test(teacher_dir, len(teacher.test_ids), n_folds)
         chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input("cv")).metrics["fold_runs"]}
         labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], ctx.config.competition.classes)
-        plans = []
+        items, teachings = [], []
         for f in range(n_folds):
             held_out = folds == f
             check_unlabeled(teacher.test_ids, ids[~held_out], ids[held_out], str(teacher_dir))
             teaching = Teaching(teachers[f], confident_rows(teachers[f], s.threshold), s.weight)
-            key = student_key(ctx, f, {"train": sorted(ids[~held_out]), "held_out": sorted(ids[held_out])})
-            plans.append((f, held_out, teaching, key))
-        units = [Unit(key, f"fold {f + 1}/{n_folds} student ({chosen[f + 1]} epochs, taught by fold {f + 1}'s teacher)",
-                      functools.partial(train_student, ctx.config, ctx.inputs, recipe, f, held_out, teaching,
-                                        chosen[f + 1], f"{ctx.comp} fold {f + 1} student"))
-                 for f, held_out, teaching, key in plans]
-        trained = set(ctx.compute_units("students", units, "pseudo students"))
-        store = ctx.units("students")
+            teachings.append(teaching)
+            rows = {"train": sorted(ids[~held_out]), "held_out": sorted(ids[held_out])}
+            items.append(UnitItem(
+                f"fold {f + 1}/{n_folds} student ({chosen[f + 1]} epochs, taught by fold {f + 1}'s teacher)",
+                {"seed": s.seed, "fold": f, "rows": rows, "epochs": chosen[f + 1], "taught": teaching.digest()},
+                (steps, s.seed, f"{ctx.comp} fold {f + 1} student", None, (~held_out, held_out), chosen[f + 1],
+                 teaching)))
+        units = students(items, keyed_by_item=("split",))
         oof = np.zeros_like(teacher.valid_probs)
-        fold_test, students = [], []
-        for f, held_out, teaching, key in plans:
-            reused = key not in trained
-            predictions = load_predictions(store.path(key))
+        fold_test, taught = [], []
+        for f, (unit, teaching) in enumerate(zip(units, teachings)):
+            held_out = folds == f
+            predictions = load_predictions(unit.folder)
             if list(predictions.valid_ids) != list(ids[held_out]):
-                raise PipelineError(f"{store.path(key)}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
+                raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
             oof[held_out] = predictions.valid_probs
             fold_test.append(predictions.test_probs)
-            students.append({"fold": f + 1, "reused": reused, "key": key, "pseudo_rows": int(teaching.keep.sum()),
-                             "taught": teaching.digest(), "chosen_epochs": chosen[f + 1],
-                             **evaluate(labels[held_out], predictions.valid_probs)})
+            taught.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "pseudo_rows": int(teaching.keep.sum()),
+                           "taught": teaching.digest(), "chosen_epochs": chosen[f + 1],
+                           **evaluate(labels[held_out], predictions.valid_probs)})
         fold_test = np.stack(fold_test)
         student = Predictions(list(ids), labels, oof, teacher.test_ids, fold_test.mean(axis=0))
 
@@ -163,7 +162,7 @@ def run(ctx: StageContext) -> dict:
               **{f"teacher_{name}": value for name, value in teacher_scores.items()},
               **{f"student_{name}": value for name, value in student_scores.items()},
               "gain_over_teacher": round(teacher_scores["val_log_loss"] - student_scores["val_log_loss"], 5),
-              "trained": sum(not row["reused"] for row in students), "students": students, **student_scores}
+              "trained": sum(not row["reused"] for row in taught), "students": taught, **student_scores}
     final = student
     if s.smooth:
         final, smoothing, fold_test = smooth_predictions(ctx.config, ctx.inputs, student, ctx.config.section("smooth"),
@@ -176,17 +175,6 @@ def run(ctx: StageContext) -> dict:
     return {**result, **write_mistakes(ctx.config, ctx.input("download"), final, ctx.out, f"{ctx.comp} pseudo")}
 
 
-def train_student(config, inputs: dict, recipe: str, f: int, held_out, teaching, epochs: dict, title: str, out) -> None:
-    """Fold f's student into `out` (here or on a Ray worker): trained on every other fold plus the test
-    rows its teacher taught, for the epochs cv chose for fold f; its record in `member.json`."""
-    from pipeline.training.recipe import load_recipe_data, train_recipe
-
-    data = load_recipe_data(config, inputs, recipe_sections(config, recipe), (~held_out, held_out))
-    record = train_recipe(config, recipe, data, config.section("pseudo").seed, out, say, say, title=title,
-                          stop_after=epochs, teaching=teaching)
-    (out / MEMBER_FILE).write_text(json.dumps({**record, "fold": f + 1, "taught": teaching.digest()}, indent=2) + "\n")
-
-
 def headline(m: dict) -> str:
     smoothed = f", smoothed {m['val_log_loss']:.4f}" if "smooth_k" in m else ""
     return (f"{m['recipe']} student of {m['source']} ({m['validation']}, {m['weight']:.2f} pseudo per batch): "
@@ -197,13 +185,13 @@ STAGE = Stage(
     name="pseudo",
     settings=Settings,
     run=run,
-    needs=PREDICTING_NEEDS,
-    reads=("finetune", "bnretrain", "smooth", "ensemble.source", "cv.source", *TRAINING_READS),
+    needs=("download", "precompute", "split"),
+    reads=("smooth", "ensemble.source", "cv.source", *MISTAKES_READS),
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: tuple(dict.fromkeys(
         (config.section("pseudo").source,
          *(("cv",) if teacher_base(config, config.section("pseudo").source) == "cv" else ()),
-         *(("augment",) if any(map(uses_passes, recipe_sections(
-             config, student_recipe(config, config.section("pseudo").source)).values())) else ())))),
+         *needs_of(student_steps(config), config)))),
+    recipes=student_steps,
 )

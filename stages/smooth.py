@@ -28,7 +28,7 @@ from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, TOP_LOSSES
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.smoothing import METRICS
-from stages.submit import PREDICTING_STAGES
+from pipeline.evaluation.sources import PREDICTING_STAGES
 
 SOURCES = tuple(s for s in PREDICTING_STAGES if s not in ("smooth", "pseudo"))  # pseudo smooths its own (`pseudo.smooth`)
 

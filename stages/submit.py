@@ -22,8 +22,8 @@ from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SUBMISSION_FILE, SUBMIS
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.evaluation.sources import PREDICTING_STAGES
 
-PREDICTING_STAGES = ("finetune", "bnretrain", "tune", "ensemble", "cv", "smooth", "pseudo")  # stages whose output is a predictions folder
 
 
 class Settings(StrictModel):

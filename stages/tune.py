@@ -18,29 +18,23 @@ draws them) -> write what finetune writes, the gain over the source stage, and t
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
+from pipeline.evaluation.model_outputs import MODEL_OUTPUTS
 from pipeline.training.fit import OPTIMIZERS
-from stages.finetune import RECIPES, TRAINING_OUTS
-
-
-# What the tune recipe (pipeline.training.tune) reads besides the `tune` section: every caller declares it.
-RECIPE_READS = ("precompute", "competition.image_size", "augment.transforms", "augment.seed", "augment.test_passes",
-                "finetune.deterministic")
+from pipeline.training.recipes import HEAD_RECIPES, recipe
 
 
 class Settings(StrictModel):
-    source: Literal[RECIPES]
+    source: Literal[HEAD_RECIPES]
     unfreeze: int | Literal["all"]
     image_size: list[int] | None
     optimizer: Literal[OPTIMIZERS]
+    momentum: float = Field(ge=0, lt=1)
     lr: float = Field(gt=0)
     backbone_lr_mult: float = Field(ge=0, le=1)
     epochs: int = Field(ge=1)
@@ -71,35 +65,21 @@ class Settings(StrictModel):
         return self
 
 
-def backup_dir(work_dir: Path, stage: str, key: str) -> Path:
-    """Where a resumable training (this stage's run, a tuned ensemble member) backs up its epochs:
-    `work/COMP/_cache/STAGE-backup/KEY/`, outside the run's temporary folder, which a kill loses."""
-    return work_dir / CACHE_FOLDER / BACKUP_FOLDER.format(stage=stage) / key
-
-
 def run(ctx: StageContext) -> dict:
     from pipeline.core.cache import Manifest
-    from pipeline.data.image_rows import load_split_images
-    from pipeline.evaluation.mistakes import write_mistakes
-    from pipeline.evaluation.predictions import load_predictions
-    from pipeline.training.tune import tune_model
+    from pipeline.training.stage_model import train_stage_model
 
     s = ctx.settings
-    images = load_split_images(ctx.input("download"), ctx.input("split"), ctx.config.competition.classes)
-    backup = backup_dir(ctx.work_dir, "tune", ctx.config_fingerprint)
-    metrics = tune_model(ctx.config, images, ctx.input(s.source), ctx.out, backup, ctx.log, title=ctx.comp)
+    metrics = train_stage_model(ctx, recipe("tune"), s.source, s.seed)
     source = Manifest.read(ctx.input(s.source)).metrics
-    result = {
+    return {
         **metrics,
         "arch": f"{source.get('arch', 'head')} + backbone",
         "source_val_log_loss": source["val_log_loss"],
         "source_val_accuracy": source["val_accuracy"],
         "log_loss_gain": round(source["val_log_loss"] - metrics["val_log_loss"], 5),
         "accuracy_gain": round(metrics["val_accuracy"] - source["val_accuracy"], 5),
-        **write_mistakes(ctx.config, ctx.input("download"), load_predictions(ctx.out), ctx.out, f"{ctx.comp} tune"),
     }
-    shutil.rmtree(backup, ignore_errors=True)  # the run is complete: nothing left to resume
-    return result
 
 
 def headline(m: dict) -> str:
@@ -115,8 +95,9 @@ STAGE = Stage(
     settings=Settings,
     run=run,
     needs=("download", "split"),
-    reads=(*RECIPE_READS, *MISTAKES_READS),
-    outs=TRAINING_OUTS,
+    reads=MISTAKES_READS,
+    outs=MODEL_OUTPUTS,
     headline=headline,
-    extra_needs=lambda config: (config.section("tune").source,),
+    extra_needs=lambda config: (config.section("tune").source, *recipe("tune").needs_for(config)),
+    recipes=lambda config: (recipe("tune"),),
 )

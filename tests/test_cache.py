@@ -88,21 +88,57 @@ def _all_inputs(config) -> dict[str, dict]:
     return inputs
 
 
-def test_editing_the_training_recipe_makes_exactly_its_users_stale(project, tmp_path, monkeypatch):
+def _code_copy(tmp_path, monkeypatch):
+    """A copy of the code that `code_version` hashes instead of the checkout's."""
     copy = tmp_path / "code"
     for package in ("pipeline", "stages"):
         shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(code_version, "PROJECT", copy)
+    return copy
+
+
+def _edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path}: {old!r} not found"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_editing_the_head_recipe_makes_exactly_its_users_stale(project, tmp_path, monkeypatch):
+    copy = _code_copy(tmp_path, monkeypatch)
+    config = load_config("digits", sets=["stages=[download,split,precompute,augment,finetune,bnretrain,tune,"
+                                         "ensemble,cv,smooth,pseudo,submit]", "split.strategy=kfold",
+                                         "split.folds=3", "precompute.backbone=mobilenet", "precompute.alpha=0.25",
+                                         "competition.image_size=[32,32]", "competition.channels=3",
+                                         "model.arch=pool", "pseudo.source=cv", "smooth.source=cv"])
+    before = _all_inputs(config)
+    _edit(copy / "pipeline" / "training" / "recipes" / "head.py", 'title: str = ""', 'title: str = "edited"')
+    after = _all_inputs(config)
+    by_code = {name for name in before if any(r.startswith("code changed") for r in explain(before[name], after[name]))}
+    assert by_code == {"finetune", "bnretrain", "ensemble", "cv", "pseudo"}
+    for name in by_code:
+        assert explain(before[name], after[name])[0] == "code changed: pipeline/training/recipes/head.py"
+    assert explain(before["tune"], after["tune"]) == ["upstream finetune changed"]
+    for name in ("download", "split", "precompute", "augment"):
+        assert explain(before[name], after[name]) == []
+
+
+def test_editing_a_plot_reruns_stages_but_no_unit_they_hold(project, tmp_path, monkeypatch):
+    """Units are keyed by the code their function and recipes reach, which draws nothing."""
+    from pipeline.core.code_version import code_hashes
+    from pipeline.training.recipes import MODULES
+
+    copy = _code_copy(tmp_path, monkeypatch)
+    unit_modules = ("pipeline.training.recipes", "pipeline.training.cross_validation", "pipeline.models.passes",
+                    *MODULES.values())
+    units_before = {module: code_hashes(module) for module in unit_modules}
     config = load_config("digits")
     before = _all_inputs(config)
-    recipe = copy / "pipeline" / "training" / "recipe.py"
-    recipe.write_text(recipe.read_text().replace("title: str = \"\"", "title: str = \"edited\""))
+    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'fig.savefig(path, dpi=90)', 'fig.savefig(path, dpi=91)')
+    _edit(copy / "stages" / "finetune.py", "val log loss", "validation log loss")
+    assert {module: code_hashes(module) for module in unit_modules} == units_before
     after = _all_inputs(config)
-    changed = {name for name in before if fingerprint(before[name]) != fingerprint(after[name])}
-    assert changed == {"finetune", "ensemble", "submit"}  # submit only through its upstream ensemble
-    for name in ("finetune", "ensemble"):
-        assert explain(before[name], after[name]) == ["code changed: pipeline/training/recipe.py"]
-    assert explain(before["submit"], after["submit"]) == ["upstream ensemble changed"]
+    assert "code changed: stages/finetune.py" in explain(before["finetune"], after["finetune"])[0]
+    assert "pipeline/evaluation/plots.py" in explain(before["ensemble"], after["ensemble"])[0]
 
 
 def test_failed_stage_leaves_previous_output_untouched(project):

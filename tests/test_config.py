@@ -149,7 +149,16 @@ def test_set_key_that_does_not_exist(project):
 
 def test_stage_list_is_checked(project):
     assert "unknown stage 'splt'" in _error(comp="digits", sets=["stages=[download, splt]"])
-    assert "needs 'download' listed before it" in _error(comp="digits", sets=["stages=[split, download]"])
+    assert "'split' needs 'download', which is not listed" in _error(comp="digits", sets=["stages=[split]"])
+
+
+def test_stages_run_in_the_order_their_needs_give_whatever_the_listing(project):
+    listed = load_config("digits", sets=["stages=[submit, ensemble, finetune, precompute, split, download]"])
+    order = listed.stage_names
+    assert order == load_config("digits").stage_names
+    assert order[0] == "download" and order[-1] == "submit"
+    for stage in ("finetune", "ensemble"):
+        assert order.index("split") < order.index(stage) and order.index("precompute") < order.index(stage)
 
 
 def test_submission_name_template_is_checked(project):

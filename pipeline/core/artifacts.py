@@ -44,7 +44,6 @@ SHARD_FILE = "shard.npy"            # precompute on Ray: one shard unit's featur
 
 # augment: K passes over the training images, T over the test images, each aligned with rows_file(subset)
 PASSES_DIR = "passes"               # work/COMP/augment/passes/: every pass of the current run
-PASS_FILE = "pass.json"             # a cached pass's seed and throughput
 PREVIEW_PLOT = "preview.png"        # training images beside their augmented versions
 
 
@@ -67,8 +66,8 @@ MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.csv"
 LOSS_PLOT = "loss.png"
 CONFUSION_PLOT = "confusion.png"
-MEMBER_FILE = "member.json"         # an ensemble member's metrics
-MEMBER_HEAD_DIR = "head"            # a bnretrain member's finetune head, before batchnorm went in
+UNIT_FILE = "unit.json"             # a stored unit's record (a member's, a fold's, a pass's metrics)
+MEMBER_HEAD_DIR = "head"            # a model trained in steps: the previous step's model (bnretrain's finetune head)
 MEMBERS_PLOT = "members.png"
 TOP_LOSSES_PLOT = "top_losses.png"  # every predicting stage: the validation rows with the highest loss
 

@@ -1,6 +1,6 @@
 """The artifact cache: fingerprints, manifests, atomic writes, crash leftovers and the competition lock.
 
-A stage's fingerprint hashes the config values it declares (`Stage.keys`), its upstream stages'
+A stage's fingerprint hashes the config values it declares (`Stage.keys_for`), its upstream stages'
 fingerprints, its code (`pipeline.core.code_version`) and any source stamp (a source archive's or
 weights file's size and mtime, or its sha256). Each finished run lives in the run cache
 (`pipeline.core.runs`) with `manifest.json`; a run whose manifest's fingerprint differs from the
@@ -179,6 +179,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from None  # a failed write names no file
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put a stored file into another folder without copying its bytes (a hard link; a copy across filesystems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def sweep_partial(work_dir: Path) -> list[Path]:

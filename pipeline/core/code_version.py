@@ -2,7 +2,9 @@
 
 A stage's code is its own module plus every library module it imports, directly or through other
 library modules (found by reading the `import` statements, function-level ones included, without
-importing anything). The engine (`pipeline/*.py`) and `pipeline.core` are the cache's own machinery
+importing anything), plus the modules of the recipes it runs (`Stage.recipes`: found by name at run
+time, so no import statement names them). A unit's code is its function's module and its recipes'
+modules alike, which draw nothing: editing a plot or a headline reruns a stage, never its units. The engine (`pipeline/*.py`) and `pipeline.core` are the cache's own machinery
 and are left out: they decide when a stage runs, not what it writes. Each file is hashed (sha256 of
 its bytes); editing one makes every stage that uses it stale, and `kp status` names the file.
 """
@@ -19,7 +21,7 @@ LIBRARY_PACKAGES = ("pipeline.data", "pipeline.models", "pipeline.training", "pi
 
 
 def module_file(name: str) -> Path | None:
-    """`pipeline.training.recipe` -> its .py file under the project (None if there is none)."""
+    """`pipeline.training.recipes.head` -> its .py file under the project (None if there is none)."""
     base = PROJECT.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -50,17 +52,17 @@ def _facts(path: Path) -> tuple[str, tuple[str, ...]]:
     return _file_facts(path, st.st_mtime_ns, st.st_size)
 
 
-def code_hashes(module: str) -> dict[str, str]:
-    """{project-relative file: hash} for `module` and the library modules it reaches.
+def code_hashes(*modules: str) -> dict[str, str]:
+    """{project-relative file: hash} for `modules` and the library modules they reach.
 
     Args:
-        module: a stage module's name, e.g. `stages.finetune`.
+        modules: module names, e.g. `stages.finetune` and the recipe modules it runs.
 
     Returns:
         File hashes, sorted by path; the fingerprint hashes this dict.
     """
     seen: dict[str, str] = {}
-    todo = [module]
+    todo = list(modules)
     while todo:
         name = todo.pop()
         path = module_file(name)

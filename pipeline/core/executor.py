@@ -17,6 +17,8 @@ on a usual cluster); a worker that cannot see the store says so. Imports Ray ins
 """
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field
 
+from pipeline.core.artifacts import UNIT_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunStore
 from pipeline.core.stage import StrictModel
@@ -54,12 +57,57 @@ class Compute(StrictModel):
 @dataclass
 class Unit:
     """One cached piece of a stage: `compute(folder)` writes its files into `folder` (a fresh temporary
-    folder that becomes `store/key` once it returns); it must be picklable for Ray (a module-level
-    function, or a `functools.partial` of one, with plain arguments)."""
+    folder that becomes `store/key` once it returns) and returns its record (a dict of JSON values,
+    kept as `unit.json`; None: no record); it must be picklable for Ray (a module-level function, or
+    a `functools.partial` of one, with plain arguments). `backup`: where a resumable unit keeps its
+    progress outside that folder, removed once the unit is stored."""
 
     key: str
     label: str  # how messages name it: "member 3 (seed 1002)"
     compute: Callable[[Path], Any]
+    backup: Path | None = None
+
+
+@dataclass
+class UnitItem:
+    """One unit a stage asks for (`StageContext.map_units`).
+
+    label: how messages name it.
+    key: what sets this unit apart from its siblings (a seed, its rows, a pass number): JSON values,
+        hashed into its key with what every unit of the call shares (settings, upstream, code).
+    args: handed to the unit's function after the config and the inputs; derived from `key` and the
+        inputs (masks of the rows, preloaded arrays), so they need not be hashed.
+    """
+
+    label: str
+    key: dict[str, Any]
+    args: tuple = ()
+
+
+@dataclass
+class UnitResult:
+    """A unit, stored: its key, its folder in the run store, its record, and whether an earlier run made it."""
+
+    key: str
+    folder: Path
+    record: dict[str, Any]
+    reused: bool
+
+
+def _store_unit(store: RunStore, unit: Unit) -> None:
+    """Compute one unit into its store, atomically, with its record; then drop its backup."""
+    with store.write(unit.key) as folder:
+        record = unit.compute(folder)
+        if record is not None:
+            (folder / UNIT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if unit.backup is not None:
+        shutil.rmtree(unit.backup, ignore_errors=True)
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """A stored unit's record (`unit.json`), or {} for a unit that keeps none."""
+    path = folder / UNIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], log=print, progress=None) -> list[str]:
@@ -87,8 +135,7 @@ def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], 
     if settings is None or settings.backend == "local" or not missing:
         for unit in missing:
             log(f"{unit.label}: computing")
-            with store.write(unit.key) as folder:
-                unit.compute(folder)
+            _store_unit(store, unit)
             if progress is not None:
                 progress.update(1)
         return [unit.key for unit in missing]
@@ -99,7 +146,7 @@ def _compute_on_ray(settings: Compute, store: RunStore, units: list[Unit], log, 
     ray = connect(settings)
     task = ray.remote(_write_unit).options(num_cpus=settings.cpus_per_task, num_gpus=settings.gpus_per_task,
                                           max_retries=settings.retries, retry_exceptions=True)
-    pending = {task.remote(str(store.root), unit.key, unit.compute): unit for unit in units}
+    pending = {task.remote(str(store.root), unit): unit for unit in units}
     log(f"{len(units)} units sent to Ray ({ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster)")
     failures = []
     while pending:
@@ -140,7 +187,7 @@ def connect(settings: Compute):
     return ray
 
 
-def _write_unit(store_root: str, key: str, compute: Callable[[Path], Any]) -> str:
+def _write_unit(store_root: str, unit: Unit) -> str:
     """On a worker: compute one unit into its store, atomically. Returns where it ran."""
     import os
     import socket
@@ -154,9 +201,8 @@ def _write_unit(store_root: str, key: str, compute: Callable[[Path], Any]) -> st
         raise PipelineError(f"this worker ({socket.gethostname()}) cannot see {root.parent}: the work folder must "
                             "be on a filesystem every Ray worker shares, at the same path")
     store = RunStore(root)
-    if not store.has(key):  # another attempt may have finished it
-        with store.write(key) as folder:
-            compute(folder)
+    if not store.has(unit.key):  # another attempt may have finished it
+        _store_unit(store, unit)
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 

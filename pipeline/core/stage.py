@@ -76,20 +76,25 @@ class ConfigView:
 
     Offers what stages use of `pipeline.config.ResolvedConfig` (`get`, `section`, `competition`,
     `path`, `root`, `comp`, `submissions_dir`); anything outside the declaration raises
-    `UndeclaredConfigRead`, so a test run of every stage proves its declaration complete.
+    `UndeclaredConfigRead`, so a test run of every stage proves its declaration complete. A unit of
+    a stage sees a narrower view: the keys its own key hashes (`StageContext.map_units`).
     """
 
-    def __init__(self, config, stage: "Stage"):
-        self._config, self.stage = config, stage
-        self.declared = stage.keys
+    def __init__(self, config, declared: tuple[str, ...], reader: str):
+        """`reader` says where the declaration lives, for the error (`STAGE.reads in stages.cv`)."""
+        self._config, self.declared, self.reader = config, tuple(declared), reader
         self.comp, self.root = config.comp, config.root
 
     def check(self, dotted: str) -> None:
         if not _covers(self.declared, dotted):
             raise UndeclaredConfigRead(
-                f"stage {self.stage.name!r} read config key {dotted!r} without declaring it: add it to "
-                f"STAGE.reads in {self.stage.run.__module__} (declared: {', '.join(self.declared)})"
+                f"config key {dotted!r} was read without being declared: add it to {self.reader} "
+                f"(declared: {', '.join(self.declared)})"
             )
+
+    def narrowed(self, declared: tuple[str, ...], reader: str) -> "ConfigView":
+        """The same config, readable only at `declared` (a unit's view: what its key hashes)."""
+        return ConfigView(self._config, declared, reader)
 
     def get(self, dotted: str) -> Any:
         self.check(dotted)
@@ -140,6 +145,9 @@ class Stage:
         `source_stamp(config, stamp)` where `stamp(path)` is the configured file stamp (size and
         mtime, or sha256), so that replacing an input file makes the stage stale.
     extra_needs: upstream stages chosen by the config (submit reads the stage `submit.source` names).
+    recipes: the training recipes (`pipeline.training.recipes`) the stage runs under a config, as
+        `recipes(config)`: their config keys (`Recipe.keys`) join the stage's and their modules
+        (`Recipe.module`) its code, so a stage is stale when a recipe it uses changes, and only then.
     restore: called with a `StageContext` (whose `out` is the stored run) when a stored run becomes
         current again without rerunning, for a stage that also writes outside its folder.
     """
@@ -154,20 +162,33 @@ class Stage:
     headline: Callable[[dict[str, Any]], str] = lambda metrics: ""
     source_stamp: Callable[[Any, Callable[[Path], dict]], dict[str, Any]] | None = None
     extra_needs: Callable[[Any], tuple[str, ...]] | None = None
+    recipes: Callable[[Any], tuple[Any, ...]] | None = None
     restore: Callable[["StageContext"], None] | None = None
 
     def __post_init__(self):
         if not self.section:
             object.__setattr__(self, "section", self.name)
 
-    @property
-    def keys(self) -> tuple[str, ...]:
-        """Every config key whose value goes into the fingerprint: its section, then `reads`."""
-        return (self.section, *self.reads)
+    def recipes_for(self, config) -> tuple[Any, ...]:
+        """The recipes this stage runs under `config` (none for a stage that trains nothing)."""
+        return tuple(self.recipes(config)) if self.recipes else ()
+
+    def keys_for(self, config) -> tuple[str, ...]:
+        """Every config key whose value goes into the fingerprint: its section, `reads`, then its recipes' keys."""
+        keys = [self.section, *self.reads]
+        for recipe in self.recipes_for(config):
+            keys += [key for key in recipe.keys if key not in keys]
+        return tuple(keys)
+
+    def code_modules(self, config) -> tuple[str, ...]:
+        """The modules whose code (and what they import) computes this stage's output: its own and its recipes'."""
+        return (self.run.__module__, *(recipe.module for recipe in self.recipes_for(config)))
 
     def view(self, config) -> ConfigView:
         """The config as this stage may read it."""
-        return config if isinstance(config, ConfigView) else ConfigView(config, self)
+        if isinstance(config, ConfigView):
+            return config
+        return ConfigView(config, self.keys_for(config), f"STAGE.reads in {self.run.__module__}")
 
     def needs_for(self, config) -> tuple[str, ...]:
         """Upstream stages under this config: `needs`, then whatever `extra_needs` adds."""
@@ -189,6 +210,7 @@ class StageContext:
     """
 
     comp: str
+    stage: Stage
     config: ConfigView
     settings: Any
     out: Path
@@ -216,13 +238,75 @@ class StageContext:
         e.g. ensemble members: each unit is keyed by its own fingerprint and written atomically."""
         from pipeline.core.runs import RunStore
 
-        name = f"{self.config.stage.name}-{kind}"
+        name = f"{self.stage.name}-{kind}"
         return RunStore(self.work_dir / RUNS_FOLDER / name, used=self.units_used.setdefault(name, []))
 
     @property
     def on_ray(self) -> bool:
         """Whether this run's units go to Ray workers (`compute.backend: ray`), which load their own inputs."""
         return self.config.compute.backend == "ray"
+
+    def map_units(self, kind: str, function: Callable[..., dict], items: list, desc: str, recipes=(),
+                  reads: tuple[str, ...] = (), upstream: tuple[str, ...] | None = None,
+                  keyed_by_item: tuple[str, ...] = (), resumable: bool = False) -> list:
+        """Compute (or reuse) one unit of `kind` per item and return them stored, in order: the fan-out
+        and gather every stage with units shares (here, or as Ray tasks as `compute` says).
+
+        Each unit's key is derived here from exactly what the unit is handed: the config keys its
+        recipes and `reads` declare (the unit sees only those: reading another raises), the
+        fingerprints of the `upstream` stages it is given, the code its function and recipes reach
+        (no drawing code: a plot's edit never reruns a unit), and its item's own `key`.
+
+        Args:
+            kind: the units' store, `work/COMP/_runs/STAGE-KIND/`.
+            function: a module-level function called as `function(config, inputs, *item.args, out)`
+                (plus `backup=` when `resumable`); it writes its files into `out` and returns its
+                record (`unit.json`; its `warnings`, a list of lines, go to the stage's manifest).
+            items: `pipeline.core.executor.UnitItem`s.
+            desc: the progress bar's text.
+            recipes: the `Recipe`s the function runs (their keys and modules).
+            reads: other config keys it reads.
+            upstream: the upstream stages it reads (default: all of the stage's).
+            keyed_by_item: those of `upstream` whose fingerprint stays out of the key because each
+                item's `key` holds what the unit takes from them (cv's folds list their rows, so a
+                fold is reused when another fold's rows change).
+            resumable: hand each unit a backup folder outside its temporary one
+                (`work/COMP/_cache/STAGE-KIND-backup/KEY/`), kept until the unit is stored.
+
+        Returns:
+            One `pipeline.core.executor.UnitResult` per item.
+        """
+        import functools
+
+        from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER
+        from pipeline.core.cache import fingerprint
+        from pipeline.core.code_version import code_hashes
+        from pipeline.core.executor import Unit, UnitResult, read_record
+
+        declared = tuple(dict.fromkeys([*(key for recipe in recipes for key in recipe.keys), *reads]))
+        view = self.config.narrowed(declared, f"the keys of the recipes or reads given to map_units by {kind}")
+        names = tuple(self.inputs) if upstream is None else tuple(upstream)
+        shared = {"kind": kind, "function": f"{function.__module__}.{function.__qualname__}",
+                  "code": code_hashes(function.__module__, *(recipe.module for recipe in recipes)),
+                  "config": {key: self.config.get(key) for key in declared},
+                  "upstream": {name: self.fingerprint_inputs["upstream"][name] for name in names
+                               if name not in keyed_by_item}}
+        inputs = {name: self.inputs[name] for name in names}
+        units = []
+        for item in items:
+            key = fingerprint({**shared, "item": item.key})
+            backup = (self.cache_dir / BACKUP_FOLDER.format(stage=f"{self.stage.name}-{kind}") / key
+                      if resumable else None)
+            extra = {"backup": backup} if resumable else {}
+            units.append(Unit(key, item.label, functools.partial(function, view, inputs, *item.args, **extra), backup))
+        computed = set(self.compute_units(kind, units, desc))
+        store, results = self.units(kind), []
+        for unit in units:
+            record = read_record(store.path(unit.key))
+            for message in record.pop("warnings", []):  # a unit's warnings belong in the stage's manifest
+                self.warn(f"{unit.label}: {message}")
+            results.append(UnitResult(unit.key, store.path(unit.key), record, unit.key not in computed))
+        return results
 
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:

@@ -155,43 +155,29 @@ def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200
     import keras
     import yaml
 
-    from pipeline.core.artifacts import LR_FIND_OVERLAY, LR_FIND_PLOT, LR_FIND_RECORD, MODEL_FILE
+    from pipeline.core.artifacts import LR_FIND_OVERLAY, LR_FIND_PLOT, LR_FIND_RECORD
     from pipeline.core.cache import write_text_atomic
-    from pipeline.training.recipe import load_training_data, set_determinism
+    from pipeline.training.recipes import recipe
+    from pipeline.training.record import set_determinism
 
     s = config.section(stage)
     set_determinism(False)
     keras.utils.set_random_seed(s.seed)
-    x = y = batches = factors = None
-    if stage == "tune":
-        from pipeline.training.tune import range_test_setup
-
-        model, batches, factors, rows = range_test_setup(config, inputs, steps)
-    else:
-        data = load_training_data(config, inputs, s.augmented, tta=False)
-        x, y, rows = data.x_train, data.y_train, len(data.x_train)
-        if stage == "finetune":
-            from pipeline.models.build import build_model
-
-            model, _ = build_model(config, data.x_train.shape[1:], len(data.classes), warn=say)
-        else:
-            from pipeline.models.batchnorm import with_batchnorm
-
-            model = with_batchnorm(keras.models.load_model(inputs["finetune"] / MODEL_FILE), data.x_train,
-                                   dropout=s.dropout)
+    model, x, y, batches, factors, rows = recipe(stage).range_test_setup(config, inputs, steps, warn=say)
     say(f"range test for {stage}: {rows:,} training rows, {s.optimizer}, batch {s.batch_size}, "
         f"at most {steps} batches")
     test = range_test(model, x, y, optimizer=s.optimizer, steps=steps, batch_size=s.batch_size, batches=batches,
                       rate_factors=factors)
     suggestions = test.suggestions()
     out.mkdir(parents=True, exist_ok=True)
-    current = s.lr if stage == "tune" else s.phases[0].lr
-    if stage == "tune":
-        phases, setting, what = None, {"lr": float(f"{suggestions['minimum_over_10']:.3g}")}, "tune's peak rate"
-    else:
+    stepped = hasattr(s, "phases")  # a list of phases (finetune, bnretrain), or one peak rate (tune)
+    current = s.phases[0].lr if stepped else s.lr
+    if stepped:
         scale = suggestions["minimum_over_10"] / current
         phases = [{"epochs": p.epochs, "lr": float(f"{p.lr * scale:.3g}")} for p in s.phases]
         setting, what = {"phases": phases}, "the first phase's rate"
+    else:
+        phases, setting, what = None, {"lr": float(f"{suggestions['minimum_over_10']:.3g}")}, f"{stage}'s peak rate"
     if apply:
         write_text_atomic(out / LR_FIND_OVERLAY, (
             f"# kp lr-find --comp {config.comp} --stage {stage}: {what} set to the range test's\n"

@@ -1,17 +1,16 @@
-"""Fine-tuning end to end (fastai's `fine_tune`): a trained head back on its backbone, the top blocks unfrozen.
+"""The tune recipe (fastai's `fine_tune`): a trained head back on its backbone, the top blocks unfrozen.
 
 `build_tuned_model` builds the backbone the `precompute` section names (its weights; `weights: none`
-from the same seed precompute used) at the tune image size, stacks the trained head of `tune.source`
-on it and unfreezes the top `tune.unfreeze` blocks, batchnorm kept in inference mode
-(`pipeline.models.unfreeze`). `tune_model` trains it on the split's training images, decoded and
+from the same seed precompute used) at the tune image size, stacks a trained head on it (the tune
+stage's: `tune.source`'s output; an ensemble member's: its own head, trained first by `tune.source`'s
+recipe) and unfreezes the top `tune.unfreeze` blocks, batchnorm kept in inference mode
+(`pipeline.models.unfreeze`). `TuneRecipe.fit` trains it on the split's training images, decoded and
 augmented on the fly (`pipeline.data.image_stream`, augment's `transforms`), with one warmup +
 cosine schedule whose rate the backbone's variables take times `tune.backbone_lr_mult`
 (discriminative rates, `pipeline.training.fit.make_optimizer`); every epoch is backed up so a
 killed run resumes (`pipeline.training.resumable`); the best epoch by validation loss is kept. Then
 it predicts the validation and test images, with `tune.tta` also augment's test passes of them
-(drawn exactly as augment draws them) and averages. Config keys read here must be declared by the
-calling stage: `tune`, `precompute`, `competition.image_size`, `augment.transforms`, `augment.seed`,
-`augment.test_passes`, `finetune.deterministic`. Imports Keras.
+(drawn exactly as augment draws them) and averages. Imports Keras inside the functions.
 """
 from __future__ import annotations
 
@@ -23,6 +22,8 @@ import numpy as np
 from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.data.image_rows import ImageRows, SplitImages
+from pipeline.training.recipes import HEAD_RECIPES, recipe
+from pipeline.training.recipes.base import Recipe
 
 TRAINING_DRAWS = 2  # augment draws subset 0 (train) and 1 (test) passes; tune's training draws are stream 2
 
@@ -74,23 +75,22 @@ def training_augmenter(config, seed: int):
     return RowAugmenter(transforms, (seed, TRAINING_DRAWS)) if config.get("tune.augment") and transforms else None
 
 
-def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, log=print,
-               title: str = "", verbose: int = 2, seed: int | None = None) -> dict:
+def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int, log=print,
+               verbose: int = 2) -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
     Args:
-        config: the calling stage's view of the config.
+        config: a config view that declares the tune recipe's keys.
         images: the split's rows as image files.
-        head_dir: the output folder of the stage whose trained head starts it (`tune.source`).
-        out_dir: where the model, history, plots and predictions go.
+        head_dir: the folder of the trained head that starts it.
+        out_dir: where the model, history and predictions go.
         backup_dir: the run's backup (kept outside `out_dir`, which a killed run loses).
+        seed: the run's seed (`tune.seed`, or an ensemble member's).
         log: prints progress.
-        title: the plots' title.
         verbose: Keras' fit verbosity.
-        seed: the run's seed instead of `tune.seed` (an ensemble member's).
 
     Returns:
-        Its metrics: validation scores, best epoch, what was unfrozen, timing, `resumed_at`.
+        Its record: validation scores, best epoch, what was unfrozen, timing, `resumed_at`.
     """
     import keras
 
@@ -98,13 +98,12 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
     from pipeline.models.device import plan_device, replicas_scope
     from pipeline.models.unfreeze import backbone_rate_factors
     from pipeline.training.fit import Phase, fit
-    from pipeline.training.recipe import record_training, set_determinism
+    from pipeline.training.record import record, set_determinism
     from pipeline.training.resumable import resumed_epoch
 
     s = config.section("tune")
-    seed = s.seed if seed is None else seed
     size = image_size(config)
-    set_determinism(config.get("finetune.deterministic"))
+    set_determinism(config.get("training.deterministic"))
     plan = plan_device(config.compute, s.batch_size)
     keras.utils.set_random_seed(seed)  # the loaded head's dropout seeds come from here
     with replicas_scope(plan) as replicas:  # several GPUs: one replica each, the batch split among them
@@ -124,13 +123,12 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
         history, best_epoch, _ = fit(
             model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
-            momentum=0.9, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
             steps_per_epoch=steps, backup_dir=backup_dir)
         seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
     predictions, valid_each = predict_split(config, model, images, preprocess, plan)
-    metrics = record_training(predictions, valid_each, images.classes, history, best_epoch, out_dir,
-                              f"{title} tune")
+    metrics = record(predictions, valid_each, history, best_epoch, out_dir)
     trained_now = max(1, s.epochs - start)
     return {**metrics, "source": s.source, "image_size": list(size), "unfreeze": s.unfreeze,
             "unfrozen_blocks": unfrozen.blocks, "total_blocks": unfrozen.total_blocks,
@@ -190,47 +188,57 @@ def predict_images(forward, rows: ImageRows, size: tuple[int, int], augmenter=No
     return np.concatenate(parts)
 
 
-def range_test_setup(config, inputs: dict[str, Path], steps: int):
-    """What `kp lr-find --stage tune` tests: the model tune starts from and its training batches.
+class TuneRecipe(Recipe):
+    """tune's recipe: starts from a head trained by `tune.source`'s recipe; trains on images, not cached rows."""
 
-    Returns:
-        (the model, an iterator of at least `steps` (images, labels) batches streamed as tune streams
-        them, the backbone's rate factors, the number of training images).
-    """
-    from pipeline.data.image_rows import load_split_images
-    from pipeline.data.image_stream import training_stream
-    from pipeline.models.unfreeze import backbone_rate_factors
+    name = "tune"
+    section = "tune"
+    reads = ("precompute", "competition.image_size", "competition.classes", "augment.transforms", "augment.seed",
+             "augment.test_passes", "training.deterministic")
+    needs = ("download", "split")
+    teachable = False
 
-    s = config.section("tune")
-    images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
-    model, backbone, preprocess, _ = build_tuned_model(config, inputs[s.source])
-    per_epoch = -(-len(images.train) // s.batch_size)
-    stream, _ = training_stream(images.train, image_size(config), s.batch_size, preprocess,
-                                training_augmenter(config, s.seed), s.seed, 0, -(-steps // per_epoch) + 1)
-    return model, stream.as_numpy_iterator(), backbone_rate_factors(backbone, s.backbone_lr_mult), len(images.train)
+    def previous(self, config) -> Recipe:
+        return recipe(config.section("tune").source)
+
+    def check(self, config) -> None:
+        if config.section("tune").source not in HEAD_RECIPES:
+            raise PipelineError(f"tune.source must be a recipe that trains a head ({', '.join(HEAD_RECIPES)})")
+
+    def load(self, config, inputs, sides=None):
+        from pipeline.data.image_rows import load_split_images
+
+        if sides is not None:
+            raise PipelineError("the tune recipe trains on the split's sides only: it cannot train a cv fold")
+        return load_split_images(inputs["download"], inputs["split"], config.competition.classes)
+
+    def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
+            backup=None, verbose=0) -> dict:
+        if stop_after is not None or teaching is not None:
+            raise PipelineError("the tune recipe keeps its best epoch on the split's validation rows: it cannot train "
+                                "a fold for a chosen number of epochs or a pseudo-labelled student")
+        if backup is None:
+            raise ValueError("the tune recipe backs up every epoch: it needs a backup folder")
+        return tune_model(config, data, start, out, backup, seed, log, verbose)
+
+    def arch_after(self, arch: str) -> str:
+        return f"{arch} + backbone"
+
+    def range_test_setup(self, config, inputs: dict[str, Path], steps: int, warn=print):
+        """What `kp lr-find --stage tune` tests: the model tune starts from and its training batches,
+        streamed as tune streams them, with the backbone's rate factors."""
+        from pipeline.data.image_rows import load_split_images
+        from pipeline.data.image_stream import training_stream
+        from pipeline.models.unfreeze import backbone_rate_factors
+
+        s = config.section("tune")
+        images = load_split_images(inputs["download"], inputs["split"], config.competition.classes)
+        model, backbone, preprocess, _ = build_tuned_model(config, inputs[s.source])
+        per_epoch = -(-len(images.train) // s.batch_size)
+        stream, _ = training_stream(images.train, image_size(config), s.batch_size, preprocess,
+                                    training_augmenter(config, s.seed), s.seed, 0, -(-steps // per_epoch) + 1)
+        return (model, None, None, stream.as_numpy_iterator(), backbone_rate_factors(backbone, s.backbone_lr_mult),
+                len(images.train))
 
 
-def train_tuned_member(config, data: dict, images: SplitImages, seed: int, out_dir: Path, backup_dir: Path,
-                       log=print, warn=print, title: str = "") -> dict:
-    """One ensemble member that follows the tune recipe: a head trained by `tune.source`'s recipe with
-    `seed` (in `out_dir/head/`), then tuned end to end with `seed` into `out_dir`.
-
-    Args:
-        config: the calling stage's view of the config (what the head's recipe and tune read).
-        data: the cached rows the head's recipe trains on, by recipe name (`load_recipe_data`).
-        images: the split's rows as image files.
-        seed: the member's seed.
-        out_dir: where the member's model, history, plots and predictions go.
-        backup_dir: the member's backup, so a killed member resumes.
-
-    Returns:
-        The tuned model's metrics, with the head's `head_val_log_loss`.
-    """
-    from pipeline.core.artifacts import MEMBER_HEAD_DIR
-    from pipeline.training.recipe import train_recipe
-
-    head_dir = out_dir / MEMBER_HEAD_DIR
-    head_dir.mkdir()
-    head = train_recipe(config, config.get("tune.source"), data, seed, head_dir, log, warn, title=title)
-    metrics = tune_model(config, images, head_dir, out_dir, backup_dir, log, title=title, verbose=0, seed=seed)
-    return {**metrics, "arch": f"{head['arch']} + backbone", "head_val_log_loss": head["val_log_loss"]}
+RECIPE = TuneRecipe()

@@ -1,0 +1,157 @@
+"""What a recipe is: one way of training a model, declared next to the code that runs it.
+
+A `Recipe` names its config section and every other key its code reads (`keys`: what a stage or
+unit that runs it hashes), the upstream stages whose outputs it reads (`needs_for`), the recipe
+whose trained model it starts from (`previous`: bnretrain starts from finetune's head, tune from
+`tune.source`'s), the rows it trains on (`load`) and one training step (`fit`: from the previous
+step's model folder, or from nothing). `train_steps` chains the steps of a model trained from
+nothing (an ensemble member, a fold model, a student); a stage that trains one step on an upstream
+stage's model calls `fit` with that stage's folder. Recipes write models, histories, probabilities
+and records; they draw nothing (the stages draw, so a plot's edit retrains nothing).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.artifacts import MEMBER_HEAD_DIR
+
+
+class Recipe:
+    """One way of training a model. Subclasses set the class attributes and implement `load` and `fit`."""
+
+    name: str = ""  # how configs name it (`ensemble.source: bnretrain`)
+    section: str = ""  # its settings' config section
+    reads: tuple[str, ...] = ()  # other config keys its code reads
+    needs: tuple[str, ...] = ()  # upstream stages whose outputs it reads
+    teachable: bool = True  # can train on pseudo-labelled rows (`pipeline.training.pseudo.Teaching`)
+
+    @property
+    def module(self) -> str:
+        """The module whose code (and what it imports) is this recipe's: part of every key that runs it."""
+        return type(self).__module__
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The config keys its code reads: its section, then `reads`."""
+        return (self.section, *self.reads)
+
+    def settings(self, config):
+        """Its config section, typed (the pydantic model the owning stage declares)."""
+        return config.section(self.section)
+
+    def previous(self, config) -> "Recipe | None":
+        """The recipe whose trained model this one starts from; None: it starts from nothing."""
+        return None
+
+    def steps(self, config) -> tuple["Recipe", ...]:
+        """Every recipe a model trained from nothing by this one follows, in order, this one last."""
+        before = self.previous(config)
+        return (*(before.steps(config) if before else ()), self)
+
+    def uses_passes(self, config) -> bool:
+        """Whether it reads augment's passes (so the stage running it needs `augment`)."""
+        return False
+
+    def needs_for(self, config) -> tuple[str, ...]:
+        """The upstream stages it reads under `config`."""
+        return self.needs + (("augment",) if self.uses_passes(config) else ())
+
+    def check(self, config) -> None:
+        """Raise one clear `PipelineError` when the config cannot use this recipe."""
+
+    def data_key(self, config) -> tuple:
+        """Recipes whose `load` would return the same rows share one load (`load_steps`)."""
+        return (self.name,)
+
+    def load(self, config, inputs: dict[str, Path], sides=None) -> Any:
+        """The rows it trains on and predicts.
+
+        Args:
+            config: a config view that declares `keys`.
+            inputs: upstream output folders by stage name (`needs_for`).
+            sides: (train, valid) row masks over the split's rows instead of the split's sides.
+        """
+        raise NotImplementedError
+
+    def fit(self, config, data, start: Path | None, seed: int, out: Path, *, log, warn, title: str = "",
+            stop_after: int | None = None, teaching=None, backup: Path | None = None, verbose: int = 0) -> dict:
+        """One training step into `out`: `model.keras`, `history.csv`, the probabilities; no plot.
+
+        Args:
+            config: a config view that declares `keys`.
+            data: what `load` returned.
+            start: the folder of the model it starts from (`previous`'s), or None.
+            seed: weight initialisation, shuffling, dropout and augmentation draws.
+            out: where its files go.
+            log, warn: print progress / a warning.
+            title: names the model in messages.
+            stop_after: train exactly this many epochs and keep the last, never looking at the
+                validation rows; None: keep the best epoch by validation loss.
+            teaching: pseudo-labels to train on too (`teachable` recipes only).
+            backup: a folder outside `out` where a resumable recipe backs up its epochs.
+            verbose: Keras' fit verbosity.
+
+        Returns:
+            Its record: validation scores, best epoch (1-based), epochs, timing, `arch`.
+        """
+        raise NotImplementedError
+
+    def arch_after(self, arch: str) -> str:
+        """How a model of `arch` is described once this step trained it."""
+        return arch
+
+
+def load_steps(config, steps: tuple[Recipe, ...], inputs: dict[str, Path], sides=None) -> dict[str, Any]:
+    """Each step's rows by recipe name, loaded once for steps that train on the same rows."""
+    loaded, data = {}, {}
+    for step in steps:
+        key = step.data_key(config)
+        if key not in loaded:
+            loaded[key] = step.load(config, inputs, sides)
+        data[step.name] = loaded[key]
+    return data
+
+
+def train_steps(config, steps: tuple[Recipe, ...], inputs: dict[str, Path], seed: int, out: Path, *, data=None,
+                sides=None, stop_after: dict[str, int] | None = None, teaching=None, backup: Path | None = None,
+                log=print, warn=print, title: str = "") -> dict:
+    """A model trained from nothing by `steps` (a recipe's `steps(config)`) into `out`; each earlier
+    step's model is kept in the next one's `head/` folder (bnretrain's finetune head in `out/head/`).
+
+    Args:
+        config: a config view that declares every step's keys.
+        steps: the recipes in order.
+        inputs: upstream output folders by stage name.
+        seed: the model's seed (every step's).
+        data: each step's rows by recipe name (`load_steps`); None: loaded here.
+        sides: (train, valid) row masks instead of the split's sides.
+        stop_after: epochs per recipe name (see `Recipe.fit`); None: best epochs by validation loss.
+        teaching: pseudo-labels every step trains on.
+        backup: where the last step backs up its epochs (a resumable recipe).
+
+    Returns:
+        The last step's record, with `best_epochs` (1-based, by recipe name), the earlier steps'
+        `NAME_val_log_loss` / `NAME_val_accuracy`, and `arch` as the steps describe it.
+    """
+    from pipeline.core.errors import PipelineError
+
+    *before, last = steps
+    if teaching is not None and not last.teachable:
+        raise PipelineError(f"the {last.name} recipe cannot train on pseudo-labels: choose a teacher whose models "
+                            "follow finetune's or bnretrain's recipe")
+    data = data if data is not None else load_steps(config, steps, inputs, sides)
+    start, earlier = None, {"best_epochs": {}}
+    if before:
+        start = out / MEMBER_HEAD_DIR
+        start.mkdir()
+        earlier = train_steps(config, tuple(before), inputs, seed, start, data=data, sides=sides,
+                              stop_after=stop_after, teaching=teaching, log=log, warn=warn, title=title)
+    record = last.fit(config, data[last.name], start, seed, out, log=log, warn=warn, title=title,
+                      stop_after=(stop_after or {}).get(last.name), teaching=teaching, backup=backup)
+    result = {**record, "best_epochs": {**earlier["best_epochs"], last.name: record["best_epoch"]}}
+    if before:
+        result.update({"arch": last.arch_after(earlier["arch"]),
+                       f"{before[-1].name}_val_log_loss": earlier["val_log_loss"],
+                       f"{before[-1].name}_val_accuracy": earlier["val_accuracy"]})
+    return result

@@ -1,0 +1,143 @@
+"""The head recipe (finetune's): a network on precompute's rows, trained from nothing.
+
+Build the network `model.arch` names (`pipeline.models.build`: a dense head on cached conv
+features, or a from-scratch ladder model on pixels) -> train it on the split's training rows (plus
+augment's passes of them with `finetune.augmented`; augmented on the fly when `finetune.augment`
+is set and the inputs are pixels; plus pseudo-labelled test rows, a share of every batch, when a
+student is taught, see `pipeline.training.pseudo`) with the configured optimizer and learning-rate
+schedule, keeping the best epoch by validation loss -> save the model, its history and the
+validation and test probabilities (averaged over augment's test passes with `finetune.tta`). With
+`training.deterministic` TensorFlow's op determinism is on, so the same config gives the same
+bytes. Imports Keras inside the functions.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.training.recipes.base import Recipe
+
+IMAGE_READS = ("competition.classes",)
+
+
+def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None):
+    """The split's rows of precompute's arrays (`pipeline.data.features.SplitFeatures`), with augment's
+    passes when `augmented` / `tta` ask for them.
+
+    Args:
+        config: a config view that reads `competition.classes`.
+        inputs: upstream output folders by stage name (`precompute`, `split`, and `augment` when used).
+        augmented: train on the clean rows plus every augmented pass of them.
+        tta: average predictions over the clean rows and the augmented test passes.
+        sides: (train, valid) row masks instead of the split's sides (`load_split_features`).
+    """
+    from pipeline.data.features import load_split_features
+
+    return load_split_features(inputs["precompute"], inputs["split"], config.competition.classes,
+                               passes_dir=inputs.get("augment"), train_passes=augmented, tta=tta, sides=sides)
+
+
+def taught(train, data, teaching, batch_size: int, seed: int, log):
+    """`train` unchanged without `teaching`; with it, batches mixing the labelled rows with the taught
+    test rows (`pipeline.training.pseudo.mixed_batches`) and the counts for the record."""
+    if teaching is None:
+        return train, {}
+    from pipeline.training.pseudo import mixed_batches, pseudo_share
+
+    pseudo = teaching.rows(data)
+    share = pseudo_share(batch_size, teaching.weight)
+    passes = f" ({len(pseudo.x):,} rows with their passes)" if len(pseudo.x) > teaching.keep.sum() else ""
+    log(f"pseudo-labels: {int(teaching.keep.sum()):,} of {len(teaching.keep):,} test rows{passes}, "
+        f"{share} added to every {batch_size} labelled rows")
+    return (mixed_batches(data.x_train, data.y_train, pseudo, batch_size, teaching.weight, seed),
+            {"pseudo_rows": int(teaching.keep.sum()), "pseudo_rows_with_passes": len(pseudo.x),
+             "pseudo_per_batch": share})
+
+
+class HeadRecipe(Recipe):
+    """finetune's recipe: the `model` network on the cached rows, from nothing."""
+
+    name = "finetune"
+    section = "finetune"
+    reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
+    needs = ("precompute", "split")
+
+    def uses_passes(self, config) -> bool:
+        s = self.settings(config)
+        return s.augmented or s.tta
+
+    def data_key(self, config) -> tuple:
+        s = self.settings(config)
+        return ("features", s.augmented, s.tta)
+
+    def load(self, config, inputs, sides=None):
+        s = self.settings(config)
+        return load_training_data(config, inputs, s.augmented, s.tta, sides)
+
+    def build(self, config, data, warn=print):
+        """A fresh network for `data`'s rows: (model, arch)."""
+        from pipeline.models.build import build_model
+
+        return build_model(config, data.x_train.shape[1:], len(data.classes), warn)
+
+    def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
+            backup=None, verbose=0) -> dict:
+        import keras
+
+        from pipeline.models.scratch import LADDER
+        from pipeline.training.augment import augmented_batches, build_augmenter
+        from pipeline.training.fit import Phase, fit
+        from pipeline.training.record import finish, set_determinism
+
+        s = self.settings(config)
+        set_determinism(config.get("training.deterministic"))
+        keras.utils.set_random_seed(seed)
+        model, arch = self.build(config, data, warn)
+        passes = f" (clean + {data.train_passes} augmented passes)" if data.train_passes else ""
+        log(f"{title} {arch}: {model.count_params():,} parameters, {len(data.x_train):,} train{passes} / "
+            f"{len(data.x_valid):,} valid rows of {data.x_train.shape[1:]}, seed {seed}".strip())
+        train = (data.x_train, data.y_train)
+        if s.augment:
+            if arch not in LADDER:
+                raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
+                                    "(precompute.backbone is not none); set finetune.augment: null")
+            if teaching is not None:
+                raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
+                                    "finetune.augment (augmentation on the fly): set finetune.augment: null")
+            augmenter = build_augmenter(s.augment, fill=float(np.min(data.x_train)))
+            train = augmented_batches(data.x_train, data.y_train, s.batch_size, augmenter, seed)
+        train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, log)
+        began = time.perf_counter()
+        history, best_epoch, _ = fit(
+            model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
+            schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
+            out_dir=out, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
+            soft_targets=teaching is not None)
+        seconds = time.perf_counter() - began
+        return {
+            **finish(model, data, history, best_epoch, out),
+            "train_seconds": round(seconds, 2),
+            "seconds_per_epoch": round(seconds / max(1, len(history["loss"])), 3),
+            "arch": arch,
+            "augmented_on_the_fly": bool(s.augment),
+            "deterministic": config.get("training.deterministic"),
+            "parameters": int(model.count_params()),
+            "seed": seed,
+            "n_train": len(data.x_train) // (data.train_passes + 1),
+            "train_passes": data.train_passes,
+            "n_valid": len(data.x_valid),
+            **pseudo_rows,
+        }
+
+    def range_test_setup(self, config, inputs, steps: int, warn=print):
+        """What `kp lr-find` tests: (model, training rows x, y, None, None, row count)."""
+        s = self.settings(config)
+        data = load_training_data(config, inputs, s.augmented, tta=False)
+        model, _ = self.build(config, data, warn)
+        return model, data.x_train, data.y_train, None, None, len(data.x_train)
+
+
+RECIPE = HeadRecipe()
