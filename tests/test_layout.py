@@ -53,6 +53,29 @@ def test_the_engine_is_the_only_code_that_imports_stages():
     assert {_layer(m)[0] for m in users} <= {"pipeline", "stages"}
 
 
+def test_no_stage_module_imports_another():
+    problems = [f"{module} imports {imported}" for module, path in _modules().items() if module.startswith("stages.")
+                for imported in _imports(path) if imported.startswith("stages")]
+    assert not problems, "a stage reaches another stage's code only through pipeline/:\n" + "\n".join(problems)
+
+
+def test_no_code_compares_recipe_names_outside_the_registry():
+    """Which recipe trains a model is decided by `pipeline.training.recipes.recipe(name)`, never by
+    comparing a name (`source == "bnretrain"`)."""
+    from pipeline.training.recipes import NAMES
+
+    problems = []
+    for module, path in _modules().items():
+        if module.startswith("pipeline.training.recipes"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+                names = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                if any(name in NAMES for name in names):
+                    problems.append(f"{path.relative_to(REPO)}:{node.lineno}: compares with {names}")
+    assert not problems, "\n".join(problems)
+
+
 def test_every_artifact_constant_is_assigned_once():
     """Read from the source: a name assigned twice keeps only its last value at run time, so checking
     the imported module alone cannot see it."""
