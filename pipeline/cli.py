@@ -324,6 +324,9 @@ def _echo_run_cache(config) -> None:
 
 
 def main() -> None:
+    from pipeline.terminal import quiet_tensorflow
+
+    quiet_tensorflow()
     cli(prog_name="kp")
 
 

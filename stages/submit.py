@@ -120,7 +120,8 @@ def _class_frequencies(ctx: StageContext):
 
 
 def _headline(m: dict) -> str:
-    return f"{m['metric']} on valid {m[m['score_name']]:.4f} (clipped) -> {m['file']}"
+    clipped = " (clipped as submitted)" if m.get("clip") and m["metric"] == "log_loss" else ""  # accuracy takes no clip
+    return f"{m['metric']} on valid {m[m['score_name']]:.4f}{clipped} -> {m['file']}"
 
 
 STAGE = Stage(

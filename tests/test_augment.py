@@ -169,7 +169,7 @@ def test_transforms_are_checked_by_albumentations_when_the_config_loads(synth, t
 def test_test_passes_beyond_passes_and_a_missing_augment_stage_are_config_errors(synth):
     with pytest.raises(PipelineError, match="test_passes .3. must not exceed passes .2."):
         load_config("synth", sets=AUGMENTED + ["augment.passes=2", "augment.test_passes=3"])
-    with pytest.raises(PipelineError, match="'finetune' needs 'augment' listed before it"):
+    with pytest.raises(PipelineError, match="'finetune' needs 'augment', which is not listed"):
         load_config("synth", sets=TINY_VGG + ["finetune.tta=true"])
 
 
