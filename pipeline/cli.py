@@ -6,6 +6,7 @@
     kp status --comp NAME [--json]         up to date / restored / stale (and why) / missing; run cache; ledger
     kp ledger --comp NAME [--refresh]      validation vs leaderboard of every upload; ledger.png
     kp config --comp NAME                  the merged config, each value with the file that set it
+    kp config --defaults                   write configs/defaults.yaml and docs' key table from the code
     kp lr-find --comp NAME [--stage S] [--apply]   learning-rate range test: suggested rates, lr_find.png
     kp show   --comp NAME [--augmented]     a grid of training images with their labels, as a PNG
     kp report --comp NAME                  one self-contained HTML page of everything the run left
@@ -260,12 +261,21 @@ def report(comp, extra_files, sets):
 
 
 @cli.command("config")
+@click.option("--defaults", "write_defaults", is_flag=True,
+              help="Write configs/defaults.yaml and the key table of docs/configuration.md from the code.")
 @_config_options
-def show_config(comp, extra_files, sets):
+def show_config(comp, extra_files, sets, write_defaults):
     """Print the merged config, each value with the file (or --set) that set it."""
     from pipeline.core.cache import flatten
-    from pipeline.config import source_of
+    from pipeline.config import project_root, source_of
 
+    if write_defaults:
+        from pipeline.config_reference import write_reference
+
+        changed = write_reference(project_root())
+        click.echo("\n".join(f"wrote {path}" for path in changed) or "configs/defaults.yaml and "
+                   "docs/configuration.md already match the code")
+        return
     config = _load(comp, extra_files, sets)
     for key, value in flatten(config.values).items():
         click.echo(f"{key} = {json.dumps(value)}    # {source_of(key, config.provenance)}")

@@ -31,24 +31,29 @@ COMPETITION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # never a path: it 
 
 
 class Paths(StrictModel):
-    """Where the pipeline writes, relative to the project root unless absolute."""
+    """The `paths` section: where the pipeline writes, relative to the project root unless absolute."""
 
-    work: str
-    submissions: str
+    work: str = Field("work", description="stage outputs go to WORK/COMP/STAGE/ (relative to the project root)")
+    submissions: str = Field("submissions", description="submission files and ledger.csv go to SUBMISSIONS/COMP/")
 
 
 class Cache(StrictModel):
-    """How the cache stamps input files outside the config (source archives, weights files); the
-    stamp is in the fingerprint, this choice is not."""
+    """The `cache` section: how the cache notices a changed input file; in no fingerprint.
 
-    stamp: Literal[STAMP_MODES]
+    It stamps input files outside the config (source archives, weights files); the stamp is in the
+    fingerprint, this choice is not."""
+
+    stamp: Literal[STAMP_MODES] = Field("mtime", description=(
+        "mtime: size + modification time (cheap) | content: sha256 (a copied file is the same; a same-size edit "
+        "is not)"))
 
 
 class Kaggle(StrictModel):
-    """Talking to Kaggle's server after a submission is written (`kp submit --upload`); no stage reads it."""
+    """The `kaggle` section: uploading a written submission (`kp submit --upload`); no stage reads it."""
 
-    poll_timeout_s: float = Field(ge=0)
-    poll_every_s: float = Field(gt=0)
+    poll_timeout_s: float = Field(300, ge=0, description=(
+        "how long to wait for the public score; after that the row stays pending"))
+    poll_every_s: float = Field(5, gt=0, description="seconds between two looks at the submission's status")
 
 
 @dataclass
@@ -290,7 +295,8 @@ def config_model() -> type[StrictModel]:
 
     fields: dict[str, Any] = {
         "competition": (Competition, ...),
-        "stages": (list[str], Field(min_length=1)),
+        "stages": (list[str], Field(["download", "split"], min_length=1, description=(
+            "the stages this competition runs; the order comes from what each needs"))),
         "paths": (Paths, ...),
         "model": (Model, ...),
         "training": (Training, ...),

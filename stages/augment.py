@@ -35,10 +35,16 @@ PREVIEW_IMAGES, PREVIEW_PASSES = 6, 5
 
 
 class Settings(StrictModel):
-    passes: int = Field(ge=0)
-    test_passes: int = Field(ge=0)
-    seed: int
-    transforms: list[dict[str, Any]]
+    """The `augment` section: augmented copies of every image, pushed through precompute's network once and cached."""
+
+    passes: int = Field(5, ge=0, description=(
+        "passes over all training images (train and valid rows; only the split's train rows are trained on)"))
+    test_passes: int = Field(0, ge=0, description=(
+        "passes over the test images, for test-time augmentation (<= passes: validation uses the first ones)"))
+    seed: int = Field(0, description=(
+        "row r of pass k is drawn from (seed, subset, k, r): the same config gives the same arrays"))
+    transforms: list[dict[str, Any]] = Field([], description=(
+        "albumentations transforms in order, `- Name: {argument: value}` (its own names, checked strictly)"))
 
     @field_validator("transforms")
     @classmethod

@@ -32,14 +32,18 @@ from pipeline.training.settings import Phase
 
 
 class Settings(StrictModel):
-    dropout: float = Field(ge=0, lt=1)
-    optimizer: Literal[OPTIMIZERS]
-    momentum: float = Field(ge=0, lt=1)
-    phases: list[Phase] = Field(min_length=1)
-    batch_size: int = Field(ge=1)
-    seed: int
-    augmented: bool
-    tta: bool
+    """The `bnretrain` section: batchnorm inserted into finetune's head (predictions unchanged), then retrained."""
+
+    dropout: float = Field(0.5, ge=0, lt=1, description=(
+        "the new rate of every dropout layer (inverted dropout: no weight rescaling)"))
+    optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam | sgd | rmsprop")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    phases: list[Phase] = Field([{"epochs": 10, "lr": 0.0001}], min_length=1, description=(
+        "its own learning-rate phases (1e-3 overfit State Farm's head in one epoch)"))
+    batch_size: int = Field(64, ge=1, description="rows per gradient step")
+    seed: int = Field(0, description="shuffling and dropout draws")
+    augmented: bool = Field(False, description="retrain on the clean training rows plus augment's passes of them")
+    tta: bool = Field(False, description="average predictions over the clean rows and augment's test passes")
 
 
 def run(ctx: StageContext) -> dict:

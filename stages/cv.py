@@ -33,8 +33,11 @@ FOLD_STRATEGIES = ("kfold", "group_kfold")
 
 
 class Settings(StrictModel):
-    source: Literal[HEAD_RECIPES]
-    seed: int = Field(ge=0)
+    """The `cv` section: one model per fold of split.strategy kfold | group_kfold, each predicting the fold it never saw."""
+
+    source: Literal[HEAD_RECIPES] = Field("finetune", description=(
+        "the recipe each fold's model follows: finetune | bnretrain (as ensemble.source)"))
+    seed: int = Field(0, ge=0, description="every fold's model trains with this seed")
 
 
 def run(ctx: StageContext) -> dict:

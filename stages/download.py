@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
@@ -31,19 +33,26 @@ class GroupsFile(StrictModel):
 
 
 class Settings(StrictModel):
-    source: str
-    layout: Literal["pixels_csv", "class_folders", "filename_labels"]
-    expected: list[str]
-    sample_submission: str
-    train_csv: str
-    test_csv: str
-    label_column: str
-    train_dir: str
-    test_dir: str
-    test_file: str
-    image_extensions: list[str]
-    groups: GroupsFile | None
-    bad_images: Literal["skip", "fail"]
+    """The `download` section: the competition's files, extracted and indexed."""
+
+    source: str = Field("kaggle", description="kaggle | sklearn-digits | path to SLUG.zip or to a folder of its files")
+    layout: Literal["pixels_csv", "class_folders", "filename_labels"] = Field("class_folders", description=(
+        "pixels_csv | class_folders | filename_labels: how train labels are stored"))
+    expected: list[str] = Field([], description=(
+        "members SLUG.zip must hold at its top level (checked before extracting)"))
+    sample_submission: str = Field("sample_submission.csv", description="its ids define the test set and its order")
+    train_csv: str = Field("train.csv", description="pixels_csv: training rows (label column + pixel0..pixelN)")
+    test_csv: str = Field("test.csv", description="pixels_csv: test rows (pixel0..pixelN), in sample-submission order")
+    label_column: str = Field("label", description="pixels_csv: the label column of train_csv")
+    train_dir: str = Field("train", description=(
+        "image layouts: folder of training images, after nested archives are extracted"))
+    test_dir: str = Field("test", description="image layouts: folder of test images")
+    test_file: str = Field("{id}.jpg", description="image layouts: a test image's file name, from its submission id")
+    image_extensions: list[str] = Field([".jpg", ".jpeg", ".png"], description="image layouts: files counted as images")
+    groups: GroupsFile | None = Field(None, description=(
+        "{csv, file_column, label_column, group_column}: a file's group (e.g. driver)"))
+    bad_images: Literal["skip", "fail"] = Field("skip", description=(
+        "skip (warn and leave out) | fail: what to do with undecodable items"))
 
 
 def run(ctx: StageContext) -> dict:

@@ -23,9 +23,12 @@ from pipeline.training.recipes import NAMES, needs_of, steps_of
 
 
 class Settings(StrictModel):
-    n: int = Field(ge=1)
-    seed: int
-    source: Literal[NAMES]
+    """The `ensemble` section: N copies of the model, identical but for their seed, averaged."""
+
+    n: int = Field(5, ge=1, description="members; each is cached, so raising n trains only the new ones")
+    seed: int = Field(1000, description="member i trains with seed + i")
+    source: Literal[NAMES] = Field("finetune", description=(
+        "the recipe members follow: finetune | bnretrain (finetune's, then bnretrain's on its head)"))
 
 
 def run(ctx: StageContext) -> dict:

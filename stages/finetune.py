@@ -25,16 +25,24 @@ from pipeline.training.settings import Augment, Phase
 
 
 class Settings(StrictModel):
-    optimizer: Literal[OPTIMIZERS]
-    momentum: float = Field(ge=0, lt=1)
-    schedule: Literal[SCHEDULES]
-    phases: list[Phase] = Field(min_length=1)
-    warmup_epochs: int = Field(ge=0)
-    batch_size: int = Field(ge=1)
-    seed: int
-    augment: Augment | None
-    augmented: bool
-    tta: bool
+    """The `finetune` section: trains the model on the cached features (or pixels)."""
+
+    optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam | sgd | rmsprop")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal[SCHEDULES] = Field("phases", description=(
+        "phases: each phase's lr for its epochs | cosine: one phase, from its lr (after warmup) down to 0"))
+    phases: list[Phase] = Field([{"epochs": 3, "lr": 0.001}, {"epochs": 3, "lr": 0.0001}], min_length=1, description=(
+        "[{epochs, lr}, ...], run in order"))
+    warmup_epochs: int = Field(0, ge=0, description="cosine only: epochs of linear warmup from 0 to the phase's lr")
+    batch_size: int = Field(64, ge=1, description="rows per gradient step")
+    seed: int = Field(0, description="weight init and shuffling")
+    augment: Augment | None = Field(None, description=(
+        "from-scratch models only: {rotate: deg, shift: fraction, shear: deg, zoom: fraction, flip: bool}, on "
+        "train rows only"))
+    augmented: bool = Field(False, description=(
+        "also train on augment's passes of the training rows (clean + K passes per epoch)"))
+    tta: bool = Field(False, description=(
+        "average predictions over the clean rows and augment's test passes (validation rows alike)"))
 
     @model_validator(mode="after")
     def _cosine_has_one_phase(self):

@@ -33,13 +33,20 @@ SUBSETS = ("train", "test")
 
 
 class Settings(StrictModel):
-    backbone: Literal[BACKBONES + ("none",)]
-    alpha: float = Field(gt=0, le=1.0)
-    weights: str
-    cut: Literal["conv", "pool"]
-    preprocess: Literal["backbone", "none"]
-    dtype: Literal["float16", "float32"]
-    batch_size: int = Field(ge=1)
+    """The `precompute` section: frozen conv features, computed once."""
+
+    backbone: Literal[BACKBONES + ("none",)] = Field("vgg16", description=(
+        "vgg16 | mobilenet | mobilenetv2 | resnet50 | none (normalised pixels, for from-scratch models)"))
+    alpha: float = Field(1.0, gt=0, le=1.0, description=(
+        "mobilenet, mobilenetv2: width multiplier (v1: 0.25 0.5 0.75 1.0; v2: 0.35 0.5 0.75 1.0 ...)"))
+    weights: str = Field("imagenet", description="imagenet (Keras download) | none (random) | path to a weights file")
+    cut: Literal["conv", "pool"] = Field("pool", description=(
+        "pool: VGG16's block5_pool (others: global average pool) | conv: last conv layer"))
+    preprocess: Literal["backbone", "none"] = Field("backbone", description=(
+        "backbone: the backbone's own preprocess_input | none: RGB 0..255"))
+    dtype: Literal["float16", "float32"] = Field("float16", description=(
+        "float16 | float32: how features are stored (float16 halves the disk)"))
+    batch_size: int = Field(32, ge=1, description="images per forward pass")
 
 
 def run(ctx: StageContext) -> dict:

@@ -36,12 +36,19 @@ STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own 
 
 
 class Settings(StrictModel):
-    source: Literal[TEACHERS]
-    weight: float = Field(gt=0, lt=1)
-    threshold: float | None = Field(ge=0, le=1)
-    unlabeled: list[Literal["test", "valid"]] = Field(min_length=1)
-    smooth: bool
-    seed: int
+    """The `pseudo` section: a student trained on the training rows + the test rows with a teacher's probabilities as soft labels."""
+
+    source: Literal[TEACHERS] = Field("smooth", description=(
+        "the teacher: finetune | bnretrain | ensemble | cv | smooth (the student follows its models' recipe)"))
+    weight: float = Field(0.25, gt=0, lt=1, description=(
+        "share of every batch drawn from the pseudo-labelled test rows (the course: 1/4 to 1/3)"))
+    threshold: float | None = Field(None, ge=0, le=1, description=(
+        "only test rows whose top teacher probability reaches this (null: every test row)"))
+    unlabeled: list[Literal["test", "valid"]] = Field(["test"], min_length=1, description=(
+        "the rows taught; never valid: the student is scored there (the course's leak is refused)"))
+    smooth: bool = Field(False, description=(
+        "smooth the student's predictions with the smooth section's settings (tuned on its own rows)"))
+    seed: int = Field(0, description="the student's weights, shuffling and pseudo-row draws")
 
     @field_validator("unlabeled")
     @classmethod

@@ -39,15 +39,23 @@ class Grid(StrictModel):
 
 
 class Settings(StrictModel):
-    source: Literal[SOURCES]
-    k: int = Field(ge=1)
-    weight: float = Field(ge=0, le=1)
-    metric: Literal[METRICS]
-    distance_weighted: bool
-    match_test_size: bool
-    tune: bool
-    grid: Grid
-    seed: int
+    """The `smooth` section: blend each test row's probabilities with its nearest test rows' (validation rows alike)."""
+
+    source: Literal[SOURCES] = Field("ensemble", description=(
+        "the stage whose predictions are smoothed: finetune | bnretrain | tune | ensemble | cv (pseudo: "
+        "pseudo.smooth)"))
+    k: int = Field(5, ge=1, description="neighbours per row (never itself; test rows only among test rows)")
+    weight: float = Field(0.5, ge=0, le=1, description=(
+        "p' = (1 - weight) p + weight * the neighbours' mean p (0: unchanged)"))
+    metric: Literal[METRICS] = Field("cosine", description="cosine | euclidean, on precompute's clean features")
+    distance_weighted: bool = Field(False, description="weight each neighbour by 1 / distance")
+    match_test_size: bool = Field(True, description=(
+        "validation rows find neighbours only within sets of about the test set's size (whole groups)"))
+    tune: bool = Field(False, description=(
+        "choose k and weight from grid on validation, cross-fitted over two halves (by group)"))
+    grid: Grid = Field({"k": [1, 3, 5, 10, 20, 40], "weight": [0.0, 0.25, 0.5, 0.75, 0.9, 1.0]}, description=(
+        "tune: the settings tried"))
+    seed: int = Field(0, description="tune: which rows (or groups) form each half")
 
 
 def run(ctx: StageContext) -> dict:

@@ -19,11 +19,15 @@ from pipeline.core.stage import Stage, StageContext, StrictModel
 
 
 class Settings(StrictModel):
-    strategy: Literal["random", "group", "kfold", "group_kfold"]
-    fraction: float = Field(gt=0, lt=1)
-    seed: int
-    folds: int = Field(ge=2)
-    valid_fold: int = Field(ge=0)
+    """The `split` section: which training rows validate (a held-out side, or folds)."""
+
+    strategy: Literal["random", "group", "kfold", "group_kfold"] = Field("random", description=(
+        "random (stratified) | group (whole groups) | kfold | group_kfold"))
+    fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "random, group: share of training rows held out for validation"))
+    seed: int = Field(42, description="the same seed gives the same split")
+    folds: int = Field(5, ge=2, description="kfold, group_kfold: number of folds")
+    valid_fold: int = Field(0, ge=0, description="kfold, group_kfold: the fold used as validation by later stages")
 
     @model_validator(mode="after")
     def _fold_exists(self):

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
 from pipeline.core.cache import write_bytes_atomic
@@ -27,10 +27,16 @@ from pipeline.evaluation.sources import PREDICTING_STAGES
 
 
 class Settings(StrictModel):
-    source: Literal[PREDICTING_STAGES]
-    name: str
-    gzip: bool
-    renormalize: bool
+    """The `submit` section: the submission file."""
+
+    source: Literal[PREDICTING_STAGES] = Field("finetune", description=(
+        "the stage whose test predictions are submitted: finetune | bnretrain | tune | ensemble | cv | smooth | "
+        "pseudo"))
+    name: str = Field("{comp}-{source}-{fingerprint}", description=(
+        "file name without extension ({comp}, {source}, {fingerprint})"))
+    gzip: bool = Field(False, description="write NAME.csv.gz instead of NAME.csv")
+    renormalize: bool = Field(False, description=(
+        "multi-class: rescale clipped rows to sum to 1 (Kaggle renormalises anyway)"))
 
     @field_validator("name")
     @classmethod

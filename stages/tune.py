@@ -30,19 +30,26 @@ from pipeline.training.recipes import HEAD_RECIPES, recipe
 
 
 class Settings(StrictModel):
-    source: Literal[HEAD_RECIPES]
-    unfreeze: int | Literal["all"]
-    image_size: list[int] | None
-    optimizer: Literal[OPTIMIZERS]
-    momentum: float = Field(ge=0, lt=1)
-    lr: float = Field(gt=0)
-    backbone_lr_mult: float = Field(ge=0, le=1)
-    epochs: int = Field(ge=1)
-    warmup_epochs: int = Field(ge=0)
-    batch_size: int = Field(ge=1)
-    augment: bool
-    tta: bool
-    seed: int
+    """The `tune` section: the trained head back on its backbone, the top blocks unfrozen, trained end to end on images."""
+
+    source: Literal[HEAD_RECIPES] = Field("finetune", description="whose trained head starts it: finetune | bnretrain")
+    unfreeze: int | Literal["all"] = Field(2, description=(
+        "top blocks of the backbone to train (all: every block); batchnorm stays in inference mode"))
+    image_size: list[int] | None = Field(None, description=(
+        "[height, width] the images are fed at (null: competition.image_size)"))
+    optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam | sgd | rmsprop")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    lr: float = Field(0.0003, gt=0, description="the head's peak rate (after warmup, then cosine decay to 0)")
+    backbone_lr_mult: float = Field(0.1, ge=0, le=1, description=(
+        "the backbone's rate = lr * this (discriminative rates; 0 freezes it in effect)"))
+    epochs: int = Field(4, ge=1, description=(
+        "every epoch is backed up: a killed run, rerun, continues after its last finished epoch"))
+    warmup_epochs: int = Field(1, ge=0, description="linear warmup from 0 to lr over these epochs")
+    batch_size: int = Field(32, ge=1, description="images per step")
+    augment: bool = Field(True, description="draw augment.transforms afresh for every epoch and image (on the fly)")
+    tta: bool = Field(False, description=(
+        "average predictions over the clean images and augment.test_passes augmented versions"))
+    seed: int = Field(0, description="shuffling, augmentation draws, dropout")
 
     @field_validator("unfreeze", mode="before")
     @classmethod

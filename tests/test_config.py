@@ -164,3 +164,20 @@ def test_stages_run_in_the_order_their_needs_give_whatever_the_listing(project):
 def test_submission_name_template_is_checked(project):
     message = _error(comp="dogscats", sets=["submit.name='{comp}-{seed}'"])
     assert "submit.name" in message and "{comp}, {source} and {fingerprint}" in message
+
+
+def test_committed_defaults_and_key_table_are_what_the_code_generates():
+    """`configs/defaults.yaml` and docs' key table are generated from the pydantic fields (`kp config --defaults`)."""
+    from pipeline.config_reference import config_table, defaults_yaml, with_table
+
+    assert (REPO / "configs" / "defaults.yaml").read_text() == defaults_yaml(), "run kp config --defaults"
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert with_table(doc, config_table(), "docs/configuration.md") == doc, "run kp config --defaults"
+
+
+def test_every_key_has_a_default_and_a_description():
+    for section, field in config_model().model_fields.items():
+        model = field.annotation
+        for key, sub in getattr(model, "model_fields", {}).items():
+            assert sub.description, f"{section}.{key} has no description"
+            assert not sub.is_required(), f"{section}.{key} has no default"

@@ -42,7 +42,7 @@ def test_out_of_fold_rows_cover_every_row_once_each_from_the_model_that_never_sa
     tests = []
     for run in m["fold_runs"]:
         unit = work / "_runs" / "cv-folds" / run["key"]
-        record = json.loads((unit / "member.json").read_text())
+        record = json.loads((unit / "unit.json").read_text())
         held_out = split["fold"].to_numpy() == run["fold"] - 1
         assert record["rows"]["held_out"] == sorted(split["id"][held_out])
         assert not set(record["rows"]["held_out"]) & set(record["rows"]["train"] + record["rows"]["selection"])
@@ -63,8 +63,12 @@ def test_out_of_fold_rows_cover_every_row_once_each_from_the_model_that_never_sa
 
 
 def test_fold_models_are_cached_and_ignore_settings_they_do_not_use(cv_run):
-    runner.run(load_config("synth", sets=CV + ["bnretrain.dropout=0.2", "ensemble.n=3"]))
-    assert Manifest.read(cv_run.work_dir / "cv").metrics["trained"] == 0
+    before = Manifest.read(cv_run.work_dir / "cv")
+    config = load_config("synth", sets=CV + ["bnretrain.dropout=0.2", "ensemble.n=3"])
+    runner.run(config)
+    assert Manifest.read(cv_run.work_dir / "cv").finished == before.finished  # the stage does not even rerun
+    runner.run(config, ["cv"], force=True)
+    assert Manifest.read(cv_run.work_dir / "cv").metrics["trained"] == 0  # rerun, it reuses every fold
 
 
 def test_cv_needs_folds(project, tmp_path):

@@ -120,7 +120,7 @@ def test_fold_students_are_taught_by_their_own_folds_teacher_and_scored_out_of_f
     for row in m["students"]:
         f = row["fold"] - 1
         unit = work / "_runs" / "pseudo-students" / row["key"]
-        record = json.loads((unit / "member.json").read_text())
+        record = json.loads((unit / "unit.json").read_text())
         assert record["taught"] == Teaching(teachers[f], np.ones(6, bool), 0.25).digest()  # fold f's own teacher
         assert record["taught"] != Teaching(teachers[(f + 1) % 4], np.ones(6, bool), 0.25).digest()
         assert record["pseudo_rows"] == 6 and record["pseudo_per_batch"] == 5  # added to 16 labelled rows

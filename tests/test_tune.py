@@ -96,7 +96,7 @@ def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inferenc
                                np.mean([m.valid_probs for m in members], axis=0), rtol=1e-6)
     assert not np.allclose(members[0].valid_probs, members[1].valid_probs)
     member = json.loads((config.work_dir / "_runs" / "ensemble-members" / ensemble["members"][0]["key"]
-                         / "member.json").read_text())
+                         / "unit.json").read_text())
     assert member["arch"] == "pool + backbone" and member["unfrozen_blocks"] == ["block_16", "Conv_1"]
     check_lr_find_changes_nothing(config)
 
@@ -140,7 +140,7 @@ def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_unin
     sets = tiny_tune(weights_file, "tune.epochs=4")  # the head has dropout: its draws resume too
     config = load_config("synth", sets=sets)
     runner.run(config, ["finetune"])
-    backups = config.work_dir / "_cache" / "tune-backup"
+    backups = config.work_dir / "_cache" / "tune-model-backup"
     process = start_kp(synth, "tune", "--comp", "synth", *[arg for s in sets for arg in ("--set", s)])
     try:
         wait_for_epochs(process, backups, 2)

@@ -18,17 +18,21 @@ METRICS = ("log_loss", "accuracy")
 
 
 class Competition(StrictModel):
-    """What the competition is: the `competition` section of a competition file."""
+    """The `competition` section: what the competition is (each competition file sets it)."""
 
-    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the Kaggle competition slug")
-    task: Literal[TASKS]
-    classes: list[str] = Field(min_length=2)
-    id_column: str = Field(min_length=1)
-    submission_columns: list[str] = Field(min_length=2)
-    metric: Literal[METRICS]
-    clip: tuple[float, float]
-    image_size: tuple[int, int]
-    channels: Literal[1, 3]
+    slug: str = Field(None, pattern=r"^[a-z0-9][a-z0-9-]*$", description=(
+        "Kaggle competition slug (required in each competition file)"))
+    task: Literal[TASKS] = Field("multiclass", description="binary | multiclass")
+    classes: list[str] = Field(None, min_length=2, description=(
+        "class names, in the order of the model's outputs (required)"))
+    id_column: str = Field(None, min_length=1, description="the id column of sample_submission.csv (required)")
+    submission_columns: list[str] = Field(None, min_length=2, description=(
+        "sample_submission.csv's columns, id column first (required)"))
+    metric: Literal[METRICS] = Field("log_loss", description="log_loss | accuracy: what the leaderboard scores")
+    clip: tuple[float, float] = Field([0.0, 1.0], description=(
+        "[lo, hi] bounds for submitted probabilities (log loss punishes certainty)"))
+    image_size: tuple[int, int] = Field([224, 224], description="[height, width] the images are used at")
+    channels: Literal[1, 3] = Field(3, description="1 (grayscale) or 3 (RGB)")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -35,23 +35,34 @@ BACKENDS = ("local", "ray")
 
 
 class Compute(StrictModel):
-    """The `compute` section: where units run, and on which device. In no fingerprint: where a unit runs
-    never changes what it produces; the device settings change it by rounding at most (a GPU's mixed
-    precision and uint8 pixels; the plan a stage ran with is in its meta.json, see `pipeline.models.device`)."""
+    """The `compute` section: where and on what a stage's units run; in no fingerprint.
 
-    backend: Literal[BACKENDS]
-    address: str | None
-    local_cpus: int = Field(ge=1)
-    cpus_per_task: float = Field(gt=0)
-    gpus_per_task: float = Field(ge=0)
-    retries: int = Field(ge=0)
-    shard_size: int = Field(ge=1)  # precompute on Ray: images per task (rounded up to whole batches)
+    Where a unit runs never changes what it produces; the device settings change it by rounding at
+    most (a GPU's mixed precision and uint8 pixels; the plan a stage ran with is in its meta.json,
+    see `pipeline.models.device`)."""
+
+    backend: Literal[BACKENDS] = Field("local", description=(
+        "local: in the kp process | ray: each unit a Ray task (pip install -e '.[ray]')"))
+    address: str | None = Field(None, description=(
+        "ray: null (start a local cluster of local_cpus CPUs) | auto | ray://HOST:10001"))
+    local_cpus: int = Field(2, ge=1, description="ray without an address: the local cluster's CPUs")
+    cpus_per_task: float = Field(1, gt=0, description="ray: CPUs reserved per unit")
+    gpus_per_task: float = Field(0, ge=0, description=(
+        "ray: GPUs per unit (a fraction lets several small trainings share one GPU)"))
+    retries: int = Field(2, ge=0, description="ray: a unit whose worker died or that raised is retried this many times")
+    shard_size: int = Field(4096, ge=1, description=(
+        "ray: precompute's images per task (rounded up to whole batches; the arrays are the same)"))
     # How a frozen network's forward pass runs, wherever the unit is (`pipeline.models.device`):
-    device: Literal["auto", "cpu", "gpu"]
-    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
-    xla: Literal["auto"] | bool
-    pixels: Literal["auto", "float32", "uint8"]
-    device_batch_size: Literal["auto"] | Annotated[int, Field(ge=1)]  # on a GPU; auto: from its free memory
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
+        "auto: the first GPU TensorFlow sees, else the CPU | cpu | gpu (an error without one)"))
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = Field("auto", description=(
+        "auto: mixed_bfloat16 on a GPU of compute capability 8.0+, mixed_float16 on older ones, float32 on CPU"))
+    xla: Literal["auto"] | bool = Field("auto", description=(
+        "auto: on a GPU (compiled once; the last batch padded); off on CPU, where it is slower"))
+    pixels: Literal["auto", "float32", "uint8"] = Field("auto", description=(
+        "auto: uint8 to a GPU (cast and preprocessed there), float32 on CPU"))
+    device_batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description=(
+        "images per forward call on a GPU: auto (from its free memory) | a number; CPU: precompute.batch_size"))
 
 
 @dataclass

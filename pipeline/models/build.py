@@ -19,14 +19,19 @@ HEADS = ("auto", *HEAD_KINDS)
 
 
 class Model(StrictModel):
-    """The network trained by finetune and by every ensemble member: the `model` section."""
+    """The `model` section: the network finetune and every ensemble member train."""
 
-    arch: Literal[HEADS + LADDER]
-    hidden: list[int]
-    dropout: list[float]
-    conv_dropout: float = Field(ge=0, lt=1)
-    l2: float = Field(ge=0)
-    imagenet_init: bool
+    arch: Literal[HEADS + LADDER] = Field("auto", description=(
+        "on cached features: auto (fc for vgg16, else pool) | fc | pool; from scratch: linear | hidden | cnn | "
+        "cnn_bn | cnn_bn_do"))
+    hidden: list[int] = Field([4096, 4096], description=(
+        "hidden dense layer sizes (the course's VGG16 head: 4096, 4096; cnn*: the dense layer before the output)"))
+    dropout: list[float] = Field([0.5, 0.5], description=(
+        "one dropout rate per hidden layer (inverted dropout: no weight rescaling); cnn and cnn_bn use none"))
+    conv_dropout: float = Field(0.0, ge=0, lt=1, description="cnn_bn_do: dropout after each conv block's pooling")
+    l2: float = Field(0.0, ge=0, description="L2 weight penalty on every dense layer")
+    imagenet_init: bool = Field(True, description=(
+        "fc on vgg16 imagenet features: start fc1/fc2 from VGG16's ImageNet top"))
 
     @model_validator(mode="after")
     def _one_rate_per_layer(self):

@@ -26,4 +26,5 @@ class Augment(StrictModel):
 class Training(StrictModel):
     """The `training` section: what every recipe reads alike."""
 
-    deterministic: bool  # TensorFlow op determinism: the same config gives the same bytes (costs some speed)
+    deterministic: bool = Field(True, description=(
+        "TensorFlow op determinism: the same config gives the same bytes (costs some speed)"))

@@ -86,7 +86,8 @@ def train_unit(config, inputs: dict[str, Path], steps: tuple[Recipe, ...], seed:
     warnings: list[str] = []
     record = train_steps(config, steps, inputs, seed, out, data=data, sides=sides, stop_after=stop_after,
                          teaching=teaching, backup=backup, log=say, warn=collecting(warnings), title=title)
-    return {**record, "warnings": warnings}
+    taught = {"taught": teaching.digest()} if teaching is not None else {}
+    return {**record, **taught, "warnings": warnings}
 
 
 __all__ = ["HEAD_RECIPES", "MODULES", "NAMES", "Recipe", "check_steps", "collecting", "fit_step", "load_steps",
