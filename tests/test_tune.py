@@ -6,6 +6,7 @@ Tiny State-Farm-shaped images (32x32) through MobileNetV2 0.35 with calibrated r
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import keras
@@ -159,6 +160,7 @@ def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_unin
     assert not backups.exists() or not any(backups.iterdir()), "the backup outlived the finished run"
 
     resumed = load_predictions(config.work_dir / "tune")
+    shutil.rmtree(config.work_dir / "_runs" / "tune-model")  # the trained model is a unit: drop it to train again
     runner.run(config, ["tune"], force=True)  # the same training, never interrupted
     uninterrupted = load_predictions(config.work_dir / "tune")
     assert Manifest.read(config.work_dir / "tune").metrics["resumed_at"] == 0
