@@ -5,6 +5,7 @@ Helpers that tests import by name are in tests/helpers.py.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,45 @@ def project(tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", root / "configs")
     monkeypatch.setenv("KP_ROOT", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def _warm_roots():
+    """Project roots already built this session, by name."""
+    return {}
+
+
+@pytest.fixture
+def warm_project(_warm_roots, tmp_path_factory, tmp_path, monkeypatch):
+    """`warm_project(name, build, base=None)`: this test's own copy of a project root in which
+    `build(root)` ran once for the whole session (a synthetic competition run through its stages):
+    tests share the warm run's work instead of repeating it, and none sees another's changes.
+
+    `build` writes its inputs beside the root (`root.parent`), which the copies keep pointing at.
+    `base`: (name, build) of a warm root to start from (its work is reused, not repeated).
+    """
+    def warm(name: str, build, base=None) -> Path:
+        if name not in _warm_roots:
+            root = tmp_path_factory.mktemp(f"warm-{name}") / "project"
+            if base is None:
+                shutil.copytree(REPO / "configs", root / "configs")
+            else:
+                warm(*base)
+                shutil.copytree(_warm_roots[base[0]].parent, root.parent, symlinks=True, dirs_exist_ok=True)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("KP_ROOT", str(root))
+                build(root)
+            _warm_roots[name] = root
+        return _warm_roots[name]
+
+    def copy(name: str, build, base=None) -> Path:
+        source = warm(name, build, base)
+        root = tmp_path / "project"
+        shutil.copytree(source, root, symlinks=True)
+        monkeypatch.setenv("KP_ROOT", str(root))
+        return root
+
+    return copy
 
 
 @pytest.fixture

@@ -43,11 +43,17 @@ def synth(project, tmp_path):
     return project
 
 
+def _augmented(root):
+    archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(root, archive)
+    runner.run(load_config("synth", sets=AUGMENTED), ["split", "augment"])
+
+
 @pytest.fixture
-def augmented_run(synth):
-    config = load_config("synth", sets=AUGMENTED)
-    runner.run(config, ["split", "augment"])
-    return config
+def augmented_run(warm_project):
+    """The synthetic competition through split and augment (run once per session, copied per test)."""
+    warm_project("augmented", _augmented)
+    return load_config("synth", sets=AUGMENTED)
 
 
 def _raw_image(work, subset: str, row: int) -> np.ndarray:

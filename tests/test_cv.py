@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss as sk_log_loss
 
 from pipeline import runner
 from pipeline.config import load_config
@@ -22,13 +23,17 @@ CV = [s.replace("finetune, submit", "cv, submit") for s in TINY_VGG] + [
     "split.strategy=group_kfold", "split.folds=4", "submit.source=cv"]
 
 
+def _cross_validated(root):
+    archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(root, archive)
+    runner.run(load_config("synth", sets=CV))
+
+
 @pytest.fixture
-def cv_run(project, tmp_path):
-    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
-    statefarm_like_config(project, archive)
-    config = load_config("synth", sets=CV)
-    runner.run(config)
-    return config
+def cv_run(warm_project):
+    """The synthetic competition through cv and submit (run once per session, copied per test)."""
+    warm_project("cv", _cross_validated)
+    return load_config("synth", sets=CV)
 
 
 def test_out_of_fold_rows_cover_every_row_once_each_from_the_model_that_never_saw_it(cv_run):
@@ -53,11 +58,17 @@ def test_out_of_fold_rows_cover_every_row_once_each_from_the_model_that_never_sa
         history = pd.read_csv(unit / "history.csv")
         assert len(history) == record["chosen_epochs"]["finetune"]
         assert history.get("val_loss", pd.Series([np.nan])).isna().all()  # the held-out rows were never scored
-        assert pd.read_csv(unit / "selection" / "history.csv")["val_loss"].notna().all()  # epochs chosen on fold g
+        selection = pd.read_csv(unit / "selection" / "history.csv")["val_loss"]
+        assert selection.notna().all()  # the epochs were chosen on fold g: the epoch of its lowest loss
+        assert record["chosen_epochs"]["finetune"] == int(selection.to_numpy().argmin()) + 1
         tests.append(load_predictions(unit).test_probs)
     np.testing.assert_allclose(oof.test_probs, np.mean(tests, axis=0), rtol=1e-6)
-    losses = [r["val_log_loss"] for r in m["fold_runs"]]
-    assert m["fold_val_log_loss_min"] == pytest.approx(min(losses), abs=1e-5)
+    labels = np.array([["c0", "c1", "c2"].index(c) for c in pd.read_csv(work / "download" / "index.csv").query(
+        "subset == 'train'").set_index("id").loc[oof.valid_ids, "label"]])
+    assert m["val_log_loss"] == pytest.approx(sk_log_loss(labels, oof.valid_probs, labels=[0, 1, 2]), abs=1e-4)
+    fold_losses = [sk_log_loss(labels[split["fold"].to_numpy() == f], oof.valid_probs[split["fold"].to_numpy() == f],
+                               labels=[0, 1, 2]) for f in range(4)]
+    assert m["fold_val_log_loss_min"] == pytest.approx(min(fold_losses), abs=1e-4)
     submit = json.loads((work / "submit" / "submission.json").read_text())
     assert submit["source"] == "cv"
 

@@ -21,7 +21,7 @@ from pipeline.models.heads import build_head
 from pipeline.training.fit import Phase, fit
 from pipeline.training.pseudo import PseudoLabels, Teaching, check_unlabeled, mixed_batches, pseudo_share
 from tests.helpers import make_statefarm_like, statefarm_like_config
-from tests.test_cv import CV
+from tests.test_cv import CV, _cross_validated
 from tests.test_transfer import TINY_VGG
 
 CV_PSEUDO = [s.replace("cv, submit", "cv, smooth, pseudo, submit") for s in CV] + [
@@ -29,12 +29,11 @@ CV_PSEUDO = [s.replace("cv, submit", "cv, smooth, pseudo, submit") for s in CV] 
 
 
 @pytest.fixture
-def cv_pseudo_run(project, tmp_path):
-    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
-    statefarm_like_config(project, archive)
-    config = load_config("synth", sets=CV_PSEUDO)
-    runner.run(config)
-    return config
+def cv_pseudo_run(warm_project):
+    """cv's warm run, then smooth, pseudo and submit (run once per session, copied per test)."""
+    warm_project("cv-pseudo", lambda root: runner.run(load_config("synth", sets=CV_PSEUDO)),
+                 base=("cv", _cross_validated))
+    return load_config("synth", sets=CV_PSEUDO)
 
 
 def test_validation_rows_are_refused_as_unlabeled_data(project, tmp_path):

@@ -37,12 +37,18 @@ class _Page(HTMLParser):
                 self.links.append(attrs[key])
 
 
-@pytest.fixture
-def report(project, tmp_path):
-    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=4)
-    statefarm_like_config(project, archive)
+def _every_stage(root):
+    archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=4)
+    statefarm_like_config(root, archive)
     args = [arg for s in SETS for arg in ("--set", s)]
     assert CliRunner().invoke(cli, ["all", "--comp", "synth", *args], catch_exceptions=False).exit_code == 0
+
+
+@pytest.fixture
+def report(warm_project):
+    """`kp report` on a copy of the synthetic competition run through every stage once per session."""
+    warm_project("report", _every_stage)
+    args = [arg for s in SETS for arg in ("--set", s)]
     result = CliRunner().invoke(cli, ["report", "--comp", "synth", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     config = load_config("synth", sets=SETS)

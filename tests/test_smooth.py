@@ -60,14 +60,15 @@ def test_a_reported_rows_labels_never_choose_its_own_setting():
     assert len(choices) == 2
 
 
+SMOOTHED = [s.replace("finetune, submit", "finetune, smooth, submit") for s in TINY_VGG] + [
+    "smooth.source=finetune", "smooth.tune=true", "smooth.grid={k: [1, 3], weight: [0.0, 0.5]}", "submit.source=smooth"]
+
+
 @pytest.fixture
 def smoothed_run(project, tmp_path):
     archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
     statefarm_like_config(project, archive)
-    sets = [s.replace("finetune, submit", "finetune, smooth, submit") for s in TINY_VGG] + [
-        "smooth.source=finetune", "smooth.tune=true", "smooth.grid={k: [1, 3], weight: [0.0, 0.5]}",
-        "submit.source=smooth"]
-    config = load_config("synth", sets=sets)
+    config = load_config("synth", sets=SMOOTHED)
     runner.run(config)
     return config
 
