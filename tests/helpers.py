@@ -26,6 +26,13 @@ needs_shared_data = pytest.mark.skipif(
 )
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG in pixels: a plot's figure size times its dpi, so its layout (how many panels)."""
+    with Image.open(path) as image:
+        assert image.format == "PNG", f"{path} is not a PNG"
+        return image.size
+
+
 def write_config(root: Path, name: str, text: str) -> Path:
     path = root / "configs" / f"{name}.yaml"
     path.write_text(text)

@@ -14,7 +14,7 @@ from pipeline.data.index import read_index
 from pipeline.evaluation.gallery import load_training_images, show_training_images
 from pipeline.evaluation.mistakes import most_confused, top_losses
 from pipeline.evaluation.predictions import load_predictions
-from tests.helpers import make_statefarm_like, statefarm_like_config
+from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 from tests.test_transfer import TINY_VGG
 
 FLIP = ["competition.image_size=[24, 32]", "augment.transforms=[{HorizontalFlip: {p: 0.5}}]", "augment.seed=3"]
@@ -29,7 +29,8 @@ def test_kp_show_draws_each_class_with_its_labels_and_augment_passes(project, tm
     assert result.output.strip().endswith("train.png")
     config = load_config("synth", sets=FLIP)
     path, shown = show_training_images(config, per_class=2, augmented=True, passes=2)
-    assert path.name == "train_augmented.png" and path.stat().st_size > 0
+    assert path.name == "train_augmented.png"  # one row per image: the image, then its 2 passes
+    assert png_size(path) == (round(1.9 * 3 * 80), round(2.0 * len(shown) * 80))
     index = read_index(config.work_dir / "download" / "index.csv").query("subset == 'train'").reset_index(drop=True)
     assert [s["label"] for s in shown] == ["c0", "c0", "c1", "c1", "c2", "c2"]
     assert all(index["label"][s["row"]] == s["label"] and index["id"][s["row"]] == s["id"] for s in shown)
@@ -62,6 +63,8 @@ def test_every_predicting_stage_draws_its_worst_validation_rows(project, tmp_pat
         worst = [predictions.valid_ids[i] for i in np.argsort(true, kind="stable")[:len(m["top_losses"])]]
         assert [row["id"] for row in m["top_losses"]] == worst
         assert m["top_losses"][0]["log_loss"] == round(float(-np.log(true.min())), 4)
-        assert (config.work_dir / stage / "top_losses.png").stat().st_size > 0
+        columns = min(4, len(m["top_losses"]))  # the listed rows, 4 to a line
+        lines = -(-len(m["top_losses"]) // columns)
+        assert png_size(config.work_dir / stage / "top_losses.png") == (round(2.6 * columns * 80), round(2.7 * lines * 80))
         wrong = int((predictions.valid_probs.argmax(axis=1) != predictions.valid_labels).sum())
         assert sum(pair["count"] for pair in m["most_confused"]) <= wrong

@@ -24,7 +24,7 @@ from pipeline.kaggle.local.server import KaggleLocalServer
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.kaggle.local.competitions import LocalCompetitions
 from pipeline.evaluation.scoring import competition_from_files, score_file_on_test_set
-from tests.helpers import REPO, serve_competition, serve_digits
+from tests.helpers import REPO, png_size, serve_competition, serve_digits
 
 # digits, quick: one epoch of a small CNN, the finetune model submitted (no ensemble)
 QUICK = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "model.arch=cnn", "finetune.augment=null",
@@ -142,7 +142,7 @@ def test_upload_puts_the_leaderboard_score_beside_validation(digits_project, dig
     [listed] = digits_server.competitions.submissions("digit-recognizer")
     assert listed.description.startswith("first try [kp digits finetune split=random")
     assert f"fp={submit['fingerprint'][:12]}" in listed.description
-    assert (config.submissions_dir / "ledger.png").stat().st_size > 0
+    assert png_size(config.submissions_dir / "ledger.png") == (495, 450)  # one panel, 5.5 x 5 inches
 
     again = kp("submit", "--upload")  # the same file: no second upload
     assert again.exit_code == 0 and "already uploaded" in again.output

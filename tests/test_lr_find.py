@@ -16,7 +16,7 @@ from pipeline.models.heads import build_head
 from pipeline.status import UP_TO_DATE, stage_statuses
 from pipeline.training.fit import make_optimizer
 from pipeline.training.lr_find import range_test
-from tests.helpers import make_statefarm_like, statefarm_like_config
+from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 from tests.test_transfer import TINY_VGG
 
 
@@ -64,7 +64,7 @@ def test_kp_lr_find_writes_its_plot_and_overlay_and_leaves_the_stages_as_they_we
     assert result.exit_code == 0, result.output
     assert "minimum / 10 =" in result.output and "overlay:" in result.output
     out = config.work_dir / "lr_find" / "finetune"
-    assert (out / "lr_find.png").stat().st_size > 0
+    assert png_size(out / "lr_find.png") == (700, 400)
     overlay = yaml.safe_load((out / "overlay.yaml").read_text())
     record = json.loads((out / "lr_find.json").read_text())
     first, second = overlay["finetune"]["phases"]

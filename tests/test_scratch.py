@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import png_size
 from pipeline import runner
 from pipeline.training.augment import augmented_batches, build_augmenter
 from pipeline.core.cache import Manifest
@@ -105,7 +106,7 @@ def test_raising_ensemble_size_reuses_members_and_average_is_the_ensemble(projec
     np.testing.assert_allclose(ensemble.test_probs, np.mean([m.test_probs for m in members], axis=0), atol=1e-6)
     assert result["mean_member_val_log_loss"] == pytest.approx(np.mean([m["val_log_loss"] for m in result["members"]]),
                                                                abs=1e-5)
-    assert (config.work_dir / "ensemble" / "members.png").stat().st_size > 0
+    assert png_size(config.work_dir / "ensemble" / "members.png") == (900, 360)  # log loss and accuracy panels
 
 
 def test_digits_end_to_end_submits_the_ensemble_and_the_same_config_gives_the_same_bytes(project):

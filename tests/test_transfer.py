@@ -18,8 +18,9 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.features import load_split_features
 from pipeline.models.heads import build_head, with_dropout
 from pipeline.data.images import decode_resize
-from pipeline.training.fit import Phase, current_learning_rate, fit
-from tests.helpers import make_statefarm_like, statefarm_like_config
+from pipeline.evaluation.plots import plot_confusion, plot_history
+from pipeline.training.fit import Phase, cosine_schedule, current_learning_rate, fit, make_optimizer
+from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 
 TINY_VGG = [
     "competition.image_size=[32, 32]", "competition.clip=[0.02, 0.9]",
@@ -48,8 +49,10 @@ def test_vgg16_pipeline_end_to_end_on_tiny_images(tiny_vgg_run):
 
     finetune = Manifest.read(work / "finetune")
     assert finetune.metrics["arch"] == "fc" and finetune.metrics["epochs"] == 3
-    for name in ("model.keras", "history.csv", "loss.png", "confusion.png", "valid_probs.npy", "test_probs.npy"):
+    for name in ("model.keras", "history.csv", "valid_probs.npy", "test_probs.npy"):
         assert (work / "finetune" / name).stat().st_size > 0, name
+    assert png_size(work / "finetune" / "loss.png") == (900, 360)  # loss and accuracy: two panels of 5 x 4 inches
+    assert png_size(work / "finetune" / "confusion.png") == (225, 225)  # 3 classes: (1 + 0.5 x 3) inches a side
     history = pd.read_csv(work / "finetune" / "history.csv")
     assert history["learning_rate"].round(7).tolist() == [0.001, 0.001, 0.0001]
     assert "model.imagenet_init needs precompute.backbone vgg16 with weights imagenet" in finetune.warnings[0]
@@ -144,10 +147,33 @@ def test_a_learning_rate_change_really_reaches_the_optimizer():
     assert current_learning_rate(model.optimizer) == 0.0
 
 
-def test_the_courses_way_of_setting_the_learning_rate_does_nothing():
-    optimizer = keras.optimizers.Adam(learning_rate=0.01)
-    optimizer.lr = 0.5  # model.optimizer.lr = x, as in the course: a new attribute, not the rate
-    assert current_learning_rate(optimizer) == pytest.approx(0.01)
+def test_the_rate_read_back_is_the_one_the_next_update_uses():
+    """`current_learning_rate` (what history.csv's learning_rate column holds) follows a schedule's steps:
+    one SGD step at the rate read back moves a weight by exactly rate x gradient."""
+    schedule = cosine_schedule(0.2, epochs=4, steps_per_epoch=1, warmup_epochs=2)
+    optimizer = make_optimizer("sgd", schedule, momentum=0.0)
+    weight = keras.Variable(np.zeros(1, np.float32))
+    for step in range(4):
+        rate = current_learning_rate(optimizer)
+        assert rate == pytest.approx(float(schedule(step)), abs=1e-7)
+        before = float(weight.numpy()[0])
+        optimizer.apply([keras.ops.ones(1)], [weight])  # gradient 1
+        assert before - float(weight.numpy()[0]) == pytest.approx(rate, abs=1e-7)
+
+
+def test_training_plots_show_the_history_and_the_confusion_counts(tmp_path):
+    history = {"loss": [1.0, 0.5, 0.25], "val_loss": [1.1, 0.7, 0.6], "accuracy": [0.3, 0.6, 0.9],
+               "val_accuracy": [0.3, 0.5, 0.55]}
+    figure = plot_history(history, tmp_path / "loss.png", "t")
+    assert [ax.get_ylabel() for ax in figure.axes] == ["loss", "accuracy"]
+    for ax, key in zip(figure.axes, ("loss", "accuracy")):
+        assert [list(line.get_ydata()) for line in ax.lines] == [history[key], history[f"val_{key}"]]
+        assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+    labels, predicted = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 2, 0])
+    figure = plot_confusion(labels, predicted, ["a", "b", "c"], tmp_path / "confusion.png", "t")
+    shown = figure.axes[0].images[0].get_array()
+    np.testing.assert_array_equal(shown, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])  # rows: true, columns: predicted
+    assert [text.get_text() for text in figure.axes[0].texts] == [str(n) for n in np.asarray(shown).ravel()]
 
 
 def test_cosine_schedule_decays_within_training():

@@ -18,8 +18,8 @@ def pyplot():
     return plt
 
 
-def plot_history(history: dict[str, list[float]], path: Path, title: str = "") -> None:
-    """loss.png: train vs valid loss (left) and accuracy (right) per epoch."""
+def plot_history(history: dict[str, list[float]], path: Path, title: str = ""):
+    """loss.png: train vs valid loss (left) and accuracy (right) per epoch. Returns the (closed) figure."""
     plt = pyplot()
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -35,10 +35,11 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str = "") -
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return fig
 
 
-def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
-    """confusion.png: counts of (true class, predicted class) on the validation set."""
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str = ""):
+    """confusion.png: counts of (true class, predicted class) on the validation set. Returns the (closed) figure."""
     plt = pyplot()
     k = len(classes)
     matrix = np.zeros((k, k), dtype=int)
@@ -57,10 +58,12 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str]
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return fig
 
 
-def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "") -> None:
-    """members.png: each member's validation log loss and accuracy, with the ensemble's as a line."""
+def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = ""):
+    """members.png: each member's validation log loss and accuracy, with the ensemble's as a line.
+    Returns the (closed) figure."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [m["member"] for m in members]
@@ -79,11 +82,13 @@ def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return fig
 
 
 def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarray]], path: Path,
-                       title: str = "") -> None:
-    """preview.png: one row per image, the original (uint8) first, then its augmented versions."""
+                       title: str = ""):
+    """preview.png: one row per image, the original (uint8) first, then its augmented versions.
+    Returns the (closed) figure."""
     plt = pyplot()
     columns = 1 + max((len(v) for v in versions), default=0)
     fig, axes = plt.subplots(len(originals), columns, figsize=(1.8 * columns, 1.8 * len(originals)), squeeze=False)
@@ -99,3 +104,4 @@ def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarr
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return fig

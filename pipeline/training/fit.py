@@ -202,7 +202,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
                             shuffle=True, callbacks=callbacks, verbose=verbose)
     else:
         history = model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=steps_per_epoch,
-                            callbacks=callbacks, verbose=verbose)
+                            callbacks=callbacks, verbose=verbose, shuffle=False)  # batches come shuffled
     if backup_dir is not None:
         keeper.write_history(out_dir / HISTORY_FILE)
         best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch

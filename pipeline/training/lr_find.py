@@ -1,9 +1,10 @@
 """The learning-rate range test (fastai's `lr_find`, after Leslie Smith): which rate to train a model at.
 
-From a copy of the model (the original's weights are never touched), one batch at a time with an
-exponentially rising learning rate from `start` to `end` over at most `steps` batches; each batch's
-own loss (not Keras' running mean over the epoch) is smoothed with a bias-corrected exponential
-moving average, and the test stops once the smoothed loss passes `diverge` times its minimum.
+From a copy of the model (the original's weights are never touched), trained by one Keras `fit`
+whose callback (as fastai's `LRFinder`) sets an exponentially rising learning rate from `start` to
+`end` over at most `steps` batches; each batch's own loss (not Keras' running mean over the epoch)
+is smoothed with a bias-corrected exponential moving average, and the test stops once the smoothed
+loss passes `diverge` times its minimum.
 Suggested: the rate where the smoothed loss falls fastest (steepest descent in log-rate) and the
 rate at the minimum divided by 10 (fastai's two classic readings). Imports Keras.
 """
@@ -74,25 +75,57 @@ def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str
 
     trial = keras.models.clone_model(model)
     trial.set_weights(model.get_weights())
+    # one step per call, so every batch's own loss reaches the callback (steps_per_execution=1)
     trial.compile(optimizer=make_optimizer(optimizer, start, rate_factors=rate_factors), loss=loss)
-    factor = (end / start) ** (1 / max(1, steps - 1))
     if batches is None:
         batches = _shuffled_batches(x, y, batch_size, seed)
-    result, average, best = RangeTest(), 0.0, math.inf
-    for step in range(steps):
-        rate = start * factor ** step
-        trial.optimizer.learning_rate.assign(rate)
-        loss_value = float(np.asarray(trial.train_on_batch(*next(batches))))
-        average = beta * average + (1 - beta) * loss_value
-        smoothed = average / (1 - beta ** (step + 1))
-        result.rates.append(rate)
-        result.losses.append(loss_value)
-        result.smoothed.append(smoothed)
-        best = min(best, smoothed)
-        if not math.isfinite(smoothed) or smoothed > diverge * best:
-            result.diverged = True
-            break
-    return result
+    recorder = _RangeRecorder(start, end, steps, beta, diverge)
+
+    class RangeTestCallback(keras.callbacks.Callback):
+        """The range test as a callback on one `fit`, as fastai's `LRFinder` is."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate.assign(recorder.rate(batch))
+
+        def on_train_batch_end(self, batch, logs=None):
+            if recorder.record(batch, float(logs["loss"])):
+                self.model.stop_training = True
+
+    trial.fit(_forever(batches), epochs=1, steps_per_epoch=steps, callbacks=[RangeTestCallback()], shuffle=False,
+              verbose=0)
+    return recorder.result
+
+
+def _forever(batches):
+    """A generator over `batches` (an iterator of (x, y) batches) that Keras' fit can take."""
+    for x, y in batches:
+        yield np.asarray(x), np.asarray(y)
+
+
+class _RangeRecorder:
+    """What the range test's callback does: the rate of each batch on the exponential ramp, and each
+    batch's own loss (Keras logs the epoch's running mean; batch k's loss is k * mean_k - (k - 1) *
+    mean_(k-1)), smoothed; `record` says when the smoothed loss has diverged."""
+
+    def __init__(self, start: float, end: float, steps: int, beta: float, diverge: float):
+        self.start, self.factor = start, (end / start) ** (1 / max(1, steps - 1))
+        self.beta, self.diverge = beta, diverge
+        self.result, self.average, self.best, self.mean = RangeTest(), 0.0, math.inf, 0.0
+
+    def rate(self, batch: int) -> float:
+        return self.start * self.factor ** batch
+
+    def record(self, batch: int, running_mean: float) -> bool:
+        loss_value = (batch + 1) * running_mean - batch * self.mean
+        self.mean = running_mean
+        self.average = self.beta * self.average + (1 - self.beta) * loss_value
+        smoothed = self.average / (1 - self.beta ** (batch + 1))
+        self.result.rates.append(self.rate(batch))
+        self.result.losses.append(loss_value)
+        self.result.smoothed.append(smoothed)
+        self.best = min(self.best, smoothed)
+        self.result.diverged = not math.isfinite(smoothed) or smoothed > self.diverge * self.best
+        return self.result.diverged
 
 
 def _shuffled_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
