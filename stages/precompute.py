@@ -95,45 +95,42 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
 
     import numpy as np
 
-    from pipeline.core.cache import fingerprint
-    from pipeline.core.executor import Unit
+    from pipeline.core.executor import UnitItem
     from pipeline.data.arrays import ChunkedArrayWriter, load_array
 
     s = ctx.settings
     shard = -(-ctx.config.compute.shard_size // s.batch_size) * s.batch_size
-    units, spans = [], {}
+    items, counts = [], {}
     for subset in SUBSETS:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
         paths = [str(raw / p) for p in rows["path"]]
-        spans[subset] = []
-        for start in range(0, len(paths), shard):
-            key = fingerprint({"stage": ctx.config_fingerprint, "subset": subset, "rows": [start, start + shard]})
-            spans[subset].append(key)
-            units.append(Unit(key, f"{subset} rows {start:,}-{min(start + shard, len(paths)) - 1:,}",
-                              functools.partial(write_shard, ctx.config, paths[start:start + shard])))
+        counts[subset] = len(paths)
+        items += [UnitItem(f"{subset} rows {start:,}-{min(start + shard, len(paths)) - 1:,}",
+                           {"subset": subset, "rows": [start, start + shard]}, (paths[start:start + shard],))
+                  for start in range(0, len(paths), shard)]
     began = time.perf_counter()
-    ctx.compute_units("shards", units, "feature shards")
+    units = ctx.map_units("shards", write_shard, items, "feature shards",
+                          reads=("precompute", "competition.image_size"), upstream=("download",))
     seconds = time.perf_counter() - began
-    store, timings = ctx.units("shards"), {}
-    record = json.loads((store.path(units[0].key) / META_FILE).read_text())
+    record, timings = units[0].record, {}
     for subset in SUBSETS:
-        arrays = [load_array(store.path(key) / SHARD_FILE) for key in spans[subset]]
-        count = sum(len(a) for a in arrays)
-        with ChunkedArrayWriter(ctx.out / array_file(subset), count, tuple(record["shape"]), s.dtype) as writer:
+        arrays = [load_array(unit.folder / SHARD_FILE) for unit, item in zip(units, items) if item.key["subset"] == subset]
+        with ChunkedArrayWriter(ctx.out / array_file(subset), counts[subset], tuple(record["shape"]), s.dtype) as writer:
             for array in arrays:
                 for first in range(0, len(array), 4096):
                     writer.append(np.asarray(array[first:first + 4096]))
-        share = seconds * count / max(len(index), 1)  # the shards of both subsets ran together: wall time by images
-        timings[subset] = {"images": count, "seconds": round(share, 2), "shards": len(arrays),
+        share = seconds * counts[subset] / max(len(index), 1)  # the shards of both subsets ran together: wall time by images
+        timings[subset] = {"images": counts[subset], "seconds": round(share, 2), "shards": len(arrays),
                            "images_per_s": round(len(index) / max(seconds, 1e-9), 1)}
-    for key in (k for keys in spans.values() for k in keys):
-        shutil.rmtree(store.path(key), ignore_errors=True)  # stitched: the stage's arrays hold them now
+    for unit in units:
+        shutil.rmtree(unit.folder, ignore_errors=True)  # stitched: the stage's arrays hold them now
     return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
 
 
-def write_shard(config, paths: list[str], out) -> None:
-    """One shard's feature rows into `out` (on a Ray worker): the images must be visible there."""
+def write_shard(config, inputs: dict, paths: list[str], out) -> dict:
+    """One shard's feature rows into `out` (on a Ray worker): the images must be visible there.
+    Returns its record: the network's name, row shape, image size, device and timing."""
     import socket
     from pathlib import Path
 
@@ -145,9 +142,8 @@ def write_shard(config, paths: list[str], out) -> None:
     extractor = build_extractor(config.section("precompute"), config.root, tuple(config.competition.image_size),
                                 config.compute)  # this worker's own device
     timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
-    (out / META_FILE).write_text(json.dumps({"name": extractor.name, "shape": list(extractor.row_shape),
-                                             "size": list(extractor.size), "device": extractor.device(),
-                                             **timing}) + "\n")
+    return {"name": extractor.name, "shape": list(extractor.row_shape), "size": list(extractor.size),
+            "device": extractor.device(), **timing}
 
 
 def _cache_pixels(ctx: StageContext) -> dict:

@@ -80,21 +80,23 @@ class ConfigView:
     a stage sees a narrower view: the keys its own key hashes (`StageContext.map_units`).
     """
 
-    def __init__(self, config, declared: tuple[str, ...], reader: str):
-        """`reader` says where the declaration lives, for the error (`STAGE.reads in stages.cv`)."""
-        self._config, self.declared, self.reader = config, tuple(declared), reader
+    def __init__(self, config, declared: tuple[str, ...], reader: str, declaration: str):
+        """`reader` names who reads (`stage 'cv'`), `declaration` where the declaration lives, for the
+        error (`STAGE.reads in stages.cv`)."""
+        self._config, self.declared = config, tuple(declared)
+        self.reader, self.declaration = reader, declaration
         self.comp, self.root = config.comp, config.root
 
     def check(self, dotted: str) -> None:
         if not _covers(self.declared, dotted):
             raise UndeclaredConfigRead(
-                f"config key {dotted!r} was read without being declared: add it to {self.reader} "
+                f"{self.reader} read config key {dotted!r} without declaring it: add it to {self.declaration} "
                 f"(declared: {', '.join(self.declared)})"
             )
 
-    def narrowed(self, declared: tuple[str, ...], reader: str) -> "ConfigView":
+    def narrowed(self, declared: tuple[str, ...], reader: str, declaration: str) -> "ConfigView":
         """The same config, readable only at `declared` (a unit's view: what its key hashes)."""
-        return ConfigView(self._config, declared, reader)
+        return ConfigView(self._config, declared, reader, declaration)
 
     def get(self, dotted: str) -> Any:
         self.check(dotted)
@@ -188,7 +190,7 @@ class Stage:
         """The config as this stage may read it."""
         if isinstance(config, ConfigView):
             return config
-        return ConfigView(config, self.keys_for(config), f"STAGE.reads in {self.run.__module__}")
+        return ConfigView(config, self.keys_for(config), f"stage {self.name!r}", f"STAGE.reads in {self.run.__module__}")
 
     def needs_for(self, config) -> tuple[str, ...]:
         """Upstream stages under this config: `needs`, then whatever `extra_needs` adds."""
@@ -284,13 +286,15 @@ class StageContext:
         from pipeline.core.executor import Unit, UnitResult, read_record
 
         declared = tuple(dict.fromkeys([*(key for recipe in recipes for key in recipe.keys), *reads]))
-        view = self.config.narrowed(declared, f"the keys of the recipes or reads given to map_units by {kind}")
+        view = self.config.narrowed(declared, f"a unit of {self.stage.name}-{kind}",
+                                    "its recipes' keys (`Recipe.reads`) or the `reads` of map_units")
         names = tuple(self.inputs) if upstream is None else tuple(upstream)
         shared = {"kind": kind, "function": f"{function.__module__}.{function.__qualname__}",
                   "code": code_hashes(function.__module__, *(recipe.module for recipe in recipes)),
                   "config": {key: self.config.get(key) for key in declared},
                   "upstream": {name: self.fingerprint_inputs["upstream"][name] for name in names
-                               if name not in keyed_by_item}}
+                               if name not in keyed_by_item},
+                  "stamp": self.fingerprint_inputs.get("stamp", {})}  # the stage's input files (a weights file)
         inputs = {name: self.inputs[name] for name in names}
         units = []
         for item in items:
