@@ -57,12 +57,26 @@ def weights_by_layer(model) -> dict[str, list[np.ndarray]]:
     return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
 
 
-def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inference_mode(synth, weights_file):
-    config = load_config("synth", sets=tiny_tune(
-        weights_file, "tune.tta=true", "stages=[download, split, precompute, finetune, tune, ensemble, submit]",
-        "ensemble.source=tune", "ensemble.n=2", "tune.epochs=1", "tune.warmup_epochs=0"))
-    runner.run(config)
-    work = config.work_dir
+def _tuned_sets(weights_file) -> list[str]:
+    return tiny_tune(weights_file, "tune.tta=true", "stages=[download, split, precompute, finetune, tune, ensemble, submit]",
+                     "ensemble.source=tune", "ensemble.n=2", "tune.epochs=1", "tune.warmup_epochs=0")
+
+
+@pytest.fixture
+def tuned(warm_project, weights_file):
+    """The synthetic competition through finetune, tune (with TTA) and an ensemble of 2 tuned members,
+    run once per session and copied per test."""
+    def build(root):
+        archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+        statefarm_like_config(root, archive, extra=AUGMENT)
+        runner.run(load_config("synth", sets=_tuned_sets(weights_file)))
+
+    warm_project("tuned", build)
+    return load_config("synth", sets=_tuned_sets(weights_file))
+
+
+def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inference_mode(tuned, weights_file):
+    work = tuned.work_dir
     metrics = Manifest.read(work / "tune").metrics
     assert metrics["unfrozen_blocks"] == ["block_16", "Conv_1"] and metrics["total_blocks"] == 19
     assert metrics["epochs"] == 1 and metrics["tta_passes"] == 2 and "val_log_loss_no_tta" in metrics
@@ -83,6 +97,9 @@ def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inferenc
     head_after = tuned.get_layer(tuned.layers[-1].name).get_weights()
     assert all(not np.array_equal(a, b) for a, b in zip(head_before, head_after))
 
+
+def test_tunes_rate_decays_to_zero_and_it_submits_probabilities(tuned):
+    work = tuned.work_dir
     history = pd.read_csv(work / "tune" / "history.csv")
     assert history["epoch"].tolist() == [0] and history["learning_rate"].round(8).tolist() == [0.0]  # cosine to 0
     predictions = load_predictions(work / "tune")
@@ -90,6 +107,9 @@ def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inferenc
     assert np.allclose(predictions.test_probs.sum(axis=1), 1, atol=1e-5)
     assert Manifest.read(work / "submit").metrics["source"] == "tune"
 
+
+def test_ensemble_members_can_follow_the_tune_recipe(tuned):
+    config, work = tuned, tuned.work_dir
     ensemble = Manifest.read(work / "ensemble").metrics  # members that follow the tune recipe, averaged
     members = [load_predictions(config.work_dir / "_runs" / "ensemble-members" / m["key"]) for m in ensemble["members"]]
     assert [m["seed"] for m in ensemble["members"]] == [1000, 1001] and ensemble["source"] == "tune"
@@ -99,13 +119,13 @@ def test_tune_trains_only_the_top_blocks_and_the_head_with_batchnorm_in_inferenc
     member = json.loads((config.work_dir / "_runs" / "ensemble-members" / ensemble["members"][0]["key"]
                          / "unit.json").read_text())
     assert member["arch"] == "pool + backbone" and member["unfrozen_blocks"] == ["block_16", "Conv_1"]
-    check_lr_find_changes_nothing(config)
 
 
-def check_lr_find_changes_nothing(config):
+def test_lr_find_on_tune_tests_its_model_and_images_and_changes_nothing_cached(tuned):
     """`kp lr-find --stage tune`: the range test on tune's model and streamed images, nothing cached touched."""
     from pipeline.training.lr_find import find_for_stage
 
+    config = tuned
     files = {stage: (config.work_dir / stage / MODEL_FILE).read_bytes() for stage in ("finetune", "tune")}
     fingerprints = {stage: Manifest.read(config.work_dir / stage).fingerprint for stage in files}
     view, inputs = runner.stage_inputs(config, "tune")
