@@ -201,8 +201,12 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,
                             shuffle=True, callbacks=callbacks, verbose=verbose)
     else:
+        import tensorflow as tf
+
+        # a keras PyDataset's batch order is shuffled by fit; a tf.data stream comes shuffled (and Keras warns
+        # that it ignores shuffle=True there)
         history = model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=steps_per_epoch,
-                            callbacks=callbacks, verbose=verbose, shuffle=False)  # batches come shuffled
+                            callbacks=callbacks, verbose=verbose, shuffle=not isinstance(train, tf.data.Dataset))
     if backup_dir is not None:
         keeper.write_history(out_dir / HISTORY_FILE)
         best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch
