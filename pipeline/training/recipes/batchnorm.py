@@ -18,33 +18,20 @@ from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe
 from pipeline.training.recipes.head import RECIPE as HEAD
-from pipeline.training.recipes.head import load_training_data, taught
+from pipeline.training.recipes.head import CachedRowsRecipe, load_training_data, taught
 
 IDENTITY_TOLERANCE = 1e-4  # largest change of a validation probability batchnorm insertion may cause
 
 
-class BatchnormRecipe(Recipe):
+class BatchnormRecipe(CachedRowsRecipe):
     """bnretrain's recipe: starts from a trained head (the head recipe's)."""
 
     name = "bnretrain"
     section = "bnretrain"
     reads = ("model.arch", "precompute.backbone", "training.deterministic", "competition.classes")
-    needs = ("precompute", "split")
 
     def previous(self, config) -> Recipe:
         return HEAD
-
-    def uses_passes(self, config) -> bool:
-        s = self.settings(config)
-        return s.augmented or s.tta
-
-    def data_key(self, config) -> tuple:
-        s = self.settings(config)
-        return ("features", s.augmented, s.tta)
-
-    def load(self, config, inputs, sides=None):
-        s = self.settings(config)
-        return load_training_data(config, inputs, s.augmented, s.tta, sides)
 
     def check(self, config) -> None:
         """A from-scratch model has batchnorm already: one clear error."""

@@ -57,12 +57,10 @@ def taught(train, data, teaching, batch_size: int, seed: int, log):
              "pseudo_per_batch": share})
 
 
-class HeadRecipe(Recipe):
-    """finetune's recipe: the `model` network on the cached rows, from nothing."""
+class CachedRowsRecipe(Recipe):
+    """A recipe that trains on precompute's rows, with augment's passes as its section's `augmented`
+    and `tta` say (the head and batchnorm recipes)."""
 
-    name = "finetune"
-    section = "finetune"
-    reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
     needs = ("precompute", "split")
 
     def uses_passes(self, config) -> bool:
@@ -76,6 +74,14 @@ class HeadRecipe(Recipe):
     def load(self, config, inputs, sides=None):
         s = self.settings(config)
         return load_training_data(config, inputs, s.augmented, s.tta, sides)
+
+
+class HeadRecipe(CachedRowsRecipe):
+    """finetune's recipe: the `model` network on the cached rows, from nothing."""
+
+    name = "finetune"
+    section = "finetune"
+    reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
 
     def build(self, config, data, warn=print):
         """A fresh network for `data`'s rows: (model, arch)."""
