@@ -25,7 +25,7 @@ clean: $(VENV)/.installed
 	$(KP) clean --comp $(COMP) $(ARGS)
 
 test: $(VENV)/.installed browser
-	$(VENV)/bin/python -m pytest -m "not slow" --durations=10 $(ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-all: $(VENV)/.installed browser
 	$(VENV)/bin/python -m pytest $(ARGS)

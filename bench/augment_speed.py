@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.augmentation import RowAugmenter  # noqa: E402
 from pipeline.data.features import label_indices  # noqa: E402
@@ -101,10 +102,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comp", required=True)
     parser.add_argument("--config", action="append", default=[])
+    parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = load_config(args.comp, root=REPO, extra_files=args.config)
+    config = load_config(args.comp, extra_files=args.config, sets=args.sets)
     work = config.work_dir
     index = read_index(work / "download" / "index.csv")
     train = index[index.subset == "train"].sample(frac=1.0, random_state=0)  # a mix of classes
@@ -122,10 +124,7 @@ def main() -> None:
     epochs = c["passes"] + 1
     print(f"{f'end-to-end, {epochs} epochs (s, scaled)':34} {c[f'end_to_end_{epochs}_epochs_s']:10.1f}")
     print(f"{'end-to-end / head':34} {c['ratio']:10.1f}x")
-    out = REPO / "bench" / "results" / f"augment_speed_{args.comp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result(f"augment_speed_{args.comp}.json", result)
 
 
 if __name__ == "__main__":

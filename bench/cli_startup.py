@@ -7,7 +7,6 @@ the fastest. Writes bench/results/cli_startup.json. No thresholds here: read the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -15,6 +14,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.bench_results import write_result  # noqa: E402
+
 COMMANDS = {
     "kp --help": [sys.executable, "-m", "pipeline", "--help"],
     "kp status --comp digits": [sys.executable, "-m", "pipeline", "status", "--comp", "digits"],
@@ -26,10 +29,12 @@ COMMANDS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", action="append", choices=sorted(COMMANDS), help="time only these commands")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    times: dict[str, list[float]] = {name: [] for name in COMMANDS if not args.only or name in args.only}
     for _ in range(args.repeats):
-        for name, command in COMMANDS.items():
+        for name in times:
+            command = COMMANDS[name]
             start = time.perf_counter()
             subprocess.run(command, cwd=REPO, check=True, capture_output=True)
             times[name].append(time.perf_counter() - start)
@@ -38,10 +43,7 @@ def main() -> None:
     print(f"{'command':28} {'median s':>9} {'min s':>7}")
     for row in rows:
         print(f"{row['command']:28} {row['median_s']:9.3f} {row['min_s']:7.3f}")
-    out = REPO / "bench" / "results" / "cli_startup.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"python": sys.version.split()[0], "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result("cli_startup.json", {"python": sys.version.split()[0], "rows": rows})
 
 
 if __name__ == "__main__":

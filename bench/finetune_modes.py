@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.features import load_split_features  # noqa: E402
 from pipeline.evaluation.predictions import load_predictions  # noqa: E402
@@ -76,10 +76,7 @@ def main() -> None:
         print(f"{name:14} {result[name]['median_s_per_epoch']:17.3f} {same:>23}")
     print(f"{names[0]} / {names[1]}: {result['ratio']:.2f}x; "
           f"the two give identical predictions: {result['variants_identical']}")
-    out = REPO / "bench" / "results" / f"finetune_{args.vary}_{args.comp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(f"finetune_{args.vary}_{args.comp}.json", result)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import runner  # noqa: E402
 from pipeline.core.cache import Manifest  # noqa: E402
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
 
@@ -36,17 +37,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comp", default="mnist")
     parser.add_argument("--config", action="append", default=None)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="applied to every step")
+    parser.add_argument("--rungs", type=int, default=None, help="train only the first N steps before the ensemble")
     args = parser.parse_args()
     extra = args.config if args.config is not None else [str(REPO / "configs" / "offline" / "mnist.yaml")]
     rows = []
-    for name, sets in LADDER:
-        config = load_config(args.comp, root=REPO, extra_files=extra, sets=sets)
+    for name, sets in LADDER[:args.rungs]:
+        config = load_config(args.comp, extra_files=extra, sets=sets + args.sets)
         runner.run(config, ["finetune"])
         m = Manifest.read(config.work_dir / "finetune").metrics
         rows.append({"step": name, "val_accuracy": m["val_accuracy"], "val_log_loss": m["val_log_loss"],
                      "epochs": m["epochs"], "seconds": m["train_seconds"]})
         print(json.dumps(rows[-1]), flush=True)
-    config = load_config(args.comp, root=REPO, extra_files=extra)
+    config = load_config(args.comp, extra_files=extra, sets=args.sets)
     runner.run(config)
     ensemble = Manifest.read(config.work_dir / "ensemble").metrics
     submit = Manifest.read(config.work_dir / "submit").metrics
@@ -58,10 +61,7 @@ def main() -> None:
     for r in rows:
         test = f"{r['test_accuracy']:9.4f}" if "test_accuracy" in r else f"{'':9}"
         print(f"{r['step']:28} {r['val_accuracy']:8.4f} {r['val_log_loss']:9.4f} {test}")
-    out = REPO / "bench" / "results" / f"{args.comp}_ladder.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "ensemble": ensemble}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result(f"{args.comp}_ladder.json", {"rows": rows, "ensemble": ensemble})
 
 
 if __name__ == "__main__":

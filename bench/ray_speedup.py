@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import runner  # noqa: E402
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 VARIANTS = {"local": ["compute.backend=local"],
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=400)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="applied to every variant")
     args = parser.parse_args()
     import ray
 
@@ -45,8 +47,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, sets in VARIANTS.items():
             work = Path(tempfile.mkdtemp(prefix="kp-ray-bench-"))
-            config = load_config(args.comp, root=REPO, extra_files=args.config,
-                                 sets=[*common, *sets, f"paths.work={work}"])
+            config = load_config(args.comp, extra_files=args.config,
+                                 sets=[*common, *sets, *args.sets, f"paths.work={work}"])
             runner.run(config, ["download", "split"])
             for stage in STAGES:
                 start = time.perf_counter()
@@ -61,11 +63,8 @@ def main() -> None:
     print(f"\n{'variant':14} " + " ".join(f"{stage + ' s':>12} {'vs local':>9}" for stage in STAGES))
     for name, stages in medians.items():
         print(f"{name:14} " + " ".join(f"{stages[s]:12.1f} {medians['local'][s] / stages[s]:9.2f}x" for s in STAGES))
-    out = REPO / "bench" / "results" / f"ray_speedup_{args.comp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"competition": args.comp, "config": args.config, "members": args.members,
-                               "shard_size": args.shard_size, "seconds": seconds, "medians": medians}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result(f"ray_speedup_{args.comp}.json", {"competition": args.comp, "config": args.config, "members": args.members,
+                               "shard_size": args.shard_size, "seconds": seconds, "medians": medians})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Writes bench/results/score_COMP.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.core.cache import Manifest  # noqa: E402
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[])
     parser.add_argument("--set", dest="sets", action="append", default=[])
     args = parser.parse_args()
-    config = load_config(args.comp, root=REPO, extra_files=args.config, sets=args.sets)
+    config = load_config(args.comp, extra_files=args.config, sets=args.sets)
     submit = Manifest.read(config.work_dir / "submit")
     if submit is None:
         sys.exit(f"no submission yet for {args.comp}: run kp all --comp {args.comp} first")
@@ -48,13 +48,11 @@ def main() -> None:
     if result["test_accuracy"] is not None:
         result["test_accuracy"] = round(result["test_accuracy"], 5)
     print(f"{'':22} {'validation':>11} {'test':>8}")
-    print(f"{competition.metric + ' (clipped)':22} {result['val_score_clipped']:11.4f} {result['test_score']:8.4f}")
+    clipped = " (clipped)" if competition.metric == "log_loss" else ""
+    print(f"{competition.metric + clipped:22} {result['val_score_clipped']:11.4f} {result['test_score']:8.4f}")
     if result["test_accuracy"] is not None:
         print(f"{'accuracy':22} {result['val_accuracy']:11.4f} {result['test_accuracy']:8.4f}")
-    out = REPO / "bench" / "results" / f"score_{args.comp}_{config.get('split.strategy')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result(f"score_{args.comp}_{config.get('split.strategy')}.json", result)
 
 
 if __name__ == "__main__":

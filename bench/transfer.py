@@ -282,10 +282,7 @@ def main() -> None:
         print(f"{label[:36]:36}" + "".join(f"{r[key]!s:>12}" for r in rows))
     print(f"device: {rows[0]['device']}; peak: {rows[0]['peak_source']}")
     print("(5) precompute peak RSS, mobilenet: " + ", ".join(f"{r['images']} images {r['peak_rss_mb']} MB" for r in rss))
-    out = REPO / "bench" / "results" / "transfer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "peak_rss": rss, "cpus": os.cpu_count()}, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result("transfer.json", {"rows": rows, "peak_rss": rss, "cpus": os.cpu_count()})
 
 
 if __name__ == "__main__":

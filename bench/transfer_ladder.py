@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import runner  # noqa: E402
+from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.cache import Manifest  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name, sets in LADDERS[args.ladder][:args.rungs]:
-        config = load_config(args.comp, root=REPO, extra_files=args.config, sets=sets + args.sets)
+        config = load_config(args.comp, extra_files=args.config, sets=sets + args.sets)
         runner.run(config, ["submit"])
         submit = Manifest.read(config.work_dir / "submit").metrics
         source = Manifest.read(config.work_dir / submit["source"]).metrics
@@ -87,12 +88,9 @@ def main() -> None:
         test_accuracy = f"{r['test_accuracy']:9.4f}" if r["test_accuracy"] is not None else f"{'':9}"
         print(f"{r['step']:22} {r['validation']:>10} {r['val_log_loss']:9.4f} {r['val_accuracy']:8.4f} {r['val_clipped']:12.4f} "
               f"{r['test_score']:8.4f} {test_accuracy}")
-    out = REPO / "bench" / "results" / f"{'' if args.ladder == 'transfer' else args.ladder + '_'}ladder_{args.comp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"competition": args.comp, "ladder": args.ladder, "config": args.config, "sets": args.sets,
-                               "rows": rows},
-                              indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    write_result(f"{'' if args.ladder == 'transfer' else args.ladder + '_'}ladder_{args.comp}.json",
+                 {"competition": args.comp, "ladder": args.ladder, "config": args.config, "sets": args.sets,
+                  "rows": rows})
 
 
 if __name__ == "__main__":
