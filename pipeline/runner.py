@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 
 from pipeline.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
-from pipeline.core.cache import Manifest, competition_lock, output_problems, output_sizes, sweep_partial, \
-    write_text_atomic
+from pipeline.core.cache import Manifest, competition_lock, output_digest, output_problems, output_sizes, \
+    sweep_partial, write_text_atomic
 from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
@@ -164,6 +164,7 @@ def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
             headline=stage.headline(metrics),
             warnings=ctx.warnings,
             units=ctx.units_used,
+            digest=output_digest(tmp),
         )
         manifest.write(tmp)
     point(config.work_dir, stage.name, status.fingerprint, "ran")

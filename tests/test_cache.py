@@ -142,6 +142,38 @@ def test_editing_a_plot_reruns_stages_but_no_unit_they_hold(project, tmp_path, m
     assert "pipeline/evaluation/plots.py" in explain(before["ensemble"], after["ensemble"])[0]
 
 
+def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_forward_pass(warm_project, tmp_path,
+                                                                                          monkeypatch):
+    from tests.test_augment import AUGMENTED
+
+    sets = [s.replace("augment, finetune, submit", "augment, finetune, bnretrain, ensemble, submit") for s in AUGMENTED] + [
+        "finetune.augmented=true", "ensemble.n=2", "ensemble.source=bnretrain", "submit.source=ensemble"]
+
+    def build(root):
+        archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+        statefarm_like_config(root, archive)
+        runner.run(load_config("synth", sets=sets))
+
+    warm_project("every-unit", build)
+    config = load_config("synth", sets=sets)
+    before = {s.name: s.manifest for s in stage_statuses(config)}
+    copy = _code_copy(tmp_path, monkeypatch)
+    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'fig.savefig(path, dpi=90)', 'fig.savefig(path, dpi=91)')
+    stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
+    drawing = {"augment", "finetune", "bnretrain", "ensemble"}  # the stages that draw with plots.py
+    assert set(stale) == drawing | {"submit"} and stale["submit"] == ["upstream ensemble changed"]
+    assert all(stale[name][0].startswith("code changed: pipeline/evaluation/plots.py") for name in drawing)
+    runner.run(config)
+    after = {s.name: s.manifest for s in stage_statuses(config)}
+    for name in ("download", "split", "precompute"):
+        assert after[name].finished == before[name].finished
+    assert after["augment"].metrics["computed"] == 0 and after["augment"].metrics["reused"] == 5  # no forward pass
+    assert after["finetune"].metrics["reused"] and after["bnretrain"].metrics["reused"]
+    assert after["ensemble"].metrics["trained"] == 0  # every member reused
+    for name in drawing:  # each reran (its plots drawn again) in seconds
+        assert after[name].finished >= before[name].finished and after[name].fingerprint != before[name].fingerprint
+
+
 def test_failed_stage_leaves_previous_output_untouched(project):
     config = digits()
     runner.run(config)

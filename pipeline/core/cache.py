@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.core.artifacts import CACHE_FOLDER, LOCK_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+from pipeline.core.artifacts import CACHE_FOLDER, LOCK_FILE, MANIFEST, META_FILE, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
 from pipeline.core.errors import PipelineError
 
 STAMP_MODES = ("mtime", "content")
@@ -117,6 +117,7 @@ class Manifest:
     headline: str = ""
     warnings: list[str] = field(default_factory=list)
     units: dict[str, list[str]] = field(default_factory=dict)
+    digest: str = ""  # `output_digest`: what the run wrote for others to read, its plots left out
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":
@@ -142,6 +143,27 @@ def output_sizes(folder: Path) -> dict[str, int]:
         else:
             sizes[entry.name] = entry.stat().st_size
     return sizes
+
+
+DRAWINGS = (".png",)  # what a run draws for people; no stage reads it
+RUN_RECORDS = (MANIFEST, META_FILE)  # how a run went (timings, what it reused), beside the arrays it describes
+
+
+def output_digest(folder: Path) -> str:
+    """sha256 over every file a run wrote for other stages to read (paths and bytes), leaving out its
+    drawings and its records of how the run went: two runs that computed the same arrays and models
+    have the same digest even when their plots, timings or reuse differ. Units downstream are keyed
+    by it (`StageContext.map_units`)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if path.suffix in DRAWINGS or path.name in RUN_RECORDS or any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative}\0".encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def output_problems(folder: Path, outs: tuple[str, ...], recorded: dict[str, int] | None) -> list[str]:

@@ -255,9 +255,10 @@ class StageContext:
         and gather every stage with units shares (here, or as Ray tasks as `compute` says).
 
         Each unit's key is derived here from exactly what the unit is handed: the config keys its
-        recipes and `reads` declare (the unit sees only those: reading another raises), the
-        fingerprints of the `upstream` stages it is given, the code its function and recipes reach
-        (no drawing code: a plot's edit never reruns a unit), and its item's own `key`.
+        recipes and `reads` declare (the unit sees only those: reading another raises), what the
+        `upstream` stages it is given wrote for it to read (their manifests' `digest`, which leaves
+        their plots out), the code its function and recipes reach (no drawing code: a plot's edit
+        never reruns a unit), and its item's own `key`.
 
         Args:
             kind: the units' store, `work/COMP/_runs/STAGE-KIND/`.
@@ -292,8 +293,7 @@ class StageContext:
         shared = {"kind": kind, "function": f"{function.__module__}.{function.__qualname__}",
                   "code": code_hashes(function.__module__, *(recipe.module for recipe in recipes)),
                   "config": {key: self.config.get(key) for key in declared},
-                  "upstream": {name: self.fingerprint_inputs["upstream"][name] for name in names
-                               if name not in keyed_by_item},
+                  "upstream": {name: self._upstream_digest(name) for name in names if name not in keyed_by_item},
                   "stamp": self.fingerprint_inputs.get("stamp", {})}  # the stage's input files (a weights file)
         inputs = {name: self.inputs[name] for name in names}
         units = []
@@ -311,6 +311,14 @@ class StageContext:
                 self.warn(f"{unit.label}: {message}")
             results.append(UnitResult(unit.key, store.path(unit.key), record, unit.key not in computed))
         return results
+
+    def _upstream_digest(self, name: str) -> str:
+        """What upstream stage `name` wrote for others (its manifest's `digest`), or its fingerprint
+        for a run that recorded none."""
+        from pipeline.core.cache import Manifest
+
+        manifest = Manifest.read(self.inputs[name])
+        return (manifest.digest if manifest and manifest.digest else None) or self.fingerprint_inputs["upstream"][name]
 
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:
