@@ -104,6 +104,19 @@ def test_an_undeclared_config_read_fails(project):
     with pytest.raises(UndeclaredConfigRead, match="competition.clip"):
         download.competition.clip
 
+
+def test_a_unit_reads_only_the_keys_its_recipes_declare(project):
+    """A unit's view is narrowed to what its key hashes (`StageContext.map_units`): the head recipe's keys."""
+    from pipeline.training.recipes import recipe
+
+    config = load_config("digits")
+    head = recipe("finetune")
+    view = all_stages()["ensemble"].view(config).narrowed(head.keys, "a unit of ensemble-members", "Recipe.reads")
+    assert view.section("finetune").batch_size == config.get("finetune.batch_size")
+    assert view.get("model.arch") == config.get("model.arch")
+    with pytest.raises(UndeclaredConfigRead, match="a unit of ensemble-members read config key 'ensemble.n'"):
+        view.get("ensemble.n")  # the stage's own section: not the recipe's, so not in a member's key
+
     # through the runner: the stage fails with one message naming the key
     runner.run(load_config("digits", sets=["stages=[download]"]))
     status = next(s for s in stage_statuses(config) if s.name == "split")
