@@ -270,7 +270,7 @@ class StageContext:
             recipes: the `Recipe`s the function runs (their keys and modules).
             reads: other config keys it reads.
             upstream: the upstream stages it reads (default: all of the stage's).
-            keyed_by_item: those of `upstream` whose fingerprint stays out of the key because each
+            keyed_by_item: those of `upstream` whose digest stays out of the key because each
                 item's `key` holds what the unit takes from them (cv's folds list their rows, so a
                 fold is reused when another fold's rows change).
             resumable: hand each unit a backup folder outside its temporary one
@@ -281,7 +281,7 @@ class StageContext:
         """
         import functools
 
-        from pipeline.core.artifacts import BACKUP_FOLDER, CACHE_FOLDER
+        from pipeline.core.artifacts import BACKUP_FOLDER
         from pipeline.core.cache import fingerprint
         from pipeline.core.code_version import code_hashes
         from pipeline.core.executor import Unit, UnitResult, read_record
@@ -318,7 +318,7 @@ class StageContext:
         from pipeline.core.cache import Manifest
 
         manifest = Manifest.read(self.inputs[name])
-        return (manifest.digest if manifest and manifest.digest else None) or self.fingerprint_inputs["upstream"][name]
+        return manifest.digest if manifest and manifest.digest else self.fingerprint_inputs["upstream"][name]
 
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:
