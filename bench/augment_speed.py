@@ -89,7 +89,7 @@ def training_cost(config, paths, labels, n_train: int, passes: int) -> dict:
     images = image_batches(paths, (height, width), batch_size, features.preprocess, augment=augmenter)
     dataset = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(np.asarray(labels)).batch(batch_size)))
     epochs.clear()
-    end_to_end.fit(dataset, epochs=2, verbose=0, callbacks=[timer])
+    end_to_end.fit(dataset, epochs=2, verbose=0, callbacks=[timer], shuffle=False)  # the dataset comes shuffled
     per_image = (epochs[3] - epochs[2]) / len(paths)
     end_to_end_s = per_image * n_train * (passes + 1)
     return {"train_rows": n_train, "passes": passes, "head_epoch_on_clean_and_passes_s": round(head_epoch, 2),
