@@ -75,3 +75,12 @@ def test_kp_lr_find_writes_its_plot_and_overlay_and_leaves_the_stages_as_they_we
     unphased = [s for s in TINY_VGG if not s.startswith("finetune.phases")]
     with_overlay = load_config("synth", extra_files=[out / "overlay.yaml"], sets=unphased)
     assert with_overlay.section("finetune").phases[0].lr == first["lr"]
+
+    # bnretrain's recipe: finetune's trained head with batchnorm inserted, its own rate
+    batchnorm = [s.replace("finetune, submit", "finetune, bnretrain, submit") for s in TINY_VGG]
+    result = CliRunner().invoke(cli, ["lr-find", "--comp", "synth", "--stage", "bnretrain", "--steps", "20",
+                                      *[arg for s in batchnorm for arg in ("--set", s)]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((config.work_dir / "lr_find" / "bnretrain" / "lr_find.json").read_text())
+    assert record["stage"] == "bnretrain" and record["current_lr"] == 1e-4 and record["batches"] >= 10
+    assert model_file.read_bytes() == before
