@@ -20,7 +20,7 @@ from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES
-from pipeline.training.recipes import recipe
+from pipeline.training.recipes import needs_of, steps_of
 from pipeline.training.settings import Augment, Phase
 
 
@@ -56,7 +56,8 @@ class Settings(StrictModel):
 def run(ctx: StageContext) -> dict:
     from pipeline.training.stage_model import train_stage_model
 
-    return train_stage_model(ctx, recipe("finetune"), None, ctx.settings.seed)
+    [step] = steps_of("finetune", ctx.config)  # the head recipe, or the scratch recipe for a model on pixels
+    return train_stage_model(ctx, step, None, ctx.settings.seed)
 
 
 def headline(m: dict) -> str:
@@ -72,6 +73,6 @@ STAGE = Stage(
     reads=MISTAKES_READS,
     outs=MODEL_OUTPUTS,
     headline=headline,
-    extra_needs=lambda config: recipe("finetune").needs_for(config),
-    recipes=lambda config: (recipe("finetune"),),
+    extra_needs=lambda config: needs_of(steps_of("finetune", config), config),
+    recipes=lambda config: steps_of("finetune", config),
 )

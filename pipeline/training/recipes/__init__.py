@@ -1,8 +1,9 @@
 """The recipes by name, and the unit functions that run them.
 
-Every way of training a model is one `Recipe` class in its own module here (`head`: a network on
-precompute's rows, `batchnorm`: a trained head with batchnorm inserted, retrained; `tuned`: a
-trained head back on its backbone, fine-tuned end to end), registered by one line in `MODULES`.
+Every way of training a model is one `Recipe` class in its own module here (`head`: a dense head
+on precompute's features; `scratch`: a from-scratch model on pixels, the head recipe's stand-in for
+one; `batchnorm`: a trained head with batchnorm inserted, retrained; `tuned`: a trained head back
+on its backbone, fine-tuned end to end), registered by one line in `MODULES`.
 Stages, ensemble members, cv folds, pseudo students and `kp lr-find` find recipes through `recipe`,
 so no stage imports another stage and no stage compares recipe names. The modules are imported by
 name only when a recipe is asked for: a stage's code is its own module plus the modules of the
@@ -20,8 +21,9 @@ MODULES = {
     "finetune": "pipeline.training.recipes.head",
     "bnretrain": "pipeline.training.recipes.batchnorm",
     "tune": "pipeline.training.recipes.tuned",
+    "scratch": "pipeline.training.recipes.scratch",  # finetune's recipe for a model on pixels (HeadRecipe.steps)
 }
-NAMES = tuple(MODULES)
+NAMES = ("finetune", "bnretrain", "tune")  # what a config may name (ensemble.source, ...)
 HEAD_RECIPES = ("finetune", "bnretrain")  # recipes that train on cached rows (what tune and pseudo students start from)
 
 

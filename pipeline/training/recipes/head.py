@@ -1,21 +1,19 @@
-"""The head recipe (finetune's): a network on precompute's rows, trained from nothing.
+"""The head recipe (finetune's): a dense head on precompute's cached features, trained from nothing.
 
-Build the network `model.arch` names (`pipeline.models.build`: a dense head on cached conv
-features, or a from-scratch ladder model on pixels) -> train it on the split's training rows (plus
-augment's passes of them with `finetune.augmented`; augmented on the fly when `finetune.augment`
-is set and the inputs are pixels; plus pseudo-labelled test rows, a share of every batch, when a
-student is taught, see `pipeline.training.pseudo`) with the configured optimizer and learning-rate
-schedule, keeping the best epoch by validation loss -> save the model, its history and the
-validation and test probabilities (averaged over augment's test passes with `finetune.tta`). With
-`training.deterministic` TensorFlow's op determinism is on, so the same config gives the same
-bytes. Imports Keras inside the functions.
+Build the head `model.arch` names (`pipeline.models.build`) -> train it on the split's training
+rows (plus augment's passes of them with `finetune.augmented`; plus pseudo-labelled test rows, a
+share of every batch, when a student is taught, see `pipeline.training.pseudo`) with the
+configured optimizer and learning-rate schedule, keeping the best epoch by validation loss -> save
+the model, its history and the validation and test probabilities (averaged over augment's test
+passes with `finetune.tta`). With `training.deterministic` TensorFlow's op determinism is on, so
+the same config gives the same bytes. When `model.arch` names a from-scratch model on pixels, the
+finetune recipe is the scratch recipe instead (`steps`; `pipeline.training.recipes.scratch`).
+Imports Keras inside the functions.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-
-import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe
@@ -76,12 +74,33 @@ class CachedRowsRecipe(Recipe):
         return load_training_data(config, inputs, s.augmented, s.tta, sides)
 
 
+def trains_pixels(config) -> bool:
+    """Whether `model.arch` (with `precompute.backbone`) is a from-scratch ladder model on pixels."""
+    from pipeline.models.build import resolve_arch
+    from pipeline.models.scratch import LADDER
+
+    return resolve_arch(config.get("model.arch"), config.get("precompute.backbone")) in LADDER
+
+
 class HeadRecipe(CachedRowsRecipe):
-    """finetune's recipe: the `model` network on the cached rows, from nothing."""
+    """finetune's recipe: the `model` head on the cached features, from nothing."""
 
     name = "finetune"
     section = "finetune"
     reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
+
+    def steps(self, config) -> tuple[Recipe, ...]:
+        """This recipe, or for a from-scratch model on pixels the scratch recipe."""
+        from pipeline.training.recipes import recipe
+
+        return (recipe("scratch"),) if trains_pixels(config) else (self,)
+
+    def batches(self, config, data, arch: str, seed: int):
+        """What `fit` trains on: the cached rows as arrays (a head never augments them on the fly)."""
+        if self.settings(config).augment:
+            raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
+                                "(precompute.backbone is not none); set finetune.augment: null")
+        return data.x_train, data.y_train
 
     def build(self, config, data, warn=print):
         """A fresh network for `data`'s rows: (model, arch)."""
@@ -93,8 +112,6 @@ class HeadRecipe(CachedRowsRecipe):
             backup=None, verbose=0) -> dict:
         import keras
 
-        from pipeline.models.scratch import LADDER
-        from pipeline.training.augment import augmented_batches, build_augmenter
         from pipeline.training.fit import Phase, fit
         from pipeline.training.record import finish, set_determinism
 
@@ -105,17 +122,10 @@ class HeadRecipe(CachedRowsRecipe):
         passes = f" (clean + {data.train_passes} augmented passes)" if data.train_passes else ""
         log(f"{title} {arch}: {model.count_params():,} parameters, {len(data.x_train):,} train{passes} / "
             f"{len(data.x_valid):,} valid rows of {data.x_train.shape[1:]}, seed {seed}".strip())
-        train = (data.x_train, data.y_train)
-        if s.augment:
-            if arch not in LADDER:
-                raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
-                                    "(precompute.backbone is not none); set finetune.augment: null")
-            if teaching is not None:
-                raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
-                                    "finetune.augment (augmentation on the fly): set finetune.augment: null")
-            augmenter = build_augmenter(s.augment, fill=float(np.min(data.x_train)))
-            train = augmented_batches(data.x_train, data.y_train, s.batch_size, augmenter, seed)
-        train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, log)
+        if s.augment and teaching is not None:
+            raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
+                                "finetune.augment (augmentation on the fly): set finetune.augment: null")
+        train, pseudo_rows = taught(self.batches(config, data, arch, seed), data, teaching, s.batch_size, seed, log)
         began = time.perf_counter()
         history, best_epoch, _ = fit(
             model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
