@@ -58,8 +58,8 @@ def main() -> None:
             fit.STEPS_PER_EXECUTION = steps
             with tempfile.TemporaryDirectory() as folder:
                 view = all_stages()["finetune"].view(config)
-                metrics = recipe("finetune").fit(view, data, None, 0, Path(folder), log=lambda _: None,
-                                                 warn=lambda _: None)
+                metrics = recipe("finetune").resolved(view).fit(view, data, None, 0, Path(folder),
+                                                                log=lambda _: None, warn=lambda _: None)
                 probs = load_predictions(Path(folder)).valid_probs
             seconds[name].append(metrics["seconds_per_epoch"])
             digests[name].add(hashlib.sha256(probs.tobytes()).hexdigest())

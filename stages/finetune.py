@@ -20,7 +20,7 @@ from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES
-from pipeline.training.recipes import needs_of, steps_of
+from pipeline.training.recipes import needs_of, recipe, steps_of
 from pipeline.training.settings import Augment, Phase
 
 
@@ -56,7 +56,7 @@ class Settings(StrictModel):
 def run(ctx: StageContext) -> dict:
     from pipeline.training.stage_model import train_stage_model
 
-    [step] = steps_of("finetune", ctx.config)  # the head recipe, or the scratch recipe for a model on pixels
+    step = recipe("finetune").resolved(ctx.config)  # the head recipe, or the scratch recipe for a model on pixels
     return train_stage_model(ctx, step, None, ctx.settings.seed)
 
 

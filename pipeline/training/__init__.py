@@ -1,2 +1,2 @@
-"""Training: Keras fit mechanics (optimizer, schedule, best epoch), augmentation, and the recipe that
-turns the config into one trained model with its files."""
+"""Training: Keras fit mechanics (optimizer, schedule, best epoch), augmentation, pseudo-labels, and the
+recipes (`pipeline.training.recipes`) that turn settings into trained models with their files."""

@@ -190,13 +190,13 @@ def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200
 
     from pipeline.core.artifacts import LR_FIND_OVERLAY, LR_FIND_PLOT, LR_FIND_RECORD
     from pipeline.core.cache import write_text_atomic
-    from pipeline.training.recipes import steps_of
+    from pipeline.training.recipes import recipe
     from pipeline.training.record import set_determinism
 
     s = config.section(stage)
     set_determinism(False)
     keras.utils.set_random_seed(s.seed)
-    step = steps_of(stage, config)[-1]  # the recipe the stage trains with under this config
+    step = recipe(stage).resolved(config)  # the recipe the stage trains with under this config
     model, x, y, batches, factors, rows = step.range_test_setup(config, inputs, steps, warn=say)
     say(f"range test for {stage}: {rows:,} training rows, {s.optimizer}, batch {s.batch_size}, "
         f"at most {steps} batches")

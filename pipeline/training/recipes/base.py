@@ -40,6 +40,11 @@ class Recipe:
         """Its config section, typed (the pydantic model the owning stage declares)."""
         return config.section(self.section)
 
+    def resolved(self, config) -> "Recipe":
+        """The recipe that really trains under `config`: this one, or one it hands over to (the head
+        recipe to the scratch recipe for a model on pixels)."""
+        return self
+
     def previous(self, config) -> "Recipe | None":
         """The recipe whose trained model this one starts from; None: it starts from nothing."""
         return None
@@ -47,7 +52,7 @@ class Recipe:
     def steps(self, config) -> tuple["Recipe", ...]:
         """Every recipe a model trained from nothing by this one follows, in order, this one last."""
         before = self.previous(config)
-        return (*(before.steps(config) if before else ()), self)
+        return (*(before.steps(config) if before else ()), self.resolved(config))
 
     def uses_passes(self, config) -> bool:
         """Whether it reads augment's passes (so the stage running it needs `augment`)."""

@@ -89,11 +89,11 @@ class HeadRecipe(CachedRowsRecipe):
     section = "finetune"
     reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
 
-    def steps(self, config) -> tuple[Recipe, ...]:
+    def resolved(self, config) -> Recipe:
         """This recipe, or for a from-scratch model on pixels the scratch recipe."""
         from pipeline.training.recipes import recipe
 
-        return (recipe("scratch"),) if trains_pixels(config) else (self,)
+        return recipe("scratch") if trains_pixels(config) else self
 
     def batches(self, config, data, arch: str, seed: int):
         """What `fit` trains on: the cached rows as arrays (a head never augments them on the fly)."""

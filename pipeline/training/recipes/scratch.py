@@ -21,8 +21,8 @@ class ScratchRecipe(HeadRecipe):
     section = "finetune"
     reads = ("model", "precompute.backbone", "training.deterministic", "competition.classes")
 
-    def steps(self, config) -> tuple[Recipe, ...]:
-        return (self,)
+    def resolved(self, config) -> Recipe:
+        return self
 
     def batches(self, config, data, arch: str, seed: int):
         """The training rows, augmented on the fly when `finetune.augment` is set."""
