@@ -18,12 +18,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
+from pipeline.core.artifacts import INDEX_FILE, LEDGER_FILE, LEDGER_PLOT, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
+
+
+SUBMISSIONS_ARTIFACTS = (LEDGER_FILE, LEDGER_PLOT)  # what else lives in submissions/COMP/
 
 
 class Settings(StrictModel):
@@ -47,7 +50,20 @@ class Settings(StrictModel):
             raise ValueError(f"may use only {{comp}}, {{source}} and {{fingerprint}} ({exc!r})") from None
         if "/" in name or not name.strip():
             raise ValueError("must be a plain file name without '/'")
+        taken = taken_by(name)
+        if taken:
+            raise ValueError(f"{name!r} would write over {taken} beside the submissions: choose another name")
         return name
+
+
+def taken_by(name: str) -> str | None:
+    """The artifact of `submissions/COMP/` that a submission called `name` (`NAME.csv[.gz]`, `NAME.json`)
+    would overwrite (the ledger, its plot), or None."""
+    ours = {f"{name}.csv", f"{name}.csv.gz", f"{name}.json", f"{name}.png"}
+    for artifact in SUBMISSIONS_ARTIFACTS:
+        if artifact in ours or Path(artifact).stem == name:
+            return artifact
+    return None
 
 
 def run(ctx: StageContext) -> dict:
@@ -79,6 +95,9 @@ def run(ctx: StageContext) -> dict:
     (ctx.out / SUBMISSION_FILE).write_text(frame.to_csv(index=False, float_format="%.6g"))
     fingerprint = ctx.config_fingerprint
     name = s.name.format(comp=ctx.comp, source=s.source, fingerprint=fingerprint[:8])
+    if taken_by(name):  # a template that names the ledger only once filled in (a competition called `ledger`)
+        raise PipelineError(f"submit.name {s.name!r} gives {name!r}, which would write over {taken_by(name)} in "
+                            f"{ctx.config.submissions_dir}: choose another submit.name")
     meta = {
         "file": str(ctx.config.submissions_dir / (name + (".csv.gz" if s.gzip else ".csv"))),
         "fingerprint": fingerprint,

@@ -199,14 +199,18 @@ def test_a_stored_run_replaces_an_entry_only_on_success(tmp_path):
 
 def test_sweep_restores_a_run_killed_between_renames_and_clears_leftovers_everywhere(tmp_path):
     runs = tmp_path / "_runs" / "split"
-    (runs / ".old-fp1-abc123").mkdir(parents=True)
-    (runs / ".old-fp1-abc123" / MANIFEST).write_text("{}")
-    (runs / ".tmp-fp2-99-def456").mkdir()
-    (tmp_path / "_runs" / "ensemble-members" / ".tmp-key-1-aaaaaa").mkdir(parents=True)
-    (tmp_path / "_cache" / "kaggle" / ".tmp-download-x").mkdir(parents=True)
+    (runs / ".old-fp1.kp-0123abcd").mkdir(parents=True)
+    (runs / ".old-fp1.kp-0123abcd" / MANIFEST).write_text("{}")
+    (runs / ".tmp-fp2-99.kp-def45678").mkdir()
+    (tmp_path / "_runs" / "ensemble-members" / ".tmp-key-1.kp-aaaaaaaa").mkdir(parents=True)
+    (tmp_path / "_cache" / "kaggle" / ".tmp-download.kp-12345678").mkdir(parents=True)
+    (tmp_path / ".tmp-notes").write_text("a user's file")  # names kp never makes: left alone
+    (runs / ".tmp-mine-abc123").mkdir()
     removed = sweep_partial(tmp_path)
-    assert sorted(p.name for p in removed) == [".tmp-download-x", ".tmp-fp2-99-def456", ".tmp-key-1-aaaaaa"]
+    assert sorted(p.name for p in removed) == [".tmp-download.kp-12345678", ".tmp-fp2-99.kp-def45678",
+                                               ".tmp-key-1.kp-aaaaaaaa"]
     assert (runs / "fp1" / MANIFEST).exists()
+    assert (tmp_path / ".tmp-notes").is_file() and (runs / ".tmp-mine-abc123").is_dir()
 
 
 def test_second_run_on_the_same_competition_is_refused(tmp_path):

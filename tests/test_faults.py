@@ -339,3 +339,50 @@ def test_sigkill_in_every_stage_then_the_rerun_gives_the_same_bytes(project, tmp
             assert (work / stage / name).read_bytes() == (reference / "digits" / stage / name).read_bytes(), \
                 f"{stage}/{name} differs after the rerun"
     assert not list(work.rglob(".tmp-*"))
+
+
+def _sandbox(folder: Path) -> dict[Path, bytes]:
+    """A user's files that kp must never touch: returns them with their bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {folder / "precious.txt": b"a user's notes", folder / ".tmp-notes.txt": b"mine, not kp's",
+             folder / ".old-draft": b"also mine"}
+    for path, data in files.items():
+        path.write_bytes(data)
+    return files
+
+
+def _untouched(files: dict[Path, bytes]) -> bool:
+    return all(path.is_file() and path.read_bytes() == data for path, data in files.items())
+
+
+def test_kp_never_deletes_or_writes_in_a_work_folder_it_did_not_create(project, tmp_path):
+    users = tmp_path / "users"
+    files = _sandbox(users / "digits")  # paths.work pointed, by a slip, at a folder holding one named like the comp
+    for command in (["clean"], ["split"], ["clean", "--stage", "split"]):
+        result = kp(*command, "--comp", "digits", "--set", f"paths.work={users}")
+        assert result.exit_code == 2, result.output
+        assert "kp did not create it" in result.output and str(users / "digits") in result.output
+        assert _untouched(files)
+    assert sorted(p.name for p in (users / "digits").iterdir()) == [".old-draft", ".tmp-notes.txt", "precious.txt"]
+
+
+def test_a_stage_folder_kp_did_not_write_is_refused_not_deleted(project):
+    assert kp("split", "--comp", "digits").exit_code == 0
+    work = project / "work" / "digits"
+    files = _sandbox(work)  # the user's .tmp-/.old- files beside kp's: a run sweeps only names kp made
+    (work / "split").unlink()  # the stage's link, replaced by a user's folder of the same name
+    stage_files = _sandbox(work / "split")
+    assert kp("split", "--comp", "digits", "--force").exit_code == 2
+    result = kp("clean", "--comp", "digits", "--stage", "split")
+    assert result.exit_code == 2 and "a folder kp did not write" in result.output
+    assert _untouched(files) and _untouched(stage_files)
+    for path in stage_files:
+        path.unlink()
+    (work / "split").rmdir()
+    assert kp("split", "--comp", "digits").exit_code == 0  # restored from the run cache once the folder is gone
+    assert _untouched(files)
+
+
+def test_a_submission_name_may_not_overwrite_the_ledger(project):
+    result = kp("submit", "--comp", "digits", "--set", "submit.name=ledger")
+    assert result.exit_code == 2 and "would write over ledger.csv" in result.output

@@ -13,8 +13,10 @@ LAST_FILE = "last.json"             # _runs/STAGE/last.json: how the current res
 RUNS_FOLDER = "_runs"               # work/COMP/_runs/: every stored result, by fingerprint
 CACHE_FOLDER = "_cache"             # work/COMP/_cache/: downloads that survive everything but clean
 LOCK_FILE = ".lock"                 # one kp run per competition at a time
-TMP_PREFIX = ".tmp-"                # a folder or file being written; swept after a crash
+WORK_MARKER = ".kp-work"            # in every competition work folder kp created: kp deletes nothing unmarked
+TMP_PREFIX = ".tmp-"                # a folder or file being written; swept after a crash (if named by kp)
 OLD_PREFIX = ".old-"                # a replaced entry during its swap; put back or swept after a crash
+TEMPORARY_MARK = ".kp-"             # .tmp-NAME.kp-XXXXXXXX: a temporary name kp made (8 hex digits); no other is swept
 ERROR_LOG = "{stage}.error.log"     # work/COMP/STAGE.error.log: the traceback of a failed stage
 
 # download

@@ -15,13 +15,15 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.core.artifacts import CACHE_FOLDER, LOCK_FILE, MANIFEST, META_FILE, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+from pipeline.core.artifacts import (CACHE_FOLDER, LOCK_FILE, MANIFEST, META_FILE, OLD_PREFIX, RUNS_FOLDER,
+                                     TEMPORARY_MARK, TMP_PREFIX, WORK_MARKER)
 from pipeline.core.errors import PipelineError
 
 STAMP_MODES = ("mtime", "content")
@@ -188,7 +190,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write a file under a temporary name in the same folder, then rename it into place: readers
     see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(temporary_name(TMP_PREFIX, path.name))
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -211,11 +213,26 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def sweep_partial(work_dir: Path) -> list[Path]:
-    """Remove what killed runs left behind (`.tmp-*`, `.old-*`) anywhere the pipeline writes under
-    `work_dir`: the folder itself, each run store and each download cache. Returns what was removed.
+_KP_TEMPORARY = re.compile(rf"^({re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)})(.+){re.escape(TEMPORARY_MARK)}[0-9a-f]{{8}}$")
 
-    An `.old-KEY-*` entry whose `KEY` is missing is the previous good result of a run killed between
+
+def temporary_name(prefix: str, stem: str) -> str:
+    """A name only kp makes: `.tmp-STEM.kp-1a2b3c4d` (or `.old-...`); `sweep_partial` removes nothing else."""
+    return f"{prefix}{stem}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
+
+
+def _temporary_stem(name: str) -> str | None:
+    """STEM of a name `temporary_name` made, or None for any other name (a user's `.tmp-notes`)."""
+    match = _KP_TEMPORARY.match(name)
+    return match.group(2) if match else None
+
+
+def sweep_partial(work_dir: Path) -> list[Path]:
+    """Remove what killed runs left behind (temporary `.tmp-*`, `.old-*` entries named by kp) anywhere
+    the pipeline writes under `work_dir`: the folder itself, each run store and each download cache.
+    Files of the same prefix that kp did not name are left alone. Returns what was removed.
+
+    An `.old-KEY.kp-*` entry whose `KEY` is missing is the previous good result of a run killed between
     its two renames: it is put back rather than deleted.
     """
     removed: list[Path] = []
@@ -227,24 +244,49 @@ def sweep_partial(work_dir: Path) -> list[Path]:
             folders += [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith((TMP_PREFIX, OLD_PREFIX))]
     for folder in folders:
         for entry in sorted(folder.iterdir()):
+            stem = _temporary_stem(entry.name)
+            if stem is None:
+                continue
             if entry.name.startswith(OLD_PREFIX):
-                key = entry.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
-                if entry.is_dir() and not entry.is_symlink() and not (folder / key).exists():
-                    os.rename(entry, folder / key)
+                if entry.is_dir() and not entry.is_symlink() and not (folder / stem).exists():
+                    os.rename(entry, folder / stem)
                     continue
-            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
+
+
+def claim_work_folder(work_dir: Path) -> None:
+    """Make sure `work_dir` is kp's before anything is written or deleted there: create it with its
+    marker (`.kp-work`), or mark an empty folder or one an earlier kp made (it holds kp's lock file or
+    run cache); any other existing folder is a user's: one PipelineError, and nothing is touched."""
+    marker = work_dir / WORK_MARKER
+    if marker.is_file():
+        return
+    if work_dir.exists() and not work_dir.is_dir():
+        raise PipelineError(f"{work_dir}: a file is in the way of the competition's work folder; move it or set "
+                            "paths.work elsewhere")
+    if work_dir.is_dir() and any(work_dir.iterdir()) and not ((work_dir / LOCK_FILE).is_file()
+                                                               or (work_dir / RUNS_FOLDER).is_dir()):
+        raise PipelineError(f"{work_dir}: this folder exists and kp did not create it (no {WORK_MARKER} in it): "
+                            "kp writes and deletes only in folders it made; set paths.work elsewhere or move it")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("kp's work folder for one competition: kp may delete what is inside\n")
+
+
+def is_kp_folder(work_dir: Path) -> bool:
+    """Whether `work_dir` carries kp's marker (`claim_work_folder`)."""
+    return (work_dir / WORK_MARKER).is_file()
 
 
 @contextlib.contextmanager
 def competition_lock(work_dir: Path) -> Iterator[None]:
-    """One writer per competition at a time: a second `kp` run fails at once instead of racing."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    """One writer per competition at a time: a second `kp` run fails at once instead of racing. The
+    folder is claimed first (`claim_work_folder`): kp never locks, writes or deletes in a user's folder."""
+    claim_work_folder(work_dir)
     with open(work_dir / LOCK_FILE, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,12 +18,13 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.artifacts import ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+from pipeline.core.cache import temporary_name
+from pipeline.core.errors import PipelineError
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class RunStore:
         On an exception the temporary folder is removed and any earlier entry is left as it was.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp = self.root / temporary_name(TMP_PREFIX, f"{key}-{os.getpid()}")
         tmp.mkdir()
         try:
             yield tmp
@@ -82,7 +83,7 @@ class RunStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         final = self.path(key)
-        old = self.root / f"{OLD_PREFIX}{key}-{uuid.uuid4().hex[:6]}"
+        old = self.root / temporary_name(OLD_PREFIX, key)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
@@ -136,7 +137,7 @@ def point(work_dir: Path, stage: str, key: str, action: str) -> None:
     link = work_dir / stage
     if link.exists() and not link.is_symlink():  # an output folder from before the run cache
         adopt_legacy_folder(work_dir, stage)
-    tmp = work_dir / f"{TMP_PREFIX}link-{stage}-{uuid.uuid4().hex[:6]}"
+    tmp = work_dir / temporary_name(TMP_PREFIX, f"link-{stage}")
     os.symlink(Path(RUNS_FOLDER) / stage / key, tmp)
     os.replace(tmp, link)
     store = stage_store(work_dir, stage)
@@ -157,9 +158,9 @@ def adopt_legacy_folder(work_dir: Path, stage: str) -> None:
     folder = work_dir / stage
     try:
         key = json.loads((folder / MANIFEST).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        shutil.rmtree(folder)  # no manifest: never accepted anyway
-        return
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"{folder}: a folder kp did not write (no readable {MANIFEST}) where stage {stage!r} keeps "
+                            "its result; kp deletes nothing it did not create: move it away and rerun") from None
     store = stage_store(work_dir, stage)
     store.root.mkdir(parents=True, exist_ok=True)
     if store.path(key).exists():
@@ -184,6 +185,9 @@ def remove_stage(work_dir: Path, stage: str) -> list[Path]:
         link.unlink()
         removed.append(link)
     elif link.is_dir():
+        if not (link / MANIFEST).is_file():
+            raise PipelineError(f"{link}: a folder kp did not write (no {MANIFEST}); kp deletes nothing it did not "
+                                "create: move it away yourself")
         shutil.rmtree(link)
         removed.append(link)
     for folder in [stage_store(work_dir, stage).root, *(s.root for s in unit_stores(work_dir, stage))]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.artifacts import TMP_PREFIX
+from pipeline.core.cache import temporary_name
 from pipeline.core.errors import PipelineError
 
 
@@ -90,7 +91,8 @@ def download_competition(slug: str, dest: Path) -> Path:
         return archive
     api = _client()
     dest.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=dest))
+    partial = dest / temporary_name(TMP_PREFIX, "download")
+    partial.mkdir()
     try:
         try:
             api.competition_download_files(slug, path=str(partial), force=True, quiet=False)
