@@ -21,6 +21,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 
 KAGGLE, DIGITS = "kaggle", "sklearn-digits"
+FEW_ROWS_PER_CLASS = 5  # fewer training rows than this in a class: a warning at download
 
 
 class GroupsFile(StrictModel):
@@ -88,11 +89,47 @@ def run(ctx: StageContext) -> dict:
             ctx.warn(f"{dropped_test} of them are test items: the submission will need a fallback for those ids")
         index = index[keep]
 
+    _check_classes(ctx, index, competition)
+    _check_sample_submission(raw / download.sample_submission, competition)
     index.to_csv(ctx.out / INDEX_FILE, index=False)
     metrics = _counts(index)
     metrics["bad_items"] = bad
     (ctx.out / REPORT_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _check_classes(ctx: StageContext, index, competition) -> None:
+    """Every class of `competition.classes` has training rows (one error naming the empty ones), and a
+    warning for those with fewer than `FEW_ROWS_PER_CLASS`: a class that vanished would otherwise
+    train and submit without a word."""
+    counts = index.loc[index.subset == "train", "label"].value_counts()
+    empty = [name for name in competition.classes if counts.get(name, 0) == 0]
+    if empty:
+        raise PipelineError(f"competition.classes {empty} have no training rows in the download (rows per class: "
+                            f"{ {name: int(counts.get(name, 0)) for name in competition.classes} }): check the archive "
+                            "or competition.classes")
+    few = {name: int(counts[name]) for name in competition.classes if counts[name] < FEW_ROWS_PER_CLASS}
+    if few:
+        ctx.warn(f"classes with fewer than {FEW_ROWS_PER_CLASS} training rows: {few}")
+
+
+def _check_sample_submission(path: Path, competition) -> None:
+    """The sample submission has the columns `competition.submission_columns` names, in that order, and
+    its class columns are `competition.classes`: found at download, not after all the training."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read the sample submission's header ({exc})") from None
+    if header != list(competition.submission_columns):
+        raise PipelineError(f"{path}: its columns are {header}, but competition.submission_columns says "
+                            f"{list(competition.submission_columns)} (names and order must match)")
+    per_class = header[1:]
+    if len(per_class) > 1 and per_class != list(competition.classes):
+        raise PipelineError(f"{path}: its class columns {per_class} are not competition.classes "
+                            f"{list(competition.classes)} in that order")
 
 
 def _fetch(ctx: StageContext, source: str, slug: str) -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.config import load_config
-from pipeline.core.artifacts import TMP_PREFIX
+from pipeline.core.artifacts import TEMPORARY_MARK, TMP_PREFIX
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.predictions import load_predictions
@@ -69,7 +69,7 @@ def test_a_worker_killed_mid_unit_fails_that_unit_only_and_the_rerun_computes_ju
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not killed:
             for tmp in store.glob(f"{TMP_PREFIX}*"):
-                key, pid = tmp.name[len(TMP_PREFIX):].split("-")[:2]
+                key, pid = tmp.name[len(TMP_PREFIX):].split(TEMPORARY_MARK)[0].rsplit("-", 1)  # .tmp-KEY-PID.kp-X
                 os.kill(int(pid), signal.SIGKILL)  # the Ray worker writing this unit
                 killed.append(key)
                 return

@@ -83,7 +83,7 @@ def test_pixels_csv_wrong_header_and_bad_rows(project, tmp_path):
     folder = tmp_path / "digits"
     header = "label," + ",".join(f"pixel{i}" for i in range(4))
     folder.mkdir()
-    (folder / "train.csv").write_text(f"{header}\n1,0,255,3,4\n2,0,0,x,0\n1,0,300,0,0\n")
+    (folder / "train.csv").write_text(f"{header}\n1,0,255,3,4\n2,0,0,x,0\n1,0,300,0,0\n2,1,1,1,1\n")
     (folder / "test.csv").write_text("pixel0,pixel1,pixel2,pixel3\n1,2,3,4\n")
     (folder / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
     write_config(project, "tiny", f"""
@@ -92,7 +92,7 @@ competition: {{slug: tiny, classes: ["1", "2"], id_column: ImageId, submission_c
 download: {{source: {folder}, layout: pixels_csv, expected: [train.csv, test.csv, sample_submission.csv]}}
 """)
     _, index = _run("tiny")
-    assert index[index.subset == "train"].row.tolist() == [0]  # rows 1 (non-numeric) and 2 (300) skipped
+    assert index[index.subset == "train"].row.tolist() == [0, 3]  # rows 1 (non-numeric) and 2 (300) skipped
     (folder / "test.csv").write_text("p0,p1,p2,p3\n1,2,3,4\n")
     with pytest.raises(PipelineError, match=r"test.csv: wrong header: expected pixel0,pixel1,pixel2,pixel3"):
         _run("tiny")

@@ -386,3 +386,26 @@ def test_a_stage_folder_kp_did_not_write_is_refused_not_deleted(project):
 def test_a_submission_name_may_not_overwrite_the_ledger(project):
     result = kp("submit", "--comp", "digits", "--set", "submit.name=ledger")
     assert result.exit_code == 2 and "would write over ledger.csv" in result.output
+
+
+def test_a_class_without_training_rows_stops_at_download(project, tmp_path):
+    folder = tmp_path / "dogscats"  # a dogs vs cats set without a single dog
+    (folder / "train").mkdir(parents=True)
+    (folder / "test").mkdir()
+    for i in range(3):
+        (folder / "train" / f"cat.{i}.jpg").write_bytes(image_bytes(i))
+    (folder / "test" / "1.jpg").write_bytes(image_bytes(20))
+    (folder / "sample_submission.csv").write_text("id,label\n1,0.5\n")
+    result = kp("download", "--comp", "dogscats", "--set", f"download.source={folder}",
+                "--set", "download.expected=[train, test, sample_submission.csv]")
+    assert result.exit_code == 2 and "competition.classes ['dog'] have no training rows" in result.output
+
+
+def test_a_sample_submission_that_disagrees_with_the_config_stops_at_download(project, tmp_path):
+    archive = make_statefarm_like(tmp_path / "data", drivers=2, classes=3, per_driver_class=3, test=2)
+    statefarm_like_config(project, archive)
+    result = kp("download", "--comp", "synth", "--set", "competition.classes=[c0, c2, c1]",
+                "--set", "competition.submission_columns=[img, c0, c2, c1]")
+    assert result.exit_code == 2 and "sample_submission.csv: its columns are ['img', 'c0', 'c1', 'c2']" in result.output
+    result = kp("download", "--comp", "synth")
+    assert result.exit_code == 0, result.output
