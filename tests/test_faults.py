@@ -10,6 +10,7 @@ cache (test_cache.py: two runs at once, SIGKILL mid-write, leftovers swept every
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import signal
 import subprocess
@@ -409,3 +410,15 @@ def test_a_sample_submission_that_disagrees_with_the_config_stops_at_download(pr
     assert result.exit_code == 2 and "sample_submission.csv: its columns are ['img', 'c0', 'c1', 'c2']" in result.output
     result = kp("download", "--comp", "synth")
     assert result.exit_code == 0, result.output
+
+
+def test_a_manifest_of_valid_json_with_wrong_kinds_is_treated_as_missing(project):
+    assert kp("split", "--comp", "digits").exit_code == 0
+    manifest = project / "work" / "digits" / "split" / "manifest.json"
+    for broken in ({"outputs": "split.csv"}, {"fingerprint": 7}, {"metrics": [1]}, {"duration_s": "fast"}):
+        good = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**good, **broken}))
+        status = kp("status", "--comp", "digits")
+        assert status.exit_code == 0 and "split       missing" in status.output, status.output
+        assert kp("split", "--comp", "digits").exit_code == 0  # the stage reruns, as with no manifest
+        assert json.loads(manifest.read_text())["outputs"]

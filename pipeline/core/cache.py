@@ -123,12 +123,21 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":
+        """The manifest in `folder`, or None when there is none or it is unreadable, not JSON, or
+        valid JSON with a field of the wrong kind: treated as missing, so the stage reruns."""
         try:
-            return cls(**json.loads((folder / MANIFEST).read_text()))
-        except FileNotFoundError:
-            return None
+            manifest = cls(**json.loads((folder / MANIFEST).read_text()))
         except (OSError, ValueError, TypeError):
-            return None  # unreadable: treated as missing, so the stage reruns
+            return None
+        return manifest if manifest._well_formed() else None
+
+    def _well_formed(self) -> bool:
+        kinds = {"stage": str, "fingerprint": str, "inputs": dict, "started": str, "finished": str,
+                 "duration_s": (int, float), "outputs": dict, "metrics": dict, "headline": str, "warnings": list,
+                 "units": dict, "digest": str}
+        return (all(isinstance(getattr(self, name), kind) and not isinstance(getattr(self, name), bool)
+                    for name, kind in kinds.items())
+                and all(isinstance(size, int) for size in self.outputs.values()))
 
     def write(self, folder: Path) -> None:
         write_text_atomic(folder / MANIFEST, json.dumps(self.__dict__, indent=2, default=str) + "\n")

@@ -204,12 +204,11 @@ def prune_stage(work_dir: Path, stage: str, keep_last: int) -> list[Entry]:
     current = current_key(work_dir, stage)
     removed = store.prune(max(keep_last, 1 if current else 0), protect={current} if current else set())
     kept_units: dict[str, set[str]] = {}
+    from pipeline.core.cache import Manifest
+
     for entry in store.entries():
-        try:
-            units = json.loads((entry.path / MANIFEST).read_text()).get("units", {})
-        except (OSError, ValueError):
-            units = {}
-        for name, keys in units.items():
+        manifest = Manifest.read(entry.path)
+        for name, keys in (manifest.units if manifest else {}).items():
             kept_units.setdefault(name, set()).update(keys)
     for units in unit_stores(work_dir, stage):
         removed += units.prune(0, protect=kept_units.get(units.root.name, set()))
