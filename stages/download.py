@@ -166,12 +166,27 @@ def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
     from pipeline.data.archive import extract_nested, extract_zip
 
     if archive_or_folder.is_dir():
+        _check_source_folder(archive_or_folder, ctx.work_dir)
         ctx.log(f"copying {archive_or_folder}")
         shutil.copytree(archive_or_folder, raw)
     else:
         ctx.log(f"extracting {archive_or_folder.name}")
         extract_zip(archive_or_folder, raw)
     extract_nested(raw, ctx.log)
+
+
+def _check_source_folder(folder: Path, work_dir: Path) -> None:
+    """A folder `download.source` is copied whole: refuse a symbolic link that leads out of it (as an
+    archive's link members are refused) and a folder that holds the work folder (the copy would
+    copy itself)."""
+    root = folder.resolve()
+    if work_dir.resolve().is_relative_to(root):
+        raise PipelineError(f"download.source {folder}: the source folder contains the work folder {work_dir}; "
+                            "set paths.work outside it")
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise PipelineError(f"download.source {folder}: {path.relative_to(folder)} is a link to {path.resolve()}, "
+                                "outside the source folder: kp copies only what is inside it")
 
 
 def _counts(index) -> dict:

@@ -422,3 +422,30 @@ def test_a_manifest_of_valid_json_with_wrong_kinds_is_treated_as_missing(project
         assert status.exit_code == 0 and "split       missing" in status.output, status.output
         assert kp("split", "--comp", "digits").exit_code == 0  # the stage reruns, as with no manifest
         assert json.loads(manifest.read_text())["outputs"]
+
+
+def _dogscats_folder(folder: Path) -> Path:
+    (folder / "train").mkdir(parents=True)
+    (folder / "test").mkdir()
+    for i in range(3):
+        (folder / "train" / f"cat.{i}.jpg").write_bytes(image_bytes(i))
+        (folder / "train" / f"dog.{i}.jpg").write_bytes(image_bytes(10 + i))
+    (folder / "test" / "1.jpg").write_bytes(image_bytes(20))
+    (folder / "sample_submission.csv").write_text("id,label\n1,0.5\n")
+    return folder
+
+
+def test_a_source_folder_may_not_lead_outside_itself_or_hold_the_work_folder(project, tmp_path):
+    folder = _dogscats_folder(tmp_path / "dogscats")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the competition's")
+    (folder / "train" / "dog.9.jpg").symlink_to(secret)
+    args = ["download", "--comp", "dogscats", "--set", f"download.source={folder}",
+            "--set", "download.expected=[train, test, sample_submission.csv]"]
+    result = kp(*args)
+    assert result.exit_code == 2 and "train/dog.9.jpg is a link to" in result.output and "outside" in result.output
+    (folder / "train" / "dog.9.jpg").unlink()
+    (folder / "train" / "dog.8.jpg").symlink_to(folder / "train" / "dog.0.jpg")  # inside: copied as a file
+    assert kp(*args).exit_code == 0
+    result = kp(*args, "--set", f"paths.work={folder / 'work'}", "--force")
+    assert result.exit_code == 2 and "the source folder contains the work folder" in result.output
