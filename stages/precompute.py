@@ -18,7 +18,6 @@ and the driver stitches the shards' rows into the same arrays.
 """
 from __future__ import annotations
 
-import functools
 import json
 from typing import Literal
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.config import load_config
-from tests.helpers import COMPETITIONS, REPO, make_statefarm_like, needs_shared_data, statefarm_like_config
+from tests.helpers import REPO, make_statefarm_like, needs_shared_data, statefarm_like_config
 from tests.test_augment import AUGMENTED
 
 CHEAP = ["finetune.phases=[{epochs: 1, lr: 0.001}]", "ensemble.n=1"]

@@ -286,11 +286,6 @@ def claim_work_folder(work_dir: Path) -> None:
     marker.write_text("kp's work folder for one competition: kp may delete what is inside\n")
 
 
-def is_kp_folder(work_dir: Path) -> bool:
-    """Whether `work_dir` carries kp's marker (`claim_work_folder`)."""
-    return (work_dir / WORK_MARKER).is_file()
-
-
 @contextlib.contextmanager
 def competition_lock(work_dir: Path) -> Iterator[None]:
     """One writer per competition at a time: a second `kp` run fails at once instead of racing. The

@@ -18,7 +18,7 @@ from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe
 from pipeline.training.recipes.head import RECIPE as HEAD
-from pipeline.training.recipes.head import CachedRowsRecipe, load_training_data, taught
+from pipeline.training.recipes.head import CachedRowsRecipe, load_training_data, model_arch, taught, trains_pixels
 
 IDENTITY_TOLERANCE = 1e-4  # largest change of a validation probability batchnorm insertion may cause
 
@@ -35,13 +35,10 @@ class BatchnormRecipe(CachedRowsRecipe):
 
     def check(self, config) -> None:
         """A from-scratch model has batchnorm already: one clear error."""
-        from pipeline.models.build import resolve_arch
-        from pipeline.models.scratch import LADDER
-
-        arch = resolve_arch(config.get("model.arch"), config.get("precompute.backbone"))
-        if arch in LADDER:
+        if trains_pixels(config):
             raise PipelineError(f"bnretrain inserts batchnorm into a dense head on cached features, but model.arch "
-                                f"{arch!r} is a from-scratch model that has it already: use finetune's recipe")
+                                f"{model_arch(config)!r} is a from-scratch model that has it already: use finetune's "
+                                "recipe")
 
     def with_batchnorm(self, config, start, data, log=print):
         """The head of `start` with batchnorm inserted and dropout reset; (model, largest change of a validation probability)."""
@@ -65,7 +62,6 @@ class BatchnormRecipe(CachedRowsRecipe):
             backup=None, verbose=0) -> dict:
         import keras
 
-        from pipeline.models.build import resolve_arch
         from pipeline.training.fit import Phase, fit
         from pipeline.training.record import finish, set_determinism
 
@@ -83,7 +79,7 @@ class BatchnormRecipe(CachedRowsRecipe):
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),
-            "arch": resolve_arch(config.get("model.arch"), config.get("precompute.backbone")),
+            "arch": model_arch(config),
             "insertion_change": change,
             "dropout": s.dropout,
             "seconds_per_epoch": round(seconds / max(1, len(history["loss"])), 3),

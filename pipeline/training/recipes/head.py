@@ -18,9 +18,6 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe
 
-IMAGE_READS = ("competition.classes",)
-
-
 def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None):
     """The split's rows of precompute's arrays (`pipeline.data.features.SplitFeatures`), with augment's
     passes when `augmented` / `tta` ask for them.
@@ -74,12 +71,18 @@ class CachedRowsRecipe(Recipe):
         return load_training_data(config, inputs, s.augmented, s.tta, sides)
 
 
-def trains_pixels(config) -> bool:
-    """Whether `model.arch` (with `precompute.backbone`) is a from-scratch ladder model on pixels."""
+def model_arch(config) -> str:
+    """The network `model.arch` names, `auto` resolved against `precompute.backbone` (`resolve_arch`)."""
     from pipeline.models.build import resolve_arch
+
+    return resolve_arch(config.get("model.arch"), config.get("precompute.backbone"))
+
+
+def trains_pixels(config) -> bool:
+    """Whether the model is a from-scratch ladder model on pixels."""
     from pipeline.models.scratch import LADDER
 
-    return resolve_arch(config.get("model.arch"), config.get("precompute.backbone")) in LADDER
+    return model_arch(config) in LADDER
 
 
 class HeadRecipe(CachedRowsRecipe):
@@ -87,7 +90,7 @@ class HeadRecipe(CachedRowsRecipe):
 
     name = "finetune"
     section = "finetune"
-    reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", *IMAGE_READS)
+    reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", "competition.classes")
 
     def resolved(self, config) -> Recipe:
         """This recipe, or for a from-scratch model on pixels the scratch recipe."""
@@ -95,7 +98,7 @@ class HeadRecipe(CachedRowsRecipe):
 
         return recipe("scratch") if trains_pixels(config) else self
 
-    def batches(self, config, data, arch: str, seed: int):
+    def batches(self, config, data, seed: int):
         """What `fit` trains on: the cached rows as arrays (a head never augments them on the fly)."""
         if self.settings(config).augment:
             raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
@@ -125,7 +128,7 @@ class HeadRecipe(CachedRowsRecipe):
         if s.augment and teaching is not None:
             raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
                                 "finetune.augment (augmentation on the fly): set finetune.augment: null")
-        train, pseudo_rows = taught(self.batches(config, data, arch, seed), data, teaching, s.batch_size, seed, log)
+        train, pseudo_rows = taught(self.batches(config, data, seed), data, teaching, s.batch_size, seed, log)
         began = time.perf_counter()
         history, best_epoch, _ = fit(
             model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],

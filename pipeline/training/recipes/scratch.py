@@ -24,7 +24,7 @@ class ScratchRecipe(HeadRecipe):
     def resolved(self, config) -> Recipe:
         return self
 
-    def batches(self, config, data, arch: str, seed: int):
+    def batches(self, config, data, seed: int):
         """The training rows, augmented on the fly when `finetune.augment` is set."""
         from pipeline.training.augment import augmented_batches, build_augmenter
 
