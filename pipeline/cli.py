@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 
 import click
 
@@ -186,15 +187,21 @@ def ledger(comp, extra_files, sets, refresh):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: every stage with its metrics.")
+@click.option("--verify", is_flag=True, help=(
+    "Also read every output and compare it with the content digest its run recorded (exit status 1 if any differs)."))
 @_config_options
-def status(comp, extra_files, sets, as_json):
+def status(comp, extra_files, sets, as_json, verify):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.core.runs import store_sizes
     from pipeline.kaggle.ledger import ledger_path, read_ledger
-    from pipeline.status import format_table, stage_statuses
+    from pipeline.status import STALE, damaged_outputs, format_table, stage_statuses
 
     config = _load(comp, extra_files, sets, shallow=True)
     statuses = stage_statuses(config)
+    damaged = damaged_outputs(config, statuses) if verify else {}
+    for s in statuses:
+        if s.name in damaged:
+            s.state, s.reasons = STALE, damaged[s.name]
     if as_json:
         payload = {
             "competition": comp,
@@ -209,6 +216,10 @@ def status(comp, extra_files, sets, as_json):
         click.echo(format_table(statuses))
         _echo_run_cache(config)
         _echo_ledger(config, last=3)
+    if damaged:
+        click.echo(f"damaged outputs in {', '.join(damaged)}: kp STAGE --force --comp {comp} rewrites them "
+                   "(and reruns what was built on them if they change)", err=True)
+        sys.exit(1)
 
 
 @cli.command("lr-find")

@@ -18,13 +18,13 @@ from datetime import datetime, timezone
 
 from pipeline.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
-from pipeline.core.cache import Manifest, competition_lock, output_digest, output_problems, output_sizes, \
-    sweep_partial, write_text_atomic
+from pipeline.core.cache import Manifest, competition_lock, output_digests, output_problems, output_sizes, \
+    sweep_partial, upstream_digests, write_text_atomic
 from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
 from pipeline.registry import all_stages
-from pipeline.status import UP_TO_DATE, StageStatus, stage_statuses
+from pipeline.status import UP_TO_DATE, StageStatus, damaged_outputs, stage_statuses
 
 
 def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
@@ -72,11 +72,14 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
         The status of every listed stage afterwards.
     """
     order = plan(config, targets)
-    forced = set(order if targets is None else targets) if force else set()
+    forced = {name: "forced" for name in (order if targets is None else targets)} if force else {}
     stages = all_stages()
     with competition_lock(config.work_dir):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
+        if force:  # a forced run first reads what it builds on: damaged outputs are rewritten, not trained on
+            for name, reasons in damaged_outputs(config, [s for s in stage_statuses(config) if s.name in order and s.name not in forced]).items():
+                forced[name] = "; ".join(reasons)
         for name in order:
             status = {s.name: s for s in stage_statuses(config)}[name]
             if status.state == UP_TO_DATE and name not in forced:
@@ -86,7 +89,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
                 manifest = _restore(config, stages[name], status)
                 _say(config, f"{name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
                 continue
-            why = "forced" if name in forced else "; ".join(status.reasons)
+            why = forced.get(name) or "; ".join(status.reasons)
             _say(config, f"{name}: running ({why})")
             manifest = _guarded(config, stages[name], status)
             _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}")
@@ -152,6 +155,7 @@ def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
         missing = output_problems(tmp, stage.outs, None)
         if missing:
             raise RuntimeError(f"the run did not write what STAGE.outs declares: {', '.join(missing)}")
+        digest, contents = output_digests(tmp)
         manifest = Manifest(
             stage=stage.name,
             fingerprint=status.fingerprint,
@@ -164,7 +168,9 @@ def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
             headline=stage.headline(metrics),
             warnings=ctx.warnings,
             units=ctx.units_used,
-            digest=output_digest(tmp),
+            digest=digest,
+            contents=contents,
+            upstream=upstream_digests(ctx.inputs),
         )
         manifest.write(tmp)
     point(config.work_dir, stage.name, status.fingerprint, "ran")

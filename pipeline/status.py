@@ -14,7 +14,8 @@ from typing import Any
 
 from pipeline.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER
-from pipeline.core.cache import Manifest, file_stamp, fingerprint, flatten, output_problems
+from pipeline.core.cache import Manifest, changed_outputs, changed_upstream, file_stamp, fingerprint, flatten, \
+    output_problems, upstream_digests
 from pipeline.core.code_version import code_hashes
 from pipeline.core.runs import last_action, stage_store
 from pipeline.core.stage import Stage
@@ -71,8 +72,15 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
     }
 
 
-def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
-    """The status of every stage the competition lists, in order."""
+def stage_statuses(config: ResolvedConfig, verify: bool = False) -> list[StageStatus]:
+    """The status of every stage the competition lists, in order.
+
+    Args:
+        config: the resolved config.
+        verify: also read every output of each up-to-date stage and compare it with the content
+            digest its manifest recorded (`kp status --verify`, every `--force` run); without it
+            only sizes are checked, which takes no time.
+    """
     stages = all_stages()
     expected: dict[str, str] = {}
     result: list[StageStatus] = []
@@ -80,22 +88,25 @@ def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
         stage = stages[name]
         inputs = fingerprint_inputs(stage, config, expected)
         fp = expected[name] = fingerprint(inputs)
-        result.append(_status(config, stage, fp, inputs))
+        result.append(_status(config, stage, fp, inputs, verify))
     return result
 
 
-def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> StageStatus:
+def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict, verify: bool) -> StageStatus:
     folder = config.work_dir / stage.name
     manifest = Manifest.read(folder)
+    upstream_now = upstream_digests({name: config.work_dir / name for name in stage.needs_for(config)})
     store = stage_store(config.work_dir, stage.name)
     stored = Manifest.read(store.path(fp)) if store.has(fp) else None
     restorable = stored is not None and stored.fingerprint == fp and not output_problems(
-        store.path(fp), stage.outs, stored.outputs)
+        store.path(fp), stage.outs, stored.outputs) and not changed_upstream(stored, upstream_now)
     if manifest is None:
         reasons = ["never run" if not folder.exists() else "no manifest"]
         return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable)
     if manifest.fingerprint == fp:
-        problems = output_problems(folder, stage.outs, manifest.outputs)
+        problems = output_problems(folder, stage.outs, manifest.outputs) or changed_upstream(manifest, upstream_now)
+        if not problems and verify:
+            problems = changed_outputs(folder, manifest)
         if problems:
             return StageStatus(stage.name, STALE, problems, fp, inputs, manifest)
         last = last_action(config.work_dir, stage.name)
@@ -103,6 +114,19 @@ def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> Stag
         return StageStatus(stage.name, UP_TO_DATE, [], fp, inputs, manifest, restored=restored)
     reasons = explain(manifest.inputs, inputs) or ["fingerprint changed"]
     return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable)
+
+
+def damaged_outputs(config: ResolvedConfig, statuses: list[StageStatus]) -> dict[str, list[str]]:
+    """The up-to-date stages among `statuses` whose outputs no longer hold the bytes their run wrote
+    (`changed_outputs`), with the reasons: what `kp status --verify` reports and a `--force` run
+    rewrites before building on them."""
+    damaged = {}
+    for status in statuses:
+        if status.state == UP_TO_DATE:
+            reasons = changed_outputs(config.work_dir / status.name, status.manifest)
+            if reasons:
+                damaged[status.name] = reasons
+    return damaged
 
 
 def explain(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -449,3 +449,74 @@ def test_a_source_folder_may_not_lead_outside_itself_or_hold_the_work_folder(pro
     assert kp(*args).exit_code == 0
     result = kp(*args, "--set", f"paths.work={folder / 'work'}", "--force")
     assert result.exit_code == 2 and "the source folder contains the work folder" in result.output
+
+
+DIGITS_CHEAP = ["finetune.phases=[{epochs: 1, lr: 0.001}]", "ensemble.n=1"]
+
+
+def _digits_cheap(root):
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    runner.run(load_config("digits", sets=DIGITS_CHEAP))
+
+
+def _states(status_output: str) -> dict[str, str]:
+    """Stage -> state from `kp status`'s table."""
+    states = {}
+    for line in status_output.splitlines():
+        for state in ("up to date", "stale", "missing"):
+            name, _, rest = line.partition("  ")
+            if rest.strip().startswith(state):
+                states[name] = state
+    return states
+
+
+def test_an_output_changed_in_place_is_found_by_verify_and_rewritten_by_force(warm_project):
+    root = warm_project("digits-cheap", _digits_cheap)
+    sets = [arg for s in DIGITS_CHEAP for arg in ("--set", s)]
+    work = root / "work" / "digits"
+    features = work / "precompute" / "train.npy"
+    trained = (work / "finetune" / "valid_probs.npy").read_bytes()
+    good = features.read_bytes()
+    header = len(good) - np.load(features, mmap_mode="r").nbytes
+    features.write_bytes(good[:header] + bytes(len(good) - header))  # zeroed at the same size
+
+    assert set(_states(kp("status", "--comp", "digits", *sets).output).values()) == {"up to date"}  # sizes only
+    verified = kp("status", "--comp", "digits", *sets, "--verify")
+    assert verified.exit_code == 1, verified.output
+    assert "output train.npy changed since the run wrote it" in verified.output
+    assert "damaged outputs in precompute" in verified.output
+
+    forced = kp("finetune", "--comp", "digits", *sets, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "precompute: running (output train.npy changed since the run wrote it" in forced.output
+    assert features.read_bytes() == good
+    assert (work / "finetune" / "valid_probs.npy").read_bytes() == trained  # never trained on the zeros
+    after = kp("status", "--comp", "digits", *sets, "--verify")
+    assert after.exit_code == 0 and set(_states(after.output).values()) == {"up to date"}, after.output
+
+
+def test_a_rerun_that_writes_different_bytes_makes_what_was_built_on_it_stale(warm_project):
+    root = warm_project("digits-cheap", _digits_cheap)
+    sets = [arg for s in DIGITS_CHEAP for arg in ("--set", s)]
+    work = root / "work" / "digits"
+    rerun = Manifest.read(work / "precompute")  # as a --force rerun that wrote other bytes leaves it
+    rerun.digest = "0123456789abcdef"
+    rerun.write(work / "precompute")
+    status = kp("status", "--comp", "digits", *sets).output
+    assert "upstream precompute was rerun and its outputs changed" in status
+    assert [name for name, state in _states(status).items() if state != "up to date"] == ["ensemble", "finetune"]
+    rebuilt = kp("all", "--comp", "digits", *sets)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "ensemble: running (upstream precompute was rerun and its outputs changed)" in rebuilt.output
+    assert "finetune: running (upstream precompute was rerun" in rebuilt.output
+    assert "submit: up to date" in rebuilt.output  # the retrained ensemble wrote the same bytes
+
+
+def test_a_damaged_array_header_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "valid_probs.npy"
+    np.save(path, np.zeros((10, 3), np.float32))
+    path.write_bytes(b"garbage!" + path.read_bytes()[8:])
+    with pytest.raises(PipelineError, match=r"valid_probs.npy: not a readable .npy array, its header is damaged"):
+        load_array(path, in_memory=True)

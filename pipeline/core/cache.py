@@ -4,8 +4,10 @@ A stage's fingerprint hashes the config values it declares (`Stage.keys_for`), i
 fingerprints, its code (`pipeline.core.code_version`) and any source stamp (a source archive's or
 weights file's size and mtime, or its sha256). Each finished run lives in the run cache
 (`pipeline.core.runs`) with `manifest.json`; a run whose manifest's fingerprint differs from the
-one the current config gives, or whose declared outputs are missing or changed size, is not up to
-date. Everything is written under a temporary name and renamed into place when complete, so a
+one the current config gives, whose declared outputs are missing or changed size, or whose
+upstream was rerun and wrote different bytes (`Manifest.upstream`), is not up to date. The manifest
+also keeps a content digest per output: `kp status --verify` and every `--force` run compare them,
+which finds a file changed in place at the same size. Everything is written under a temporary name and renamed into place when complete, so a
 crash or a SIGKILL leaves at most `.tmp-*` / `.old-*` leftovers, which `sweep_partial` clears.
 """
 from __future__ import annotations
@@ -119,7 +121,9 @@ class Manifest:
     headline: str = ""
     warnings: list[str] = field(default_factory=list)
     units: dict[str, list[str]] = field(default_factory=dict)
-    digest: str = ""  # `output_digest`: what the run wrote for others to read, its plots left out
+    digest: str = ""  # `output_digests`: what the run wrote for others to read, its plots left out
+    contents: dict[str, str] = field(default_factory=dict)  # content digest per output (`output_digests`)
+    upstream: dict[str, str] = field(default_factory=dict)  # each upstream stage's `digest` this run read
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":
@@ -134,10 +138,11 @@ class Manifest:
     def _well_formed(self) -> bool:
         kinds = {"stage": str, "fingerprint": str, "inputs": dict, "started": str, "finished": str,
                  "duration_s": (int, float), "outputs": dict, "metrics": dict, "headline": str, "warnings": list,
-                 "units": dict, "digest": str}
+                 "units": dict, "digest": str, "contents": dict, "upstream": dict}
         return (all(isinstance(getattr(self, name), kind) and not isinstance(getattr(self, name), bool)
                     for name, kind in kinds.items())
-                and all(isinstance(size, int) for size in self.outputs.values()))
+                and all(isinstance(size, int) for size in self.outputs.values())
+                and all(isinstance(value, str) for value in (*self.contents.values(), *self.upstream.values())))
 
     def write(self, folder: Path) -> None:
         write_text_atomic(folder / MANIFEST, json.dumps(self.__dict__, indent=2, default=str) + "\n")
@@ -160,21 +165,66 @@ DRAWINGS = (".png",)  # what a run draws for people; no stage reads it
 RUN_RECORDS = (MANIFEST, META_FILE)  # how a run went (timings, what it reused), beside the arrays it describes
 
 
-def output_digest(folder: Path) -> str:
-    """sha256 over every file a run wrote for other stages to read (paths and bytes), leaving out its
-    drawings and its records of how the run went: two runs that computed the same arrays and models
-    have the same digest even when their plots, timings or reuse differ. Units downstream are keyed
-    by it (`StageContext.map_units`)."""
-    digest = hashlib.sha256()
+def output_digests(folder: Path) -> tuple[str, dict[str, str]]:
+    """One read of a run's files gives both digests the manifest records.
+
+    The first is sha256 over every file a run wrote for other stages to read (paths and bytes),
+    leaving out its drawings and its records of how the run went: two runs that computed the same
+    arrays and models have the same digest even when their plots, timings or reuse differ. Units
+    downstream are keyed by it (`StageContext.map_units`), and downstream runs record it
+    (`Manifest.upstream`).
+
+    Returns:
+        (that digest, and a content digest per top-level entry the manifest's `outputs`
+        lists: a file's bytes, or a folder's paths and bytes), each 16 hex digits.
+    """
+    overall = hashlib.sha256()
+    per_entry: dict[str, Any] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        if path.suffix in DRAWINGS or path.name in RUN_RECORDS or any(part.startswith(".") for part in relative.parts):
+        if relative.name == MANIFEST and len(relative.parts) == 1 or any(part.startswith(".") for part in relative.parts):
             continue
-        digest.update(f"{relative}\0".encode())
+        shared = not (path.suffix in DRAWINGS or path.name in RUN_RECORDS)
+        entry = relative.parts[0] + ("/" if len(relative.parts) > 1 else "")
+        own = per_entry.setdefault(entry, hashlib.sha256())
+        if shared:
+            overall.update(f"{relative}\0".encode())
+        own.update(f"{relative}\0".encode())
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+                own.update(chunk)
+                if shared:
+                    overall.update(chunk)
+    return overall.hexdigest()[:16], {name: h.hexdigest()[:16] for name, h in per_entry.items()}
+
+
+def changed_outputs(folder: Path, manifest: "Manifest") -> list[str]:
+    """Outputs whose bytes differ from what the run wrote (the manifest's `contents`), e.g. a file zeroed or
+    edited in place at the same size, which the size check of `output_problems` cannot see. Reads
+    every byte: `kp status --verify` and every `--force` run call it, plain runs do not.
+
+    Returns:
+        One reason per damaged output (`output X changed since the run wrote it`).
+    """
+    if not manifest.contents:
+        return []  # written before content digests were recorded: nothing to compare with
+    now = output_digests(folder)[1]
+    return [f"output {name} changed since the run wrote it (its content digest differs)"
+            for name, digest in sorted(manifest.contents.items()) if now.get(name) != digest]
+
+
+def upstream_digests(inputs: dict[str, Path]) -> dict[str, str]:
+    """The `digest` of each upstream stage's current result (the folders a run reads), for its
+    manifest: when an upstream is rerun and writes different bytes, this run is stale."""
+    manifests = {name: Manifest.read(folder) for name, folder in inputs.items()}
+    return {name: m.digest for name, m in manifests.items() if m is not None and m.digest}
+
+
+def changed_upstream(manifest: "Manifest", now: dict[str, str]) -> list[str]:
+    """Why a run no longer matches what its upstream stages hold now (`upstream_digests`), e.g. after
+    `kp precompute --force` wrote different features under the same settings."""
+    return [f"upstream {name} was rerun and its outputs changed" for name, digest in sorted(manifest.upstream.items())
+            if name in now and now[name] != digest]
 
 
 def output_problems(folder: Path, outs: tuple[str, ...], recorded: dict[str, int] | None) -> list[str]:

@@ -68,21 +68,33 @@ def reserve_space(path: Path) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
-def load_array(path: Path) -> np.ndarray:
+def load_array(path: Path, in_memory: bool = False) -> np.ndarray:
     """A cached array, memory-mapped read-only: memory does not grow with its size.
 
+    Args:
+        path: a `.npy` file a stage wrote.
+        in_memory: read it whole instead (small arrays: predictions).
+
     Raises:
-        PipelineError: the file is shorter than its header says (damaged outside the pipeline).
+        PipelineError: the file is missing, its header is damaged, or it is shorter than its header
+            says (damaged outside the pipeline); the message names it and how to rewrite it.
     """
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(handle)
-        data_start = handle.tell()
+    rewrite = "rerun the stage that wrote it (kp STAGE --force; kp status --verify finds every damaged output)"
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            data_start = handle.tell()
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing; {rewrite}") from None
+    except (ValueError, EOFError, SyntaxError) as exc:  # numpy's words: "the magic string is not correct", ...
+        raise PipelineError(f"{path}: not a readable .npy array, its header is damaged ({exc}); {rewrite}") from None
+    if dtype.hasobject:
+        raise PipelineError(f"{path}: holds Python objects, which kp never writes and will not unpickle; {rewrite}")
     expected = data_start + int(np.prod(shape)) * dtype.itemsize
     actual = os.path.getsize(path)
     if actual < expected:
-        raise PipelineError(f"{path}: truncated: its header says {shape[0]} rows of {tuple(shape[1:])} {dtype} "
-                            f"({expected:,} bytes), the file holds {actual:,}; rerun the stage that wrote it "
-                            "(kp STAGE --force)")
-    return np.load(path, mmap_mode="r")
+        raise PipelineError(f"{path}: truncated: its header says {shape[0] if shape else 1} rows of {tuple(shape[1:])} "
+                            f"{dtype} ({expected:,} bytes), the file holds {actual:,}; {rewrite}")
+    return np.load(path) if in_memory else np.load(path, mmap_mode="r")

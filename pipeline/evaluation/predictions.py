@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, probs_file, rows_file
 from pipeline.core.errors import PipelineError
+from pipeline.data.arrays import load_array
 
 
 @dataclass
@@ -36,8 +37,8 @@ def load_predictions(folder: Path) -> Predictions:
     try:
         valid = pd.read_csv(folder / rows_file("valid"), dtype={"id": str})
         test = pd.read_csv(folder / rows_file("test"), dtype={"id": str})
-        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), np.load(folder / probs_file("valid")),
-                        test["id"].tolist(), np.load(folder / probs_file("test")))
+        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), load_array(folder / probs_file("valid"), in_memory=True),
+                        test["id"].tolist(), load_array(folder / probs_file("test"), in_memory=True))
     except FileNotFoundError as exc:
         raise PipelineError(f"{folder}: no predictions ({Path(exc.filename).name} missing)") from None
     if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
@@ -56,7 +57,7 @@ def load_fold_test(folder: Path, n_test: int, n_folds: int | None = None) -> np.
     if not path.exists():
         raise PipelineError(f"{path} is missing: the stage that wrote {folder} predates per-fold test "
                             "probabilities or did not train folds; rerun it")
-    fold_test = np.load(path)
+    fold_test = load_array(path, in_memory=True)
     if fold_test.ndim != 3 or fold_test.shape[1] != n_test or n_folds not in (None, fold_test.shape[0]):
         raise PipelineError(f"{path}: shape {fold_test.shape}, expected {n_folds or 'F'} folds of {n_test} test rows")
     return fold_test
