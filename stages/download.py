@@ -19,6 +19,7 @@ from pydantic import Field
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.data.archive import MAX_RATIO
 
 KAGGLE, DIGITS = "kaggle", "sklearn-digits"
 FEW_ROWS_PER_CLASS = 5  # fewer training rows than this in a class: a warning at download
@@ -52,6 +53,8 @@ class Settings(StrictModel):
     image_extensions: list[str] = Field([".jpg", ".jpeg", ".png"], description="image layouts: files counted as images")
     groups: GroupsFile | None = Field(None, description=(
         "{csv, file_column, label_column, group_column}: a file's group (e.g. driver)"))
+    max_ratio: float = Field(MAX_RATIO, gt=1, description=(
+        "largest declared/compressed size of an archive member over 1 MiB: above it, a zip bomb (refused)"))
     bad_images: Literal["skip", "fail"] = Field("skip", description=(
         "skip (warn and leave out) | fail: what to do with undecodable items"))
 
@@ -163,16 +166,24 @@ def _check_expected(archive_or_folder: Path, expected: list[str]) -> None:
 
 
 def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
+    """Copy or extract what the layout needs (`download.expected`, or everything when it lists
+    nothing) into `raw/`, then the archives nested in it, each within `download.max_ratio`."""
     from pipeline.data.archive import extract_nested, extract_zip
 
+    only = ctx.settings.expected or None
     if archive_or_folder.is_dir():
         _check_source_folder(archive_or_folder, ctx.work_dir)
         ctx.log(f"copying {archive_or_folder}")
-        shutil.copytree(archive_or_folder, raw)
+        if only is None:
+            shutil.copytree(archive_or_folder, raw)
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in only or ():
+            source = archive_or_folder / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, raw / name)
     else:
         ctx.log(f"extracting {archive_or_folder.name}")
-        extract_zip(archive_or_folder, raw)
-    extract_nested(raw, ctx.log)
+        extract_zip(archive_or_folder, raw, only=only, max_ratio=ctx.settings.max_ratio)
+    extract_nested(raw, ctx.log, max_ratio=ctx.settings.max_ratio, inside=str(archive_or_folder))
 
 
 def _check_source_folder(folder: Path, work_dir: Path) -> None:

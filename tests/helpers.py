@@ -48,8 +48,9 @@ def image_bytes(seed: int, size=(16, 12), fmt="JPEG") -> bytes:
 
 
 def nested_zip(files: dict[str, bytes]) -> bytes:
+    """A zip archive's bytes, members deflated as Kaggle's are."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, content in files.items():
             zf.writestr(name, content)
     return buffer.getvalue()

@@ -74,3 +74,43 @@ def test_bad_member_crc_is_reported(tmp_path):
 def test_missing_archive(tmp_path):
     with pytest.raises(PipelineError, match="archive not found"):
         extract_zip(tmp_path / "nope.zip", tmp_path / "out")
+
+
+def _bomb(path, name="zeros.bin", size=64 << 20):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, bytes(size))
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_a_byte_is_written(tmp_path):
+    archive = _bomb(tmp_path / "bomb.zip")  # 64 MiB of zeros in about 64 KB: 1,000x
+    dest = tmp_path / "dest"
+    with pytest.raises(PipelineError, match=r"bomb.zip: refusing to extract: member 'zeros.bin' declares 67,108,864 "
+                                            r"bytes from .* above download.max_ratio=100\)"):
+        extract_zip(archive, dest)
+    assert not any(dest.rglob("*"))
+    assert extract_zip(archive, dest, max_ratio=2000) == 1  # the limit is the config's to raise
+    assert (dest / "zeros.bin").stat().st_size == 64 << 20
+
+
+def test_a_member_that_yields_more_than_it_declares_is_cut_at_its_declared_size(tmp_path):
+    archive = _bomb(tmp_path / "liar.zip", size=8 << 20)
+    raw = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header, central directory
+        at = raw.find(signature) + offset
+        raw[at:at + 4] = (1000).to_bytes(4, "little")  # "1,000 bytes", the stream inflates to 8 MiB
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(PipelineError, match="liar.zip: corrupt or truncated zip archive"):
+        extract_zip(archive, tmp_path / "dest")
+    assert (tmp_path / "dest" / "zeros.bin").stat().st_size <= 1000
+
+
+def test_only_the_listed_members_are_extracted_and_nested_ones_are_named_by_their_archive(tmp_path):
+    inner = nested_zip({"train/a.jpg": b"x"})
+    outer = _zip(tmp_path / "comp.zip", {"train.zip": inner, "sample_submission.csv": b"id\n", "extra/big.bin": b"y"})
+    dest = tmp_path / "raw"
+    assert extract_zip(outer, dest, only=["train.zip", "sample_submission.csv"]) == 2
+    assert not (dest / "extra").exists()
+    (dest / "train.zip").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match=r"^train.zip in .*comp.zip: corrupt or truncated"):
+        extract_nested(dest, inside=str(outer))

@@ -520,3 +520,36 @@ def test_a_damaged_array_header_is_one_line_naming_the_file(tmp_path):
     path.write_bytes(b"garbage!" + path.read_bytes()[8:])
     with pytest.raises(PipelineError, match=r"valid_probs.npy: not a readable .npy array, its header is damaged"):
         load_array(path, in_memory=True)
+
+
+def test_a_zip_bomb_stops_before_writing_and_the_rerun_is_clean(project, tmp_path):
+    good = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, good)
+    bomb = _outer_zip(good, tmp_path / "bomb.zip", images={"train/c0/img_1.jpg": bytes(256 << 20)})
+    assert bomb.stat().st_size < 2 << 20  # 256 MiB declared in under 2 MB
+    work = project / "work" / "synth"
+    one_line_error(kp("download", "--comp", "synth", "--set", f"download.source={bomb}"),
+                   f"imgs.zip in {bomb}: refusing to extract: member 'train/c0/img_1.jpg' declares 268,435,456 bytes",
+                   "download.max_ratio=100")
+    assert sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) < 10 * bomb.stat().st_size
+    assert not list(work.rglob(".tmp-*"))
+    assert kp("download", "--comp", "synth").exit_code == 0
+
+
+def test_an_archive_larger_than_the_free_disk_is_refused_before_writing(project, tmp_path):
+    good = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, good)
+    big = _outer_zip(good, tmp_path / "big.zip", add={"sample_submission.csv.bak": np.random.default_rng(0).bytes(3 << 20)})
+    with mounted_tmpfs(tmp_path / "small", "2m") as small:
+        one_line_error(kp("download", "--comp", "synth", "--set", f"paths.work={small}",
+                          "--set", f"download.source={big}", "--set", "download.expected=[]"),
+                       f"{big}: refusing to extract: its members declare", "MB are free at")
+        assert not list((small / "synth" / "_runs").rglob("*.csv"))  # nothing extracted
+
+
+def test_members_the_layout_does_not_list_are_not_extracted(project, tmp_path):
+    good = make_statefarm_like(tmp_path / "data")
+    statefarm_like_config(project, good)
+    extra = _outer_zip(good, tmp_path / "extra.zip", add={"notes/huge.bin": b"x" * 1000})
+    assert kp("download", "--comp", "synth", "--set", f"download.source={extra}").exit_code == 0
+    assert not (project / "work" / "synth" / "download" / "raw" / "notes").exists()
