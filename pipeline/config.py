@@ -49,7 +49,14 @@ class Cache(StrictModel):
 
 
 class Kaggle(StrictModel):
-    """The `kaggle` section: uploading a written submission (`kp submit --upload`); no stage reads it."""
+    """The `kaggle` section: talking to Kaggle's API (download, upload, polling); in no fingerprint."""
+
+    connect_timeout_s: float = Field(10, gt=0, description="seconds to wait for a connection to Kaggle's API")
+    read_timeout_s: float = Field(60, gt=0, description=(
+        "seconds to wait for each answer (and each piece of a download) before trying again"))
+    retries: int = Field(3, ge=0, description=(
+        "tries after the first, with backoff; an upload is tried again only if the connection was never made"))
+    backoff_s: float = Field(1, ge=0, description="the wait before the second retry, doubling after it")
 
     poll_timeout_s: float = Field(300, ge=0, description=(
         "how long to wait for the public score; after that the row stays pending"))
@@ -87,6 +94,11 @@ class ResolvedConfig:
     def compute(self):
         """The `compute` section: where and how units run (`pipeline.core.executor.Compute`)."""
         return self.model.compute
+
+    @property
+    def kaggle(self):
+        """The `kaggle` section: timeouts and retries of every call to Kaggle's API."""
+        return self.model.kaggle
 
     @property
     def stage_names(self) -> list[str]:

@@ -137,10 +137,10 @@ def _check_sample_submission(path: Path, competition) -> None:
 
 def _fetch(ctx: StageContext, source: str, slug: str) -> Path:
     if source == KAGGLE:
-        from pipeline.kaggle.api import download_competition
+        from pipeline.kaggle.api import Network, download_competition
 
         ctx.log(f"downloading {slug} through the kaggle client")
-        return download_competition(slug, ctx.cache_dir / "kaggle")
+        return download_competition(slug, ctx.cache_dir / "kaggle", Network.of(ctx.config.kaggle), ctx.settings.expected)
     path = ctx.config.path(source)
     if not path.exists():
         raise PipelineError(

@@ -119,6 +119,12 @@ class ConfigView:
         runs, and on which device, changes what it computes by rounding at most)."""
         return self._config.compute
 
+    @property
+    def kaggle(self):
+        """The `kaggle` section (timeouts and retries of calls to Kaggle's API), readable by every stage
+        undeclared: it is in no fingerprint (how patient a download is does not change its bytes)."""
+        return self._config.kaggle
+
     def path(self, value) -> Path:
         return self._config.path(value)
 

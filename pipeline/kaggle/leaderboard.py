@@ -45,7 +45,7 @@ def upload(config, message: str | None = None, again: bool = False, say=print) -
 
     slug, description = config.competition.slug, describe(config.comp, meta, message)
     try:
-        ref = kaggle_api.submit_file(slug, path, description)
+        ref = kaggle_api.submit_file(slug, path, description, kaggle_api.Network.of(config.kaggle))
     except PipelineError as exc:
         raise PipelineError(f"{exc}; the submission stays at {path}") from None
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": str(path),
@@ -57,7 +57,7 @@ def upload(config, message: str | None = None, again: bool = False, say=print) -
     say(f"uploaded {path.name} to {slug} (submission {ref}); waiting up to {config.get('kaggle.poll_timeout_s'):g}s "
         "for its score")
     state = kaggle_api.wait_for_score(slug, ref, config.get("kaggle.poll_timeout_s"),
-                                      config.get("kaggle.poll_every_s"), say)
+                                      config.get("kaggle.poll_every_s"), say, kaggle_api.Network.of(config.kaggle))
     row = _complete(config, row, state)
     if row["status"] == ERROR:
         raise PipelineError(f"Kaggle rejected submission {ref} ({path}): {state.error}. "
@@ -76,7 +76,7 @@ def refresh(config, say=print) -> list[dict]:
     changed = []
     for row in read_ledger(ledger_path(config)):
         if row["status"] == PENDING:
-            state = kaggle_api.submission_state(config.competition.slug, int(row["ref"]))
+            state = kaggle_api.submission_state(config.competition.slug, int(row["ref"]), kaggle_api.Network.of(config.kaggle))
             if state.status != PENDING:
                 changed.append(_complete(config, row, state))
                 say(f"submission {row['ref']}: {changed[-1]['status']} {changed[-1]['lb_score'] or state.error}")

@@ -116,9 +116,15 @@ class LocalCompetitions:
         self.check_access(slug)
         if not file_name or "/" in file_name or file_name.startswith("."):
             raise CompetitionError(400, f"invalid file name {file_name!r}")
+        try:
+            content_length = int(content_length)
+        except (TypeError, ValueError):
+            raise CompetitionError(400, f"contentLength must be a whole number of bytes, got {content_length!r}") from None
+        if content_length < 0:
+            raise CompetitionError(400, f"contentLength must not be negative, got {content_length}")
         token = uuid.uuid4().hex
         with self._lock:
-            self._uploads[token] = _Upload(slug, file_name, int(content_length))
+            self._uploads[token] = _Upload(slug, file_name, content_length)
         return token
 
     def receive_upload(self, token: str, data: bytes) -> None:

@@ -88,7 +88,8 @@ class KaggleLocalServer:
                 self._json(status, {"code": status, "message": message})
 
             def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                length = self.headers.get("Content-Length") or "0"
+                return self.rfile.read(int(length) if length.isdigit() else 0)
 
             def do_POST(self):
                 path = urlparse(self.path).path
@@ -97,6 +98,8 @@ class KaggleLocalServer:
                     body = json.loads(self._body() or b"{}")
                 except ValueError:
                     return self._error(400, "request body is not JSON")
+                if not isinstance(body, dict):
+                    return self._error(400, "request body is not a JSON object")
                 if not path.startswith(SERVICE):
                     return self._error(404, f"no such endpoint {path}")
                 if not self.headers.get("Authorization"):
@@ -105,6 +108,8 @@ class KaggleLocalServer:
                     self._call(path[len(SERVICE):], body)
                 except CompetitionError as exc:
                     self._error(exc.status, str(exc))
+                except (TypeError, ValueError) as exc:  # a field of the wrong kind: the client's mistake, said so
+                    self._error(400, f"bad request to {path}: {exc}")
 
             def _call(self, method: str, body: dict) -> None:
                 slug = body.get("competitionName", "")
