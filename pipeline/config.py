@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, create_model
 from pipeline.core.cache import STAMP_MODES
 from pipeline.core.competition import Competition
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_text
 from pipeline.core.executor import Compute
 from pipeline.core.stage import StrictModel
 from pipeline.models.build import Model
@@ -193,6 +194,7 @@ def load_config(
         files=files,
     )
     _check_stage_list(resolved)
+    _check_against_data(resolved)
     return resolved
 
 
@@ -235,7 +237,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = read_text(path)
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read ({exc.strerror})") from None
     try:
@@ -339,7 +341,8 @@ def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model_cls, loc[:-1])
         hint = _did_you_mean(loc[-1], allowed)
-        return f"{source}: {dotted}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
+        spaced = f" (YAML reads {loc[-1]!r} as one key: put a space after the colon)" if ":" in loc[-1] else ""
+        return f"{source}: {dotted}: unknown key{hint}{spaced}; allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{source}: {dotted}: missing value (every key needs one; see configs/{DEFAULTS_FILE})"
     value = error.get("input")
@@ -364,17 +367,48 @@ def source_of(dotted: str, provenance: dict[str, str]) -> str:
 
 
 def _allowed_keys(model_cls: type, loc: list[str]) -> list[str]:
+    """The keys the model allows at `loc` (list indices, `phases.0`, step into the list's items)."""
     current: Any = model_cls
     for part in loc:
+        if part.isdigit():
+            continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
-        current = fields[part].annotation
-        # unwrap Optional[Model]
-        for arg in getattr(current, "__args__", ()) or ():
-            if hasattr(arg, "model_fields"):
-                current = arg
+        current = _model_in(fields[part].annotation) or fields[part].annotation
     return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside `Model | None`, `list[Model]` and the like, or None."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_against_data(resolved: ResolvedConfig) -> None:
+    """Each listed stage's `Stage.check`, given the metrics of its upstream results made under the
+    current settings (their manifests' recorded config equals today's): settings that the data
+    cannot satisfy fail here, naming the key, not at run time in a library's words."""
+    from pipeline.core.cache import Manifest
+    from pipeline.registry import all_stages
+
+    stages = all_stages()
+    for name in resolved.stage_names:
+        stage = stages[name]
+        if stage.check is None:
+            continue
+        known = {}
+        for upstream in stage.needs_for(resolved):
+            manifest = Manifest.read(resolved.work_dir / upstream)
+            current = {key: resolved.get(key) for key in stages[upstream].keys_for(resolved)}
+            if manifest is not None and manifest.inputs.get("config") == current:
+                known[upstream] = manifest.metrics
+        stage.check(resolved.section(stage.section), known)
 
 
 def _check_stage_list(resolved: ResolvedConfig) -> None:

@@ -135,6 +135,8 @@ def _guarded(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
             where = ""
         if isinstance(exc, PipelineError):
             reason = str(exc)
+        elif isinstance(exc, OSError) and exc.errno is None:  # a library's OSError (h5py): its own words
+            reason = f"{type(exc).__name__}: {exc}"
         elif isinstance(exc, OSError):
             if not exc.filename:  # a failed write() names no file: name the run's folder
                 exc.filename = str(stage_store(config.work_dir, stage.name).root)

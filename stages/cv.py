@@ -28,6 +28,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import HEAD_RECIPES, needs_of, steps_of
+from pipeline.core.readers import read_table
 
 FOLD_STRATEGIES = ("kfold", "group_kfold")
 
@@ -42,7 +43,6 @@ class Settings(StrictModel):
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
-    import pandas as pd
 
     from pipeline.core.executor import UnitItem
     from pipeline.data.features import label_indices, read_rows
@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> dict:
     if strategy not in FOLD_STRATEGIES:
         raise PipelineError(f"cv trains one model per fold, but split.strategy is {strategy!r}: set it to kfold or "
                             "group_kfold (by driver for State Farm)")
-    split = pd.read_csv(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
+    split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     folds = split["fold"].to_numpy()
     n_folds = int(folds.max()) + 1
     if n_folds < 3:

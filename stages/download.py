@@ -60,24 +60,35 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.data.index import index_images, index_pixels_csv
-
-    download, competition = ctx.settings, ctx.config.competition
-    raw = ctx.out / RAW_DIR
-
+    download, raw = ctx.settings, ctx.out / RAW_DIR
     if download.source == DIGITS:
         from pipeline.data.digits import write_digits_competition
 
         write_digits_competition(raw, solution=ctx.out / SOLUTION_FILE)
-    else:
-        archive_or_folder = _fetch(ctx, download.source, competition.slug)
-        _check_expected(archive_or_folder, download.expected)
-        _unpack(ctx, archive_or_folder, raw)
+        return _index(ctx, raw)
+    archive_or_folder = _fetch(ctx, download.source, ctx.config.competition.slug)
+    _check_expected(archive_or_folder, download.expected)
+    _unpack(ctx, archive_or_folder, raw)
+    try:
+        return _index(ctx, raw)
+    except PipelineError as exc:  # name the file where the user finds it, not in the run's temporary folder
+        where = f"{archive_or_folder}/" if archive_or_folder.is_dir() else f"{archive_or_folder} member "
+        raise PipelineError(str(exc).replace(f"{raw}/", where)) from None
 
+
+def _index(ctx: StageContext, raw: Path) -> dict:
+    """Index the extracted files (`raw/`), check them against the config, write index.csv and report.json."""
+    from pipeline.data.index import index_images, index_pixels_csv
+
+    download, competition = ctx.settings, ctx.config.competition
     if download.layout == "pixels_csv":
         index, bad = index_pixels_csv(raw, download, competition)
     else:
-        index, bad = index_images(raw, download, competition)
+        index, bad, turned = index_images(raw, download, competition)
+        if turned:
+            ctx.warn(f"{len(turned)} images carry an EXIF orientation (a viewer shows them turned or mirrored; first: "
+                     f"{turned[:3]}): kp uses every image as stored, as TensorFlow decodes it, for training and test "
+                     "alike")
 
     if bad:
         listed = "; ".join(f"{b['path']}" + (f" row {b['row']}" if b["row"] >= 0 else "") + f": {b['error']}"
@@ -119,13 +130,9 @@ def _check_classes(ctx: StageContext, index, competition) -> None:
 def _check_sample_submission(path: Path, competition) -> None:
     """The sample submission has the columns `competition.submission_columns` names, in that order, and
     its class columns are `competition.classes`: found at download, not after all the training."""
-    import csv
+    from pipeline.core.readers import csv_header
 
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle), [])
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read the sample submission's header ({exc})") from None
+    header = csv_header(path)
     if header != list(competition.submission_columns):
         raise PipelineError(f"{path}: its columns are {header}, but competition.submission_columns says "
                             f"{list(competition.submission_columns)} (names and order must match)")

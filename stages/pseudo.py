@@ -30,6 +30,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import needs_of, steps_of
+from pipeline.core.readers import read_table
 
 TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth")
 STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
@@ -78,7 +79,6 @@ def student_steps(config) -> tuple:
 
 def run(ctx: StageContext) -> dict:
     import numpy as np
-    import pandas as pd
 
     from pipeline.core.cache import Manifest, link_or_copy
     from pipeline.core.executor import UnitItem
@@ -99,7 +99,7 @@ def run(ctx: StageContext) -> dict:
     recipe = student_recipe(ctx.config, s.source)
     steps = student_steps(ctx.config)
     check_steps(steps, ctx.config)
-    split = pd.read_csv(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
+    split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     ids = split["id"].to_numpy()
     if list(teacher.test_ids) != read_rows(ctx.input("precompute"), "test")["id"].tolist():
         raise PipelineError(f"{teacher_dir}: its test rows are not precompute's test rows, in order; rerun it")

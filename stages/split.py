@@ -9,6 +9,7 @@ split is used on data that has groups: validation would then flatter the leaderb
 from __future__ import annotations
 
 import json
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -25,7 +26,7 @@ class Settings(StrictModel):
         "random (stratified) | group (whole groups) | kfold | group_kfold"))
     fraction: float = Field(0.2, gt=0, lt=1, description=(
         "random, group: share of training rows held out for validation"))
-    seed: int = Field(42, description="the same seed gives the same split")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="the same seed gives the same split")
     folds: int = Field(5, ge=2, description="kfold, group_kfold: number of folds")
     valid_fold: int = Field(0, ge=0, description="kfold, group_kfold: the fold used as validation by later stages")
 
@@ -34,6 +35,29 @@ class Settings(StrictModel):
         if self.valid_fold >= self.folds:
             raise ValueError(f"valid_fold {self.valid_fold} must be below folds {self.folds}")
         return self
+
+
+def check(s: Settings, known: dict[str, dict]) -> None:
+    """Settings the downloaded data cannot satisfy, refused when the config loads (`Stage.check`):
+    a stratified split needs a row of every class on each side, k folds need k rows of some class
+    (kfold) or k groups (group_kfold), and a group split needs two groups."""
+    counts = known.get("download")
+    if not counts:
+        return  # not downloaded yet: the run checks again
+    n, per_class, n_groups = counts["n_train"], counts["train_per_class"], counts.get("n_groups", 0)
+    if s.strategy == "random":
+        n_valid, n_train, k = math.ceil(s.fraction * n), math.floor((1 - s.fraction) * n), len(per_class)
+        if min(n_valid, n_train) < k:
+            raise PipelineError(f"split.fraction={s.fraction:g} holds out {n_valid:,} of the {n:,} training rows and keeps "
+                                f"{n_train:,}: a split stratified by class needs at least one row of each of the {k} "
+                                f"classes on each side (a fraction between {k / n:.3g} and {1 - k / n:.3g})")
+    if s.strategy == "kfold" and s.folds > max(per_class.values(), default=0):
+        raise PipelineError(f"split.folds={s.folds}: more folds than the {max(per_class.values(), default=0)} rows of "
+                            f"the largest class (rows per class: {per_class}); stratified folds need fewer")
+    if s.strategy == "group_kfold" and s.folds > n_groups:
+        raise PipelineError(f"split.folds={s.folds}: more folds than the {n_groups} groups of the download")
+    if s.strategy == "group" and 0 < n_groups < 2:
+        raise PipelineError(f"split.strategy=group: the download has {n_groups} group; a group split needs two")
 
 
 def run(ctx: StageContext) -> dict:
@@ -118,4 +142,5 @@ STAGE = Stage(
     needs=("download",),
     outs=(SPLIT_FILE, REPORT_FILE),
     headline=_headline,
+    check=check,
 )

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from pipeline.core.artifacts import INDEX_FILE, LEDGER_FILE, LEDGER_PLOT, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_json, read_table
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
@@ -67,8 +68,6 @@ def taken_by(name: str) -> str | None:
 
 
 def run(ctx: StageContext) -> dict:
-    import pandas as pd
-
     from pipeline.evaluation.metrics import evaluate, leaderboard_score_name
     from pipeline.evaluation.predictions import load_predictions, validation_kind
     from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
@@ -76,7 +75,7 @@ def run(ctx: StageContext) -> dict:
     s, competition = ctx.settings, ctx.config.competition
     predictions = load_predictions(ctx.input(s.source))
     sample_path = ctx.input("download") / RAW_DIR / ctx.config.get("download.sample_submission")
-    sample = pd.read_csv(sample_path, dtype={competition.id_column: str}, keep_default_na=False)
+    sample = read_table(sample_path, dtype={competition.id_column: str}, keep_default_na=False)
     if list(sample.columns) != competition.submission_columns:
         raise PipelineError(f"{sample_path}: columns {list(sample.columns)}, expected "
                             f"competition.submission_columns {competition.submission_columns}")
@@ -120,7 +119,7 @@ def run(ctx: StageContext) -> dict:
 def publish(ctx: StageContext) -> None:
     """Copy the run's submission (and its metadata) to `submissions/COMP/NAME.csv[.gz]` + `NAME.json`;
     also what restoring a stored submit run does, so the file there is always the current one's."""
-    meta = json.loads((ctx.out / SUBMISSION_META).read_text())
+    meta = read_json(ctx.out / SUBMISSION_META)
     target = ctx.config.submissions_dir / Path(meta["file"]).name
     data = (ctx.out / SUBMISSION_FILE).read_bytes()
     if target.name.endswith(".gz"):

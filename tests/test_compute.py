@@ -112,3 +112,27 @@ def test_a_worker_that_cannot_see_the_images_says_so(tmp_path):
     with pytest.raises(PipelineError, match=r"cannot see the images \(/nowhere/img_1.jpg\): the work folder must be "
                                             r"on a filesystem every Ray worker shares"):
         write_shard(None, {}, ["/nowhere/img_1.jpg"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_cluster_with_token_authentication_reached_without_its_token_is_one_clear_message(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.core.executor import Compute, connect
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=head, check=True, capture_output=True)
+    subprocess.run([ray_cli, "start", "--head", "--port", "6391", "--num-cpus", "1", "--include-dashboard=false"],
+                   env=head, check=True, capture_output=True, timeout=120)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        with pytest.raises(PipelineError, match="compute.address 127.0.0.1:6391: the Ray cluster refused the connection"
+                                                ".* export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH="):
+            connect(Compute(backend="ray", address="127.0.0.1:6391"))
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=head, capture_output=True, timeout=120)

@@ -23,6 +23,7 @@ from PIL import Image
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.core.artifacts import TMP_PREFIX
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import ChunkedArrayWriter, load_array
@@ -282,8 +283,9 @@ def test_a_bad_archive_is_one_message_and_the_good_download_stays(project, tmp_p
     index = (project / "work" / "synth" / "download" / "index.csv").read_bytes()
     build, fragment = BAD_ARCHIVES[case]
     bad = build(good, tmp_path / "bad.zip")
-    one_line_error(kp("download", "--comp", "synth", "--set", f"download.source={bad}",
-                      "--set", "download.bad_images=fail"), fragment)
+    error = one_line_error(kp("download", "--comp", "synth", "--set", f"download.source={bad}",
+                              "--set", "download.bad_images=fail"), fragment)
+    assert TMP_PREFIX not in error  # the archive and its member, not the run's temporary folder
     assert (project / "work" / "synth" / "download" / "index.csv").read_bytes() == index
     assert not Path("/tmp/kp-evil.txt").exists() and not (tmp_path / "evil.txt").exists()
 
@@ -553,3 +555,131 @@ def test_members_the_layout_does_not_list_are_not_extracted(project, tmp_path):
     extra = _outer_zip(good, tmp_path / "extra.zip", add={"notes/huge.bin": b"x" * 1000})
     assert kp("download", "--comp", "synth", "--set", f"download.source={extra}").exit_code == 0
     assert not (project / "work" / "synth" / "download" / "raw" / "notes").exists()
+
+
+def _digits_folder(folder: Path) -> Path:
+    """The digits competition's files as a folder `download.source` can name."""
+    from pipeline.data.digits import write_digits_competition
+
+    write_digits_competition(folder, folder.parent / "solution.csv")
+    return folder
+
+
+def test_a_config_file_that_is_not_utf8_is_named(project, tmp_path):
+    overlay = tmp_path / "latin1.yaml"
+    overlay.write_bytes("# réglages\nsplit:\n  fraction: 0.3\n".encode("latin-1"))
+    one_line_error(kp("status", "--comp", "digits", "--config", str(overlay)),
+                   f"{overlay}: not UTF-8 text (byte 0xe9 on line 1)")
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ("2026-01-01,a.csv,fp,random,holdout,accuracy,0.9,high,,complete,7,,x", "line 2, column lb_score: 'high' is not a number"),
+    ("2026-01-01,a.csv,fp", "line 2 has 3 fields, the header has 13"),
+])
+def test_a_ledger_with_a_bad_row_is_one_line_in_ledger_and_status(project, row, fragment):
+    from pipeline.kaggle.ledger import COLUMNS
+
+    ledger = project / "submissions" / "digits" / "ledger.csv"
+    ledger.parent.mkdir(parents=True)
+    text = ",".join(COLUMNS) + "\n" + row + "\n"
+    ledger.write_text(text)
+    one_line_error(kp("ledger", "--comp", "digits"), str(ledger), fragment)
+    one_line_error(kp("status", "--comp", "digits", *CHEAP), str(ledger), fragment)
+    assert ledger.read_text() == text
+
+
+def test_damaged_run_records_do_not_break_status(warm_project):
+    root = warm_project("digits-cheap", _digits_cheap)
+    sets = [arg for s in DIGITS_CHEAP for arg in ("--set", s)]
+    runs = root / "work" / "digits" / "_runs"
+    (runs / "split" / "last.json").write_text("[1, 2")
+    (runs / "finetune" / "last.json").write_text('["not", "an", "object"]')
+    result = kp("status", "--comp", "digits", *sets)
+    assert result.exit_code == 0 and set(_states(result.output).values()) == {"up to date"}, result.output
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("extra field", "line 4 has 66 fields, the header has 65"),
+    ("latin-1 sample", "sample_submission.csv: not UTF-8 text (byte 0xe9 on line 2)"),
+])
+def test_a_csv_from_the_competition_that_does_not_parse_names_the_file_and_line(project, tmp_path, damage, fragment):
+    folder = _digits_folder(tmp_path / "digits")
+    if damage == "extra field":
+        lines = (folder / "train.csv").read_text().splitlines()
+        lines[3] += ",0"
+        (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    else:
+        sample = folder / "sample_submission.csv"
+        sample.write_bytes(sample.read_bytes().replace(b"\n1,", "\n1é,".encode("latin-1"), 1))
+    error = one_line_error(kp("download", "--comp", "digits", "--set", f"download.source={folder}"), fragment)
+    assert str(folder) in error and TMP_PREFIX not in error
+
+
+def test_a_blank_group_names_its_rows(project, tmp_path):
+    good = make_statefarm_like(tmp_path / "data")
+    with zipfile.ZipFile(good) as zf:
+        rows = zf.read("driver_imgs_list.csv").decode().splitlines()
+    rows[3] = "," + rows[3].split(",", 1)[1]  # the driver of the third image left blank
+    blank = _outer_zip(good, tmp_path / "blank.zip", text={"driver_imgs_list.csv": "\n".join(rows) + "\n"})
+    statefarm_like_config(project, good)
+    error = one_line_error(kp("download", "--comp", "synth", "--set", f"download.source={blank}"),
+                           f"{blank} member driver_imgs_list.csv: 1 training images have a blank 'subject' (lines [4]")
+    assert TMP_PREFIX not in error
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("split.seed=-1", "split.seed: bad value -1"),
+    ("split.fraction=1e-9", "split.fraction=1e-09 holds out 1 of the 1,497 training rows"),
+    ("split.fraction=0.999", "split.fraction=0.999 holds out 1,496 of the 1,497 training rows and keeps 1"),
+])
+def test_split_settings_the_data_cannot_satisfy_are_refused_when_the_config_loads(warm_project, setting, fragment):
+    warm_project("digits-cheap", _digits_cheap)
+    one_line_error(kp("status", "--comp", "digits", "--set", setting), fragment)
+    one_line_error(kp("status", "--comp", "digits", "--set", "split.strategy=kfold", "--set", "split.folds=5000"),
+                   "split.folds=5000: more folds than the 152 rows of the largest class")
+
+
+def test_a_key_yaml_glued_to_its_value_is_explained(project):
+    result = kp("status", "--comp", "digits", "--set", "finetune.phases=[{epochs:0,lr:0.1}]")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "finetune.phases.0.epochs:0: unknown key (did you mean 'epochs'?) (YAML reads 'epochs:0' as one key: put " \
+           "a space after the colon); allowed keys here: epochs, lr" in result.output, result.output
+
+
+def test_an_exif_orientation_is_counted_in_a_warning(project, tmp_path):
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees for display
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(buffer, format="JPEG", exif=exif.tobytes())
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data", replaced={"img_3.jpg": buffer.getvalue()}))
+    result = kp("download", "--comp", "synth")
+    assert result.exit_code == 0, result.output
+    report = Manifest.read(project / "work" / "synth" / "download")
+    assert any("1 images carry an EXIF orientation" in w and "img_3.jpg" in w for w in report.warnings), report.warnings
+
+
+def test_a_saved_model_safe_mode_refuses_or_that_is_damaged_is_one_line(tmp_path):
+    import keras
+
+    from pipeline.models.saved import load_saved_model
+
+    inputs = keras.Input((4,))
+    lambda_model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    lambda_model.save(tmp_path / "lambda.keras")
+    with pytest.raises(PipelineError, match=r"lambda.keras: holds a Lambda layer .* refuses to load"):
+        load_saved_model(tmp_path / "lambda.keras")
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    plain.save(tmp_path / "model.keras")
+    (tmp_path / "model.keras").write_bytes((tmp_path / "model.keras").read_bytes()[:300])
+    with pytest.raises(PipelineError, match=r"model.keras: not a readable .keras model file \(truncated or damaged"):
+        load_saved_model(tmp_path / "model.keras")
+
+
+def test_a_truncated_weights_file_says_it_is_not_hdf5(tmp_path):
+    from pipeline.models.backbones import build_feature_model
+
+    weights = tmp_path / "mobilenet.h5"
+    weights.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+    with pytest.raises(PipelineError, match=r"precompute.weights .*mobilenet.h5: not an HDF5 weights file Keras can "
+                                            r"read \(truncated or damaged"):
+        build_feature_model("mobilenet", str(weights), (32, 32, 3), "pool", alpha=0.25)

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from pipeline.core.artifacts import UNIT_FILE
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_json
 from pipeline.core.runs import RunStore
 from pipeline.core.stage import StrictModel
 
@@ -118,7 +119,7 @@ def _store_unit(store: RunStore, unit: Unit) -> None:
 def read_record(folder: Path) -> dict[str, Any]:
     """A stored unit's record (`unit.json`), or {} for a unit that keeps none."""
     path = folder / UNIT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], log=print, progress=None) -> list[str]:
@@ -191,7 +192,15 @@ def connect(settings: Compute):
         raise PipelineError("compute.backend is ray, but Ray is not installed: pip install -e '.[ray]'") from None
     if not ray.is_initialized():
         if settings.address:
-            ray.init(address=settings.address, log_to_driver=False)
+            try:
+                ray.init(address=settings.address, log_to_driver=False)
+            except ConnectionError as exc:  # Ray says only "Failed to connect"; why is in its log lines
+                raise PipelineError(
+                    f"compute.address {settings.address}: the Ray cluster refused the connection or is not there "
+                    f"({exc}). A cluster with token authentication (on by default since Ray 2.60; Ray logs "
+                    "'Unauthenticated' above) needs its token: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH="
+                    "<the cluster's token file, ~/.ray/auth_token on its head node> (or RAY_AUTH_TOKEN=<token>); "
+                    "see docs/compute.md") from None
         else:
             ray.init(num_cpus=settings.local_cpus, include_dashboard=False, log_to_driver=False,
                      object_store_memory=256 * 1024 * 1024)

@@ -25,6 +25,7 @@ from typing import Iterator
 from pipeline.core.artifacts import ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
 from pipeline.core.cache import temporary_name
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_json
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,8 @@ def point(work_dir: Path, stage: str, key: str, action: str) -> None:
 
 def last_action(work_dir: Path, stage: str) -> dict:
     try:
-        return json.loads((stage_store(work_dir, stage).root / LAST_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json(stage_store(work_dir, stage).root / LAST_FILE)
+    except (OSError, PipelineError):  # none yet, or damaged: it only says how the result got there
         return {}
 
 

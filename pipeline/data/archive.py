@@ -131,7 +131,8 @@ def _check_member(archive: str, info: zipfile.ZipInfo, root: Path) -> None:
         problem = "resolves outside the target folder"
     if problem:
         raise PipelineError(
-            f"{archive}: refusing to extract: member {name!r} {problem} and would be written outside {root}"
+            f"{archive}: refusing to extract: member {name!r} {problem} and would be written outside the folder it is "
+            "extracted to"
         )
 
 

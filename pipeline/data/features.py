@@ -26,10 +26,11 @@ import pandas as pd
 from pipeline.core.artifacts import META_FILE, SPLIT_FILE, array_file, pass_file, rows_file
 from pipeline.data.arrays import ChunkedArrayWriter, load_array
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_table
 
 
 def read_rows(folder: Path, subset: str) -> pd.DataFrame:
-    return pd.read_csv(folder / rows_file(subset), dtype=str, keep_default_na=False)
+    return read_table(folder / rows_file(subset), dtype=str, keep_default_na=False)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def load_split_features(features_dir: Path, split_dir: Path, classes: list[str],
         `SplitFeatures`; raises PipelineError when any two of the tables disagree on the ids' order.
     """
     rows = read_rows(features_dir, "train")
-    split = pd.read_csv(split_dir / SPLIT_FILE, dtype={"id": str})
+    split = read_table(split_dir / SPLIT_FILE, dtype={"id": str})
     check_same_ids(rows["id"].values, split["id"].values, str(features_dir / rows_file("train")),
                     str(split_dir / SPLIT_FILE))
     train_all = load_array(features_dir / array_file("train"))

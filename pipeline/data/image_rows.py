@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SPLIT_FILE
 from pipeline.data.features import check_same_ids, label_indices
+from pipeline.core.readers import read_table
 
 
 @dataclass
@@ -57,7 +58,7 @@ def load_split_images(download_dir: Path, split_dir: Path, classes: list[str]) -
     raw = download_dir / RAW_DIR
     train = index[index.subset == "train"].reset_index(drop=True)
     test = index[index.subset == "test"].reset_index(drop=True)
-    split = pd.read_csv(split_dir / SPLIT_FILE, dtype={"id": str})
+    split = read_table(split_dir / SPLIT_FILE, dtype={"id": str})
     check_same_ids(train["id"].to_numpy(), split["id"].to_numpy(), str(download_dir / INDEX_FILE),
                    str(split_dir / SPLIT_FILE))
     labels = label_indices(train["label"], classes)

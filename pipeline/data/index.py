@@ -13,7 +13,6 @@ Three Kaggle layouts are understood (config `download.layout`):
 """
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,34 +21,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import csv_header, read_table
 
 INDEX_COLUMNS = ["subset", "id", "path", "row", "label", "group"]
 
 
 def read_index(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path, dtype={"id": str, "path": str, "label": str, "group": str}, keep_default_na=False)
+    frame = read_table(path, dtype={"id": str, "path": str, "label": str, "group": str}, keep_default_na=False)
     if list(frame.columns) != INDEX_COLUMNS:
         raise PipelineError(f"{path}: expected columns {INDEX_COLUMNS}, found {list(frame.columns)}")
     return frame
-
-
-def csv_header(path: Path) -> list[str]:
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing")
-    with open(path, newline="") as handle:
-        return next(csv.reader(handle), [])
-
-
-def read_csv_with_columns(path: Path, required: list[str], **kwargs) -> pd.DataFrame:
-    """Read a CSV whose header must contain `required`; one clear error naming the file if not."""
-    header = csv_header(path)
-    missing = [c for c in required if c not in header]
-    if missing:
-        shown = ",".join(header[:12]) + (",..." if len(header) > 12 else "")
-        raise PipelineError(
-            f"{path}: wrong header: expected columns {','.join(required)}; found {shown or '(empty file)'}"
-        )
-    return pd.read_csv(path, **kwargs)
 
 
 # --------------------------------------------------------------------------- pixels_csv
@@ -64,7 +45,7 @@ def index_pixels_csv(raw: Path, download, competition) -> tuple[pd.DataFrame, li
 
     train_csv = raw / download.train_csv
     _expect_header(train_csv, [download.label_column, *pixel_columns])
-    train = pd.read_csv(train_csv)
+    train = read_table(train_csv)
     labels = train[download.label_column].astype(str)
     unknown = sorted(set(labels) - set(competition.classes))
     if unknown:
@@ -76,7 +57,7 @@ def index_pixels_csv(raw: Path, download, competition) -> tuple[pd.DataFrame, li
 
     test_csv = raw / download.test_csv
     _expect_header(test_csv, pixel_columns)
-    test = pd.read_csv(test_csv)
+    test = read_table(test_csv)
     bad += _bad_pixel_rows(test_csv, test[pixel_columns])
     test_ids = _sample_ids(raw, download, competition)
     if len(test_ids) != len(test):
@@ -114,8 +95,9 @@ def _bad_pixel_rows(path: Path, pixels: pd.DataFrame) -> list[dict]:
 # --------------------------------------------------------------------------- image layouts
 
 
-def index_images(raw: Path, download, competition) -> tuple[pd.DataFrame, list[dict]]:
-    """class_folders / filename_labels layouts. Returns the index and the undecodable images."""
+def index_images(raw: Path, download, competition) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    """class_folders / filename_labels layouts. Returns the index, the undecodable images and the
+    images whose EXIF orientation says they are displayed rotated or mirrored (`inspect_images`)."""
     train_dir = raw / download.train_dir
     if not train_dir.is_dir():
         raise PipelineError(f"{train_dir}: training image folder missing (download.train_dir={download.train_dir!r})")
@@ -138,8 +120,8 @@ def index_images(raw: Path, download, competition) -> tuple[pd.DataFrame, list[d
         )
     test = pd.DataFrame({"subset": "test", "id": test_ids, "path": test_paths, "row": -1, "label": "", "group": ""})
     index = pd.concat([train, test], ignore_index=True)
-    bad = undecodable_images(raw, index["path"].tolist())
-    return index, bad
+    bad, turned = inspect_images(raw, index["path"].tolist())
+    return index, bad, turned
 
 
 def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
@@ -166,7 +148,7 @@ def _train_from_class_folders(raw, train_dir, extensions, download, competition)
 
 def _groups_for(raw: Path, train: pd.DataFrame, groups) -> list[str]:
     path = raw / groups.csv
-    table = read_csv_with_columns(
+    table = read_table(
         path, [groups.file_column, groups.label_column, groups.group_column], dtype=str, keep_default_na=False
     )
     by_file = table.drop_duplicates(groups.file_column).set_index(groups.file_column)
@@ -181,6 +163,11 @@ def _groups_for(raw: Path, train: pd.DataFrame, groups) -> list[str]:
             f"{path}: row for {first['id']} says class {listed.loc[first['id'], groups.label_column]!r} "
             f"but the image is in folder {first['label']!r}"
         )
+    blank = [name for name, group in zip(train["id"], listed[groups.group_column]) if not str(group).strip()]
+    if blank:
+        lines = [int(i) + 2 for i in table.index[table[groups.file_column].isin(blank)][:5]]
+        raise PipelineError(f"{path}: {len(blank)} training images have a blank {groups.group_column!r} "
+                            f"(lines {lines}; first: {blank[:3]}): every image needs its group for the split")
     return listed[groups.group_column].tolist()
 
 
@@ -201,31 +188,41 @@ def _train_from_filenames(raw, train_dir, extensions, competition) -> pd.DataFra
 
 def _sample_ids(raw: Path, download, competition) -> list[str]:
     path = raw / download.sample_submission
-    frame = read_csv_with_columns(path, competition.submission_columns, dtype=str, keep_default_na=False)
+    frame = read_table(path, competition.submission_columns, dtype=str, keep_default_na=False)
     ids = frame[competition.id_column].tolist()
     if len(set(ids)) != len(ids):
         raise PipelineError(f"{path}: column {competition.id_column!r} repeats ids")
     return ids
 
 
-def undecodable_images(raw: Path, paths: list[str]) -> list[dict]:
-    """The images that fail to decode (truncated, corrupt, not an image) or come in a format the
-    later stages' decoder (TensorFlow's) cannot read, checked in parallel with PIL."""
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 = as stored, 2..8 = mirrored and/or rotated for display
+
+
+def inspect_images(raw: Path, paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Every image opened once with PIL, in parallel.
+
+    Returns:
+        (the images that fail to decode (truncated, corrupt, not an image) or come in a format the
+        later stages' decoder (TensorFlow's) cannot read; the images whose EXIF orientation is not
+        1, which a photo viewer shows turned but every stage uses as stored).
+    """
     from PIL import Image
 
     from pipeline.data.images import DECODABLE_FORMATS
 
-    def check(relative: str) -> dict | None:
+    def check(relative: str) -> tuple[dict | None, bool]:
         try:
             with Image.open(raw / relative) as image:
                 if image.format not in DECODABLE_FORMATS:
                     return {"path": relative, "row": -1, "error": f"a {image.format} image, which TensorFlow cannot "
-                            f"decode (it reads {', '.join(DECODABLE_FORMATS)})"}
+                            f"decode (it reads {', '.join(DECODABLE_FORMATS)})"}, False
+                turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
                 image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: decode at 1/8
                 image.load()
-            return None
+            return None, turned
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            return {"path": relative, "row": -1, "error": f"{type(exc).__name__}: {exc}"}
+            return {"path": relative, "row": -1, "error": f"{type(exc).__name__}: {exc}"}, False
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return [r for r in pool.map(check, paths, chunksize=64) if r is not None]
+        results = list(pool.map(check, paths, chunksize=64))
+    return [bad for bad, _ in results if bad is not None], [path for path, (_, turned) in zip(paths, results) if turned]

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_table
 
 
 def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], layout: str,
@@ -22,7 +23,7 @@ def pixel_chunks(raw: Path, rows: pd.DataFrame, shape: tuple[int, int, int], lay
             raise PipelineError(f"pixel rows of one subset must come from one CSV, got {list(files)}")
         if not len(files):
             return
-        table = pd.read_csv(raw / files[0], dtype=str)
+        table = read_table(raw / files[0], dtype=str)
         columns = [c for c in table.columns if c.startswith("pixel")]
         if len(columns) != int(np.prod(shape)):
             raise PipelineError(f"{raw / files[0]}: {len(columns)} pixel columns, competition.image_size x "

@@ -8,6 +8,7 @@ what augment computes for those rows. Reads the download stage's output (the cal
 to date). Imports TensorFlow for image files.
 """
 from __future__ import annotations
+from pipeline.core.readers import read_table
 
 from pathlib import Path
 
@@ -37,7 +38,6 @@ def load_training_images(config, download_dir: Path, index, rows: list[int]) -> 
         index: the index's training rows, in order.
         rows: positions among them.
     """
-    import pandas as pd
 
     from pipeline.core.artifacts import RAW_DIR
 
@@ -47,7 +47,7 @@ def load_training_images(config, download_dir: Path, index, rows: list[int]) -> 
     chosen = index.iloc[rows]
     if config.get("download.layout") == "pixels_csv":
         wanted = set(chosen["row"])
-        table = pd.read_csv(raw / chosen["path"].iloc[0], skiprows=lambda line: line > 0 and line - 1 not in wanted)
+        table = read_table(raw / chosen["path"].iloc[0], skiprows=lambda line: line > 0 and line - 1 not in wanted)
         pixels = table.drop(columns=[config.get("download.label_column")]).to_numpy()
         by_row = dict(zip(sorted(chosen["row"]), pixels))
         return [by_row[r].reshape(height, width, channels).astype(np.uint8) for r in chosen["row"]]

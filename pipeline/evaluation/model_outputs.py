@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.core.artifacts import (CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES,
                                      TOP_LOSSES_PLOT)
 from pipeline.core.cache import link_or_copy
+from pipeline.core.readers import read_table
 
 TRAINED_FILES = (MODEL_FILE, HISTORY_FILE, *PREDICTION_FILES)  # what the training unit wrote
 MODEL_OUTPUTS = (*TRAINED_FILES, LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT)  # a model-training stage's outs
@@ -36,13 +37,12 @@ def draw_training(folder: Path, classes: list[str], heading: str, out: Path | No
         heading: the plots' title.
         out: where the plots go (default: `folder`).
     """
-    import pandas as pd
 
     from pipeline.evaluation.plots import plot_confusion, plot_history
     from pipeline.evaluation.predictions import load_predictions
 
     out = out or folder
-    history = {column: values.tolist() for column, values in pd.read_csv(folder / HISTORY_FILE).items()}
+    history = {column: values.tolist() for column, values in read_table(folder / HISTORY_FILE).items()}
     predictions = load_predictions(folder)
     plot_history(history, out / LOSS_PLOT, heading)
     plot_confusion(predictions.valid_labels, np.argmax(predictions.valid_probs, axis=1), classes,

@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline.core.artifacts import FOLD_TEST_FILE, probs_file, rows_file
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import load_array
+from pipeline.core.readers import read_table
 
 
 @dataclass
@@ -35,8 +36,8 @@ def save_predictions(folder: Path, p: Predictions) -> None:
 
 def load_predictions(folder: Path) -> Predictions:
     try:
-        valid = pd.read_csv(folder / rows_file("valid"), dtype={"id": str})
-        test = pd.read_csv(folder / rows_file("test"), dtype={"id": str})
+        valid = read_table(folder / rows_file("valid"), dtype={"id": str})
+        test = read_table(folder / rows_file("test"), dtype={"id": str})
         p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), load_array(folder / probs_file("valid"), in_memory=True),
                         test["id"].tolist(), load_array(folder / probs_file("test"), in_memory=True))
     except FileNotFoundError as exc:

@@ -17,6 +17,7 @@ from pipeline.core.competition import Competition
 from pipeline.core.errors import PipelineError
 from pipeline.data.features import label_indices
 from pipeline.evaluation.metrics import accuracy, binary_log_loss, multiclass_log_loss
+from pipeline.core.readers import read_table
 
 
 def competition_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Competition:
@@ -47,7 +48,7 @@ def solution_file(config) -> Path:
 
 def read_submission(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return read_table(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise PipelineError(f"{path}: cannot read as CSV ({exc})") from None
 
@@ -57,7 +58,7 @@ def score_file_on_test_set(config, submission_path: Path, solution_path: Path | 
     """A submission file scored on the competition's hidden labels (`solution_path`, default
     `solution_file(config)`): (the leaderboard metric, the accuracy of its probabilities, or None
     when the metric is accuracy already)."""
-    solution = pd.read_csv(solution_path or solution_file(config), dtype=str)
+    solution = read_table(solution_path or solution_file(config), dtype=str)
     submission = read_submission(Path(submission_path))
     return (score_submission(submission, solution, config.competition),
             score_accuracy_of_probabilities(submission, solution, config.competition))

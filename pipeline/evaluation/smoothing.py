@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.evaluation.metrics import multiclass_log_loss
+from pipeline.core.readers import read_table
 
 METRICS = ("cosine", "euclidean")
 
@@ -167,7 +168,6 @@ def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_
         (the smoothed `Predictions`, the metrics: k, weight, scores before and after, the
         cross-fitted choices; the smoothed `fold_test` or None).
     """
-    import pandas as pd
 
     from pipeline.core.artifacts import INDEX_FILE, SPLIT_FILE
     from pipeline.core.errors import PipelineError
@@ -177,7 +177,7 @@ def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_
     from pipeline.evaluation.predictions import Predictions
 
     s = settings
-    split_ids = pd.read_csv(inputs["split"] / SPLIT_FILE, dtype={"id": str})["id"].to_numpy()
+    split_ids = read_table(inputs["split"] / SPLIT_FILE, dtype={"id": str})["id"].to_numpy()
     scored = np.isin(split_ids, before.valid_ids)  # the split's validation rows, or every row out of fold (cv)
     data = load_split_features(inputs["precompute"], inputs["split"], config.competition.classes,
                                sides=(~scored, scored))

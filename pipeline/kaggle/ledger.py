@@ -17,9 +17,11 @@ from pathlib import Path
 from pipeline.core.artifacts import LEDGER_FILE
 from pipeline.core.cache import write_text_atomic
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_rows
 from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
 COLUMNS = ["time", "file", "fingerprint", "split_strategy", "validation", "metric", "val_score", "lb_score",
            "difference", "status", "ref", "error", "description"]
+NUMERIC_COLUMNS = ("val_score", "lb_score", "difference", "ref")  # a number or empty
 # Columns added after ledgers were first written, with the value an older ledger's rows had.
 ADDED_COLUMNS = {"validation": "holdout"}
 
@@ -32,17 +34,16 @@ def read_ledger(path: Path) -> list[dict[str, str]]:
     """Every row of the ledger ([] when there is none yet).
 
     Raises:
-        PipelineError: the file lacks columns; it is then never rewritten (`record` reads first).
+        PipelineError: the file lacks columns, has a short or long row or a non-number where a score
+            belongs (naming the line); it is then never rewritten (`record` reads first).
     """
     if not path.is_file():
         return []
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in ADDED_COLUMNS]
-        if missing:
-            raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(COLUMNS)}); "
-                                "it was left as it is: repair it or move it away")
-        return [{**row, **{c: v for c, v in ADDED_COLUMNS.items() if c not in row}} for row in reader]
+    try:
+        rows = read_rows(path, [c for c in COLUMNS if c not in ADDED_COLUMNS], numeric=NUMERIC_COLUMNS)
+    except PipelineError as exc:
+        raise PipelineError(f"{exc}; the ledger was left as it is: repair it or move it away") from None
+    return [{**row, **{c: v for c, v in ADDED_COLUMNS.items() if c not in row}} for row in rows]
 
 
 def write_ledger(path: Path, rows: list[dict]) -> None:

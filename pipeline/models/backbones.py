@@ -63,4 +63,9 @@ def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[i
             return FeatureModel(base, apps.resnet50.preprocess_input, "resnet50")
     except ValueError as exc:  # a weights file that does not fit the architecture, a bad alpha/size
         raise PipelineError(f"precompute: cannot build {backbone} with weights {weights!r}: {exc}") from None
+    except OSError as exc:  # h5py's words for a damaged file carry no errno: "Unable to open file (truncated file ...)"
+        if exc.errno is not None:
+            raise
+        raise PipelineError(f"precompute.weights {weights}: not an HDF5 weights file Keras can read (truncated or "
+                            f"damaged: {str(exc).splitlines()[0][:200]}); download it again") from None
     raise PipelineError(f"precompute.backbone {backbone!r}: expected one of {BACKBONES}")

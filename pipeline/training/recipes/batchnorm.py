@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
+from pipeline.models.saved import load_saved_model
 from pipeline.training.recipes.base import Recipe
 from pipeline.training.recipes.head import RECIPE as HEAD
 from pipeline.training.recipes.head import CachedRowsRecipe, load_training_data, model_arch, taught, trains_pixels
@@ -48,7 +49,7 @@ class BatchnormRecipe(CachedRowsRecipe):
         from pipeline.models.inference import predict_in_chunks
 
         s = self.settings(config)
-        head = keras.models.load_model(start / MODEL_FILE)
+        head = load_saved_model(start / MODEL_FILE)
         before = predict_in_chunks(head, data.x_valid)
         model = with_batchnorm(head, data.x_train, dropout=s.dropout)
         change = float(np.abs(predict_in_chunks(model, data.x_valid) - before).max()) if len(before) else 0.0
@@ -91,11 +92,10 @@ class BatchnormRecipe(CachedRowsRecipe):
     def range_test_setup(self, config, inputs, steps: int, warn=print):
         """What `kp lr-find --stage bnretrain` tests: finetune's trained head with batchnorm inserted."""
         from pipeline.models.batchnorm import with_batchnorm
-        import keras
 
         s = self.settings(config)
         data = load_training_data(config, inputs, s.augmented, tta=False)
-        model = with_batchnorm(keras.models.load_model(inputs["finetune"] / MODEL_FILE), data.x_train,
+        model = with_batchnorm(load_saved_model(inputs["finetune"] / MODEL_FILE), data.x_train,
                                dropout=s.dropout)
         return model, data.x_train, data.y_train, None, None, len(data.x_train)
 

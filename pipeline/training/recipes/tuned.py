@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.errors import PipelineError
+from pipeline.models.saved import load_saved_model
 from pipeline.data.image_rows import ImageRows, SplitImages
 from pipeline.training.recipes import HEAD_RECIPES, recipe
 from pipeline.training.recipes.base import Recipe
@@ -62,7 +63,7 @@ def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
         features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha)
         backbone = features.model
         unfrozen = unfreeze_top(backbone, s.unfreeze)
-        head = keras.models.load_model(head_dir / MODEL_FILE)
+        head = load_saved_model(head_dir / MODEL_FILE)
         model = stack(backbone, head)
     return model, backbone, features.preprocess if p.preprocess == "backbone" else None, unfrozen
 
