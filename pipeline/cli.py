@@ -194,10 +194,11 @@ def status(comp, extra_files, sets, as_json, verify):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.core.runs import store_sizes
     from pipeline.kaggle.ledger import ledger_path, read_ledger
-    from pipeline.status import STALE, damaged_outputs, format_table, stage_statuses
+    from pipeline.status import STALE, check_settings, damaged_outputs, format_table, stage_statuses
 
     config = _load(comp, extra_files, sets, shallow=True)
     statuses = stage_statuses(config)
+    check_settings(config, statuses, config.stage_names)
     damaged = damaged_outputs(config, statuses) if verify else {}
     for s in statuses:
         if s.name in damaged:

@@ -194,7 +194,6 @@ def load_config(
         files=files,
     )
     _check_stage_list(resolved)
-    _check_against_data(resolved)
     return resolved
 
 
@@ -388,27 +387,6 @@ def _model_in(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
-
-
-def _check_against_data(resolved: ResolvedConfig) -> None:
-    """Each listed stage's `Stage.check`, given the metrics of its upstream results made under the
-    current settings (their manifests' recorded config equals today's): settings that the data
-    cannot satisfy fail here, naming the key, not at run time in a library's words."""
-    from pipeline.core.cache import Manifest
-    from pipeline.registry import all_stages
-
-    stages = all_stages()
-    for name in resolved.stage_names:
-        stage = stages[name]
-        if stage.check is None:
-            continue
-        known = {}
-        for upstream in stage.needs_for(resolved):
-            manifest = Manifest.read(resolved.work_dir / upstream)
-            current = {key: resolved.get(key) for key in stages[upstream].keys_for(resolved)}
-            if manifest is not None and manifest.inputs.get("config") == current:
-                known[upstream] = manifest.metrics
-        stage.check(resolved.section(stage.section), known)
 
 
 def _check_stage_list(resolved: ResolvedConfig) -> None:

@@ -24,7 +24,7 @@ from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
 from pipeline.registry import all_stages
-from pipeline.status import UP_TO_DATE, StageStatus, damaged_outputs, stage_statuses
+from pipeline.status import UP_TO_DATE, StageStatus, check_settings, damaged_outputs, stage_statuses
 
 
 def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
@@ -77,6 +77,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
     with competition_lock(config.work_dir):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
+        check_settings(config, stage_statuses(config), order)
         if force:  # a forced run first reads what it builds on: damaged outputs are rewritten, not trained on
             for name, reasons in damaged_outputs(config, [s for s in stage_statuses(config) if s.name in order and s.name not in forced]).items():
                 forced[name] = "; ".join(reasons)

@@ -116,6 +116,19 @@ def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict, verify:
     return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable)
 
 
+def check_settings(config: ResolvedConfig, statuses: list[StageStatus], names: list[str]) -> None:
+    """Each of `names`' `Stage.check`, given the metrics of its upstream stages that are up to date:
+    settings the data cannot satisfy fail before anything runs, naming the key, not at run time in
+    a library's words (split.folds against the download's counts)."""
+    stages = all_stages()
+    current = {s.name: s.manifest.metrics for s in statuses if s.state == UP_TO_DATE}
+    for name in names:
+        stage = stages[name]
+        if stage.check is not None:
+            known = {upstream: current[upstream] for upstream in stage.needs_for(config) if upstream in current}
+            stage.check(config.section(stage.section), known)
+
+
 def damaged_outputs(config: ResolvedConfig, statuses: list[StageStatus]) -> dict[str, list[str]]:
     """The up-to-date stages among `statuses` whose outputs no longer hold the bytes their run wrote
     (`changed_outputs`), with the reasons: what `kp status --verify` reports and a `--force` run

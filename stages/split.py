@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.core.artifacts import INDEX_FILE, REPORT_FILE, SPLIT_FILE
+from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 
@@ -38,12 +39,12 @@ class Settings(StrictModel):
 
 
 def check(s: Settings, known: dict[str, dict]) -> None:
-    """Settings the downloaded data cannot satisfy, refused when the config loads (`Stage.check`):
+    """Settings the downloaded data cannot satisfy, refused before anything runs (`Stage.check`):
     a stratified split needs a row of every class on each side, k folds need k rows of some class
     (kfold) or k groups (group_kfold), and a group split needs two groups."""
     counts = known.get("download")
     if not counts:
-        return  # not downloaded yet: the run checks again
+        return  # not downloaded yet: the split checks again when it runs
     n, per_class, n_groups = counts["n_train"], counts["train_per_class"], counts.get("n_groups", 0)
     if s.strategy == "random":
         n_valid, n_train, k = math.ceil(s.fraction * n), math.floor((1 - s.fraction) * n), len(per_class)
@@ -54,7 +55,7 @@ def check(s: Settings, known: dict[str, dict]) -> None:
     if s.strategy == "kfold" and s.folds > max(per_class.values(), default=0):
         raise PipelineError(f"split.folds={s.folds}: more folds than the {max(per_class.values(), default=0)} rows of "
                             f"the largest class (rows per class: {per_class}); stratified folds need fewer")
-    if s.strategy == "group_kfold" and s.folds > n_groups:
+    if s.strategy == "group_kfold" and 0 < n_groups < s.folds:  # none at all: the run says what to set
         raise PipelineError(f"split.folds={s.folds}: more folds than the {n_groups} groups of the download")
     if s.strategy == "group" and 0 < n_groups < 2:
         raise PipelineError(f"split.strategy=group: the download has {n_groups} group; a group split needs two")
@@ -68,6 +69,7 @@ def run(ctx: StageContext) -> dict:
     from pipeline.data.splits import group_kfold, group_split, kfold, random_split
 
     s = ctx.settings
+    check(s, {"download": Manifest.read(ctx.input("download")).metrics})
     index = read_index(ctx.input("download") / INDEX_FILE)
     train = index[index.subset == "train"].reset_index(drop=True)
     labels, groups = train["label"].to_numpy(), train["group"].to_numpy()

@@ -106,7 +106,7 @@ def test_a_ledger_written_before_the_validation_column_still_reads(tmp_path):
 
     old = [c for c in COLUMNS if c != "validation"]
     path = tmp_path / "ledger.csv"
-    path.write_text(",".join(old) + "\n" + ",".join("1.0" if c in ("val_score", "lb_score") else
+    path.write_text(",".join(old) + "\n" + ",".join("1.0" if c in ("val_score", "lb_score", "difference", "ref") else
                                                   ("group" if c == "split_strategy" else "x") for c in old) + "\n")
     rows = read_ledger(path)
     assert rows[0]["validation"] == "holdout" and "group" in format_ledger(rows)

@@ -632,9 +632,12 @@ def test_a_blank_group_names_its_rows(project, tmp_path):
     ("split.fraction=1e-9", "split.fraction=1e-09 holds out 1 of the 1,497 training rows"),
     ("split.fraction=0.999", "split.fraction=0.999 holds out 1,496 of the 1,497 training rows and keeps 1"),
 ])
-def test_split_settings_the_data_cannot_satisfy_are_refused_when_the_config_loads(warm_project, setting, fragment):
-    warm_project("digits-cheap", _digits_cheap)
+def test_split_settings_the_data_cannot_satisfy_are_refused_before_anything_runs(warm_project, setting, fragment):
+    root = warm_project("digits-cheap", _digits_cheap)
+    split = (root / "work" / "digits" / "split").resolve()
     one_line_error(kp("status", "--comp", "digits", "--set", setting), fragment)
+    one_line_error(kp("all", "--comp", "digits", "--set", setting), fragment)
+    assert (root / "work" / "digits" / "split").resolve() == split  # nothing ran
     one_line_error(kp("status", "--comp", "digits", "--set", "split.strategy=kfold", "--set", "split.folds=5000"),
                    "split.folds=5000: more folds than the 152 rows of the largest class")
 

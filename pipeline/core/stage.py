@@ -158,10 +158,10 @@ class Stage:
         (`Recipe.module`) its code, so a stage is stale when a recipe it uses changes, and only then.
     restore: called with a `StageContext` (whose `out` is the stored run) when a stored run becomes
         current again without rerunning, for a stage that also writes outside its folder.
-    check: config-time checks of its settings against what its upstream runs already know, as
-        `check(settings, known)` where `known` maps each upstream stage whose result was made under
-        the current config to its metrics (split: the folds against the download's counts); raises a
-        PipelineError naming the key, before anything runs.
+    check: checks of its settings against what its upstream runs already know, as
+        `check(settings, known)` where `known` maps each up-to-date upstream stage to its metrics
+        (split: the folds against the download's counts); raises a PipelineError naming the key.
+        `kp status` and every run call it before anything runs, and the stage calls it itself.
     """
 
     name: str
