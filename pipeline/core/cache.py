@@ -7,8 +7,9 @@ weights file's size and mtime, or its sha256). Each finished run lives in the ru
 one the current config gives, whose declared outputs are missing or changed size, or whose
 upstream was rerun and wrote different bytes (`Manifest.upstream`), is not up to date. The manifest
 also keeps a content digest per output: `kp status --verify` and every `--force` run compare them,
-which finds a file changed in place at the same size. Everything is written under a temporary name and renamed into place when complete, so a
-crash or a SIGKILL leaves at most `.tmp-*` / `.old-*` leftovers, which `sweep_partial` clears.
+which finds a file changed in place at the same size. Everything is written under a temporary
+name and renamed into place when complete, so a crash or a SIGKILL leaves at most `.tmp-*` /
+`.old-*` leftovers, which `sweep_partial` clears.
 """
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def output_digests(folder: Path) -> tuple[str, dict[str, str]]:
     per_entry: dict[str, Any] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        if relative.name == MANIFEST and len(relative.parts) == 1 or any(part.startswith(".") for part in relative.parts):
+        if relative == Path(MANIFEST) or any(part.startswith(".") for part in relative.parts):
             continue
         shared = not (path.suffix in DRAWINGS or path.name in RUN_RECORDS)
         entry = relative.parts[0] + ("/" if len(relative.parts) > 1 else "")
@@ -199,9 +200,9 @@ def output_digests(folder: Path) -> tuple[str, dict[str, str]]:
 
 
 def changed_outputs(folder: Path, manifest: "Manifest") -> list[str]:
-    """Outputs whose bytes differ from what the run wrote (the manifest's `contents`), e.g. a file zeroed or
-    edited in place at the same size, which the size check of `output_problems` cannot see. Reads
-    every byte: `kp status --verify` and every `--force` run call it, plain runs do not.
+    """Outputs whose bytes differ from what the run wrote (the manifest's `contents`), e.g. a file
+    zeroed or edited in place at the same size, which the size check of `output_problems` cannot
+    see. Reads every byte: `kp status --verify` and every `--force` run call it, plain runs do not.
 
     Returns:
         One reason per damaged output (`output X changed since the run wrote it`).
