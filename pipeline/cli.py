@@ -272,6 +272,26 @@ def report(comp, extra_files, sets):
     click.echo(str(build_report(_load(comp, extra_files, sets, shallow=True))))
 
 
+@cli.command()
+@click.option("--write", is_flag=True, help=(
+    "Derive the table from the installed Keras again (builds every network once: about a minute) and commit it."))
+def backbones(write):
+    """Every keras.applications network precompute.backbone takes: preprocessing, sizes, feature width."""
+    from pipeline.models.applications import TABLE_FILE, applications, derive_applications, write_table
+
+    if write:
+        write_table(derive_applications())
+        click.echo(f"wrote {TABLE_FILE}")
+    rows = [("backbone", "preprocessing", "size", "min size", "alpha", "features")]
+    rows += [(a.name, a.preprocessing, str(a.default_size), str(a.min_size), "yes" if a.alpha else "",
+              f"{a.width:,}") for a in applications().values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo("\nalso: none (pixels, for from-scratch models), file (precompute.weights: a whole .keras model); "
+               "any case works (vgg16 = VGG16); features: channels at alpha 1.0, what cut: pool averages to")
+
+
 @cli.command("config")
 @click.option("--defaults", "write_defaults", is_flag=True,
               help="Write configs/defaults.yaml and the key table of docs/configuration.md from the code.")

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, array_file, rows_file
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from pipeline.models.backbones import BACKBONES
+from pipeline.models.backbones import FILE_BACKBONE
 
 SUBSETS = ("train", "test")
 
@@ -34,18 +34,33 @@ SUBSETS = ("train", "test")
 class Settings(StrictModel):
     """The `precompute` section: frozen conv features, computed once."""
 
-    backbone: Literal[BACKBONES + ("none",)] = Field("vgg16", description=(
-        "vgg16 | mobilenet | mobilenetv2 | resnet50 | none (normalised pixels, for from-scratch models)"))
+    backbone: str = Field("vgg16", description=(
+        "any keras.applications network by name, any case (EfficientNetV2B0, ConvNeXtTiny, vgg16...: kp backbones "
+        "lists them) | file (precompute.weights is a whole .keras model) | none (normalised pixels, for "
+        "from-scratch models)"))
     alpha: float = Field(1.0, gt=0, le=1.0, description=(
-        "mobilenet, mobilenetv2: width multiplier (v1: 0.25 0.5 0.75 1.0; v2: 0.35 0.5 0.75 1.0 ...)"))
-    weights: str = Field("imagenet", description="imagenet (Keras download) | none (random) | path to a weights file")
+        "MobileNet, MobileNetV2, MobileNetV3: width multiplier (v1: 0.25 0.5 0.75 1.0; v2: 0.35 0.5 0.75 1.0 ...)"))
+    weights: str = Field("imagenet", description=(
+        "imagenet (Keras download) | none (random) | path to a weights file (backbone file: to the .keras model)"))
     cut: Literal["conv", "pool"] = Field("pool", description=(
-        "pool: VGG16's block5_pool (others: global average pool) | conv: last conv layer"))
-    preprocess: Literal["backbone", "none"] = Field("backbone", description=(
-        "backbone: the backbone's own preprocess_input | none: RGB 0..255"))
+        "pool: global average pool (VGG: block5_pool, the course's cut) | conv: last feature map"))
+    preprocess: Literal["backbone", "none", "tf", "caffe", "torch"] = Field("backbone", description=(
+        "backbone: the network's own preprocess_input | none: RGB 0..255 | tf, caffe, torch: that mode "
+        "(backbone file must name one)"))
     dtype: Literal["float16", "float32"] = Field("float16", description=(
         "float16 | float32: how features are stored (float16 halves the disk)"))
     batch_size: int = Field(32, ge=1, description="images per forward pass")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        """A name keras.applications has (`pipeline.models.applications`: read from its committed
+        table, no TensorFlow import), `file` or `none`."""
+        from pipeline.models.applications import application
+
+        if name not in ("none", FILE_BACKBONE):
+            application(name)
+        return name
 
 
 def run(ctx: StageContext) -> dict:

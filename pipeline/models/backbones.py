@@ -1,10 +1,15 @@
-"""Frozen ImageNet backbones for feature precomputation: VGG16 (the course's), MobileNet v1 and v2, ResNet50.
+"""Frozen backbones for feature precomputation: any `keras.applications` network by name, or a whole
+saved model (`backbone: file`).
 
-`build_feature_model` returns the conv base cut where the config says (`conv`: the last conv
-layer's activations; `pool`: VGG16's block5_pool, the course's cut, or global average pooling for
-the others) and the backbone's own `preprocess_input`. `weights` is `imagenet` (Keras' download,
-for machines with a network), `none` (random: speed tests and CI) or a path to a weights file.
-Imports Keras: call only from inside a stage's `run`.
+`build_feature_model` returns the network without its top, cut where the config says (`conv`: the
+last feature map; `pool`: global average pooling, except for the VGG family, whose `pool` is the
+course's cut, block5_pool), and the preprocessing its images need: the module's
+`preprocess_input` (caffe, tf or torch modes), or none for networks that rescale inside themselves
+(EfficientNet, EfficientNetV2, ConvNeXt, MobileNetV3), or what `precompute.preprocess` names. A
+saved model file brings its own network (the preprocessing is then declared in the config).
+`weights` is `imagenet` (Keras' download, for machines with a network), `none` (random: speed
+tests and CI) or a path to a weights file. Constructors are always called with keyword arguments
+(their positional orders differ). Imports Keras: call only from inside a stage's `run`.
 """
 from __future__ import annotations
 
@@ -13,15 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.core.errors import PipelineError
+from pipeline.models.applications import application
 
-BACKBONES = ("vgg16", "mobilenet", "mobilenetv2", "resnet50")
-VGG_LAST_CONV = "block5_conv3"
+FILE_BACKBONE = "file"  # precompute.backbone: file -> precompute.weights is a whole .keras model
+VGG_FAMILY = ("VGG16", "VGG19")  # cut `pool` keeps block5_pool's map (the course's cut), `conv` the last conv
 
 
 @dataclass
 class FeatureModel:
     model: object  # keras.Model: images (preprocessed) -> features
-    preprocess: Callable  # the backbone's preprocess_input: RGB 0..255 -> what the model expects
+    preprocess: Callable | None  # RGB 0..255 -> what the model expects; None: fed as they are
     name: str
 
 
@@ -39,33 +45,106 @@ def resolve_weights(weights: str, root: Path) -> str | None:
 
 
 def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[int, int, int],
-                        cut: str, alpha: float = 1.0) -> FeatureModel:
+                        cut: str, alpha: float = 1.0, preprocess: str = "backbone") -> FeatureModel:
+    """The frozen network of a `precompute` section.
+
+    Args:
+        backbone: a `keras.applications` name (any case), or `file`.
+        weights: `resolve_weights`' value: "imagenet", None (random) or a file path (for `file`, the
+            saved model).
+        input_shape: (height, width, 3).
+        cut: `conv` | `pool`.
+        alpha: the width multiplier, for the networks that take one.
+        preprocess: `backbone` (the network's own), `none` (RGB 0..255), or a mode of
+            `imagenet_utils.preprocess_input` (`caffe`, `tf`, `torch`).
+
+    Returns:
+        A `FeatureModel`.
+    """
+    if backbone == FILE_BACKBONE:
+        return _saved_model(weights, input_shape, cut, preprocess)
     import keras
 
-    apps = keras.applications
+    app = application(backbone)
+    if min(input_shape[:2]) < app.min_size:
+        raise PipelineError(f"precompute.backbone {app.name} needs images of at least {app.min_size}x{app.min_size} "
+                            f"(competition.image_size is {list(input_shape[:2])}; its own size is {app.default_size})")
+    constructor = getattr(keras.applications, app.name)
+    options = {"include_top": False, "weights": weights, "input_shape": input_shape}
+    if app.alpha:
+        options["alpha"] = alpha
+    if app.name not in VGG_FAMILY:
+        options["pooling"] = "avg" if cut == "pool" else None
     try:
-        if backbone == "vgg16":
-            base = apps.VGG16(include_top=False, weights=weights, input_shape=input_shape)
-            output = base.get_layer(VGG_LAST_CONV).output if cut == "conv" else base.output
-            model = keras.Model(base.input, output, name="vgg16_features")
-            return FeatureModel(model, apps.vgg16.preprocess_input, "vgg16")
-        if backbone == "mobilenet":
-            base = apps.MobileNet(include_top=False, weights=weights, input_shape=input_shape, alpha=alpha,
-                                  pooling="avg" if cut == "pool" else None)
-            return FeatureModel(base, apps.mobilenet.preprocess_input, f"mobilenet_{alpha}")
-        if backbone == "mobilenetv2":
-            base = apps.MobileNetV2(include_top=False, weights=weights, input_shape=input_shape, alpha=alpha,
-                                    pooling="avg" if cut == "pool" else None)
-            return FeatureModel(base, apps.mobilenet_v2.preprocess_input, f"mobilenetv2_{alpha}")
-        if backbone == "resnet50":
-            base = apps.ResNet50(include_top=False, weights=weights, input_shape=input_shape,
-                                 pooling="avg" if cut == "pool" else None)
-            return FeatureModel(base, apps.resnet50.preprocess_input, "resnet50")
+        model = constructor(**options)
     except ValueError as exc:  # a weights file that does not fit the architecture, a bad alpha/size
-        raise PipelineError(f"precompute: cannot build {backbone} with weights {weights!r}: {exc}") from None
+        raise PipelineError(f"precompute: cannot build {app.name} with weights {weights!r}: {exc}") from None
     except OSError as exc:  # h5py's words for a damaged file carry no errno: "Unable to open file (truncated file ...)"
         if exc.errno is not None:
             raise
         raise PipelineError(f"precompute.weights {weights}: not an HDF5 weights file Keras can read (truncated or "
                             f"damaged: {str(exc).splitlines()[0][:200]}); download it again") from None
-    raise PipelineError(f"precompute.backbone {backbone!r}: expected one of {BACKBONES}")
+    except Exception as exc:  # Keras' download of the ImageNet weights, offline: urllib's errors
+        if weights != "imagenet":
+            raise
+        raise PipelineError(f"precompute.weights imagenet: Keras could not download {app.name}'s ImageNet weights "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); on a machine without a network fetch the file "
+                            "named there and put it in $KERAS_HOME/models (~/.keras/models), or set precompute.weights "
+                            "to its path") from None
+    if app.name in VGG_FAMILY and cut == "conv":
+        last_conv = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+        model = keras.Model(model.input, last_conv.output, name=f"{app.name.lower()}_features")
+    return FeatureModel(model, _preprocessing(app, preprocess), _display_name(app, alpha))
+
+
+def _preprocessing(app, preprocess: str) -> Callable | None:
+    """What the images go through before the network (None: RGB 0..255 as they are)."""
+    if preprocess == "backbone":
+        if app.preprocessing == "none":
+            return None
+        import keras
+
+        return getattr(keras.applications, app.module).preprocess_input
+    return _mode(preprocess)
+
+
+def _mode(preprocess: str) -> Callable | None:
+    """`imagenet_utils.preprocess_input` in one of its modes, or None for `none`."""
+    if preprocess == "none":
+        return None
+    from keras.src.applications import imagenet_utils
+
+    return lambda images: imagenet_utils.preprocess_input(images, mode=preprocess)
+
+
+def _display_name(app, alpha: float) -> str:
+    """The name precompute's headline and meta show: the earlier lower-case names where they exist
+    (vgg16, mobilenet_0.25), the Keras name otherwise."""
+    short = {"VGG16": "vgg16", "MobileNet": "mobilenet", "MobileNetV2": "mobilenetv2", "ResNet50": "resnet50"}
+    name = short.get(app.name, app.name)
+    return f"{name}_{alpha}" if app.alpha else name
+
+
+def _saved_model(path: str | None, input_shape: tuple[int, int, int], cut: str, preprocess: str) -> FeatureModel:
+    """`backbone: file`: a whole saved model (images -> a feature map or a vector) as the network,
+    loaded in safe mode, at the competition's image size when it accepts any size."""
+    import keras
+
+    from pipeline.models.saved import load_saved_model
+
+    if path is None or path == "imagenet":
+        raise PipelineError("precompute.backbone file needs precompute.weights: the path of the .keras model to use")
+    if preprocess == "backbone":
+        raise PipelineError("precompute.backbone file: say how its images are prepared with precompute.preprocess "
+                            "(tf | caffe | torch | none: RGB 0..255, for a model that rescales them itself)")
+    saved = load_saved_model(Path(path))
+    inputs = keras.Input(input_shape)
+    try:
+        outputs = saved(inputs)
+    except ValueError as exc:  # a model built for one size only
+        raise PipelineError(f"precompute.weights {path}: the model does not take images of {list(input_shape)} "
+                            f"({str(exc).splitlines()[0][:200]}); set competition.image_size to its size") from None
+    if cut == "pool" and len(outputs.shape) == 4:
+        outputs = keras.layers.GlobalAveragePooling2D()(outputs)
+    return FeatureModel(keras.Model(inputs, outputs, name=f"{Path(path).stem}_features"), _mode(preprocess),
+                        Path(path).stem)

@@ -46,7 +46,7 @@ def resolve_arch(arch: str, backbone: str) -> str:
     """`auto` -> fc for VGG16 features (the course's head), pool for other backbones, cnn_bn_do on
     pixels; checks that heads get features and ladder models get pixels."""
     if arch == "auto":
-        arch = "fc" if backbone == "vgg16" else "pool" if backbone != "none" else "cnn_bn_do"
+        arch = "fc" if backbone.lower() in ("vgg16", "vgg19") else "pool" if backbone != "none" else "cnn_bn_do"
     if arch in HEADS and backbone == "none":
         raise PipelineError(f"model.arch {arch!r} is a head for cached conv features, but precompute.backbone "
                             f"is none (pixels); use one of {', '.join(LADDER)}")
@@ -75,7 +75,7 @@ def build_model(config, input_shape: tuple[int, ...], n_classes: int, warn=print
         return build_scratch_model(arch, input_shape, n_classes, m.hidden, m.dropout, m.conv_dropout, m.l2), arch
     model = build_head(input_shape, n_classes, arch, m.hidden, m.dropout, m.l2)
     if arch == "fc" and m.imagenet_init:
-        if backbone == "vgg16" and config.get("precompute.weights") == "imagenet":
+        if backbone.lower() == "vgg16" and config.get("precompute.weights") == "imagenet":
             init_from_vgg16_top(model)
         else:
             warn("model.imagenet_init needs precompute.backbone vgg16 with weights imagenet; "

@@ -78,11 +78,11 @@ def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -
     if weights is None:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
     with precision_scope(plan.precision):
-        features = build_feature_model(settings.backbone, weights, (height, width, 3), settings.cut, settings.alpha)
-    preprocess = features.preprocess if settings.preprocess == "backbone" else None
+        features = build_feature_model(settings.backbone, weights, (height, width, 3), settings.cut, settings.alpha,
+                                       settings.preprocess)
     return Extractor(
         name=features.name,
-        forward=Forward(features.model, plan, preprocess),
+        forward=Forward(features.model, plan, features.preprocess),
         row_shape=tuple(int(d) for d in features.model.output.shape[1:]),
         size=(height, width),
         dtype=settings.dtype,

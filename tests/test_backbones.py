@@ -1,0 +1,85 @@
+"""Any keras.applications network by name: the committed table equals what Keras gives, a few per
+preprocessing family build at a small size with the documented feature width, a whole saved model
+serves as the backbone, and names are checked when the config loads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.core.errors import PipelineError
+from pipeline.models.applications import applications, derive_applications
+from pipeline.models.backbones import build_feature_model
+from tests.helpers import SHARED_DATA, make_statefarm_like, needs_shared_data, statefarm_like_config
+
+
+def test_the_committed_table_is_what_the_installed_keras_gives():
+    derived = {row.name: row for row in derive_applications(widths=False)}
+    committed = applications()
+    assert sorted(derived) == sorted(committed) and len(committed) >= 40
+    for name, row in committed.items():
+        assert (row.module, row.preprocessing, row.default_size, row.min_size, row.alpha) == (
+            derived[name].module, derived[name].preprocessing, derived[name].default_size, derived[name].min_size,
+            derived[name].alpha), name
+    assert committed["Xception"].default_size == 299 and committed["EfficientNetB7"].default_size == 600
+    assert {committed[n].preprocessing for n in ("EfficientNetV2B0", "ConvNeXtTiny", "MobileNetV3Small")} == {"none"}
+    assert (committed["VGG16"].preprocessing, committed["DenseNet121"].preprocessing,
+            committed["ResNet50V2"].preprocessing) == ("caffe", "torch", "tf")
+
+
+@pytest.mark.parametrize("name", ["VGG16", "resnet50v2", "DenseNet121", "EfficientNetV2B0", "MobileNetV3Small"])
+def test_one_network_per_preprocessing_builds_with_its_documented_width(name):
+    row = applications()[next(n for n in applications() if n.lower() == name.lower())]
+    size = max(row.min_size, 32)
+    features = build_feature_model(name, None, (size, size, 3), "pool")
+    images = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
+    prepared = features.preprocess(images) if features.preprocess else images
+    out = np.asarray(features.model(prepared))
+    assert out.shape[-1] == row.width and np.isfinite(out).all()
+    assert (features.preprocess is None) == (row.preprocessing == "none")
+
+
+def test_a_saved_model_is_a_backbone_with_the_preprocessing_the_config_declares(tmp_path):
+    import keras
+
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(6, 3, strides=2)(keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs))
+    keras.Model(inputs, conv).save(tmp_path / "mine.keras")
+    features = build_feature_model("file", str(tmp_path / "mine.keras"), (24, 32, 3), "pool", preprocess="none")
+    assert features.preprocess is None and tuple(features.model.output.shape) == (None, 6)
+    with pytest.raises(PipelineError, match="backbone file: say how its images are prepared"):
+        build_feature_model("file", str(tmp_path / "mine.keras"), (24, 32, 3), "pool")
+
+
+@needs_shared_data
+def test_the_efficientnet_lite_file_loads_as_a_backbone():
+    lite = SHARED_DATA / "weights" / "efficientnet_lite0_imagenet_notop.keras"
+    features = build_feature_model("file", str(lite), (64, 64, 3), "pool", preprocess="none")
+    assert tuple(features.model.output.shape) == (None, 1280)
+
+
+def test_a_backbone_name_is_checked_when_the_config_loads(project):
+    result = CliRunner().invoke(cli, ["status", "--comp", "dogscats", "--set", "precompute.backbone=EfficientNetV2B9"])
+    assert result.exit_code == 2 and "precompute.backbone 'EfficientNetV2B9': not a keras.applications network " \
+        "(did you mean" in result.output, result.output
+    assert CliRunner().invoke(cli, ["status", "--comp", "dogscats", "--set",
+                                    "precompute.backbone=efficientnetv2b0"]).exit_code == 0
+
+
+def test_kp_backbones_lists_every_network_with_its_size_and_width():
+    result = CliRunner().invoke(cli, ["backbones"])
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if line.startswith("Xception "))
+    assert line.split() == ["Xception", "tf", "299", "71", "2,048"]
+
+
+def test_a_modern_backbone_runs_the_pipeline_end_to_end(project, tmp_path):
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data"))
+    sets = ["--set", "stages=[download, split, precompute, finetune, submit]", "--set", "submit.source=finetune",
+            "--set", "precompute.backbone=EfficientNetV2B0", "--set", "precompute.weights=none",
+            "--set", "competition.image_size=[32, 32]", "--set", "finetune.phases=[{epochs: 1, lr: 0.001}]"]
+    result = CliRunner().invoke(cli, ["all", "--comp", "synth", *sets])
+    assert result.exit_code == 0, result.output
+    features = np.load(project / "work" / "synth" / "precompute" / "train.npy")
+    assert features.shape[1:] == (1280,) and np.isfinite(features).all()
