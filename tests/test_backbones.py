@@ -83,3 +83,12 @@ def test_a_modern_backbone_runs_the_pipeline_end_to_end(project, tmp_path):
     assert result.exit_code == 0, result.output
     features = np.load(project / "work" / "synth" / "precompute" / "train.npy")
     assert features.shape[1:] == (1280,) and np.isfinite(features).all()
+
+
+def test_imagenet_weights_without_a_network_is_one_line_naming_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens: as offline as a test can be
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    with pytest.raises(PipelineError, match=r"precompute.weights imagenet: Keras could not download MobileNetV3Small's "
+                                            r"ImageNet weights .*weights_mobilenet_v3_small.*put it in \$KERAS_HOME/models"):
+        build_feature_model("MobileNetV3Small", "imagenet", (32, 32, 3), "pool")
