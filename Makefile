@@ -5,6 +5,8 @@
 COMP ?= digits
 ARGS ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# TensorFlow's flavour: gpu where an NVIDIA GPU answers nvidia-smi, else cpu (TF=cpu|gpu overrides it)
+TF ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 VENV := .venv
 KP := $(VENV)/bin/kp
 STAGES := $(sort $(basename $(notdir $(wildcard stages/[a-z]*.py))))  # one target per stage module
@@ -46,8 +48,10 @@ bench: $(VENV)/.installed
 kaggle-local: $(VENV)/.installed
 	$(VENV)/bin/python -m pipeline.kaggle.local
 
-# The virtual environment, created on first use and refreshed when pyproject.toml changes.
+# The virtual environment, created on first use and refreshed when pyproject.toml changes; TensorFlow as
+# TF says (the other flavour's wheel is removed first: both install the same `tensorflow` package).
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray]'
-	touch $@
+	$(VENV)/bin/python -m pip uninstall --quiet --yes $(if $(filter gpu,$(TF)),tensorflow-cpu,tensorflow) >/dev/null 2>&1 || true
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray,$(TF)]'
+	echo $(TF) > $@

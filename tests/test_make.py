@@ -1,7 +1,9 @@
-"""`make all COMP=digits` end to end: the README's first command, through the real Makefile."""
+"""`make all COMP=digits` end to end: the README's first command, through the real Makefile; and the
+TensorFlow the Makefile installs, chosen by whether a GPU answers."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -26,3 +28,22 @@ def test_make_all_digits(tmp_path):
     assert [s["state"] for s in payload["stages"]] == ["up to date"] * len(payload["stages"])
     assert (work / "digits" / "split" / "split.csv").is_file()
     assert payload["stages"][-1]["metrics"]["val_accuracy"] > 0.95  # a 2-member ensemble, on 300 validation digits
+
+
+@pytest.mark.parametrize("answer, flavour", [("exit 0", "gpu"), ("exit 9", "cpu"), (None, "cpu")])
+def test_the_venv_installs_the_tensorflow_that_the_machine_can_use(tmp_path, answer, flavour):
+    """nvidia-smi answering (a GPU is there) -> the gpu extra, tensorflow[and-cuda]; failing or absent -> cpu."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if answer is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{answer}\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env.pop("TF", None)
+    plan = subprocess.run(["make", "-n", "-B", ".venv/.installed"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    assert f"-e '.[test,ray,{flavour}]'" in plan.stdout
+    assert f"uninstall --quiet --yes {'tensorflow-cpu' if flavour == 'gpu' else 'tensorflow'} " in plan.stdout
+    forced = subprocess.run(["make", "-n", "-B", ".venv/.installed", "TF=gpu"], cwd=REPO, env=env, capture_output=True,
+                            text=True)
+    assert "-e '.[test,ray,gpu]'" in forced.stdout
