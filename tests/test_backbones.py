@@ -48,15 +48,27 @@ def test_a_saved_model_is_a_backbone_with_the_preprocessing_the_config_declares(
     keras.Model(inputs, conv).save(tmp_path / "mine.keras")
     features = build_feature_model("file", str(tmp_path / "mine.keras"), (24, 32, 3), "pool", preprocess="none")
     assert features.preprocess is None and tuple(features.model.output.shape) == (None, 6)
+    images = np.random.default_rng(1).uniform(0, 255, (3, 24, 32, 3)).astype("float32")
+    saved = keras.models.load_model(tmp_path / "mine.keras")
+    np.testing.assert_allclose(np.asarray(features.model(images)), np.asarray(saved(images)).mean(axis=(1, 2)),
+                               rtol=1e-5, atol=1e-6)  # the same network and weights, pooled
     with pytest.raises(PipelineError, match="backbone file: say how its images are prepared"):
         build_feature_model("file", str(tmp_path / "mine.keras"), (24, 32, 3), "pool")
 
 
 @needs_shared_data
-def test_the_efficientnet_lite_file_loads_as_a_backbone():
-    lite = SHARED_DATA / "weights" / "efficientnet_lite0_imagenet_notop.keras"
-    features = build_feature_model("file", str(lite), (64, 64, 3), "pool", preprocess="none")
+@pytest.mark.parametrize("backbone, file, alpha", [
+    ("file", "efficientnet_lite0_imagenet_notop.keras", 1.0), ("file", "efficientnet_lite1_imagenet_notop.keras", 1.0),
+    ("file", "efficientnet_lite2_imagenet_notop.keras", 1.0), ("MobileNetV2", "mobilenet_v2_1.0_224_no_top.h5", 1.0),
+])
+def test_the_real_weights_files_load_as_backbones(backbone, file, alpha):
+    weights = SHARED_DATA / "weights" / file
+    features = build_feature_model(backbone, str(weights), (64, 64, 3), "pool", alpha,
+                                   preprocess="none" if backbone == "file" else "backbone")
     assert tuple(features.model.output.shape) == (None, 1280)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    out = np.asarray(features.model(features.preprocess(images) if features.preprocess else images))
+    assert np.isfinite(out).all() and out.std() > 0
 
 
 def test_a_backbone_name_is_checked_when_the_config_loads(project):

@@ -138,13 +138,15 @@ def _saved_model(path: str | None, input_shape: tuple[int, int, int], cut: str, 
         raise PipelineError("precompute.backbone file: say how its images are prepared with precompute.preprocess "
                             "(tf | caffe | torch | none: RGB 0..255, for a model that rescales them itself)")
     saved = load_saved_model(Path(path))
-    inputs = keras.Input(input_shape)
-    try:
-        outputs = saved(inputs)
-    except ValueError as exc:  # a model built for one size only
-        raise PipelineError(f"precompute.weights {path}: the model does not take images of {list(input_shape)} "
-                            f"({str(exc).splitlines()[0][:200]}); set competition.image_size to its size") from None
+    fixed = tuple(saved.input.shape[1:])
+    if any(dim is not None and dim != want for dim, want in zip(fixed, input_shape)):
+        raise PipelineError(f"precompute.weights {path}: the model takes images of {list(fixed)}, "
+                            f"competition.image_size gives {list(input_shape)}; set it to the model's size")
+    # the same layers and weights on an input of the competition's size: flat, so that tune can unfreeze its blocks
+    model = keras.models.clone_model(saved, input_tensors=keras.Input(input_shape))
+    model.set_weights(saved.get_weights())
+    outputs = model.output
     if cut == "pool" and len(outputs.shape) == 4:
         outputs = keras.layers.GlobalAveragePooling2D()(outputs)
-    return FeatureModel(keras.Model(inputs, outputs, name=f"{Path(path).stem}_features"), _mode(preprocess),
+    return FeatureModel(keras.Model(model.input, outputs, name=f"{Path(path).stem}_features"), _mode(preprocess),
                         Path(path).stem)
