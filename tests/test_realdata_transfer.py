@@ -1,4 +1,5 @@
-"""Acceptance on the real mini-competitions: transfer learning with the real MobileNet file, the data
+"""Acceptance on the real mini-competitions: transfer learning with the real weights files (EfficientNet-Lite2
+for dogs vs cats, MobileNetV2 for State Farm), the data
 downloaded from and the submissions uploaded to the local Kaggle-compatible server by the real client.
 
 Test labels are read here, as a benchmark would, through pipeline.evaluation.scoring; never by a stage.
@@ -41,8 +42,8 @@ PLAIN_RECIPE = ["stages=[download, split, precompute, finetune, ensemble, submit
                 "finetune.tta=false", "ensemble.source=finetune"]
 
 
-@pytest.mark.slow  # 2.5-3 minutes: the heaviest real-data run, kept out of `make test` (15-minute budget)
-def test_dogscats_mobilenet_features(project, kaggle_server):
+@pytest.mark.slow  # 5-6 minutes (Lite2 at 260 px): the heaviest real-data run, kept out of `make test` (15-minute budget)
+def test_dogscats_transfer_features(project, kaggle_server):
     config, row, test_accuracy = run_through_kaggle(project, "dogscats", SHORT_RECIPE)
     finetune = Manifest.read(config.work_dir / "finetune").metrics
     assert finetune["train_passes"] == 2 and finetune["tta_passes"] == 2
