@@ -103,4 +103,4 @@ def test_imagenet_weights_without_a_network_is_one_line_naming_the_file(monkeypa
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     with pytest.raises(PipelineError, match=r"precompute.weights imagenet: Keras could not download MobileNetV3Small's "
                                             r"ImageNet weights .*weights_mobilenet_v3_small.*put it in \$KERAS_HOME/models"):
-        build_feature_model("MobileNetV3Small", "imagenet", (32, 32, 3), "pool")
+        build_feature_model("MobileNetV3Small", "imagenet", (224, 224, 3), "pool")
