@@ -686,3 +686,11 @@ def test_a_truncated_weights_file_says_it_is_not_hdf5(tmp_path):
     with pytest.raises(PipelineError, match=r"precompute.weights .*mobilenet.h5: not an HDF5 weights file Keras can "
                                             r"read \(truncated or damaged"):
         build_feature_model("mobilenet", str(weights), (32, 32, 3), "pool", alpha=0.25)
+
+
+def test_csvs_saved_with_a_byte_order_mark_are_read_as_utf8(project, tmp_path):
+    folder = _digits_folder(tmp_path / "digits")
+    for name in ("sample_submission.csv", "train.csv"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())  # as Excel saves UTF-8
+    result = kp("download", "--comp", "digits", "--set", f"download.source={folder}")
+    assert result.exit_code == 0, result.output

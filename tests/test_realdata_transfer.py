@@ -42,7 +42,7 @@ PLAIN_RECIPE = ["stages=[download, split, precompute, finetune, ensemble, submit
                 "finetune.tta=false", "ensemble.source=finetune"]
 
 
-@pytest.mark.slow  # 5-6 minutes (Lite2 at 260 px): the heaviest real-data run, kept out of `make test` (15-minute budget)
+@pytest.mark.slow  # about 3 minutes (Lite2 at 260 px, 2026-12-03): the heaviest real-data run, kept out of `make test`
 def test_dogscats_transfer_features(project, kaggle_server):
     config, row, test_accuracy = run_through_kaggle(project, "dogscats", SHORT_RECIPE)
     finetune = Manifest.read(config.work_dir / "finetune").metrics

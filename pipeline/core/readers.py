@@ -26,7 +26,7 @@ def read_text(path: Path) -> str:
     """
     data = _read_bytes(path)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSVs) is not part of the text
     except UnicodeDecodeError as exc:
         raise PipelineError(_not_utf8(path, data, exc)) from None
 
