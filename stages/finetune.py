@@ -41,6 +41,8 @@ class Settings(StrictModel):
         "train rows only"))
     augmented: bool = Field(False, description=(
         "also train on augment's passes of the training rows (clean + K passes per epoch)"))
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
+        "train against (1 - s) one-hot + s / classes (0: off); the best epoch is chosen on plain log loss"))
     tta: bool = Field(False, description=(
         "average predictions over the clean rows and augment's test passes (validation rows alike)"))
 

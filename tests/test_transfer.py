@@ -257,3 +257,25 @@ def test_bnretrain_refuses_a_from_scratch_model(project):
                                          "finetune.augment=null"])
     with pytest.raises(PipelineError, match="model.arch 'linear' is a from-scratch model that has it already"):
         runner.run(config)
+
+
+def test_label_smoothing_trains_on_smoothed_targets_and_chooses_the_epoch_on_plain_log_loss(tmp_path):
+    import keras
+
+    from pipeline.training.fit import Phase, fit, smoothed_sparse_crossentropy
+
+    y = np.array([0, 2, 1, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6]], dtype="float32")
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], probs)
+    np.testing.assert_allclose(float(smoothed_sparse_crossentropy()(0.1)(y, probs)), float(smoothed), rtol=1e-6)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8)).astype("float32")
+    labels = (x[:, 0] > 0).astype("int64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+    history, best, best_loss = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), phases=[Phase(6, 0.05)],
+                                   schedule="phases", optimizer="adam", momentum=0.9, batch_size=16, out_dir=tmp_path,
+                                   verbose=0, label_smoothing=0.2)
+    assert best == int(np.argmin(history["val_log_loss"])) and best_loss == min(history["val_log_loss"])
+    assert all(s > p for s, p in zip(history["val_loss"], history["val_log_loss"]))  # smoothing costs on confident rows

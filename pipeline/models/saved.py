@@ -14,7 +14,8 @@ from pipeline.core.errors import PipelineError
 
 
 def load_saved_model(path: Path):
-    """The Keras model saved at `path`, loaded with `safe_mode=True`.
+    """The Keras model saved at `path`, loaded with `safe_mode=True` and not compiled (whoever trains it
+    again compiles it with its own loss and optimizer; one that only predicts needs none).
 
     Raises:
         PipelineError: the file is missing, damaged, or holds what safe mode refuses (a Lambda layer).
@@ -28,7 +29,7 @@ def load_saved_model(path: Path):
         raise PipelineError(f"{path}: not a readable .keras model file (truncated or damaged: not a zip archive); "
                             "rerun the stage that wrote it (kp STAGE --force)")
     try:
-        return keras.models.load_model(path, safe_mode=True)
+        return keras.models.load_model(path, safe_mode=True, compile=False)  # every user compiles its own
     except ValueError as exc:
         if "Lambda" in str(exc):
             raise PipelineError(f"{path}: holds a Lambda layer (arbitrary Python code), which kp refuses to load "

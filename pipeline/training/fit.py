@@ -107,6 +107,30 @@ def discriminative(name: str):
     return Discriminative
 
 
+@functools.cache
+def smoothed_sparse_crossentropy():
+    """Cross-entropy against class indices with label smoothing (Keras has it only for one-hot targets):
+    the targets become (1 - s) one-hot + s / classes, exactly as `CategoricalCrossentropy(label_smoothing=s)`
+    would use them. Registered with Keras, so a saved model compiled with it loads again."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="kp", name="SmoothedSparseCrossentropy")
+    class SmoothedSparseCrossentropy(keras.losses.Loss):
+        def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_crossentropy", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.label_smoothing = float(label_smoothing)
+
+        def call(self, y_true, y_pred):
+            ops = keras.ops
+            targets = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), ops.shape(y_pred)[-1])
+            return keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=self.label_smoothing)
+
+        def get_config(self):
+            return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+    return SmoothedSparseCrossentropy
+
+
 def current_learning_rate(optimizer) -> float:
     """The value the optimizer's next update will use, read from the optimizer itself."""
     import keras
@@ -138,7 +162,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
         extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
         rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
-        backup_dir: Path | None = None):
+        backup_dir: Path | None = None, label_smoothing: float = 0.0):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
@@ -155,6 +179,9 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
             categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
         rate_factors: discriminative learning rates, see `make_optimizer`.
         steps_per_epoch: batches per epoch of a `train` whose length tf.data cannot tell.
+        label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
+            the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
+            on the smoothed loss.
         backup_dir: make the run resumable: every finished epoch is backed up there (weights,
             optimizer state, history, the best epoch's weights), and a run that finds a backup
             continues after its last epoch (`train` must then start at that epoch, see
@@ -178,24 +205,29 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
     else:
         learning_rate = rates[0]
         scheduling = keras.callbacks.LearningRateScheduler(lambda epoch: rates[min(epoch, epochs - 1)])
-    loss = "sparse_categorical_crossentropy"
+    loss, metrics, monitor = "sparse_categorical_crossentropy", ["accuracy"], "val_loss"
+    if label_smoothing:
+        loss = smoothed_sparse_crossentropy()(label_smoothing)
+        metrics, monitor = [*metrics, keras.metrics.SparseCategoricalCrossentropy(name="log_loss")], "val_log_loss"
     if soft_targets:
-        loss = "categorical_crossentropy"
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+        if label_smoothing:
+            metrics[-1] = keras.metrics.CategoricalCrossentropy(name="log_loss")
         if valid is not None:
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors), loss=loss,
-                  metrics=["accuracy"], steps_per_execution=_steps_per_execution(arrays))
+                  metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
     valid = valid if stop_after is None else None
     if backup_dir is not None:
         from pipeline.training.resumable import ResumableTraining
 
-        keeper = ResumableTraining(backup_dir, select_best=stop_after is None)
+        keeper = ResumableTraining(backup_dir, select_best=stop_after is None, monitor=monitor)
         callbacks = [scheduling, *extra_callbacks, keeper]
     elif stop_after is not None:
         keeper, callbacks = None, [scheduling, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
     else:
-        keeper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=epochs + 1, restore_best_weights=True)
+        keeper = keras.callbacks.EarlyStopping(monitor=monitor, patience=epochs + 1, restore_best_weights=True)
         callbacks = [scheduling, keeper, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
     if arrays:
         history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,

@@ -43,17 +43,19 @@ class ResumableTraining(keras.callbacks.Callback):
 
     Args:
         backup_dir: the run's backup folder (created when the first epoch ends).
-        select_best: keep the weights of the epoch with the lowest `val_loss` and put them back at
+        select_best: keep the weights of the epoch with the lowest `monitor` and put them back at
             the end; False: keep the last epoch's.
+        monitor: the validation log entry that chooses the best epoch (`val_loss`).
 
     After `fit`: `history` (dict of lists over every epoch, resumed ones included), `best_epoch`
     (0-based, None without `select_best`), `best` (its validation loss), `resumed_at`.
     """
 
-    def __init__(self, backup_dir: Path, select_best: bool = True):
+    def __init__(self, backup_dir: Path, select_best: bool = True, monitor: str = "val_loss"):
         super().__init__()
         self.dir = Path(backup_dir)
         self.select_best = select_best
+        self.monitor = monitor
         self.backup = keras.callbacks.BackupAndRestore(str(self.dir), delete_checkpoint=False)
         self.rows: list[dict] = []
         self.best_epoch: int | None = None
@@ -86,7 +88,7 @@ class ResumableTraining(keras.callbacks.Callback):
 
     def _consider(self, row: dict) -> bool:
         """Whether `row` is a new best epoch (and remember it)."""
-        loss = row["logs"].get("val_loss")
+        loss = row["logs"].get(self.monitor)
         if not self.select_best or loss is None or not math.isfinite(loss) or (self.best is not None
                                                                                and loss >= self.best):
             return False
