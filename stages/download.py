@@ -173,11 +173,12 @@ def _check_expected(archive_or_folder: Path, expected: list[str]) -> None:
 
 
 def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
-    """Copy or extract what the layout needs (`download.expected`, or everything when it lists
-    nothing) into `raw/`, then the archives nested in it, each within `download.max_ratio`."""
+    """Copy or extract what the layout needs (`download.expected` and the files the layout names, or
+    everything when `expected` lists nothing) into `raw/`, then the archives nested in it, each
+    within `download.max_ratio`."""
     from pipeline.data.archive import extract_nested, extract_zip
 
-    only = ctx.settings.expected or None
+    only = _needed_members(ctx.settings)
     if archive_or_folder.is_dir():
         _check_source_folder(archive_or_folder, ctx.work_dir)
         ctx.log(f"copying {archive_or_folder}")
@@ -186,11 +187,23 @@ def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
         raw.mkdir(parents=True, exist_ok=True)
         for name in only or ():
             source = archive_or_folder / name
-            (shutil.copytree if source.is_dir() else shutil.copy2)(source, raw / name)
+            if source.exists():  # a file the layout names but the folder lacks: the index says which
+                (shutil.copytree if source.is_dir() else shutil.copy2)(source, raw / name)
     else:
         ctx.log(f"extracting {archive_or_folder.name}")
         extract_zip(archive_or_folder, raw, only=only, max_ratio=ctx.settings.max_ratio)
     extract_nested(raw, ctx.log, max_ratio=ctx.settings.max_ratio, inside=str(archive_or_folder))
+
+
+def _needed_members(download: Settings) -> list[str] | None:
+    """The top-level members to unpack: `expected` and the files the layout reads (the sample
+    submission, the pixel CSVs, the groups CSV); None (all of them) when `expected` is empty."""
+    if not download.expected:
+        return None
+    named = [download.sample_submission, *([download.train_csv, download.test_csv]
+                                           if download.layout == "pixels_csv" else []),
+             *([download.groups.csv] if download.groups else [])]
+    return list(dict.fromkeys([*download.expected, *(name.split("/")[0] for name in named)]))
 
 
 def _check_source_folder(folder: Path, work_dir: Path) -> None:

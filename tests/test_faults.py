@@ -555,6 +555,11 @@ def test_members_the_layout_does_not_list_are_not_extracted(project, tmp_path):
     extra = _outer_zip(good, tmp_path / "extra.zip", add={"notes/huge.bin": b"x" * 1000})
     assert kp("download", "--comp", "synth", "--set", f"download.source={extra}").exit_code == 0
     assert not (project / "work" / "synth" / "download" / "raw" / "notes").exists()
+    # what the layout names is unpacked even when `expected` leaves it out (the groups CSV here)
+    result = kp("download", "--comp", "synth", "--set", f"download.source={extra}",
+                "--set", "download.expected=[imgs.zip]")
+    assert result.exit_code == 0, result.output
+    assert (project / "work" / "synth" / "download" / "raw" / "driver_imgs_list.csv").is_file()
 
 
 def _digits_folder(folder: Path) -> Path:
