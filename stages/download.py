@@ -19,7 +19,7 @@ from pydantic import Field
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from pipeline.data.archive import MAX_RATIO
+from pipeline.data.archive import MAX_MEMBERS, MAX_RATIO
 
 KAGGLE, DIGITS = "kaggle", "sklearn-digits"
 FEW_ROWS_PER_CLASS = 5  # fewer training rows than this in a class: a warning at download
@@ -55,6 +55,8 @@ class Settings(StrictModel):
         "{csv, file_column, label_column, group_column}: a file's group (e.g. driver)"))
     max_ratio: float = Field(MAX_RATIO, gt=1, description=(
         "largest declared/compressed size of an archive member over 1 MiB: above it, a zip bomb (refused)"))
+    max_members: int = Field(MAX_MEMBERS, ge=1, description=(
+        "most members one archive (or a nested one) may hold: above it, refused before extracting"))
     bad_images: Literal["skip", "fail"] = Field("skip", description=(
         "skip (warn and leave out) | fail: what to do with undecodable items"))
 
@@ -191,8 +193,10 @@ def _unpack(ctx: StageContext, archive_or_folder: Path, raw: Path) -> None:
                 (shutil.copytree if source.is_dir() else shutil.copy2)(source, raw / name)
     else:
         ctx.log(f"extracting {archive_or_folder.name}")
-        extract_zip(archive_or_folder, raw, only=only, max_ratio=ctx.settings.max_ratio)
-    extract_nested(raw, ctx.log, max_ratio=ctx.settings.max_ratio, inside=str(archive_or_folder))
+        extract_zip(archive_or_folder, raw, only=only, max_ratio=ctx.settings.max_ratio,
+                    max_members=ctx.settings.max_members)
+    extract_nested(raw, ctx.log, max_ratio=ctx.settings.max_ratio, inside=str(archive_or_folder),
+                   max_members=ctx.settings.max_members)
 
 
 def _needed_members(download: Settings) -> list[str] | None:

@@ -114,3 +114,12 @@ def test_only_the_listed_members_are_extracted_and_nested_ones_are_named_by_thei
     (dest / "train.zip").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match=r"^train.zip in .*comp.zip: corrupt or truncated"):
         extract_nested(dest, inside=str(outer))
+
+
+def test_an_archive_of_too_many_members_is_refused_before_a_byte_is_written(tmp_path):
+    archive = _zip(tmp_path / "many.zip", {f"empty/{i}.txt": b"" for i in range(50)})
+    with pytest.raises(PipelineError, match=r"many.zip: refusing to extract: it holds 50 members, more than "
+                                            r"download.max_members=40"):
+        extract_zip(archive, tmp_path / "dest", max_members=40)
+    assert not (tmp_path / "dest" / "empty").exists()
+    assert extract_zip(archive, tmp_path / "dest", max_members=50) == 50

@@ -2,10 +2,11 @@
 
 Every member is checked before anything is written: an absolute path, a `..` component, or a
 symbolic link would let an archive write outside its folder, and is refused. So is a zip bomb:
-the members to extract must declare no more bytes than the disk has free, and no member above
+the members to extract must declare no more bytes than the disk has free, no member above
 `RATIO_FLOOR` bytes may declare more than `max_ratio` times its compressed size
 (`download.max_ratio`, default `MAX_RATIO`; the real competitions' members are 1x for images
-and up to 15x for CSVs). While extracting, a member that yields more bytes than it declared is
+and up to 15x for CSVs), and an archive may hold at most `max_members` members
+(`download.max_members`). While extracting, a member that yields more bytes than it declared is
 stopped at that size. Only the members the layout needs (`download.expected`) are extracted when
 they are listed. A corrupt or truncated archive fails with one message naming it. Callers
 extract into a stage's temporary output folder, so a failure leaves nothing that a later run
@@ -24,6 +25,8 @@ from pipeline.core.errors import PipelineError
 _BAD_ARCHIVE = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError)
 MAX_RATIO = 100.0  # declared / compressed size above which a member is taken for a zip bomb
 RATIO_FLOOR = 1 << 20  # members smaller than this (1 MiB) are never a bomb, whatever their ratio
+MAX_MEMBERS = 1_000_000  # members one archive may hold (State Farm's imgs.zip: 102,150; a million empty files
+                         # exhaust inodes, not bytes)
 
 
 def list_members(archive: Path) -> list[str]:
@@ -38,7 +41,7 @@ def list_members(archive: Path) -> list[str]:
 
 
 def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ratio: float = MAX_RATIO,
-                label: str | None = None) -> int:
+                label: str | None = None, max_members: int = MAX_MEMBERS) -> int:
     """Extract `archive` into `dest` after checking every member and the sizes they declare.
 
     Args:
@@ -46,6 +49,7 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
         dest: the folder to extract into (created).
         only: top-level names to extract (files, or folders with what is under them); None: all.
         max_ratio: the largest declared / compressed size a member above `RATIO_FLOOR` may have.
+        max_members: the most members the archive may hold.
         label: how messages name the archive (default its path), e.g. `train.zip in SLUG.zip`
             for a nested one that lives in a temporary folder.
 
@@ -60,6 +64,9 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
     count = 0
     try:
         with zipfile.ZipFile(archive) as zf:
+            if len(zf.infolist()) > max_members:
+                raise PipelineError(f"{name}: refusing to extract: it holds {len(zf.infolist()):,} members, more than "
+                                    f"download.max_members={max_members:,}; if the archive is genuine, raise it")
             for info in zf.infolist():  # every member, extracted or not: a hostile archive is refused whole
                 _check_member(name, info, root)
             members = [info for info in zf.infolist() if only is None or _top_level(info.filename) in only]
@@ -137,7 +144,7 @@ def _check_member(archive: str, info: zipfile.ZipInfo, root: Path) -> None:
 
 
 def extract_nested(folder: Path, log=lambda message: None, max_ratio: float = MAX_RATIO,
-                   inside: str | None = None) -> dict[str, int]:
+                   inside: str | None = None, max_members: int = MAX_MEMBERS) -> dict[str, int]:
     """Extract each `*.zip` directly inside `folder` (Kaggle's `train.zip`, `imgs.zip`) next to
     itself, then delete it. `inside` names the archive they came from, for messages (the folder
     itself is temporary). Returns files extracted per archive."""
@@ -145,6 +152,6 @@ def extract_nested(folder: Path, log=lambda message: None, max_ratio: float = MA
     for nested in sorted(folder.glob("*.zip")):
         log(f"extracting nested {nested.name}")
         label = f"{nested.name} in {inside}" if inside else None
-        counts[nested.name] = extract_zip(nested, folder, max_ratio=max_ratio, label=label)
+        counts[nested.name] = extract_zip(nested, folder, max_ratio=max_ratio, label=label, max_members=max_members)
         nested.unlink()
     return counts
