@@ -218,8 +218,22 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
+MAX_NODES = 100_000  # values in one config file once its aliases (*name) are expanded; the real ones hold < 1,000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently), and
+    a document of more than `MAX_NODES` values once its aliases are expanded: a few nested aliases
+    (the "billion laughs") make a value of billions of items that every later step (validation, the
+    fingerprint) would walk."""
+
+    def construct_document(self, node):
+        expanded = _expanded_size(node, {})
+        if expanded > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases (*name) expand to more than {MAX_NODES:,} values: refused; write the values "
+                "out", node.start_mark)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen: set = set()
@@ -232,6 +246,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias expanded (each node counted once per use;
+    `sizes` remembers shared nodes, so this takes time in the document's size, not its expansion)."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -272,7 +300,7 @@ def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> Non
     if not sep or not key:
         raise PipelineError(f"{source}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise PipelineError(
             f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "

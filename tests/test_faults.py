@@ -699,3 +699,12 @@ def test_csvs_saved_with_a_byte_order_mark_are_read_as_utf8(project, tmp_path):
         (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())  # as Excel saves UTF-8
     result = kp("download", "--comp", "digits", "--set", f"download.source={folder}")
     assert result.exit_code == 0, result.output
+
+
+def test_a_config_of_nested_aliases_is_refused_before_it_expands(project, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]  # 9**12 items if expanded
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text("\n".join(lines) + "\nsplit:\n  fraction: 0.3\n")
+    one_line_error(kp("status", "--comp", "digits", "--config", str(bomb)),
+                   f"{bomb}:", "its aliases (*name) expand to more than 100,000 values: refused")
