@@ -212,16 +212,26 @@ def _needed_members(download: Settings) -> list[str] | None:
 
 def _check_source_folder(folder: Path, work_dir: Path) -> None:
     """A folder `download.source` is copied whole: refuse a symbolic link that leads out of it (as an
-    archive's link members are refused) and a folder that holds the work folder (the copy would
-    copy itself)."""
+    archive's link members are refused) or back up to a folder above it (the copy would never end),
+    anything that is neither a file nor a folder (a FIFO would block the copy forever, a device
+    would copy without end), and a folder that holds the work folder (the copy would copy itself)."""
     root = folder.resolve()
     if work_dir.resolve().is_relative_to(root):
         raise PipelineError(f"download.source {folder}: the source folder contains the work folder {work_dir}; "
                             "set paths.work outside it")
     for path in sorted(folder.rglob("*")):
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
-            raise PipelineError(f"download.source {folder}: {path.relative_to(folder)} is a link to {path.resolve()}, "
-                                "outside the source folder: kp copies only what is inside it")
+        shown = path.relative_to(folder)
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise PipelineError(f"download.source {folder}: {shown} is a link to {target}, outside the source "
+                                    "folder: kp copies only what is inside it")
+            if target.is_dir() and path.parent.resolve().is_relative_to(target):
+                raise PipelineError(f"download.source {folder}: {shown} is a link to {target}, a folder that holds "
+                                    "it: copying it would never end")
+        elif not (path.is_file() or path.is_dir()):
+            raise PipelineError(f"download.source {folder}: {shown} is neither a file nor a folder (a FIFO, socket "
+                                "or device): kp copies only files")
 
 
 def _counts(index) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import io
 import signal
 import subprocess
@@ -451,6 +452,11 @@ def test_a_source_folder_may_not_lead_outside_itself_or_hold_the_work_folder(pro
     assert kp(*args).exit_code == 0
     result = kp(*args, "--set", f"paths.work={folder / 'work'}", "--force")
     assert result.exit_code == 2 and "the source folder contains the work folder" in result.output
+    (folder / "train" / "loop").symlink_to(folder)  # inside, but back up to the folder itself
+    one_line_error(kp(*args, "--force"), "train/loop is a link to", "a folder that holds it: copying it would never end")
+    (folder / "train" / "loop").unlink()
+    os.mkfifo(folder / "train" / "dog.7.jpg")  # a copy would wait on it forever
+    one_line_error(kp(*args, "--force"), "train/dog.7.jpg is neither a file nor a folder (a FIFO, socket or device)")
 
 
 DIGITS_CHEAP = ["finetune.phases=[{epochs: 1, lr: 0.001}]", "ensemble.n=1"]
