@@ -10,9 +10,9 @@ cache (test_cache.py: two runs at once, SIGKILL mid-write, leftovers swept every
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import io
 import signal
 import subprocess
 import zipfile
