@@ -714,3 +714,12 @@ def test_a_config_of_nested_aliases_is_refused_before_it_expands(project, tmp_pa
     bomb.write_text("\n".join(lines) + "\nsplit:\n  fraction: 0.3\n")
     one_line_error(kp("status", "--comp", "digits", "--config", str(bomb)),
                    f"{bomb}:", "its aliases (*name) expand to more than 100,000 values: refused")
+
+
+def test_a_latin1_byte_deep_in_a_table_is_named_by_its_own_line(tmp_path):
+    from pipeline.core.readers import read_table
+
+    table = tmp_path / "train.csv"
+    table.write_bytes(b"id,label\n" + b"".join(b"%d,0\n" % i for i in range(5000)) + "caf\u00e9,1\n".encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"train.csv: not UTF-8 text \(byte 0xe9 on line 5002\)"):
+        read_table(table)

@@ -28,7 +28,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSVs) is not part of the text
     except UnicodeDecodeError as exc:
-        raise PipelineError(_not_utf8(path, data, exc)) from None
+        raise PipelineError(_not_utf8(path, data)) from None
 
 
 def read_json(path: Path, kind: type = dict) -> Any:
@@ -73,7 +73,7 @@ def read_table(path: Path, required: Iterable[str] = (), **read_csv_args):
     except FileNotFoundError:
         raise PipelineError(f"{path}: missing") from None
     except UnicodeDecodeError as exc:
-        raise PipelineError(_not_utf8(path, _read_bytes(path), exc)) from None
+        raise PipelineError(_not_utf8(path, _read_bytes(path))) from None
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: empty (expected a header line and rows)") from None
     except pd.errors.ParserError as exc:
@@ -81,8 +81,14 @@ def read_table(path: Path, required: Iterable[str] = (), **read_csv_args):
 
 
 def csv_header(path: Path) -> list[str]:
-    """The first row of a CSV file ([] when it is empty)."""
-    return next(csv.reader(io.StringIO(read_text(path), newline="")), [])
+    """The first row of a CSV file ([] when it is empty), read without reading the rest."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return next(csv.reader(handle), [])
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: missing") from None
+    except UnicodeDecodeError as exc:  # in the first chunk decoded, which begins the file: its bytes are exc.object
+        raise PipelineError(_not_utf8(path, exc.object)) from None
 
 
 def read_rows(path: Path, columns: list[str], numeric: Iterable[str] = ()) -> list[dict[str, str]]:
@@ -125,9 +131,16 @@ def _read_bytes(path: Path) -> bytes:
         raise PipelineError(f"{path}: a folder where a file is expected") from None
 
 
-def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
-    line = data[:exc.start].count(b"\n") + 1
-    return (f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); save it as UTF-8 "
+def _not_utf8(path: Path, data: bytes) -> str:
+    """Where `data` (the file's bytes, from its start) first stops being UTF-8, in words. Found here
+    rather than taken from a caller's exception, whose offset may count from a buffer of pandas'."""
+    try:
+        data.decode("utf-8-sig")
+        return f"{path}: not UTF-8 text"
+    except UnicodeDecodeError as exc:
+        at = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+    line = data[:at].count(b"\n") + 1
+    return (f"{path}: not UTF-8 text (byte 0x{data[at]:02x} on line {line}); save it as UTF-8 "
             "(e.g. iconv -f latin1 -t utf-8)")
 
 
