@@ -21,9 +21,10 @@ from pydantic import Field, ValidationError, create_model
 from pipeline.core.cache import STAMP_MODES
 from pipeline.core.competition import Competition
 from pipeline.core.errors import PipelineError
-from pipeline.core.readers import read_text
 from pipeline.core.executor import Compute
+from pipeline.core.readers import read_text
 from pipeline.core.stage import StrictModel
+from pipeline.kaggle.api import Network
 from pipeline.models.build import Model
 from pipeline.training.settings import Training
 
@@ -52,12 +53,13 @@ class Cache(StrictModel):
 class Kaggle(StrictModel):
     """The `kaggle` section: talking to Kaggle's API (download, upload, polling); in no fingerprint."""
 
-    connect_timeout_s: float = Field(10, gt=0, description="seconds to wait for a connection to Kaggle's API")
-    read_timeout_s: float = Field(60, gt=0, description=(
+    connect_timeout_s: float = Field(Network.connect_timeout_s, gt=0, description=(
+        "seconds to wait for a connection to Kaggle's API"))
+    read_timeout_s: float = Field(Network.read_timeout_s, gt=0, description=(
         "seconds to wait for each answer (and each piece of a download) before trying again"))
-    retries: int = Field(3, ge=0, description=(
+    retries: int = Field(Network.retries, ge=0, description=(
         "tries after the first, with backoff; an upload is tried again only if the connection was never made"))
-    backoff_s: float = Field(1, ge=0, description="the wait before the second retry, doubling after it")
+    backoff_s: float = Field(Network.backoff_s, ge=0, description="the wait before the second retry, doubling after it")
 
     poll_timeout_s: float = Field(300, ge=0, description=(
         "how long to wait for the public score; after that the row stays pending"))

@@ -77,9 +77,11 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
     with competition_lock(config.work_dir):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
-        check_settings(config, stage_statuses(config), order)
+        before = stage_statuses(config)
+        check_settings(config, before, order)
         if force:  # a forced run first reads what it builds on: damaged outputs are rewritten, not trained on
-            for name, reasons in damaged_outputs(config, [s for s in stage_statuses(config) if s.name in order and s.name not in forced]).items():
+            builds_on = [s for s in before if s.name in order and s.name not in forced]
+            for name, reasons in damaged_outputs(config, builds_on).items():
                 forced[name] = "; ".join(reasons)
         for name in order:
             status = {s.name: s for s in stage_statuses(config)}[name]

@@ -72,15 +72,9 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
     }
 
 
-def stage_statuses(config: ResolvedConfig, verify: bool = False) -> list[StageStatus]:
-    """The status of every stage the competition lists, in order.
-
-    Args:
-        config: the resolved config.
-        verify: also read every output of each up-to-date stage and compare it with the content
-            digest its manifest recorded (`kp status --verify`, every `--force` run); without it
-            only sizes are checked, which takes no time.
-    """
+def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
+    """The status of every stage the competition lists, in order. Outputs are checked by size only,
+    which takes no time; `damaged_outputs` reads their bytes."""
     stages = all_stages()
     expected: dict[str, str] = {}
     result: list[StageStatus] = []
@@ -88,11 +82,11 @@ def stage_statuses(config: ResolvedConfig, verify: bool = False) -> list[StageSt
         stage = stages[name]
         inputs = fingerprint_inputs(stage, config, expected)
         fp = expected[name] = fingerprint(inputs)
-        result.append(_status(config, stage, fp, inputs, verify))
+        result.append(_status(config, stage, fp, inputs))
     return result
 
 
-def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict, verify: bool) -> StageStatus:
+def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> StageStatus:
     folder = config.work_dir / stage.name
     manifest = Manifest.read(folder)
     upstream_now = upstream_digests({name: config.work_dir / name for name in stage.needs_for(config)})
@@ -105,8 +99,6 @@ def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict, verify:
         return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable)
     if manifest.fingerprint == fp:
         problems = output_problems(folder, stage.outs, manifest.outputs) or changed_upstream(manifest, upstream_now)
-        if not problems and verify:
-            problems = changed_outputs(folder, manifest)
         if problems:
             return StageStatus(stage.name, STALE, problems, fp, inputs, manifest)
         last = last_action(config.work_dir, stage.name)

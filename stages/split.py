@@ -49,9 +49,9 @@ def check(s: Settings, known: dict[str, dict]) -> None:
     if s.strategy == "random":
         n_valid, n_train, k = math.ceil(s.fraction * n), math.floor((1 - s.fraction) * n), len(per_class)
         if min(n_valid, n_train) < k:
-            raise PipelineError(f"split.fraction={s.fraction:g} holds out {n_valid:,} of the {n:,} training rows and keeps "
-                                f"{n_train:,}: a split stratified by class needs at least one row of each of the {k} "
-                                f"classes on each side (a fraction between {k / n:.3g} and {1 - k / n:.3g})")
+            raise PipelineError(f"split.fraction={s.fraction:g} holds out {n_valid:,} of the {n:,} training rows and "
+                                f"keeps {n_train:,}: a split stratified by class needs at least one row of each of "
+                                f"the {k} classes on each side (a fraction between {k / n:.3g} and {1 - k / n:.3g})")
     if s.strategy == "kfold" and s.folds > max(per_class.values(), default=0):
         raise PipelineError(f"split.folds={s.folds}: more folds than the {max(per_class.values(), default=0)} rows of "
                             f"the largest class (rows per class: {per_class}); stratified folds need fewer")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.core.artifacts import ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
-from pipeline.core.cache import temporary_name
+from pipeline.core.cache import Manifest, temporary_name
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json
 
@@ -157,11 +157,11 @@ def last_action(work_dir: Path, stage: str) -> dict:
 def adopt_legacy_folder(work_dir: Path, stage: str) -> None:
     """Move a pre-run-cache `work/STAGE/` folder into the store under its manifest's fingerprint."""
     folder = work_dir / stage
-    try:
-        key = json.loads((folder / MANIFEST).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+    manifest = Manifest.read(folder)
+    if manifest is None:
         raise PipelineError(f"{folder}: a folder kp did not write (no readable {MANIFEST}) where stage {stage!r} keeps "
-                            "its result; kp deletes nothing it did not create: move it away and rerun") from None
+                            "its result; kp deletes nothing it did not create: move it away and rerun")
+    key = manifest.fingerprint
     store = stage_store(work_dir, stage)
     store.root.mkdir(parents=True, exist_ok=True)
     if store.path(key).exists():
@@ -205,8 +205,6 @@ def prune_stage(work_dir: Path, stage: str, keep_last: int) -> list[Entry]:
     current = current_key(work_dir, stage)
     removed = store.prune(max(keep_last, 1 if current else 0), protect={current} if current else set())
     kept_units: dict[str, set[str]] = {}
-    from pipeline.core.cache import Manifest
-
     for entry in store.entries():
         manifest = Manifest.read(entry.path)
         for name, keys in (manifest.units if manifest else {}).items():

@@ -326,10 +326,9 @@ class StageContext:
     def _upstream_digest(self, name: str) -> str:
         """What upstream stage `name` wrote for others (its manifest's `digest`), or its fingerprint
         for a run that recorded none."""
-        from pipeline.core.cache import Manifest
+        from pipeline.core.cache import upstream_digests
 
-        manifest = Manifest.read(self.inputs[name])
-        return manifest.digest if manifest and manifest.digest else self.fingerprint_inputs["upstream"][name]
+        return upstream_digests({name: self.inputs[name]}).get(name) or self.fingerprint_inputs["upstream"][name]
 
     def compute_units(self, kind: str, units: list, desc: str) -> list[str]:
         """Compute the units of `kind` that are not stored yet (`pipeline.core.executor.compute_units`:

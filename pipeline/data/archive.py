@@ -64,12 +64,13 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
     count = 0
     try:
         with zipfile.ZipFile(archive) as zf:
-            if len(zf.infolist()) > max_members:
-                raise PipelineError(f"{name}: refusing to extract: it holds {len(zf.infolist()):,} members, more than "
+            every = zf.infolist()
+            if len(every) > max_members:
+                raise PipelineError(f"{name}: refusing to extract: it holds {len(every):,} members, more than "
                                     f"download.max_members={max_members:,}; if the archive is genuine, raise it")
-            for info in zf.infolist():  # every member, extracted or not: a hostile archive is refused whole
+            for info in every:  # every member, extracted or not: a hostile archive is refused whole
                 _check_member(name, info, root)
-            members = [info for info in zf.infolist() if only is None or _top_level(info.filename) in only]
+            members = [info for info in every if only is None or top_level(info.filename) in only]
             _check_sizes(name, members, root, max_ratio)
             for info in members:
                 target = root.joinpath(*PurePosixPath(info.filename).parts)
@@ -90,7 +91,7 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
     return count
 
 
-def _top_level(member: str) -> str:
+def top_level(member: str) -> str:
     """`train/cat.1.jpg` -> `train`: the name `download.expected` lists it under."""
     parts = PurePosixPath(member.replace("\\", "/")).parts
     return parts[0] if parts else ""

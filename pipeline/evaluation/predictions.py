@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core.artifacts import FOLD_TEST_FILE, probs_file, rows_file
+from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, probs_file, rows_file
 from pipeline.core.errors import PipelineError
-from pipeline.data.arrays import load_array
 from pipeline.core.readers import read_table
+from pipeline.data.arrays import load_array
 
 
 @dataclass
@@ -35,13 +35,13 @@ def save_predictions(folder: Path, p: Predictions) -> None:
 
 
 def load_predictions(folder: Path) -> Predictions:
-    try:
-        valid = read_table(folder / rows_file("valid"), dtype={"id": str})
-        test = read_table(folder / rows_file("test"), dtype={"id": str})
-        p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), load_array(folder / probs_file("valid"), in_memory=True),
-                        test["id"].tolist(), load_array(folder / probs_file("test"), in_memory=True))
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{folder}: no predictions ({Path(exc.filename).name} missing)") from None
+    missing = [name for name in PREDICTION_FILES if not (folder / name).is_file()]
+    if missing:
+        raise PipelineError(f"{folder}: no predictions ({missing[0]} missing)")
+    valid = read_table(folder / rows_file("valid"), dtype={"id": str})
+    test = read_table(folder / rows_file("test"), dtype={"id": str})
+    p = Predictions(valid["id"].tolist(), valid["label"].to_numpy(), load_array(folder / probs_file("valid"), in_memory=True),
+                    test["id"].tolist(), load_array(folder / probs_file("test"), in_memory=True))
     if len(p.valid_ids) != len(p.valid_probs) or len(p.test_ids) != len(p.test_probs):
         raise PipelineError(f"{folder}: probabilities and row ids have different lengths")
     return p

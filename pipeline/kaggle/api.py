@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.core.artifacts import TMP_PREFIX
 from pipeline.core.cache import temporary_name
 from pipeline.core.errors import PipelineError
+from pipeline.data.archive import top_level
 
 
 def config_dir() -> Path:
@@ -219,7 +220,7 @@ def _archive_problem(path: Path, expected) -> str | None:
     directory intact: a truncated download is not) and hold the `expected` top-level members."""
     try:
         with zipfile.ZipFile(path) as zf:
-            tops = {name.replace("\\", "/").split("/")[0] for name in zf.namelist()}
+            tops = {top_level(name) for name in zf.namelist()}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         return f"is not a readable zip archive ({exc})"
     missing = [name for name in expected if name not in tops]

@@ -55,24 +55,20 @@ def applications() -> dict[str, Application]:
     return {row["name"]: Application(**row) for row in rows}
 
 
-def canonical_name(name: str) -> str | None:
-    """The Keras name `name` means (any case: `efficientnetv2b0`, `vgg16`), or None."""
-    by_lower = {known.lower(): known for known in applications()}
-    return by_lower.get(name.lower())
-
-
 def application(name: str) -> Application:
-    """The table's row for `name` (any case); a PipelineError listing close names if none."""
+    """The table's row for `name` (any case: `efficientnetv2b0`, `vgg16`); a PipelineError listing
+    close names if none."""
     import difflib
 
-    known = canonical_name(name)
-    if known is None:
-        names = list(applications())
+    table = applications()
+    by_lower = {known.lower(): row for known, row in table.items()}
+    if name.lower() not in by_lower:
+        names = list(table)
         close = difflib.get_close_matches(name, names + [n.lower() for n in names], n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise PipelineError(f"precompute.backbone {name!r}: not a keras.applications network{hint}; "
                             "kp backbones lists them (or use none, or file with a saved model)")
-    return applications()[known]
+    return by_lower[name.lower()]
 
 
 def derive_applications(widths: bool = True) -> list[Application]:

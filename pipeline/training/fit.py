@@ -205,16 +205,18 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
     else:
         learning_rate = rates[0]
         scheduling = keras.callbacks.LearningRateScheduler(lambda epoch: rates[min(epoch, epochs - 1)])
-    loss, metrics, monitor = "sparse_categorical_crossentropy", ["accuracy"], "val_loss"
-    if label_smoothing:
-        loss = smoothed_sparse_crossentropy()(label_smoothing)
-        metrics, monitor = [*metrics, keras.metrics.SparseCategoricalCrossentropy(name="log_loss")], "val_log_loss"
     if soft_targets:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-        if label_smoothing:
-            metrics[-1] = keras.metrics.CategoricalCrossentropy(name="log_loss")
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing \
+            else "categorical_crossentropy"
+        log_loss = keras.metrics.CategoricalCrossentropy
         if valid is not None:
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
+    else:
+        loss = smoothed_sparse_crossentropy()(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
+        log_loss = keras.metrics.SparseCategoricalCrossentropy
+    # with smoothed targets the loss is not the log loss: the best epoch is chosen on the plain one
+    metrics = ["accuracy", log_loss(name="log_loss")] if label_smoothing else ["accuracy"]
+    monitor = "val_log_loss" if label_smoothing else "val_loss"
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors), loss=loss,
                   metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
