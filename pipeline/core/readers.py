@@ -27,7 +27,7 @@ def read_text(path: Path) -> str:
     data = _read_bytes(path)
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSVs) is not part of the text
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise PipelineError(_not_utf8(path, data)) from None
 
 
@@ -72,7 +72,7 @@ def read_table(path: Path, required: Iterable[str] = (), **read_csv_args):
         return pd.read_csv(path, encoding="utf-8", **read_csv_args)
     except FileNotFoundError:
         raise PipelineError(f"{path}: missing") from None
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise PipelineError(_not_utf8(path, _read_bytes(path))) from None
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: empty (expected a header line and rows)") from None
