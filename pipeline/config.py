@@ -7,6 +7,7 @@ keys: the top-level sections below plus one section per stage, declared by the s
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model
 
+from pipeline.core.artifacts import VARIANTS_FOLDER
 from pipeline.core.cache import STAMP_MODES
 from pipeline.core.competition import Competition
 from pipeline.core.errors import PipelineError
@@ -66,9 +68,29 @@ class Kaggle(StrictModel):
     poll_every_s: float = Field(5, gt=0, description="seconds between two looks at the submission's status")
 
 
+class FeatureSet(StrictModel):
+    """One entry of the `features` section: a network's features, as changes to `precompute` (unset: precompute's)."""
+
+    backbone: str | None = Field(None, description="as precompute.backbone")
+    weights: str | None = Field(None, description="as precompute.weights")
+    alpha: float | None = Field(None, gt=0, le=1.0, description="as precompute.alpha")
+    preprocess: Literal["backbone", "none", "tf", "caffe", "torch"] | None = Field(None, description=(
+        "as precompute.preprocess"))
+    cut: Literal["conv", "pool"] | None = Field(None, description="as precompute.cut")
+    image_size: list[int] | None = Field(None, description="as precompute.image_size")
+
+    def overrides(self) -> dict[str, Any]:
+        """{`precompute.KEY`: value} for each key this feature set sets."""
+        return {f"precompute.{key}": value for key, value in self.model_dump(mode="json", exclude_none=True).items()}
+
+
 @dataclass
 class ResolvedConfig:
-    """The validated configuration of one competition, with where each value came from."""
+    """The validated configuration of one competition, with where each value came from.
+
+    A variant (`variant_of`) is the same competition under a few changed settings, whose stage links
+    live in `work/COMP/_variants/NAME/` and whose run store is the competition's.
+    """
 
     comp: str
     root: Path
@@ -76,6 +98,7 @@ class ResolvedConfig:
     values: dict[str, Any]  # model.model_dump(mode="json"): plain values, used for fingerprints
     provenance: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    variant: str = ""
 
     def get(self, dotted: str) -> Any:
         """The plain value at a dotted key (`split.fraction`), or a whole section (`split`)."""
@@ -118,7 +141,50 @@ class ResolvedConfig:
 
     @property
     def work_dir(self) -> Path:
-        return self.path(self.model.paths.work) / self.comp
+        """`work/COMP/`, or a variant's `work/COMP/_variants/NAME/`."""
+        competition_dir = self.path(self.model.paths.work) / self.comp
+        return competition_dir / VARIANTS_FOLDER / self.variant if self.variant else competition_dir
+
+    @property
+    def label(self) -> str:
+        """How log lines name it: `COMP`, or `COMP/VARIANT`."""
+        return f"{self.comp}/{self.variant}" if self.variant else self.comp
+
+    def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str) -> "ResolvedConfig":
+        """This config with `overrides` applied, listing only `target` and the stages it needs: a blend's source.
+
+        Args:
+            name: the variant's folder name (`work/COMP/_variants/NAME/`, created with its links).
+            overrides: dotted key -> value, applied as `--set` would.
+            target: the stage the variant is run for.
+            where: what set the overrides, for errors (`blend.sources[1]`).
+
+        Returns:
+            The variant's validated config.
+        """
+        from pipeline.core.runs import link_variant
+        from pipeline.registry import all_stages
+
+        values, provenance = copy.deepcopy(self.values), dict(self.provenance)
+        for key, value in overrides.items():
+            _set_dotted(values, key, value, where, provenance)
+        values["stages"] = [target]
+        model = _validate(values, provenance, f"{self.comp}/{name}", shallow=True)
+        resolved = ResolvedConfig(self.comp, self.root, model, model.model_dump(mode="json"), provenance,
+                                  self.files, variant=name)
+        stages, wanted = all_stages(), []
+
+        def need(stage: str) -> None:
+            if stage not in wanted:
+                wanted.append(stage)
+                for upstream in stages[stage].needs_for(resolved):
+                    need(upstream)
+
+        need(target)
+        resolved.model = model.model_copy(update={"stages": wanted})
+        resolved.values["stages"] = wanted
+        link_variant(resolved.work_dir)
+        return resolved
 
     @property
     def submissions_dir(self) -> Path:
@@ -308,6 +374,11 @@ def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> Non
             f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
             "quote a string that starts with {{, [ or a colon: key='{{id}}.jpg'"
         ) from None
+    _set_dotted(merged, key, value, source, provenance)
+
+
+def _set_dotted(merged: dict, key: str, value: Any, source: str, provenance: dict[str, str]) -> None:
+    """Set `key` (dotted) in `merged` to `value`; an unknown key raises naming `source` and the keys there."""
     node = merged
     parts = key.split(".")
     for depth, part in enumerate(parts):
@@ -346,6 +417,8 @@ def config_model() -> type[StrictModel]:
         "kaggle": (Kaggle, ...),
         "cache": (Cache, ...),
         "compute": (Compute, ...),
+        "features": (dict[str, FeatureSet], Field({}, description=(
+            "named feature sets (changes to precompute: backbone, weights, image_size...) that blend.sources use"))),
     }
     for stage in all_stages().values():
         fields[stage.section] = (stage.settings, ...)

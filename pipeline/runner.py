@@ -183,4 +183,4 @@ def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
 
 
 def _say(config: ResolvedConfig, message: str) -> None:
-    print(f"[{config.comp}] {message}", file=sys.stderr, flush=True)
+    print(f"[{config.label}] {message}", file=sys.stderr, flush=True)

@@ -76,13 +76,20 @@ def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
     """The status of every stage the competition lists, in order. Outputs are checked by size only,
     which takes no time; `damaged_outputs` reads their bytes."""
     stages = all_stages()
-    expected: dict[str, str] = {}
-    result: list[StageStatus] = []
+    return [_status(config, stages[name], fp, inputs) for name, (fp, inputs) in _expected(config).items()]
+
+
+def expected_fingerprints(config: ResolvedConfig) -> dict[str, str]:
+    """{stage: the fingerprint its output must have under `config`} for every listed stage, in order."""
+    return {name: fp for name, (fp, _) in _expected(config).items()}
+
+
+def _expected(config: ResolvedConfig) -> dict[str, tuple[str, dict]]:
+    stages, expected, result = all_stages(), {}, {}
     for name in config.stage_names:
-        stage = stages[name]
-        inputs = fingerprint_inputs(stage, config, expected)
-        fp = expected[name] = fingerprint(inputs)
-        result.append(_status(config, stage, fp, inputs))
+        inputs = fingerprint_inputs(stages[name], config, expected)
+        expected[name] = fingerprint(inputs)
+        result[name] = (expected[name], inputs)
     return result
 
 

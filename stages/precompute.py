@@ -47,6 +47,8 @@ class Settings(StrictModel):
     preprocess: Literal["backbone", "none", "tf", "caffe", "torch"] = Field("backbone", description=(
         "backbone: the network's own preprocess_input | none: RGB 0..255 | tf, caffe, torch: that mode "
         "(backbone file must name one)"))
+    image_size: list[int] | None = Field(None, description=(
+        "[height, width] the images are fed to the network at (null: competition.image_size)"))
     dtype: Literal["float16", "float32"] = Field("float16", description=(
         "float16 | float32: how features are stored (float16 halves the disk)"))
     batch_size: int = Field(32, ge=1, description="images per forward pass")
@@ -62,10 +64,17 @@ class Settings(StrictModel):
             application(name)
         return name
 
+    @field_validator("image_size")
+    @classmethod
+    def _height_width(cls, value):
+        if value is not None and (len(value) != 2 or min(value) < 32):
+            raise ValueError(f"expected [height, width] of at least 32 pixels each, or null, got {value!r}")
+        return value
+
 
 def run(ctx: StageContext) -> dict:
     from pipeline.data.index import read_index
-    from pipeline.models.extractor import build_extractor
+    from pipeline.models.extractor import build_extractor, feature_size
 
     s = ctx.settings
     if s.backbone == "none":
@@ -79,7 +88,7 @@ def run(ctx: StageContext) -> dict:
     raw = ctx.input("download") / RAW_DIR
     if ctx.on_ray:
         return _precompute_in_shards(ctx, index, raw)
-    extractor = build_extractor(s, ctx.config.root, tuple(ctx.config.competition.image_size), ctx.config.compute)
+    extractor = build_extractor(s, ctx.config.root, feature_size(ctx.config), ctx.config.compute)
     ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; "
             f"{_device_line(extractor.device())}")
 
@@ -148,13 +157,12 @@ def write_shard(config, inputs: dict, paths: list[str], out) -> dict:
     import socket
     from pathlib import Path
 
-    from pipeline.models.extractor import build_extractor
+    from pipeline.models.extractor import build_extractor, feature_size
 
     if paths and not Path(paths[0]).is_file():
         raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
                             "folder must be on a filesystem every Ray worker shares, at the same path")
-    extractor = build_extractor(config.section("precompute"), config.root, tuple(config.competition.image_size),
-                                config.compute)  # this worker's own device
+    extractor = build_extractor(config.section("precompute"), config.root, feature_size(config), config.compute)  # this worker's own device
     timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
     return {"name": extractor.name, "shape": list(extractor.row_shape), "size": list(extractor.size),
             "device": extractor.device(), **timing}

@@ -32,7 +32,7 @@ from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import needs_of, steps_of
 from pipeline.core.readers import read_table
 
-TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth")
+TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth", "blend")
 STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
 
 
@@ -40,7 +40,8 @@ class Settings(StrictModel):
     """The `pseudo` section: a student trained on the training rows + the test rows with a teacher's probabilities as soft labels."""
 
     source: Literal[TEACHERS] = Field("smooth", description=(
-        "the teacher: finetune | bnretrain | ensemble | cv | smooth (the student follows its models' recipe)"))
+        "the teacher: finetune | bnretrain | ensemble | cv | smooth | blend (the student follows its models' "
+        "recipe; a blend's students follow cv's, fold by fold)"))
     weight: float = Field(0.25, gt=0, lt=1, description=(
         "share of every batch drawn from the pseudo-labelled test rows (the course: 1/4 to 1/3)"))
     threshold: float | None = Field(None, ge=0, le=1, description=(
@@ -62,8 +63,11 @@ class Settings(StrictModel):
 
 
 def teacher_base(config, source: str) -> str:
-    """The stage whose models made the teacher's predictions: smooth's source for smooth."""
-    return config.section("smooth").source if source == "smooth" else source
+    """The stage whose models made the teacher's predictions: smooth's source for smooth; cv for a blend
+    (a blend of cross-validated sources teaches fold by fold, with its `fold_test_probs.npy`, and its
+    students follow cv's recipe on this competition's own features)."""
+    base = config.section("smooth").source if source == "smooth" else source
+    return "cv" if base == "blend" else base
 
 
 def student_recipe(config, source: str) -> str:

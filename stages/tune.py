@@ -5,7 +5,7 @@ second step: the head is already trained (`tune.source`: finetune's, or bnretrai
 backbone can be unfrozen without the random head's large gradients wrecking its ImageNet weights.
 
 Recipe: build precompute's backbone (same weights) at `tune.image_size` (default
-`competition.image_size`; State Farm's 80x60 frames gain nothing from 224x224) and put the source's
+precompute's size; State Farm's 80x60 frames gain nothing from 224x224) and put the source's
 trained head on it -> unfreeze the top `tune.unfreeze` blocks (or `all`), every BatchNormalization
 layer of the backbone kept in inference mode (its moving statistics never change) -> stream the
 split's training images through tf.data (parallel decode, augment's `transforms` drawn afresh for
@@ -36,7 +36,7 @@ class Settings(StrictModel):
     unfreeze: int | Literal["all"] = Field(2, description=(
         "top blocks of the backbone to train (all: every block); batchnorm stays in inference mode"))
     image_size: list[int] | None = Field(None, description=(
-        "[height, width] the images are fed at (null: competition.image_size)"))
+        "[height, width] the images are fed at (null: precompute's size)"))
     optimizer: Literal[OPTIMIZERS] = Field("adam", description="adam | sgd | rmsprop")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     lr: float = Field(0.0003, gt=0, description="the head's peak rate (after warmup, then cosine decay to 0)")

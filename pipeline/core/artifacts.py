@@ -12,6 +12,7 @@ ENTRY_FILE = ".entry.json"          # the last file written into a run-cache ent
 LAST_FILE = "last.json"             # _runs/STAGE/last.json: how the current result got there
 RUNS_FOLDER = "_runs"               # work/COMP/_runs/: every stored result, by fingerprint
 CACHE_FOLDER = "_cache"             # work/COMP/_cache/: downloads that survive everything but clean
+VARIANTS_FOLDER = "_variants"       # work/COMP/_variants/NAME/: a blend source's stage links (its _runs, _cache: COMP's)
 LOCK_FILE = ".lock"                 # one kp run per competition at a time
 WORK_MARKER = ".kp-work"            # in every competition work folder kp created: kp deletes nothing unmarked
 TMP_PREFIX = ".tmp-"                # a folder or file being written; swept after a crash (if named by kp)

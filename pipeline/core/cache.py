@@ -300,7 +300,7 @@ def sweep_partial(work_dir: Path) -> list[Path]:
         return removed
     folders = [work_dir]
     for parent in (work_dir / RUNS_FOLDER, work_dir / CACHE_FOLDER):
-        if parent.is_dir():
+        if parent.is_dir() and not parent.is_symlink():  # a variant's: its competition's run sweeps it
             folders += [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith((TMP_PREFIX, OLD_PREFIX))]
     for folder in folders:
         for entry in sorted(folder.iterdir()):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.core.artifacts import ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX
+from pipeline.core.artifacts import CACHE_FOLDER, ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX, \
+    VARIANTS_FOLDER
 from pipeline.core.cache import Manifest, temporary_name
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json
@@ -116,6 +117,18 @@ class RunStore:
         return removed
 
 
+def link_variant(work_dir: Path) -> None:
+    """Make `work_dir` (`work/COMP/_variants/NAME/`) a variant's folder: its `_runs` and `_cache` are
+    links to its competition's, so the run cache, keyed by content, serves both."""
+    competition_dir = work_dir.parent.parent
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (RUNS_FOLDER, CACHE_FOLDER):
+        (competition_dir / folder).mkdir(exist_ok=True)
+        link = work_dir / folder
+        if not link.is_symlink():
+            os.symlink(Path("..", "..", folder), link)
+
+
 def runs_root(work_dir: Path) -> Path:
     return work_dir / RUNS_FOLDER
 
@@ -203,7 +216,9 @@ def prune_stage(work_dir: Path, stage: str, keep_last: int) -> list[Entry]:
     the current one), and the units those runs used; delete the rest."""
     store = stage_store(work_dir, stage)
     current = current_key(work_dir, stage)
-    removed = store.prune(max(keep_last, 1 if current else 0), protect={current} if current else set())
+    variants = work_dir / VARIANTS_FOLDER  # blend sources share this store: their current runs stay too
+    protect = {key for key in [current, *(current_key(v, stage) for v in sorted(variants.glob("*")))] if key}
+    removed = store.prune(max(keep_last, 1 if current else 0), protect=protect)
     kept_units: dict[str, set[str]] = {}
     for entry in store.entries():
         manifest = Manifest.read(entry.path)

@@ -128,6 +128,11 @@ class ConfigView:
     def path(self, value) -> Path:
         return self._config.path(value)
 
+    def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str):
+        """A variant of the whole config (`pipeline.config.ResolvedConfig.variant_of`), unrestricted: a
+        stage that reads a variant's results puts the variant's own fingerprints in its stamp."""
+        return self._config.variant_of(name, overrides, target, where)
+
     @property
     def submissions_dir(self) -> Path:
         self.check("paths.submissions")

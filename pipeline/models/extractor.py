@@ -54,6 +54,12 @@ class Extractor:
         return {**self.forward.plan.record(), "batch_size": self.forward.batch_size}
 
 
+def feature_size(config) -> tuple[int, int]:
+    """(height, width) precompute feeds its network: `precompute.image_size`, else `competition.image_size`
+    (a feature set of `features` may set its own, e.g. 260x260 for EfficientNet-Lite2)."""
+    return tuple(config.get("precompute.image_size") or config.competition.image_size)
+
+
 def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -> Extractor:
     """The network of a `precompute` config section.
 

@@ -63,10 +63,10 @@ class ImageSource:
 
     def write(self, subset: str, augmenter, out, progress) -> dict:
         if self._extractor is None:
-            from pipeline.models.extractor import build_extractor
+            from pipeline.models.extractor import build_extractor, feature_size
 
             self._extractor = build_extractor(self.config.section("precompute"), self.config.root,
-                                              tuple(self.config.competition.image_size), self.config.compute)
+                                              feature_size(self.config), self.config.compute)
         return {**self._extractor.write(self.paths[subset], out, progress=progress, augment=augmenter),
                 "device": self._extractor.device()}
 
@@ -74,10 +74,11 @@ class ImageSource:
         import numpy as np
 
         from pipeline.data.images import checked_batches
+        from pipeline.models.extractor import feature_size
 
         rows = _spread_rows(self.count("train"), n)
         paths = [self.paths["train"][r] for r in rows]
-        batch = next(iter(checked_batches(paths, tuple(self.config.competition.image_size), len(paths))))
+        batch = next(iter(checked_batches(paths, feature_size(self.config), len(paths))))
         return rows, [np.clip(np.round(image), 0, 255).astype(np.uint8) for image in np.asarray(batch)]
 
     def speed(self, passes: list[dict]) -> dict:

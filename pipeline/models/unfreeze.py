@@ -84,7 +84,7 @@ def stack(backbone, head):
     if made != expected:
         raise PipelineError(f"the backbone makes features of shape {made} at this image size, but the head was "
                             f"trained on {expected}: use precompute.cut pool (a pooled head fits any size) or "
-                            "tune.image_size equal to competition.image_size")
+                            "tune.image_size equal to precompute's size")
     return keras.Model(backbone.input, head(backbone.output), name="tuned")
 
 

@@ -30,8 +30,10 @@ TRAINING_DRAWS = 2  # augment draws subset 0 (train) and 1 (test) passes; tune's
 
 
 def image_size(config) -> tuple[int, int]:
-    """(height, width) the tune stage feeds its backbone: `tune.image_size`, else `competition.image_size`."""
-    return tuple(config.get("tune.image_size") or config.competition.image_size)
+    """(height, width) the tune stage feeds its backbone: `tune.image_size`, else precompute's size."""
+    from pipeline.models.extractor import feature_size
+
+    return tuple(config.get("tune.image_size") or feature_size(config))
 
 
 def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
