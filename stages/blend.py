@@ -26,10 +26,10 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.evaluation.blending import METHODS
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
-METHODS = ("weights", "hill_climb", "stack")  # as pipeline.evaluation.blending.METHODS, without importing numpy
 SOURCES = tuple(s for s in PREDICTING_STAGES if s != "blend")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
