@@ -2,7 +2,7 @@
 
 The stage graph and each stage's state, its headline, run time and scores, its plots (training
 curves, confusion matrix, top losses, ensemble members, augmentation preview), the most confused
-class pairs, the ensemble member and cv fold tables, the ladder of validation scores across the
+class pairs, the ensemble member, cv fold and blend source tables, the ladder of validation scores across the
 predicting stages, the learning-rate range tests and `kp show` grids when they exist, and the
 ledger with its plot. Rendered with Jinja2 (`pipeline/templates/report.html.j2`, autoescaped);
 images are embedded as data URIs, so the file opens anywhere with no network. Nothing here
@@ -45,6 +45,8 @@ def _stage_section(config, status) -> dict:
         "plots": [(name, uri) for name in PLOTS if (uri := embedded(folder / name))],
         "most_confused": metrics.get("most_confused", []),
         "members": metrics.get("members", []),
+        "blend_sources": [{"name": name, "weight": metrics.get("weights", {}).get(name, 0.0), **scores}
+                          for name, scores in metrics.get("sources", {}).items()] if status.name == "blend" else [],
         "folds": metrics.get("fold_runs") or [row for row in metrics.get("students", []) if row.get("fold")],
         "warnings": m.warnings if m else [],
     }

@@ -102,6 +102,11 @@ def test_blend_of_two_feature_sets_cross_fits_on_the_split_folds(blend_run):
     np.testing.assert_allclose(fold_test[1], blenders[1].apply(source_folds[:, 1].astype(np.float64)), rtol=1e-4, atol=1e-6)
     submission = json.loads((work / "submit" / "submission.json").read_text())
     assert submission["source"] == "blend" and submission["validation"] == "cv4-oof"
+    from pipeline.report import build_report
+
+    html = build_report(blend_run).read_text()
+    table = html[html.index("blend source"):html.index("the blend (cross-fitted)")]
+    assert "base-cv" in table and "wide-cv" in table and f"{m['sources']['wide-cv']['val_log_loss']:.4f}" in table
 
 
 def test_a_third_source_computes_only_its_own_and_a_source_change_makes_the_blend_stale(blend_run):
