@@ -150,6 +150,19 @@ class ResolvedConfig:
         """How log lines name it: `COMP`, or `COMP/VARIANT`."""
         return f"{self.comp}/{self.variant}" if self.variant else self.comp
 
+    def fingerprint_of(self, stage: str) -> str:
+        """The fingerprint `stage`'s output must have under this config (`pipeline.status`)."""
+        from pipeline.status import expected_fingerprints
+
+        return expected_fingerprints(self)[stage]
+
+    def bring_up_to_date(self, stage: str) -> Path:
+        """Run `stage` and what it needs, as `kp STAGE` does; returns its output folder."""
+        from pipeline.runner import run
+
+        run(self, [stage])
+        return (self.work_dir / stage).resolve()
+
     def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str) -> "ResolvedConfig":
         """This config with `overrides` applied, listing only `target` and the stages it needs: a blend's source.
 

@@ -107,9 +107,7 @@ def variants(config) -> list[tuple[Source, Any]]:
 
 def source_stamp(config, stamp) -> dict:
     """Each source's fingerprint under its variant: whatever changes a source makes the blend stale."""
-    from pipeline.status import expected_fingerprints
-
-    return {source.label: expected_fingerprints(variant)[source.stage] for source, variant in variants(config)}
+    return {source.label: variant.fingerprint_of(source.stage) for source, variant in variants(config)}
 
 
 def run(ctx: StageContext) -> dict:
@@ -120,13 +118,9 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.predictions import Predictions, save_fold_test, save_predictions
-    from pipeline.runner import run as bring_up_to_date
 
     s = ctx.settings
-    sources = []
-    for source, variant in variants(ctx.config):
-        bring_up_to_date(variant, [source.stage])
-        sources.append((source.label, (variant.work_dir / source.stage).resolve()))
+    sources = [(source.label, variant.bring_up_to_date(source.stage)) for source, variant in variants(ctx.config)]
     loaded = _aligned(sources)
     first = loaded[0][1]
     labels = first.valid_labels
