@@ -136,3 +136,18 @@ def test_blend_refuses_an_unknown_feature_set_and_a_single_source(project):
     single = [s if not s.startswith("blend.sources") else "blend.sources=[{stage: cv}]" for s in BLEND]
     with pytest.raises(PipelineError, match="at least two"):
         stage_statuses(load_config("synth", sets=single))
+
+
+def test_a_blend_teaches_each_folds_student_with_its_own_folds_blend(blend_run):
+    from pipeline.training.pseudo import Teaching
+
+    work = blend_run.work_dir
+    taught = [s.replace("cv, blend, submit", "cv, blend, pseudo, submit") for s in BLEND] + ["pseudo.source=blend"]
+    runner.run(load_config("synth", sets=taught))
+    m = Manifest.read(work / "pseudo").metrics
+    assert m["source"] == "blend" and m["validation"] == "cv4-oof" and m["recipe"] == "finetune"
+    teachers = load_fold_test(work / "blend", 6, 4)
+    for row in m["students"]:
+        record = json.loads((work / "_runs" / "pseudo-students" / row["key"] / "unit.json").read_text())
+        assert record["taught"] == Teaching(teachers[row["fold"] - 1], np.ones(6, bool), 0.25).digest()
+    assert m["teacher_val_log_loss"] == Manifest.read(work / "blend").metrics["val_log_loss"]
