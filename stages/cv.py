@@ -8,7 +8,8 @@ Recipe: for fold f of F, with g = f + 1 (mod F): reuse the fold's model if one w
 on each side, upstream features, recipe settings, code and seed was trained before (folds are
 units of the run cache, `work/COMP/_runs/cv-folds/KEY/`), else
   1. choose its epochs without fold f: train `cv.source`'s recipe (finetune's, or finetune's then
-     bnretrain's) on the folds other than f and g, keeping the best epoch by fold g's loss;
+     bnretrain's, or a head then its backbone fine-tuned on the images: tune's) on the folds other
+     than f and g, keeping the best epoch of each step by fold g's loss;
   2. train on every fold but f for exactly those epochs of the same schedule (nothing selected on
      any row), then predict fold f (with its TTA passes when the recipe uses `tta`) and the test rows
 -> the OOF probabilities cover every training row once (written as the `valid` rows, in split
@@ -27,7 +28,7 @@ from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, SPLIT_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
-from pipeline.training.recipes import HEAD_RECIPES, needs_of, steps_of
+from pipeline.training.recipes import NAMES, needs_of, steps_of
 from pipeline.core.readers import read_table
 
 FOLD_STRATEGIES = ("kfold", "group_kfold")
@@ -36,8 +37,9 @@ FOLD_STRATEGIES = ("kfold", "group_kfold")
 class Settings(StrictModel):
     """The `cv` section: one model per fold of split.strategy kfold | group_kfold, each predicting the fold it never saw."""
 
-    source: Literal[HEAD_RECIPES] = Field("finetune", description=(
-        "the recipe each fold's model follows: finetune | bnretrain (as ensemble.source)"))
+    source: Literal[NAMES] = Field("finetune", description=(
+        "the recipe each fold's model follows: finetune | bnretrain | tune (a head by tune.source's recipe, then "
+        "its backbone fine-tuned on the fold's images; as ensemble.source)"))
     seed: int = Field(0, ge=0, description="every fold's model trains with this seed")
 
 
@@ -79,7 +81,7 @@ def run(ctx: StageContext) -> dict:
                               (steps, s.seed, f, g, held_out, selection, rows, f"{ctx.comp} fold {f + 1}")))
     # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
     units = ctx.map_units("folds", train_fold, items, "cv folds", recipes=steps, upstream=needs_of(steps, ctx.config),
-                          keyed_by_item=("split",))
+                          keyed_by_item=("split",), resumable=True)
     oof = np.zeros((len(ids), len(classes)), np.float32)
     test_probs, fold_rows = [], []
     for f, unit in enumerate(units):

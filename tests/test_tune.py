@@ -229,3 +229,37 @@ def test_tune_refuses_a_head_trained_on_features_of_another_shape():
                                             r"size, but the head was trained on \(1, 1, 1280\)"):
         stack(backbone, head)
     assert stack(backbone, build_head((2, 2, 1280), 3, "fc", [8], [0.0])).output_shape == (None, 3)
+
+
+@pytest.mark.slow  # 8 tune trainings (about a minute on 2 cores)
+def test_cv_folds_can_fine_tune_their_backbone_with_epochs_chosen_on_another_fold(warm_project, weights_file):
+    """cv.source tune: each fold's head, then its backbone, trained on the other folds' images for the epochs
+    chosen on the next fold; fold f's images are only predicted."""
+    sets = tiny_tune(weights_file, "stages=[download, split, precompute, cv, submit]", "split.strategy=group_kfold",
+                     "split.folds=4", "cv.source=tune", "tune.epochs=2", "tune.warmup_epochs=0", "submit.source=cv")
+
+    def build(root):
+        archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+        statefarm_like_config(root, archive, extra=AUGMENT)
+        runner.run(load_config("synth", sets=sets))
+
+    warm_project("cv-tune", build)
+    config = load_config("synth", sets=sets)
+    work = config.work_dir
+    m = Manifest.read(work / "cv").metrics
+    assert m["source"] == "tune" and m["validation"] == "cv4-oof" and m["trained"] == 4
+    split = pd.read_csv(work / "split" / "split.csv", dtype={"id": str})
+    assert load_predictions(work / "cv").valid_ids == split["id"].tolist()
+    for run in m["fold_runs"]:
+        unit = work / "_runs" / "cv-folds" / run["key"]
+        record = json.loads((unit / "unit.json").read_text())
+        assert record["arch"] == "pool + backbone" and set(record["chosen_epochs"]) == {"finetune", "tune"}
+        selection = pd.read_csv(unit / "selection" / "history.csv")
+        assert record["chosen_epochs"]["tune"] == int(selection["val_loss"].to_numpy().argmin()) + 1
+        history = pd.read_csv(unit / "history.csv")
+        assert len(history) == record["chosen_epochs"]["tune"]  # exactly the chosen epochs
+        assert history.get("val_loss", pd.Series([np.nan])).isna().all()  # fold f never scored in training
+        held_out = split["fold"].to_numpy() == run["fold"] - 1
+        assert load_predictions(unit).valid_ids == split["id"][held_out].tolist()
+        assert record["n_train"] == int((~held_out).sum()) and record["n_valid"] == int(held_out.sum())
+    assert not any((work / "_cache").glob("cv-folds-backup/*"))  # each fold's epoch backups went once it was stored

@@ -41,13 +41,14 @@ class SplitImages:
     test: ImageRows
 
 
-def load_split_images(download_dir: Path, split_dir: Path, classes: list[str]) -> SplitImages:
+def load_split_images(download_dir: Path, split_dir: Path, classes: list[str], sides=None) -> SplitImages:
     """The split's train / valid rows and the test rows as image files.
 
     Args:
         download_dir: download's output (`index.csv`, `raw/`).
         split_dir: split's output (`split.csv`, the index's training ids in the index's order).
         classes: the competition's classes, in output order.
+        sides: (train, valid) boolean masks over the split's rows instead of its sides (a cv fold's).
 
     Returns:
         `SplitImages`; raises PipelineError when the index and the split disagree on the ids' order.
@@ -63,11 +64,14 @@ def load_split_images(download_dir: Path, split_dir: Path, classes: list[str]) -
                    str(split_dir / SPLIT_FILE))
     labels = label_indices(train["label"], classes)
     valid = (split["side"] == "valid").to_numpy()
+    training = ~valid
+    if sides is not None:
+        training, valid = (np.asarray(side, bool) for side in sides)
 
     def rows(frame: pd.DataFrame, mask: np.ndarray, labels: np.ndarray) -> ImageRows:
         numbers = np.flatnonzero(mask)
         return ImageRows([raw / frame["path"][i] for i in numbers], labels[numbers],
                          frame["id"][mask].astype(str).tolist(), numbers)
 
-    return SplitImages(classes, rows(train, ~valid, labels), rows(train, valid, labels),
+    return SplitImages(classes, rows(train, training, labels), rows(train, valid, labels),
                        rows(test, np.ones(len(test), bool), np.full(len(test), -1)))

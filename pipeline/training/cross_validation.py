@@ -15,7 +15,7 @@ SELECTION_DIR = "selection"  # inside a fold's unit: the model that chose the ep
 
 
 def train_fold(config, inputs: dict[str, Path], steps: tuple, seed: int, f: int, g: int, held_out, selection,
-               rows: dict, title: str, out: Path) -> dict:
+               rows: dict, title: str, out: Path, backup: Path | None = None) -> dict:
     """Fold f's model into `out` (here or on a Ray worker).
 
     Args:
@@ -27,6 +27,7 @@ def train_fold(config, inputs: dict[str, Path], steps: tuple, seed: int, f: int,
         held_out, selection: boolean masks of their rows over the split's rows.
         rows: the ids on each side, for the record.
         title: names the model in messages.
+        backup: where a resumable recipe (tune) backs up the epochs of both trainings (`selection/`, `final/`).
 
     Returns:
         Its record: the final model's scores on fold f, `chosen_epochs`, the rows, the selection score.
@@ -34,8 +35,9 @@ def train_fold(config, inputs: dict[str, Path], steps: tuple, seed: int, f: int,
     warnings: list[str] = []
     (out / SELECTION_DIR).mkdir()
     chosen = train_steps(config, steps, inputs, seed, out / SELECTION_DIR, sides=(~held_out & ~selection, selection),
-                         log=say, warn=collecting(warnings), title=f"{title} selection")
+                         backup=backup and backup / SELECTION_DIR, log=say, warn=collecting(warnings),
+                         title=f"{title} selection")
     final = train_steps(config, steps, inputs, seed, out, sides=(~held_out, held_out), stop_after=chosen["best_epochs"],
-                        log=say, warn=collecting(warnings), title=title)
+                        backup=backup and backup / "final", log=say, warn=collecting(warnings), title=title)
     return {**final, "fold": f + 1, "selection_fold": g + 1, "chosen_epochs": chosen["best_epochs"], "rows": rows,
             "selection_val_log_loss": chosen["val_log_loss"], "warnings": warnings}

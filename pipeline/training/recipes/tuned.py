@@ -79,7 +79,7 @@ def training_augmenter(config, seed: int):
 
 
 def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int, log=print,
-               verbose: int = 2) -> dict:
+               verbose: int = 2, stop_after: int | None = None) -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
     Args:
@@ -91,6 +91,9 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
         seed: the run's seed (`tune.seed`, or an ensemble member's).
         log: prints progress.
         verbose: Keras' fit verbosity.
+        stop_after: train exactly this many epochs of the schedule and keep the last, never scoring
+            the validation rows in training (a cv fold's epochs, chosen on another fold); None: keep
+            the best epoch by validation loss.
 
     Returns:
         Its record: validation scores, best epoch, what was unfrozen, timing, `resumed_at`.
@@ -127,12 +130,12 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
-            steps_per_epoch=steps, backup_dir=backup_dir)
+            steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after)
         seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
     predictions, valid_each = predict_split(config, model, images, preprocess, plan)
     metrics = record(predictions, valid_each, history, best_epoch, out_dir)
-    trained_now = max(1, s.epochs - start)
+    trained_now = max(1, (stop_after or s.epochs) - start)
     return {**metrics, "source": s.source, "image_size": list(size), "unfreeze": s.unfreeze,
             "unfrozen_blocks": unfrozen.blocks, "total_blocks": unfrozen.total_blocks,
             "trainable_backbone_parameters": unfrozen.trainable_backbone_weights,
@@ -211,18 +214,16 @@ class TuneRecipe(Recipe):
     def load(self, config, inputs, sides=None):
         from pipeline.data.image_rows import load_split_images
 
-        if sides is not None:
-            raise PipelineError("the tune recipe trains on the split's sides only: it cannot train a cv fold")
-        return load_split_images(inputs["download"], inputs["split"], config.competition.classes)
+        return load_split_images(inputs["download"], inputs["split"], config.competition.classes, sides)
 
     def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
             backup=None, verbose=0) -> dict:
-        if stop_after is not None or teaching is not None:
-            raise PipelineError("the tune recipe keeps its best epoch on the split's validation rows: it cannot train "
-                                "a fold for a chosen number of epochs or a pseudo-labelled student")
+        if teaching is not None:
+            raise PipelineError("the tune recipe trains on labelled images only: it cannot train a pseudo-labelled "
+                                "student")
         if backup is None:
             raise ValueError("the tune recipe backs up every epoch: it needs a backup folder")
-        return tune_model(config, data, start, out, backup, seed, log, verbose)
+        return tune_model(config, data, start, out, backup, seed, log, verbose, stop_after)
 
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"
