@@ -279,3 +279,31 @@ def test_label_smoothing_trains_on_smoothed_targets_and_chooses_the_epoch_on_pla
                                    verbose=0, label_smoothing=0.2)
     assert best == int(np.argmin(history["val_log_loss"])) and best_loss == min(history["val_log_loss"])
     assert all(s > p for s, p in zip(history["val_loss"], history["val_log_loss"]))  # smoothing costs on confident rows
+
+
+def test_ema_writes_the_moving_average_into_the_model_at_every_epoch_end(tmp_path):
+    import keras
+
+    from pipeline.training.fit import Phase, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8)).astype("float32")
+    labels = (x[:, 0] > 0).astype("int64")
+
+    def trained(ema):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+        history, _, _ = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), phases=[Phase(1, 0.05)],
+                            schedule="phases", optimizer="sgd", momentum=0.0, batch_size=16, out_dir=tmp_path, verbose=0,
+                            ema=ema)
+        return model, history
+
+    plain, _ = trained(None)
+    averaged, history = trained(0.5)
+    optimizer = averaged.optimizer
+    assert optimizer.use_ema and optimizer.ema_momentum == 0.5 and optimizer.ema_overwrite_frequency == 4  # 64 / 16
+    for weights, average in zip(averaged.trainable_variables, optimizer._model_variables_moving_average):
+        np.testing.assert_allclose(np.asarray(weights), np.asarray(average), rtol=1e-6)  # the model holds the average
+    assert not np.allclose(np.asarray(averaged.trainable_variables[0]), np.asarray(plain.trainable_variables[0]))
+    expected = keras.losses.SparseCategoricalCrossentropy()(labels[64:], averaged.predict(x[64:], verbose=0))
+    assert history["val_loss"][0] == pytest.approx(float(expected), rel=1e-4)  # validation scored the average

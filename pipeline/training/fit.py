@@ -50,7 +50,8 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[labels]
 
 
-def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors: dict[str, float] | None = None):
+def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors: dict[str, float] | None = None,
+                   ema: float | None = None, ema_every: int | None = None):
     """A Keras optimizer.
 
     Args:
@@ -59,10 +60,14 @@ def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors
         momentum: sgd only.
         rate_factors: variable path -> factor of the learning rate for that variable (discriminative
             rates); variables not named use the rate itself. None: a plain Keras optimizer.
+        ema: Keras' own moving average of the weights (`use_ema`) with this momentum; None: off.
+        ema_every: steps between two writes of the average into the model's weights.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     arguments = {"learning_rate": learning_rate, **({"momentum": momentum} if name == "sgd" else {})}
+    if ema is not None:
+        arguments.update(use_ema=True, ema_momentum=ema, ema_overwrite_frequency=ema_every)
     if rate_factors is None:
         return _optimizer_class(name)(**arguments)
     return discriminative(name)(rate_factors=rate_factors, **arguments)
@@ -162,7 +167,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
         extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
         rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
-        backup_dir: Path | None = None, label_smoothing: float = 0.0):
+        backup_dir: Path | None = None, label_smoothing: float = 0.0, ema: float | None = None):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
@@ -182,6 +187,8 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
             the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
             on the smoothed loss.
+        ema: keep Keras' moving average of the weights with this momentum, written into the model at
+            the end of every epoch (so the validation loss and the kept epoch are the average's); None: off.
         backup_dir: make the run resumable: every finished epoch is backed up there (weights,
             optimizer state, history, the best epoch's weights), and a run that finds a backup
             continues after its last epoch (`train` must then start at that epoch, see
@@ -217,7 +224,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
     # with smoothed targets the loss is not the log loss: the best epoch is chosen on the plain one
     metrics = ["accuracy", log_loss(name="log_loss")] if label_smoothing else ["accuracy"]
     monitor = "val_log_loss" if label_smoothing else "val_loss"
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors), loss=loss,
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors, ema, steps), loss=loss,
                   metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
     valid = valid if stop_after is None else None

@@ -134,7 +134,7 @@ class HeadRecipe(CachedRowsRecipe):
             model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
             schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
             out_dir=out, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
-            soft_targets=teaching is not None, label_smoothing=s.label_smoothing)
+            soft_targets=teaching is not None, label_smoothing=s.label_smoothing, ema=s.ema)
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),
