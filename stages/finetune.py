@@ -45,6 +45,9 @@ class Settings(StrictModel):
         "train against (1 - s) one-hot + s / classes (0: off); the best epoch is chosen on plain log loss"))
     tta: bool = Field(False, description=(
         "average predictions over the clean rows and augment's test passes (validation rows alike)"))
+    mixup: float | None = Field(None, gt=0, description=(
+        "mix each training row with another of its batch, targets alike, weight ~ Beta(a, a) (0.2-0.4 usual; null: "
+        "off)"))
     ema: float | None = Field(None, gt=0, lt=1, description=(
         "keep an exponential moving average of the weights with this momentum (0.99: about the last 100 steps), "
         "written into the model at the end of every epoch, so validation and the best epoch see it (null: off)"))

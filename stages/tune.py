@@ -49,6 +49,14 @@ class Settings(StrictModel):
     augment: bool = Field(True, description="draw augment.transforms afresh for every epoch and image (on the fly)")
     tta: bool = Field(False, description=(
         "average predictions over the clean images and augment.test_passes augmented versions"))
+    mixup: float | None = Field(None, gt=0, description=(
+        "Keras' MixUp on every training batch, weight ~ Beta(a, a) (0.2 usual; null: off)"))
+    cutmix: float | None = Field(None, gt=0, le=1, description=(
+        "Keras' CutMix on every training batch: a patch of another image pasted, labels mixed by area; its "
+        "factor (1: any patch size; null: off)"))
+    gradient_accumulation_steps: int | None = Field(None, ge=2, description=(
+        "update the weights every N batches with their mean gradient (an N x larger batch in the same memory; "
+        "null: every batch)"))
     seed: int = Field(0, description="shuffling, augmentation draws, dropout")
 
     @field_validator("unfreeze", mode="before")

@@ -307,3 +307,55 @@ def test_ema_writes_the_moving_average_into_the_model_at_every_epoch_end(tmp_pat
     assert not np.allclose(np.asarray(averaged.trainable_variables[0]), np.asarray(plain.trainable_variables[0]))
     expected = keras.losses.SparseCategoricalCrossentropy()(labels[64:], averaged.predict(x[64:], verbose=0))
     assert history["val_loss"][0] == pytest.approx(float(expected), rel=1e-4)  # validation scored the average
+
+
+def test_mixup_on_cached_rows_mixes_rows_and_targets_with_the_same_weight():
+    from pipeline.training.mixup import mixed_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = rng.integers(0, 3, 40)
+    batches = mixed_rows(x, y, 3, 16, 0.4, seed=7)
+    assert len(batches) == 3
+    mixed, targets = batches[0]
+    assert mixed.shape == (16, 6) and targets.shape == (16, 3)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    order = np.random.default_rng([7, 0]).permutation(40)
+    rows = np.sort(order[:16])  # the epoch's first batch
+    for i in range(16):  # each mixed row is w * its row + (1 - w) * a partner of the batch, its target the same blend
+        solved = [(j, w) for j in range(16) for w in [np.dot(mixed[i] - x[rows[j]], x[rows[i]] - x[rows[j]])
+                                                       / max(np.sum((x[rows[i]] - x[rows[j]]) ** 2), 1e-12)]
+                  if np.allclose(w * x[rows[i]] + (1 - w) * x[rows[j]], mixed[i], atol=1e-5)]
+        j, w = solved[0]
+        np.testing.assert_allclose(targets[i], w * np.eye(3)[y[rows[i]]] + (1 - w) * np.eye(3)[y[rows[j]]], atol=1e-4)
+    np.testing.assert_array_equal(batches[0][0], mixed)  # the same draw for the same (seed, epoch, batch)
+    batches.on_epoch_end()
+    assert not np.allclose(batches[0][0], mixed)  # a new epoch draws afresh
+
+
+def test_image_mixup_cutmix_and_gradient_accumulation_train_on_soft_targets(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.training.fit import Phase, fit
+    from pipeline.training.mixup import image_mixer
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (24, 16, 16, 3)).astype("float32")
+    labels = rng.integers(0, 3, 24)
+    mix = image_mixer(0.4, 1.0, 3, seed=3)
+    assert image_mixer(None, None, 3, seed=3) is None
+    mixed, targets = mix(tf.constant(images[:8]), tf.constant(labels[:8]))
+    assert mixed.shape == (8, 16, 16, 3) and targets.shape == (8, 3)
+    np.testing.assert_allclose(np.asarray(targets).sum(axis=1), 1.0, rtol=1e-5)
+    assert (np.asarray(targets).max(axis=1) < 1.0).any()  # some labels are mixed
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).repeat(2).map(mix)
+    valid = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="softmax")])
+    history, _, _ = fit(model, train, valid, phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
+                        batch_size=8, out_dir=tmp_path, verbose=0, steps_per_epoch=3, soft_targets=True, accumulate=3)
+    assert model.optimizer.gradient_accumulation_steps == 3 and int(model.optimizer.iterations) == 2  # 6 steps, 2 updates
+    expected = keras.losses.SparseCategoricalCrossentropy()(labels, model.predict(images, verbose=0))
+    assert history["val_loss"][-1] == pytest.approx(float(expected), rel=1e-4)  # validation on the plain labels

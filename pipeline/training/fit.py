@@ -51,7 +51,7 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
 
 
 def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors: dict[str, float] | None = None,
-                   ema: float | None = None, ema_every: int | None = None):
+                   ema: float | None = None, ema_every: int | None = None, accumulate: int | None = None):
     """A Keras optimizer.
 
     Args:
@@ -62,12 +62,15 @@ def make_optimizer(name: str, learning_rate, momentum: float = 0.9, rate_factors
             rates); variables not named use the rate itself. None: a plain Keras optimizer.
         ema: Keras' own moving average of the weights (`use_ema`) with this momentum; None: off.
         ema_every: steps between two writes of the average into the model's weights.
+        accumulate: Keras' `gradient_accumulation_steps` (None: update every step).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     arguments = {"learning_rate": learning_rate, **({"momentum": momentum} if name == "sgd" else {})}
     if ema is not None:
         arguments.update(use_ema=True, ema_momentum=ema, ema_overwrite_frequency=ema_every)
+    if accumulate is not None:
+        arguments.update(gradient_accumulation_steps=accumulate)
     if rate_factors is None:
         return _optimizer_class(name)(**arguments)
     return discriminative(name)(rate_factors=rate_factors, **arguments)
@@ -167,7 +170,8 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
         extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
         rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
-        backup_dir: Path | None = None, label_smoothing: float = 0.0, ema: float | None = None):
+        backup_dir: Path | None = None, label_smoothing: float = 0.0, ema: float | None = None,
+        accumulate: int | None = None):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
@@ -180,13 +184,15 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
         stop_after: train only the first this many epochs of the schedule (the schedule itself is
             unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
-        soft_targets: `train` yields probability rows (pseudo-labels) instead of class indices:
+        soft_targets: `train` yields probability rows (pseudo-labels, mixup) instead of class indices:
             categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
         rate_factors: discriminative learning rates, see `make_optimizer`.
         steps_per_epoch: batches per epoch of a `train` whose length tf.data cannot tell.
         label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
             the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
             on the smoothed loss.
+        accumulate: update the weights every this many steps with the mean of their gradients (Keras'
+            `gradient_accumulation_steps`: a larger batch than memory holds); None: every step.
         ema: keep Keras' moving average of the weights with this momentum, written into the model at
             the end of every epoch (so the validation loss and the kept epoch are the average's); None: off.
         backup_dir: make the run resumable: every finished epoch is backed up there (weights,
@@ -216,15 +222,20 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing \
             else "categorical_crossentropy"
         log_loss = keras.metrics.CategoricalCrossentropy
-        if valid is not None:
+        if isinstance(valid, tuple):
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
+        elif valid is not None:  # a tf.data Dataset of (images, class indices) batches
+            import tensorflow as tf
+
+            classes = model.output_shape[-1]
+            valid = valid.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
     else:
         loss = smoothed_sparse_crossentropy()(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
         log_loss = keras.metrics.SparseCategoricalCrossentropy
     # with smoothed targets the loss is not the log loss: the best epoch is chosen on the plain one
     metrics = ["accuracy", log_loss(name="log_loss")] if label_smoothing else ["accuracy"]
     monitor = "val_log_loss" if label_smoothing else "val_loss"
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors, ema, steps), loss=loss,
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors, ema, steps, accumulate), loss=loss,
                   metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
     valid = valid if stop_after is None else None

@@ -128,13 +128,21 @@ class HeadRecipe(CachedRowsRecipe):
         if s.augment and teaching is not None:
             raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
                                 "finetune.augment (augmentation on the fly): set finetune.augment: null")
-        train, pseudo_rows = taught(self.batches(config, data, seed), data, teaching, s.batch_size, seed, log)
+        train = self.batches(config, data, seed)
+        if s.mixup is not None:
+            from pipeline.training.mixup import mixed_rows
+
+            if teaching is not None or not isinstance(train, tuple):
+                raise PipelineError("finetune.mixup mixes the cached rows of each batch; it cannot be combined with "
+                                    "pseudo-labels or finetune.augment (augmentation on the fly)")
+            train = mixed_rows(*train, len(data.classes), s.batch_size, s.mixup, seed)
+        train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, log)
         began = time.perf_counter()
         history, best_epoch, _ = fit(
             model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
             schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
             out_dir=out, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
-            soft_targets=teaching is not None, label_smoothing=s.label_smoothing, ema=s.ema)
+            soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema)
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),

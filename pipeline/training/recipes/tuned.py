@@ -104,6 +104,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
     from pipeline.models.device import plan_device, replicas_scope
     from pipeline.models.unfreeze import backbone_rate_factors
     from pipeline.training.fit import Phase, fit
+    from pipeline.training.mixup import image_mixer
     from pipeline.training.record import record, set_determinism
     from pipeline.training.resumable import resumed_epoch
 
@@ -119,6 +120,9 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
         start = resumed_epoch(backup_dir)
         train, steps = training_stream(images.train, size, s.batch_size, preprocess,
                                        training_augmenter(config, seed), seed, start, s.epochs)
+        mix = image_mixer(s.mixup, s.cutmix, len(images.classes), seed)
+        if mix is not None:
+            train = train.map(mix)
         log(f"{backbone.name} at {size[0]}x{size[1]} + {s.source}'s head: {len(unfrozen.blocks)} of "
             f"{unfrozen.total_blocks} blocks unfrozen ({unfrozen.trainable_backbone_weights:,} backbone parameters "
             f"at lr x {s.backbone_lr_mult}, {unfrozen.frozen_batchnorm} batchnorm layers in inference mode), "
@@ -130,7 +134,8 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
-            steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after)
+            steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after, soft_targets=mix is not None,
+            accumulate=s.gradient_accumulation_steps)
         seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
     predictions, valid_each = predict_split(config, model, images, preprocess, plan)
