@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model, field_validator
 
 from pipeline.core.artifacts import VARIANTS_FOLDER
 from pipeline.core.cache import STAMP_MODES
-from pipeline.core.competition import Competition
+from pipeline.core.competition import Competition, network_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.executor import Compute
 from pipeline.core.readers import read_text
@@ -78,6 +78,8 @@ class FeatureSet(StrictModel):
         "as precompute.preprocess"))
     cut: Literal["conv", "pool"] | None = Field(None, description="as precompute.cut")
     image_size: list[int] | None = Field(None, description="as precompute.image_size")
+
+    _height_width = field_validator("image_size")(network_size)
 
     def overrides(self) -> dict[str, Any]:
         """{`precompute.KEY`: value} for each key this feature set sets."""

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, array_file, rows_file
 from pipeline.core.errors import PipelineError
+from pipeline.core.competition import network_size
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.models.backbones import FILE_BACKBONE
 
@@ -64,12 +65,7 @@ class Settings(StrictModel):
             application(name)
         return name
 
-    @field_validator("image_size")
-    @classmethod
-    def _height_width(cls, value):
-        if value is not None and (len(value) != 2 or min(value) < 32):
-            raise ValueError(f"expected [height, width] of at least 32 pixels each, or null, got {value!r}")
-        return value
+    _height_width = field_validator("image_size")(network_size)
 
 
 def run(ctx: StageContext) -> dict:

@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.core.competition import network_size
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS
@@ -66,12 +67,7 @@ class Settings(StrictModel):
             raise ValueError(f"expected a number of top blocks (0 or more) or all, got {value!r}")
         return value
 
-    @field_validator("image_size")
-    @classmethod
-    def _height_width(cls, value):
-        if value is not None and (len(value) != 2 or min(value) < 32):
-            raise ValueError(f"expected [height, width] of at least 32 pixels each, or null, got {value!r}")
-        return value
+    _height_width = field_validator("image_size")(network_size)
 
     @model_validator(mode="after")
     def _warmup_inside(self):

@@ -58,3 +58,11 @@ class Competition(StrictModel):
         """The fields scoring reads, unvalidated (no slug, clip or image size: a server has none)."""
         return cls.model_construct(id_column=id_column, submission_columns=submission_columns, metric=metric,
                                    task=task, classes=classes)
+
+
+def network_size(value: list[int] | None) -> list[int] | None:
+    """A validator of an optional [height, width] a network is fed at (`precompute.image_size`,
+    `tune.image_size`, a feature set's): two sides of at least 32 pixels, or None."""
+    if value is not None and (len(value) != 2 or min(value) < 32):
+        raise ValueError(f"expected [height, width] of at least 32 pixels each, or null, got {value!r}")
+    return value

@@ -204,6 +204,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         (history dict, best epoch index, best validation loss; with `stop_after` the last epoch and None).
     """
     import keras
+    import tensorflow as tf
 
     arrays = isinstance(train, tuple)
     steps = steps_per_epoch or (math.ceil(len(train[0]) / batch_size) if arrays else len(train))
@@ -225,8 +226,6 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         if isinstance(valid, tuple):
             valid = (valid[0], one_hot(valid[1], model.output_shape[-1]))
         elif valid is not None:  # a tf.data Dataset of (images, class indices) batches
-            import tensorflow as tf
-
             classes = model.output_shape[-1]
             valid = valid.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
     else:
@@ -253,8 +252,6 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,
                             shuffle=True, callbacks=callbacks, verbose=verbose)
     else:
-        import tensorflow as tf
-
         # a keras PyDataset's batch order is shuffled by fit; a tf.data stream comes shuffled (and Keras warns
         # that it ignores shuffle=True there)
         history = model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=steps_per_epoch,
