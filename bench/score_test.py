@@ -1,7 +1,8 @@
 """Score the latest submission of a competition on its hidden test labels (solution.csv).
 
 A benchmark, not a stage: it is the only place besides a scoring server that reads solution.csv.
-Prints validation next to test, so a validation set that flatters the model shows.
+Prints validation next to test, so a validation set that flatters the model shows; with a blend
+among the submission's stages, each blend source's test score too (as submitted: clipped alike).
     .venv/bin/python bench/score_test.py --comp dogscats --config configs/offline/dogscats.yaml
 Writes bench/results/score_COMP.json.
 """
@@ -18,6 +19,27 @@ from pipeline.core.cache import Manifest  # noqa: E402
 from pipeline.bench_results import write_result  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
+
+
+def blend_sources_on_test(config) -> dict:
+    """{source: its validation and test scores} for each source of the competition's current blend, or {}."""
+    from pipeline.core.readers import read_table
+    from pipeline.evaluation.predictions import load_predictions
+    from pipeline.evaluation.scoring import score_accuracy_of_probabilities, score_submission, solution_file
+    from pipeline.evaluation.submission import submission_frame
+
+    blend = Manifest.read(config.work_dir / "blend") if (config.work_dir / "blend").exists() else None
+    if blend is None:
+        return {}
+    solution = read_table(solution_file(config), dtype=str)
+    scores = {}
+    for name, source in blend.metrics["sources"].items():
+        p = load_predictions(Path(source["folder"]))
+        frame = submission_frame(p.test_ids, p.test_probs, config.competition, config.get("submit.renormalize"))
+        scores[name] = {"val_log_loss": source["val_log_loss"], "weight": blend.metrics["weights"][name],
+                        "test_score": round(score_submission(frame, solution, config.competition), 5),
+                        "test_accuracy": round(score_accuracy_of_probabilities(frame, solution, config.competition), 5)}
+    return scores
 
 
 def main() -> None:
@@ -52,6 +74,10 @@ def main() -> None:
     print(f"{competition.metric + clipped:22} {result['val_score_clipped']:11.4f} {result['test_score']:8.4f}")
     if result["test_accuracy"] is not None:
         print(f"{'accuracy':22} {result['val_accuracy']:11.4f} {result['test_accuracy']:8.4f}")
+    result["blend_sources"] = blend_sources_on_test(config)
+    for name, scores in result["blend_sources"].items():
+        print(f"  blend source {name}: weight {scores['weight']:.2f}, validation log loss {scores['val_log_loss']:.4f}, "
+              f"test {scores['test_score']:.4f} (accuracy {scores['test_accuracy']:.4f})")
     write_result(f"score_{args.comp}_{config.get('split.strategy')}.json", result)
 
 
