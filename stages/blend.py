@@ -96,6 +96,10 @@ def variants(config) -> list[tuple[Source, Any]]:
                 raise PipelineError(f"{where}.features: no feature set {source.features!r} in `features` "
                                     f"(declared: {', '.join(declared) or 'none'})")
             overrides.update(config.section("features")[source.features].overrides())
+        shared = [key for key in source.set if key.split(".")[0] in ("download", "split", "competition", "blend")]
+        if shared:
+            raise PipelineError(f"{where}.set: {shared[0]!r}: every source shares the competition's images, split and "
+                                "classes (its rows are blended row by row); change it for the whole competition")
         overrides.update(source.set)
         variant = config.variant_of(source.label, overrides, source.stage, where)
         if "blend" in variant.model.stages:
@@ -220,6 +224,8 @@ def _group_folds(index, ids: list[str], labels, n_folds: int, seed: int):
     groups = train["group"].reindex(ids).fillna("").to_numpy()
     groups = np.where(groups == "", np.asarray(ids, dtype=object), groups)
     n_folds = min(n_folds, len(set(groups)))
+    if n_folds < 2:
+        raise PipelineError("blend: the validation rows hold one group only; cross-fitting the weights needs two")
     folds = np.empty(len(ids), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fold, (_, inside) in enumerate(splitter.split(np.zeros(len(ids)), labels, groups)):

@@ -136,6 +136,10 @@ def test_blend_refuses_an_unknown_feature_set_and_a_single_source(project):
     single = [s if not s.startswith("blend.sources") else "blend.sources=[{stage: cv}]" for s in BLEND]
     with pytest.raises(PipelineError, match="at least two"):
         stage_statuses(load_config("synth", sets=single))
+    resplit = [s if not s.startswith("blend.sources") else "blend.sources=[{stage: cv}, {stage: cv, set: {split.seed: 1}, name: other}]"
+               for s in BLEND]
+    with pytest.raises(PipelineError, match=r"blend.sources\[1\].set: 'split.seed': every source shares"):
+        stage_statuses(load_config("synth", sets=resplit))
 
 
 def test_a_blend_teaches_each_folds_student_with_its_own_folds_blend(blend_run):
