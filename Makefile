@@ -54,4 +54,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip uninstall --quiet --yes $(if $(filter gpu,$(TF)),tensorflow-cpu,tensorflow) >/dev/null 2>&1 || true
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,ray,$(TF)]'
+	# KerasHub (precompute.backbone hub:PRESET) without its declared dependencies: they pin tensorflow-text (the
+	# full TensorFlow wheel, which would replace tensorflow-cpu) and kagglehub's kagglesdk 0.1.28 (the kaggle
+	# client needs 0.1.37+); loading a saved preset folder needs neither (pyproject lists what it does need)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'keras-hub==0.32.0'
 	echo $(TF) > $@

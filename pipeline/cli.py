@@ -10,6 +10,8 @@
     kp lr-find --comp NAME [--stage S] [--apply]   learning-rate range test: suggested rates, lr_find.png
     kp show   --comp NAME [--augmented]     a grid of training images with their labels, as a PNG
     kp report --comp NAME                  one self-contained HTML page of everything the run left
+    kp sweep  --comp NAME --grid KEY=V1,V2 [--grid ...] [--objective STAGE]   a grid of trials on the run cache
+    kp runs   --comp NAME [--stage S] [--sort] [--json] [--best [--apply FILE]]   every stored run, side by side
     kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
 
 Stage commands are built from the stage modules' files (read, not imported), so a new module in
@@ -24,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import click
 
@@ -221,6 +224,64 @@ def status(comp, extra_files, sets, as_json, verify):
         click.echo(f"damaged outputs in {', '.join(damaged)}: kp STAGE --force --comp {comp} rewrites them "
                    "(and reruns what was built on them if they change)", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--grid", multiple=True, required=True, metavar="KEY=V1,V2",
+              help="A setting and the values to try (YAML, commas outside brackets split them); repeatable: every "
+                   "combination is a trial.")
+@click.option("--objective", default=None, metavar="STAGE",
+              help="The predicting stage whose validation score is compared (default: cv when listed, else the last "
+                   "predicting stage).")
+@click.option("--name", default=None, help="The sweep's folder under work/COMP/sweeps/ (default: objective + grid digest).")
+@_config_options
+def sweep(comp, extra_files, sets, grid, objective, name):
+    """A grid of settings, each trial an ordinary run restored from the run cache where it ran before."""
+    from pipeline.sweeps import run_sweep
+
+    folder, trials = run_sweep(comp, extra_files, sets, list(grid), objective, name,
+                               say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    score = next(key for key in ("val_log_loss", "val_accuracy") if key in trials[0])
+    for trial in trials:
+        settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
+        click.echo(f"{trial['trial']:>3}  {trial[score]:.5f}  {settings}")
+    click.echo(f"{len(trials)} trials of {trials[0]['objective']} ({score}); each trial's command: {folder}/trials.jsonl")
+
+
+@cli.command()
+@click.option("--stage", "stage_names", multiple=True, help="Only this predicting stage's runs (repeatable).")
+@click.option("--sort", is_flag=True, help="Best score first (default: newest first).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable rows.")
+@click.option("--best", is_flag=True, help="Print the best run's settings as an overlay for --config.")
+@click.option("--apply", "apply_to", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --best: also write the overlay to FILE.")
+@_config_options
+def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to):
+    """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
+    from pipeline.core.cache import write_text_atomic
+    from pipeline.sweeps import best_overlay, stored_runs
+
+    config = _load(comp, extra_files, sets, shallow=True)
+    rows = stored_runs(config, tuple(stage_names) or None)
+    if sort:
+        accuracy = config.competition.metric == "accuracy"
+        rows.sort(key=lambda row: -row["val_accuracy"] if accuracy else row["val_log_loss"])
+    if best or apply_to:
+        _, overlay = best_overlay(config, rows)
+        click.echo(overlay, nl=False)
+        if apply_to:
+            write_text_atomic(Path(apply_to), overlay)
+            click.echo(f"wrote {apply_to} (use it with --config {apply_to})", err=True)
+        return
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        spread = f" folds {row['fold_min']:.3f}-{row['fold_max']:.3f}" if row["fold_min"] is not None else ""
+        differs = " ".join(f"{key}={json.dumps(value)}" for key, value in row["differs"].items()) or "(as configured)"
+        click.echo(f"{'*' if row['current'] else ' '} {row['stage']:<9} {row['fingerprint']}  {row['val_log_loss']:.5f}  "
+                   f"{row['validation']:<8}{spread}  {row['finished'][:16]}  {row['duration_s']:.0f}s  {differs}")
+    click.echo(f"{len(rows)} stored runs (* the current result of its stage)", err=True)
 
 
 @cli.command("lr-find")

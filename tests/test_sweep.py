@@ -1,0 +1,69 @@
+"""kp sweep and kp runs: a grid of trials on the run cache (a repeated trial trains nothing), every stored run
+side by side with the settings that differ, and the best run's overlay."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_config
+from pipeline.core.cache import Manifest
+from pipeline.core.errors import PipelineError
+from pipeline.sweeps import grid_trials, split_values
+from tests.test_cv import CV, _cross_validated
+
+
+def _options(sets):
+    return [arg for assignment in sets for arg in ("--set", assignment)]
+
+
+def test_grid_values_split_outside_brackets_and_combine_in_order():
+    assert split_values("[16, 16],[32],0.5") == ["[16, 16]", "[32]", "0.5"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    assert grid_trials(["model.hidden=[8],[16, 16]", "cv.seed=0,1"]) == [
+        {"model.hidden": "[8]", "cv.seed": "0"}, {"model.hidden": "[8]", "cv.seed": "1"},
+        {"model.hidden": "[16, 16]", "cv.seed": "0"}, {"model.hidden": "[16, 16]", "cv.seed": "1"}]
+    with pytest.raises(PipelineError, match="an empty value"):
+        split_values("1,,2")
+    with pytest.raises(PipelineError, match="given twice"):
+        grid_trials(["cv.seed=0", "cv.seed=1"])
+
+
+def test_a_sweep_reuses_the_cache_lists_its_runs_and_gives_the_best_overlay(warm_project):
+    root = warm_project("cv", _cross_validated)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--grid", "cv.seed=0,1", "--name", "seeds"])
+    assert result.exit_code == 0, result.output
+    folder = root / "work" / "synth" / "sweeps" / "seeds"
+    trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    assert [t["overrides"] for t in trials] == [{"cv.seed": "0"}, {"cv.seed": "1"}]
+    assert trials[0]["ran"] == []  # the base run's trial: every result was stored already
+    assert trials[1]["ran"] == ["cv"]  # only the folds of the new seed trained: features, split restored or skipped
+    assert trials[1]["command"].startswith("kp cv --comp synth ") and trials[1]["command"].endswith("--set cv.seed=1")
+    for trial in trials:  # each score is its own cv run's
+        run = Manifest.read(root / "work" / "synth" / "_runs" / "cv" / trial["fingerprint"])
+        assert trial["val_log_loss"] == run.metrics["val_log_loss"] and trial["validation"] == "cv4-oof"
+
+    again = runner.invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--grid", "cv.seed=0,1", "--name", "seeds"])
+    assert again.exit_code == 0, again.output
+    assert all(json.loads(line)["ran"] == [] for line in (folder / "trials.jsonl").read_text().splitlines())
+
+    listed = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--stage", "cv", "--json"])
+    rows = json.loads(listed.stdout)
+    assert {row["fingerprint"] for row in rows} == {t["fingerprint"] for t in trials}
+    differs = {row["fingerprint"]: row["differs"] for row in rows}
+    assert differs[trials[0]["fingerprint"]] == {} and differs[trials[1]["fingerprint"]] == {"cv.seed": 1}
+
+    best = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--stage", "cv", "--best", "--apply",
+                               str(root / "best.yaml")])
+    assert best.exit_code == 0, best.output
+    winner = min(trials, key=lambda t: t["val_log_loss"])
+    overlay = yaml.safe_load((root / "best.yaml").read_text())
+    assert overlay == ({} if winner["overrides"] == {"cv.seed": "0"} else {"cv": {"seed": 1}})
+    reproduced = load_config("synth", extra_files=[root / "best.yaml"], sets=CV)
+    from pipeline.status import expected_fingerprints
+
+    assert expected_fingerprints(reproduced)["cv"] == winner["fingerprint"]  # the overlay reruns the best run
