@@ -28,6 +28,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.competition import network_size
 from pipeline.core.stage import Stage, StageContext, StrictModel
 from pipeline.models.backbones import FILE_BACKBONE
+from pipeline.models.hub import hub_preset
 
 SUBSETS = ("train", "test")
 
@@ -37,8 +38,8 @@ class Settings(StrictModel):
 
     backbone: str = Field("vgg16", description=(
         "any keras.applications network by name, any case (EfficientNetV2B0, ConvNeXtTiny, vgg16...: kp backbones "
-        "lists them) | file (precompute.weights is a whole .keras model) | none (normalised pixels, for "
-        "from-scratch models)"))
+        "lists them) | file (precompute.weights is a whole .keras model) | hub:PRESET (a KerasHub preset folder, or "
+        "a preset name on a machine with a network) | none (normalised pixels, for from-scratch models)"))
     alpha: float = Field(1.0, gt=0, le=1.0, description=(
         "MobileNet, MobileNetV2, MobileNetV3: width multiplier (v1: 0.25 0.5 0.75 1.0; v2: 0.35 0.5 0.75 1.0 ...)"))
     weights: str = Field("imagenet", description=(
@@ -61,7 +62,7 @@ class Settings(StrictModel):
         table, no TensorFlow import), `file` or `none`."""
         from pipeline.models.applications import application
 
-        if name not in ("none", FILE_BACKBONE):
+        if name not in ("none", FILE_BACKBONE) and hub_preset(name) is None:
             application(name)
         return name
 
@@ -211,8 +212,11 @@ def _device_line(device: dict) -> str:
 
 def _weights_stamp(config, stamp) -> dict:
     """A weights file's stamp (`cache.stamp`): replacing the file makes the features stale."""
-    weights = config.get("precompute.weights")
-    return {} if weights in ("imagenet", "none") else stamp(config.path(weights))
+    weights, preset = config.get("precompute.weights"), hub_preset(config.get("precompute.backbone"))
+    folder = config.path(preset) if preset is not None else None
+    if folder is not None and folder.is_dir():  # a KerasHub preset folder: its network and weights
+        return {name: stamp(folder / name) for name in ("config.json", "model.weights.h5") if (folder / name).is_file()}
+    return {} if weights in ("imagenet", "none") or preset is not None else stamp(config.path(weights))
 
 
 def _headline(m: dict) -> str:

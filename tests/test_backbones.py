@@ -104,3 +104,54 @@ def test_imagenet_weights_without_a_network_is_one_line_naming_the_file(monkeypa
     with pytest.raises(PipelineError, match=r"precompute.weights imagenet: Keras could not download MobileNetV3Small's "
                                             r"ImageNet weights .*weights_mobilenet_v3_small.*put it in \$KERAS_HOME/models"):
         build_feature_model("MobileNetV3Small", "imagenet", (224, 224, 3), "pool")
+
+
+def _tiny_hub_preset(folder):
+    """A small KerasHub ResNet saved as a preset folder (config.json, model.weights.h5, image_converter.json)."""
+    import keras_hub
+
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16], stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2], block_type="basic_block", use_pre_activation=False, image_shape=(None, None, 3))
+    backbone.save_to_preset(str(folder))
+    keras_hub.layers.ResNetImageConverter(image_size=(48, 48), scale=1 / 255.0).save_to_preset(str(folder))
+    return backbone
+
+
+def test_a_saved_kerashub_preset_is_a_backbone_offline(project, tmp_path):
+    """backbone: hub:FOLDER: the preset's backbone behind its own image converter, precomputed end to end."""
+    import keras
+
+    preset = tmp_path / "tiny_resnet"
+    saved = _tiny_hub_preset(preset)
+    statefarm_like_config(project, make_statefarm_like(tmp_path / "data"))
+    sets = ["--set", "stages=[download, split, precompute, finetune, submit]", "--set", "submit.source=finetune",
+            "--set", f"precompute.backbone=hub:{preset}", "--set", "competition.image_size=[40, 40]",
+            "--set", "finetune.phases=[{epochs: 1, lr: 0.001}]"]
+    result = CliRunner().invoke(cli, ["all", "--comp", "synth", *sets])
+    assert result.exit_code == 0, result.output
+    work = project / "work" / "synth"
+    features = np.load(work / "precompute" / "train.npy").astype(np.float32)
+    assert features.shape[1:] == (16,) and np.isfinite(features).all()
+    # the features are the preset's: its converter (resize to 48x48, x / 255) and its trained weights, pooled
+    from pipeline.data.images import checked_batches
+    from pipeline.data.index import read_index
+
+    index = read_index(work / "download" / "index.csv")
+    first = next(iter(checked_batches([work / "download" / "raw" / index[index.subset == "train"].path.iloc[0]],
+                                      (40, 40), 1)))
+    resized = keras.ops.image.resize(np.asarray(first, np.float32), (48, 48)) / 255.0
+    expected = np.asarray(keras.ops.mean(saved(resized), axis=(1, 2)))
+    np.testing.assert_allclose(features[0], expected[0], rtol=0.02, atol=1e-3)  # stored as float16
+    assert "hub_tiny_resnet" in (work / "precompute" / "meta.json").read_text()
+
+
+def test_a_kerashub_preset_name_offline_says_how_to_bring_it(tmp_path):
+    from pipeline.models.hub import hub_feature_model
+
+    with pytest.raises(PipelineError, match=r"hub:resnet_50_imagenet: downloading a preset by name needs .*save the "
+                                            r"preset to a folder"):
+        hub_feature_model("resnet_50_imagenet", tmp_path, (64, 64, 3), "pool", random_weights=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PipelineError, match="has no config.json"):
+        hub_feature_model(str(tmp_path / "empty"), tmp_path, (64, 64, 3), "pool", random_weights=False)

@@ -1,5 +1,5 @@
-"""Frozen backbones for feature precomputation: any `keras.applications` network by name, or a whole
-saved model (`backbone: file`).
+"""Frozen backbones for feature precomputation: any `keras.applications` network by name, a whole
+saved model (`backbone: file`), or a KerasHub preset (`backbone: hub:PRESET`, `pipeline.models.hub`).
 
 `build_feature_model` returns the network without its top, cut where the config says (`conv`: the
 last feature map; `pool`: global average pooling, except for the VGG family, whose `pool` is the
@@ -19,6 +19,7 @@ from typing import Callable
 
 from pipeline.core.errors import PipelineError
 from pipeline.models.applications import application
+from pipeline.models.hub import hub_feature_model, hub_preset
 
 FILE_BACKBONE = "file"  # precompute.backbone: file -> precompute.weights is a whole .keras model
 VGG_FAMILY = ("VGG16", "VGG19")  # cut `pool` keeps block5_pool's map (the course's cut), `conv` the last conv
@@ -45,11 +46,12 @@ def resolve_weights(weights: str, root: Path) -> str | None:
 
 
 def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[int, int, int],
-                        cut: str, alpha: float = 1.0, preprocess: str = "backbone") -> FeatureModel:
+                        cut: str, alpha: float = 1.0, preprocess: str = "backbone", root: Path = Path(".")
+                        ) -> FeatureModel:
     """The frozen network of a `precompute` section.
 
     Args:
-        backbone: a `keras.applications` name (any case), or `file`.
+        backbone: a `keras.applications` name (any case), `file`, or `hub:PRESET`.
         weights: `resolve_weights`' value: "imagenet", None (random) or a file path (for `file`, the
             saved model).
         input_shape: (height, width, 3).
@@ -57,10 +59,18 @@ def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[i
         alpha: the width multiplier, for the networks that take one.
         preprocess: `backbone` (the network's own), `none` (RGB 0..255), or a mode of
             `imagenet_utils.preprocess_input` (`caffe`, `tf`, `torch`).
+        root: the project root, against which a relative KerasHub preset folder resolves.
 
     Returns:
         A `FeatureModel`.
     """
+    preset = hub_preset(backbone)
+    if preset is not None:
+        if preprocess != "backbone":
+            raise PipelineError(f"precompute.backbone {backbone}: the preset's image converter prepares its images; "
+                                "leave precompute.preprocess at backbone")
+        model, name = hub_feature_model(preset, root, input_shape, cut, random_weights=weights is None)
+        return FeatureModel(model, None, name)
     if backbone == FILE_BACKBONE:
         return _saved_model(weights, input_shape, cut, preprocess)
     import keras

@@ -85,7 +85,7 @@ def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
     with precision_scope(plan.precision):
         features = build_feature_model(settings.backbone, weights, (height, width, 3), settings.cut, settings.alpha,
-                                       settings.preprocess)
+                                       settings.preprocess, root)
     return Extractor(
         name=features.name,
         forward=Forward(features.model, plan, features.preprocess),

@@ -62,7 +62,8 @@ def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
     if weights is None:
         keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)  # the random network precompute's features came from
     with precision_scope(precision):  # the stacked model too: Keras scales a mixed_float16 model's loss
-        features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha, p.preprocess)
+        features = build_feature_model(p.backbone, weights, (height, width, 3), p.cut, p.alpha, p.preprocess,
+                                       config.root)
         backbone = features.model
         unfrozen = unfreeze_top(backbone, s.unfreeze)
         head = load_saved_model(head_dir / MODEL_FILE)
