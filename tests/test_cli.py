@@ -23,11 +23,11 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     assert result.exit_code == 0
     commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
                 if line.startswith("  ") and not line.startswith("   ")]
-    stages = ["augment", "bnretrain", "cv", "download", "ensemble", "finetune", "precompute", "pseudo", "smooth",
-              "split", "submit", "tune"]
+    stages = ["augment", "blend", "bnretrain", "cv", "download", "ensemble", "finetune", "precompute", "pseudo",
+              "smooth", "split", "submit", "tune"]
     assert sorted(commands[:len(stages)]) == stages  # the stages first
-    assert commands[len(stages):] == ["all", "backbones", "clean", "config", "ledger", "lr-find", "report", "show",
-                                      "status"]
+    assert commands[len(stages):] == ["all", "backbones", "clean", "config", "ledger", "lr-find", "report", "runs",
+                                      "show", "status", "sweep"]
     assert "--set" in kp("split", "--help").output
 
 
