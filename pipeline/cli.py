@@ -227,25 +227,37 @@ def status(comp, extra_files, sets, as_json, verify):
 
 
 @cli.command()
-@click.option("--grid", multiple=True, required=True, metavar="KEY=V1,V2",
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2",
               help="A setting and the values to try (YAML, commas outside brackets split them); repeatable: every "
                    "combination is a trial.")
+@click.option("--search", type=click.Path(exists=True, dir_okay=False), default=None, metavar="SPACE.yaml",
+              help="Instead of a grid: an Optuna search over this space file ({key: {low, high, log, step} or "
+                   "{choices: [...]}}).")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="--search: the study's number of trials.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--search: the sampler's seed.")
 @click.option("--objective", default=None, metavar="STAGE",
               help="The predicting stage whose validation score is compared (default: cv when listed, else the last "
                    "predicting stage).")
 @click.option("--name", default=None, help="The sweep's folder under work/COMP/sweeps/ (default: objective + grid digest).")
 @_config_options
-def sweep(comp, extra_files, sets, grid, objective, name):
-    """A grid of settings, each trial an ordinary run restored from the run cache where it ran before."""
-    from pipeline.sweeps import run_sweep
+def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
+    """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
+    from pipeline.sweeps import run_search, run_sweep
 
-    folder, trials = run_sweep(comp, extra_files, sets, list(grid), objective, name,
-                               say=lambda line: click.echo(f"[{comp}] {line}", err=True))
-    score = next(key for key in ("val_log_loss", "val_accuracy") if key in trials[0])
-    for trial in trials:
+    say = lambda line: click.echo(f"[{comp}] {line}", err=True)  # noqa: E731
+    if bool(grid) == bool(search):
+        raise PipelineError("kp sweep: give --grid KEY=V1,V2 (repeatable) or --search SPACE.yaml --trials N")
+    if search:
+        if trials is None:
+            raise PipelineError("kp sweep --search: say how many trials the study should hold (--trials N)")
+        folder, done = run_search(comp, extra_files, sets, Path(search), trials, objective, name, seed, say)
+    else:
+        folder, done = run_sweep(comp, extra_files, sets, list(grid), objective, name, say)
+    score = next(key for key in ("val_log_loss", "val_accuracy") if key in done[0])
+    for trial in done:
         settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
         click.echo(f"{trial['trial']:>3}  {trial[score]:.5f}  {settings}")
-    click.echo(f"{len(trials)} trials of {trials[0]['objective']} ({score}); each trial's command: {folder}/trials.jsonl")
+    click.echo(f"{len(done)} trials of {done[0]['objective']} ({score}); each trial's command: {folder}/trials.jsonl")
 
 
 @cli.command()

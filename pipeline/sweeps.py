@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from pipeline.core.artifacts import SWEEP_FILE, SWEEPS_FOLDER, TRIALS_FILE
+from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEPS_FOLDER, TRIALS_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
@@ -99,11 +100,6 @@ def better(config, a: float, b: float) -> bool:
     return a > b if config.competition.metric == "accuracy" else a < b
 
 
-def sweep_name(objective: str, grid: list[str]) -> str:
-    """A sweep's default name: its objective and a digest of its grid (the same grid, the same sweep)."""
-    return f"{objective}-{hashlib.sha256(json.dumps(sorted(grid)).encode()).hexdigest()[:8]}"
-
-
 def command_line(comp: str, extra_files, sets, stage: str) -> str:
     """The `kp` command that reruns one trial alone."""
     parts = ["kp", stage, "--comp", comp]
@@ -114,6 +110,61 @@ def command_line(comp: str, extra_files, sets, stage: str) -> str:
     return shlex.join(parts)
 
 
+def run_trial(comp: str, extra_files, sets, overrides: dict[str, str], stage: str, number: int, say=print) -> dict:
+    """One trial: the base config with `overrides` (raw YAML values by dotted key), `stage` brought up to
+    date as `kp STAGE` does (restored or skipped where it can be).
+
+    Returns:
+        Its record: number, overrides, command, objective, score, fingerprint, seconds, the stages that ran
+        (rather than being restored or skipped), validation kind, the folds' spread.
+    """
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.core.cache import Manifest
+    from pipeline.core.runs import last_action
+
+    trial_sets = [*sets, *(f"{key}={value}" for key, value in overrides.items())]
+    command = command_line(comp, extra_files, trial_sets, stage)
+    say(f"trial {number}: {command}")
+    config = load_config(comp, extra_files=list(extra_files), sets=trial_sets)
+    began, clock = time.time(), time.perf_counter()
+    statuses = runner.run(config, [stage])
+    fingerprint = {s.name: s.fingerprint for s in statuses}[stage]
+    manifest = Manifest.read(config.work_dir / stage)
+    score_name, score = score_of(config, manifest.metrics)
+    ran = [name for name in runner.plan(config, [stage])  # computed now, not skipped or restored
+           if last_action(config.work_dir, name).get("action") == "ran"
+           and last_action(config.work_dir, name).get("time", 0) >= began]
+    say(f"trial {number}: {score_name} {score:.5f}" + (f" (ran {', '.join(ran)})" if ran else
+                                                        " (nothing ran: every result was stored)"))
+    return {"trial": number, "overrides": overrides, "command": command, "objective": stage,
+            score_name: score, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - clock, 1),
+            "ran": ran, "validation": manifest.metrics.get("validation", "holdout"),
+            **{k: manifest.metrics[k] for k in ("fold_val_log_loss_min", "fold_val_log_loss_max") if k in manifest.metrics}}
+
+
+def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tuple[Any, str, Path]:
+    """(the base config, the objective stage, the sweep's folder with its `sweep.json` written)."""
+    from pipeline.config import load_config
+    from pipeline.core.cache import write_text_atomic
+
+    base = load_config(comp, extra_files=list(extra_files), sets=list(sets))
+    stage = objective_stage(base, objective)
+    digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
+    folder = base.work_dir / SWEEPS_FOLDER / (name or f"{stage}-{digest}")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / SWEEP_FILE, json.dumps({"comp": comp, "config": [str(p) for p in extra_files],
+                                                       "set": list(sets), **asked, "objective": stage},
+                                                      indent=2) + "\n")
+    return base, stage, folder
+
+
+def _write_trials(folder: Path, trials: list[dict]) -> None:
+    from pipeline.core.cache import write_text_atomic
+
+    write_text_atomic(folder / TRIALS_FILE, "".join(json.dumps(t) + "\n" for t in trials))
+
+
 def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | None, name: str | None,
               say=print) -> tuple[Path, list[dict]]:
     """Run every trial of a grid (each restored from the run cache when it ran before).
@@ -122,47 +173,113 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
         comp, extra_files, sets: the base config, as for any `kp` command.
         grid: the `--grid key=v1,v2` options.
         objective: the stage to score (None: `objective_stage`'s choice).
-        name: the sweep's folder name (None: `sweep_name`).
+        name: the sweep's folder name (None: the objective and a digest of the grid).
         say: prints a line.
 
     Returns:
-        (the sweep's folder, its trials: overrides, command, score, fingerprint, seconds, whether anything ran).
+        (the sweep's folder, its trials as `run_trial` records them).
     """
-    from pipeline import runner
-    from pipeline.config import load_config
-    from pipeline.core.cache import Manifest, write_text_atomic
-    from pipeline.core.runs import last_action
-
-    base = load_config(comp, extra_files=list(extra_files), sets=list(sets))
-    stage = objective_stage(base, objective)
     trials = grid_trials(grid)
-    folder = base.work_dir / SWEEPS_FOLDER / (name or sweep_name(stage, grid))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / SWEEP_FILE, json.dumps({"comp": comp, "config": [str(p) for p in extra_files],
-                                                           "set": list(sets), "grid": grid, "objective": stage},
-                                                          indent=2) + "\n")
+    _, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
     done: list[dict] = []
     for number, overrides in enumerate(trials, start=1):
-        trial_sets = [*sets, *(f"{key}={value}" for key, value in overrides.items())]
-        command = command_line(comp, extra_files, trial_sets, stage)
-        say(f"trial {number}/{len(trials)}: {command}")
-        config = load_config(comp, extra_files=list(extra_files), sets=trial_sets)
-        began, clock = time.time(), time.perf_counter()
-        statuses = runner.run(config, [stage])
-        fingerprint = {s.name: s.fingerprint for s in statuses}[stage]
-        manifest = Manifest.read(config.work_dir / stage)
-        score_name, score = score_of(config, manifest.metrics)
-        ran = [name for name in runner.plan(config, [stage])  # computed now, not skipped or restored
-               if last_action(config.work_dir, name).get("action") == "ran"
-               and last_action(config.work_dir, name).get("time", 0) >= began]
-        done.append({"trial": number, "overrides": overrides, "command": command, "objective": stage,
-                     score_name: score, "fingerprint": fingerprint, "seconds": round(time.perf_counter() - clock, 1),
-                     "ran": ran, "validation": manifest.metrics.get("validation", "holdout"),
-                     **{k: manifest.metrics[k] for k in ("fold_val_log_loss_min", "fold_val_log_loss_max")
-                        if k in manifest.metrics}})
-        say(f"trial {number}/{len(trials)}: {score_name} {score:.5f}" + (f" (ran {', '.join(ran)})" if ran else
-                                                                         " (nothing ran: every result was stored)"))
-        write_text_atomic(folder / TRIALS_FILE, "".join(json.dumps(t) + "\n" for t in done))
+        done.append(run_trial(comp, extra_files, sets, overrides, stage, number, say))
+        _write_trials(folder, done)
+    return folder, done
+
+
+class Axis(BaseModel):
+    """One setting of a search space: a range (`low`, `high`; `log` scale; `step` for integers) or `choices`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: int | float | None = None  # ints (and an int step) give integer trials
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self):
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either low and high (a range) or choices (a list of values)")
+        if self.choices is not None and not self.choices:
+            raise ValueError("choices is empty")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        return self
+
+
+def read_space(path: Path) -> dict[str, Axis]:
+    """A search space file: {dotted key: Axis}; a fault names the file and the key."""
+    from pydantic import ValidationError
+
+    from pipeline.core.readers import read_text
+
+    try:
+        raw = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise PipelineError(f"{path}: expected a mapping of dotted config keys to {{low, high}} or {{choices}}")
+    space = {}
+    for key, axis in raw.items():
+        try:
+            space[str(key)] = Axis.model_validate(axis)
+        except ValidationError as exc:
+            raise PipelineError(f"{path}: {key}: {exc.errors()[0]['msg']}") from None
+    return space
+
+
+def suggest(trial, key: str, axis: Axis) -> str:
+    """Optuna's choice for one setting, as the raw YAML value a `--set` takes."""
+    if axis.choices is not None:  # Optuna's categorical takes plain scalars: the choices go as their YAML text
+        return trial.suggest_categorical(key, [yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("\n...")
+                                               for c in axis.choices])
+    if all(isinstance(v, int) for v in (axis.low, axis.high)) and isinstance(axis.step or 1, int):
+        return str(trial.suggest_int(key, axis.low, axis.high, step=axis.step or 1, log=axis.log))
+    return repr(trial.suggest_float(key, axis.low, axis.high, step=axis.step, log=axis.log))
+
+
+def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, objective: str | None,
+               name: str | None, seed: int = 0, say=print) -> tuple[Path, list[dict]]:
+    """An Optuna search (TPE sampler) of `n_trials` trials over a space file, stored with the competition.
+
+    The study lives in `work/COMP/sweeps/NAME/study.db` (Optuna's RDB storage), so rerunning with a
+    larger `n_trials` adds trials to the same study, and a killed search keeps its finished ones.
+
+    Returns:
+        (the sweep's folder, its finished trials as `run_trial` records them).
+    """
+    import optuna
+
+    space = read_space(space_file)
+    asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
+    base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed),
+                                direction="maximize" if base.competition.metric == "accuracy" else "minimize")
+
+    def finished():
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def evaluate(trial) -> float:
+        overrides = {key: suggest(trial, key, axis) for key, axis in space.items()}
+        record = run_trial(comp, extra_files, sets, overrides, stage, trial.number + 1, say)
+        trial.set_user_attr("record", record)
+        return next(record[key] for key in ("val_log_loss", "val_accuracy") if key in record)
+
+    def keep(study, trial) -> None:
+        _write_trials(folder, [t.user_attrs["record"] for t in finished()])
+
+    remaining = n_trials - len(finished())
+    if remaining > 0:
+        study.optimize(evaluate, n_trials=remaining, callbacks=[keep])
+    else:
+        say(f"{len(finished())} trials already finished (>= --trials {n_trials}): nothing to run")
+    done = [t.user_attrs["record"] for t in finished()]
+    _write_trials(folder, done)
     return folder, done
 
 

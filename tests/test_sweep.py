@@ -67,3 +67,42 @@ def test_a_sweep_reuses_the_cache_lists_its_runs_and_gives_the_best_overlay(warm
     from pipeline.status import expected_fingerprints
 
     assert expected_fingerprints(reproduced)["cv"] == winner["fingerprint"]  # the overlay reruns the best run
+
+
+def test_a_search_space_file_is_checked_and_names_the_key(tmp_path):
+    from pipeline.sweeps import read_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("model.l2: {low: 0.0001, high: 0.01, log: true}\nmodel.hidden: {choices: [[], [128]]}\n")
+    space = read_space(path)
+    assert space["model.l2"].log and space["model.hidden"].choices == [[], [128]]
+    path.write_text("model.l2: {low: 0.01, high: 0.001}\n")
+    with pytest.raises(PipelineError, match=r"space.yaml: model.l2: .*low 0.01 must be below high 0.001"):
+        read_space(path)
+    path.write_text("cv.seed: {low: 0}\n")
+    with pytest.raises(PipelineError, match="cv.seed: .*either low and high"):
+        read_space(path)
+
+
+def test_an_optuna_search_stores_its_study_and_raising_trials_adds_to_it(warm_project):
+    root = warm_project("cv", _cross_validated)
+    space = root / "space.yaml"
+    space.write_text("cv.seed: {choices: [0, 1]}\n")
+    runner = CliRunner()
+    args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--name", "search"]
+    result = runner.invoke(cli, [*args, "--trials", "3"])
+    assert result.exit_code == 0, result.output
+    folder = root / "work" / "synth" / "sweeps" / "search"
+    trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 3 and (folder / "study.db").is_file()
+    assert {t["overrides"]["cv.seed"] for t in trials} <= {"0", "1"}
+    seen = set()
+    for t in trials:  # a setting tried before is restored from the run cache, not trained again
+        assert (t["ran"] == []) == (t["overrides"]["cv.seed"] in seen | {"0"})
+        seen.add(t["overrides"]["cv.seed"])
+        assert t["val_log_loss"] == Manifest.read(root / "work" / "synth" / "_runs" / "cv" / t["fingerprint"]).metrics[
+            "val_log_loss"]
+    more = runner.invoke(cli, [*args, "--trials", "4"])
+    assert more.exit_code == 0, more.output
+    assert len((folder / "trials.jsonl").read_text().splitlines()) == 4  # one more, the first three kept
+    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output
