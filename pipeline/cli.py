@@ -10,7 +10,7 @@
     kp lr-find --comp NAME [--stage S] [--apply]   learning-rate range test: suggested rates, lr_find.png
     kp show   --comp NAME [--augmented]     a grid of training images with their labels, as a PNG
     kp report --comp NAME                  one self-contained HTML page of everything the run left
-    kp sweep  --comp NAME --grid KEY=V1,V2 [--grid ...] [--objective STAGE]   a grid of trials on the run cache
+    kp sweep  --comp NAME --grid KEY=V1,V2 [--grid ...] | --search SPACE.yaml --trials N   trials on the run cache
     kp runs   --comp NAME [--stage S] [--sort] [--json] [--best [--apply FILE]]   every stored run, side by side
     kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
 
