@@ -267,14 +267,28 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
 @click.option("--best", is_flag=True, help="Print the best run's settings as an overlay for --config.")
 @click.option("--apply", "apply_to", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="With --best: also write the overlay to FILE.")
+@click.option("--sweep", "sweep_name", default=None, metavar="NAME",
+              help="Only the runs of this sweep's trials (work/COMP/sweeps/NAME/).")
+@click.option("--plot", is_flag=True, help="With --sweep: draw the score against each setting it varied (sweep.png).")
 @_config_options
-def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to):
+def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.cache import write_text_atomic
-    from pipeline.sweeps import best_overlay, stored_runs
+    from pipeline.sweeps import best_overlay, draw_sweep, stored_runs, sweeps
 
     config = _load(comp, extra_files, sets, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
+    if sweep_name is not None:
+        trials = sweeps(config.work_dir).get(sweep_name)
+        if trials is None:
+            raise PipelineError(f"--sweep {sweep_name}: no such sweep in {config.work_dir}; sweeps there: "
+                                f"{', '.join(sweeps(config.work_dir)) or 'none'}")
+        keys = {(t["objective"], t["fingerprint"]) for t in trials}
+        rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
+        if plot:
+            click.echo(f"wrote {draw_sweep(config.work_dir, sweep_name)}", err=True)
+    elif plot:
+        raise PipelineError("--plot draws a sweep: name it with --sweep NAME")
     if sort:
         accuracy = config.competition.metric == "accuracy"
         rows.sort(key=lambda row: -row["val_accuracy"] if accuracy else row["val_log_loss"])

@@ -2,7 +2,7 @@
 
 The stage graph and each stage's state, its headline, run time and scores, its plots (training
 curves, confusion matrix, top losses, ensemble members, augmentation preview), the most confused
-class pairs, the ensemble member, cv fold and blend source tables, the ladder of validation scores across the
+class pairs, the ensemble member, cv fold and blend source tables, each sweep's trials and figure, the ladder of validation scores across the
 predicting stages, the learning-rate range tests and `kp show` grids when they exist, and the
 ledger with its plot. Rendered with Jinja2 (`pipeline/templates/report.html.j2`, autoescaped);
 images are embedded as data URIs, so the file opens anywhere with no network. Nothing here
@@ -79,12 +79,16 @@ def build_report(config) -> Path:
 
     from pipeline.core.cache import write_text_atomic
     from pipeline.kaggle.ledger import ledger_path, read_ledger
+    from pipeline.sweeps import draw_sweep, score_name_of, sweeps
 
     statuses = stage_statuses(config)
     stages = [_stage_section(config, status) for status in statuses]
     extras = [(f"{LR_FIND_DIR}/{path.parent.name}", embedded(path))
               for path in sorted((config.work_dir / LR_FIND_DIR).glob(f"*/{LR_FIND_PLOT}"))]
     extras += [(f"{SHOW_DIR}/{path.name}", embedded(path)) for path in sorted((config.work_dir / SHOW_DIR).glob("*.png"))]
+    studies = [{"name": name, "trials": trials, "score": score_name_of(trials),
+                "plot": embedded(draw_sweep(config.work_dir, name))}
+               for name, trials in sweeps(config.work_dir).items() if trials]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined)
@@ -95,6 +99,7 @@ def build_report(config) -> Path:
         stages=stages,
         ladder=_ladder(stages),
         extras=extras,
+        sweeps=studies,
         ledger=read_ledger(ledger_path(config)),
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEPS_FOLDER, TRIALS_FILE
+from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEP_PLOT, SWEEPS_FOLDER, TRIALS_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
@@ -281,6 +281,32 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     done = [t.user_attrs["record"] for t in finished()]
     _write_trials(folder, done)
     return folder, done
+
+
+def sweeps(work_dir: Path) -> dict[str, list[dict]]:
+    """{sweep name: its finished trials} for every sweep of a competition, by name."""
+    found = {}
+    for folder in sorted((work_dir / SWEEPS_FOLDER).glob(f"*/{TRIALS_FILE}")):
+        lines = folder.read_text().splitlines()
+        found[folder.parent.name] = [json.loads(line) for line in lines if line.strip()]
+    return found
+
+
+def score_name_of(trials: list[dict]) -> str:
+    """The score a sweep's trials carry: `val_log_loss` or `val_accuracy`."""
+    return next(key for key in ("val_log_loss", "val_accuracy") if trials and key in trials[0])
+
+
+def draw_sweep(work_dir: Path, name: str) -> Path:
+    """`work/COMP/sweeps/NAME/sweep.png`: the score against each setting the sweep varied."""
+    from pipeline.evaluation.plots import plot_sweep
+
+    trials = sweeps(work_dir).get(name)
+    if not trials:
+        raise PipelineError(f"no finished trials of a sweep named {name!r} in {work_dir / SWEEPS_FOLDER}")
+    path = work_dir / SWEEPS_FOLDER / name / SWEEP_PLOT
+    plot_sweep(trials, score_name_of(trials), path, f"sweep {name}: {len(trials)} trials of {trials[0]['objective']}")
+    return path
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:

@@ -57,6 +57,17 @@ def test_a_sweep_reuses_the_cache_lists_its_runs_and_gives_the_best_overlay(warm
     differs = {row["fingerprint"]: row["differs"] for row in rows}
     assert differs[trials[0]["fingerprint"]] == {} and differs[trials[1]["fingerprint"]] == {"cv.seed": 1}
 
+    swept = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--sweep", "seeds", "--plot", "--json"])
+    assert swept.exit_code == 0, swept.output
+    assert sorted(row["fingerprint"] for row in json.loads(swept.stdout)) == sorted(t["fingerprint"] for t in trials)
+    assert (folder / "sweep.png").stat().st_size > 0
+    from pipeline.report import build_report
+
+    html = build_report(load_config("synth", sets=CV)).read_text()
+    assert "seeds: 2 trials of cv" in html and "cv.seed=1" in html
+    unknown = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--sweep", "nope"])
+    assert unknown.exit_code == 2 and "no such sweep" in unknown.output and "seeds" in unknown.output
+
     best = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--stage", "cv", "--best", "--apply",
                                str(root / "best.yaml")])
     assert best.exit_code == 0, best.output

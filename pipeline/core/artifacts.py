@@ -15,6 +15,7 @@ CACHE_FOLDER = "_cache"             # work/COMP/_cache/: downloads that survive 
 SWEEPS_FOLDER = "sweeps"            # work/COMP/sweeps/NAME/: a sweep's sweep.json and trials.jsonl (kp sweep)
 SWEEP_FILE = "sweep.json"           # what a sweep was asked: base config, grid, objective
 TRIALS_FILE = "trials.jsonl"        # one line per finished trial: overrides, command, score, fingerprint
+SWEEP_PLOT = "sweep.png"            # the score against each setting a sweep varied (kp runs --sweep NAME --plot)
 STUDY_FILE = "study.db"             # a search's Optuna study (SQLite), so --trials can be raised later
 VARIANTS_FOLDER = "_variants"       # work/COMP/_variants/NAME/: a blend source's stage links (its _runs, _cache: COMP's)
 LOCK_FILE = ".lock"                 # one kp run per competition at a time

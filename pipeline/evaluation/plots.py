@@ -105,3 +105,37 @@ def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarr
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return fig
+
+
+def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = ""):
+    """sweep.png: a sweep's score against each setting it varied, one panel per setting (numbers on an
+    axis, log-scaled when they span more than a factor of 5; other values as categories). Returns the
+    (closed) figure."""
+    plt = pyplot()
+    keys = list(dict.fromkeys(key for trial in trials for key in trial["overrides"]))
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.6), squeeze=False)
+    scores = [trial[score_name] for trial in trials]
+    for ax, key in zip(axes[0], keys):
+        raw = [trial["overrides"].get(key, "") for trial in trials]
+        try:
+            values = [float(v) for v in raw]
+        except ValueError:
+            labels = list(dict.fromkeys(raw))
+            ax.scatter([labels.index(v) for v in raw], scores)
+            ax.set_xticks(range(len(labels)), [label[:30] for label in labels], rotation=15, fontsize=7)
+        else:
+            ax.scatter(values, scores)
+            positive = [v for v in values if v > 0]
+            if len(positive) == len(values) and max(values) / min(values) > 5:
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(key)
+        ax.set_ylabel(score_name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return fig
