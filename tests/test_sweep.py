@@ -117,3 +117,27 @@ def test_an_optuna_search_stores_its_study_and_raising_trials_adds_to_it(warm_pr
     assert more.exit_code == 0, more.output
     assert len((folder / "trials.jsonl").read_text().splitlines()) == 4  # one more, the first three kept
     assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output
+
+
+@pytest.mark.slow  # three trials, one killed mid-training (about a minute)
+def test_a_sweep_killed_mid_trial_reruns_only_what_was_missing(warm_project):
+    import time
+
+    from tests.helpers import start_kp
+
+    root = warm_project("cv", _cross_validated)
+    args = ["sweep", "--comp", "synth", *_options(CV), "--grid", "cv.seed=0,2,3", "--name", "killed"]
+    trials_file = root / "work" / "synth" / "sweeps" / "killed" / "trials.jsonl"
+    process = start_kp(root, *args)
+    deadline = time.monotonic() + 300
+    while not (trials_file.exists() and len(trials_file.read_text().splitlines()) >= 2):  # trial 3 is training
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.kill()
+    process.wait()
+    assert len(trials_file.read_text().splitlines()) == 2
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    trials = [json.loads(line) for line in trials_file.read_text().splitlines()]
+    assert [t["ran"] for t in trials] == [[], [], ["cv"]]  # the finished trials restored; only the killed one trained
