@@ -12,7 +12,7 @@ KP := $(VENV)/bin/kp
 STAGES := $(sort $(basename $(notdir $(wildcard stages/[a-z]*.py))))  # one target per stage module
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: all test test-all status clean bench kaggle-local browser $(STAGES)
+.PHONY: all test test-all status clean bench kaggle-local browser tensorboard $(STAGES)
 
 all: $(VENV)/.installed
 	$(KP) all --comp $(COMP) $(ARGS)
@@ -38,6 +38,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
 	  && echo "installed $$(chromium --version)"; } || echo "chromium could not be installed: the browser tests will skip"
+
+# TensorBoard over every training's curves (work/COMP/_tensorboard/STORE/KEY/), installed on first use: kp never needs it
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[tensorboard]'
+	$(VENV)/bin/tensorboard --logdir $(or $(WORK),work)/$(COMP)/_tensorboard --host 127.0.0.1
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/cli_startup.py

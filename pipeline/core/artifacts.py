@@ -17,6 +17,7 @@ SWEEP_FILE = "sweep.json"           # what a sweep was asked: base config, grid,
 TRIALS_FILE = "trials.jsonl"        # one line per finished trial: overrides, command, score, fingerprint
 SWEEP_PLOT = "sweep.png"            # the score against each setting a sweep varied (kp runs --sweep NAME --plot)
 STUDY_FILE = "study.db"             # a search's Optuna study (SQLite), so --trials can be raised later
+CURVES_FOLDER = "_tensorboard"      # work/COMP/_tensorboard/STORE/KEY/: each training's TensorBoard event files
 VARIANTS_FOLDER = "_variants"       # work/COMP/_variants/NAME/: a blend source's stage links (its _runs, _cache: COMP's)
 LOCK_FILE = ".lock"                 # one kp run per competition at a time
 WORK_MARKER = ".kp-work"            # in every competition work folder kp created: kp deletes nothing unmarked

@@ -64,6 +64,9 @@ class Compute(StrictModel):
         "auto: uint8 to a GPU (cast and preprocessed there), float32 on CPU"))
     device_batch_size: Literal["auto"] | Annotated[int, Field(ge=1)] = Field("auto", description=(
         "images per forward call on a GPU: auto (from its free memory) | a number; CPU: precompute.batch_size"))
+    tensorboard: bool = Field(True, description=(
+        "write each training's curves (loss, accuracy, learning rate per epoch) for TensorBoard under "
+        "work/COMP/_tensorboard/ (make tensorboard COMP=NAME shows them)"))
 
 
 @dataclass

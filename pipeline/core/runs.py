@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.core.artifacts import CACHE_FOLDER, ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX, \
+from pipeline.core.artifacts import CACHE_FOLDER, CURVES_FOLDER, ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX, \
     VARIANTS_FOLDER
 from pipeline.core.cache import Manifest, temporary_name
 from pipeline.core.errors import PipelineError
@@ -127,6 +127,22 @@ def link_variant(work_dir: Path) -> None:
         link = work_dir / folder
         if not link.is_symlink():
             os.symlink(Path("..", "..", folder), link)
+
+
+def curves_dir(out: Path) -> Path | None:
+    """Where TensorBoard's event files of a training writing into `out` go: for `out` inside a run-cache
+    entry being written (`work/COMP/_runs/STORE/.tmp-KEY.kp-*/SUB`), `work/COMP/_tensorboard/STORE/KEY/SUB`,
+    outside the entry, so that its files stay the same bytes run after run; None for any other folder."""
+    from pipeline.core.cache import _temporary_stem
+
+    parts = out.resolve().parts
+    if RUNS_FOLDER not in parts:
+        return None
+    i = len(parts) - 1 - parts[::-1].index(RUNS_FOLDER)
+    if len(parts) < i + 3:
+        return None
+    store, entry = parts[i + 1], parts[i + 2]
+    return Path(*parts[:i], CURVES_FOLDER, store, _temporary_stem(entry) or entry, *parts[i + 3:])
 
 
 def runs_root(work_dir: Path) -> Path:

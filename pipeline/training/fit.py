@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.artifacts import HISTORY_FILE
+from pipeline.core.runs import curves_dir
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("phases", "cosine")
@@ -171,7 +172,7 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
         rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
         backup_dir: Path | None = None, label_smoothing: float = 0.0, ema: float | None = None,
-        accumulate: int | None = None):
+        accumulate: int | None = None, curves: bool = False):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
@@ -191,6 +192,8 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
         label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
             the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
             on the smoothed loss.
+        curves: also write TensorBoard event files (loss, accuracy, learning rate per epoch) to
+            `pipeline.core.runs.curves_dir(out_dir)`, outside the run cache's entry.
         accumulate: update the weights every this many steps with the mean of their gradients (Keras'
             `gradient_accumulation_steps`: a larger batch than memory holds); None: every step.
         ema: keep Keras' moving average of the weights with this momentum, written into the model at
@@ -236,6 +239,11 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
     monitor = "val_log_loss" if label_smoothing else "val_loss"
     model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors, ema, steps, accumulate), loss=loss,
                   metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
+    log_dir = curves_dir(out_dir) if curves else None
+    if log_dir is not None:
+        from pipeline.training.curves import epoch_curves
+
+        extra_callbacks = (*extra_callbacks, epoch_curves(log_dir))
     run_epochs = epochs if stop_after is None else min(stop_after, epochs)
     valid = valid if stop_after is None else None
     if backup_dir is not None:

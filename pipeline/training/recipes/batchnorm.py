@@ -76,7 +76,8 @@ class BatchnormRecipe(CachedRowsRecipe):
         history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid),
                                      phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases",
                                      optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size, out_dir=out,
-                                     verbose=verbose, stop_after=stop_after, soft_targets=teaching is not None)
+                                     verbose=verbose, stop_after=stop_after, soft_targets=teaching is not None,
+                                     curves=config.compute.tensorboard)
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),

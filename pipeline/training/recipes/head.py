@@ -142,7 +142,8 @@ class HeadRecipe(CachedRowsRecipe):
             model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
             schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
             out_dir=out, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
-            soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema)
+            soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema,
+            curves=config.compute.tensorboard)
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),

@@ -136,7 +136,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
             steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after, soft_targets=mix is not None,
-            accumulate=s.gradient_accumulation_steps)
+            accumulate=s.gradient_accumulation_steps, curves=config.compute.tensorboard)
         seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
     predictions, valid_each = predict_split(config, model, images, preprocess, plan)
