@@ -18,6 +18,14 @@ def pyplot():
     return plt
 
 
+def _saved(plt, fig, path: Path, dpi: int = 90):
+    """Lay out, save and close `fig`; returns it (closed)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return fig
+
+
 def plot_history(history: dict[str, list[float]], path: Path, title: str = ""):
     """loss.png: train vs valid loss (left) and accuracy (right) per epoch. Returns the (closed) figure."""
     plt = pyplot()
@@ -32,10 +40,7 @@ def plot_history(history: dict[str, list[float]], path: Path, title: str = ""):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return fig
+    return _saved(plt, fig, path)
 
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str], path: Path, title: str = ""):
@@ -55,10 +60,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: list[str]
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return fig
+    return _saved(plt, fig, path)
 
 
 def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = ""):
@@ -79,10 +81,7 @@ def plot_members(members: list[dict], ensemble: dict, path: Path, title: str = "
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return fig
+    return _saved(plt, fig, path)
 
 
 def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarray]], path: Path,
@@ -101,10 +100,7 @@ def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarr
             if row == 0:
                 ax.set_title("original" if column == 0 else f"pass {column}", fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return fig
+    return _saved(plt, fig, path, dpi=80)
 
 
 def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = ""):
@@ -135,7 +131,4 @@ def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = "")
         ax.set_ylabel(score_name)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return fig
+    return _saved(plt, fig, path)
