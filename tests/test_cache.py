@@ -134,7 +134,7 @@ def test_editing_a_plot_reruns_stages_but_no_unit_they_hold(project, tmp_path, m
     units_before = {module: code_hashes(module) for module in unit_modules}
     config = load_config("digits")
     before = _all_inputs(config)
-    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'fig.savefig(path, dpi=90)', 'fig.savefig(path, dpi=91)')
+    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'dpi: int = 90', 'dpi: int = 91')
     _edit(copy / "stages" / "finetune.py", "val log loss", "validation log loss")
     assert {module: code_hashes(module) for module in unit_modules} == units_before
     after = _all_inputs(config)
@@ -158,7 +158,7 @@ def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_for
     config = load_config("synth", sets=sets)
     before = {s.name: s.manifest for s in stage_statuses(config)}
     copy = _code_copy(tmp_path, monkeypatch)
-    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'fig.savefig(path, dpi=90)', 'fig.savefig(path, dpi=91)')
+    _edit(copy / "pipeline" / "evaluation" / "plots.py", 'dpi: int = 90', 'dpi: int = 91')
     stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
     drawing = {"augment", "finetune", "bnretrain", "ensemble"}  # the stages that draw with plots.py
     assert set(stale) == drawing | {"submit"} and stale["submit"] == ["upstream ensemble changed"]
