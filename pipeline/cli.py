@@ -242,7 +242,7 @@ def status(comp, extra_files, sets, as_json, verify):
 @_config_options
 def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
-    from pipeline.sweeps import run_search, run_sweep
+    from pipeline.sweeps import run_search, run_sweep, score_name_of
 
     say = lambda line: click.echo(f"[{comp}] {line}", err=True)  # noqa: E731
     if bool(grid) == bool(search):
@@ -253,7 +253,7 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
         folder, done = run_search(comp, extra_files, sets, Path(search), trials, objective, name, seed, say)
     else:
         folder, done = run_sweep(comp, extra_files, sets, list(grid), objective, name, say)
-    score = next(key for key in ("val_log_loss", "val_accuracy") if key in done[0])
+    score = score_name_of(done)
     for trial in done:
         settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
         click.echo(f"{trial['trial']:>3}  {trial[score]:.5f}  {settings}")
@@ -274,24 +274,24 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
 def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.cache import write_text_atomic
-    from pipeline.sweeps import best_overlay, draw_sweep, stored_runs, sweeps
+    from pipeline.sweeps import best_overlay, draw_sweep, ranked, stored_runs, sweeps
 
     config = _load(comp, extra_files, sets, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
     if sweep_name is not None:
-        trials = sweeps(config.work_dir).get(sweep_name)
+        found = sweeps(config.work_dir)
+        trials = found.get(sweep_name)
         if trials is None:
             raise PipelineError(f"--sweep {sweep_name}: no such sweep in {config.work_dir}; sweeps there: "
-                                f"{', '.join(sweeps(config.work_dir)) or 'none'}")
+                                f"{', '.join(found) or 'none'}")
         keys = {(t["objective"], t["fingerprint"]) for t in trials}
         rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
         if plot:
-            click.echo(f"wrote {draw_sweep(config.work_dir, sweep_name)}", err=True)
+            click.echo(f"wrote {draw_sweep(config.work_dir, sweep_name, trials)}", err=True)
     elif plot:
         raise PipelineError("--plot draws a sweep: name it with --sweep NAME")
     if sort:
-        accuracy = config.competition.metric == "accuracy"
-        rows.sort(key=lambda row: -row["val_accuracy"] if accuracy else row["val_log_loss"])
+        rows = ranked(config, rows)
     if best or apply_to:
         _, overlay = best_overlay(config, rows)
         click.echo(overlay, nl=False)

@@ -27,6 +27,7 @@ from pipeline.core.executor import Compute
 from pipeline.core.readers import read_text
 from pipeline.core.stage import StrictModel
 from pipeline.kaggle.api import Network
+from pipeline.models.backbones import CUTS, PREPROCESSING
 from pipeline.models.build import Model
 from pipeline.training.settings import Training
 
@@ -74,9 +75,8 @@ class FeatureSet(StrictModel):
     backbone: str | None = Field(None, description="as precompute.backbone")
     weights: str | None = Field(None, description="as precompute.weights")
     alpha: float | None = Field(None, gt=0, le=1.0, description="as precompute.alpha")
-    preprocess: Literal["backbone", "none", "tf", "caffe", "torch"] | None = Field(None, description=(
-        "as precompute.preprocess"))
-    cut: Literal["conv", "pool"] | None = Field(None, description="as precompute.cut")
+    preprocess: Literal[PREPROCESSING] | None = Field(None, description="as precompute.preprocess")
+    cut: Literal[CUTS] | None = Field(None, description="as precompute.cut")
     image_size: list[int] | None = Field(None, description="as precompute.image_size")
 
     _height_width = field_validator("image_size")(network_size)
@@ -178,7 +178,7 @@ class ResolvedConfig:
             The variant's validated config.
         """
         from pipeline.core.runs import link_variant
-        from pipeline.registry import all_stages
+        from pipeline.registry import all_stages, with_needs
 
         values, provenance = copy.deepcopy(self.values), dict(self.provenance)
         for key, value in overrides.items():
@@ -187,15 +187,8 @@ class ResolvedConfig:
         model = _validate(values, provenance, f"{self.comp}/{name}", shallow=True)
         resolved = ResolvedConfig(self.comp, self.root, model, model.model_dump(mode="json"), provenance,
                                   self.files, variant=name)
-        stages, wanted = all_stages(), []
-
-        def need(stage: str) -> None:
-            if stage not in wanted:
-                wanted.append(stage)
-                for upstream in stages[stage].needs_for(resolved):
-                    need(upstream)
-
-        need(target)
+        stages = all_stages()
+        wanted = with_needs([target], lambda stage: stages[stage].needs_for(resolved))
         resolved.model = model.model_copy(update={"stages": wanted})
         resolved.values["stages"] = wanted
         link_variant(resolved.work_dir)

@@ -44,6 +44,26 @@ def in_run_order(names, needs) -> list[str]:
     return order
 
 
+def with_needs(targets, needs) -> list[str]:
+    """`targets` and every stage they need, transitively, each once, in the order found (depth first).
+
+    Args:
+        targets: the stages asked for.
+        needs: `needs(name)` -> the stages `name` reads.
+    """
+    found: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in found:
+            found.append(name)
+            for upstream in needs(name):
+                visit(upstream)
+
+    for target in targets:
+        visit(target)
+    return found
+
+
 @lru_cache(maxsize=1)
 def stage_names() -> tuple[str, ...]:
     """The stage modules' names, alphabetically, found without importing them."""

@@ -87,7 +87,7 @@ def build_report(config) -> Path:
               for path in sorted((config.work_dir / LR_FIND_DIR).glob(f"*/{LR_FIND_PLOT}"))]
     extras += [(f"{SHOW_DIR}/{path.name}", embedded(path)) for path in sorted((config.work_dir / SHOW_DIR).glob("*.png"))]
     studies = [{"name": name, "trials": trials, "score": score_name_of(trials),
-                "plot": embedded(draw_sweep(config.work_dir, name))}
+                "plot": embedded(draw_sweep(config.work_dir, name, trials))}
                for name, trials in sweeps(config.work_dir).items() if trials]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),

@@ -23,7 +23,7 @@ from pipeline.core.cache import Manifest, competition_lock, output_digests, outp
 from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
-from pipeline.registry import all_stages
+from pipeline.registry import all_stages, with_needs
 from pipeline.status import UP_TO_DATE, StageStatus, check_settings, damaged_outputs, stage_statuses
 
 
@@ -33,21 +33,13 @@ def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
     listed = config.stage_names
     if targets is None:
         return listed
-    wanted: set[str] = set()
-
-    def need(name: str) -> None:
+    wanted = with_needs(targets, lambda name: stages[name].needs_for(config) if name in listed else ())
+    for name in wanted:
         if name not in listed:
             raise PipelineError(
                 f"stage {name!r} is not in {config.provenance.get('stages', 'the config')}'s stage list "
                 f"for {config.comp!r}: {listed}"
             )
-        if name not in wanted:
-            wanted.add(name)
-            for upstream in stages[name].needs_for(config):
-                need(upstream)
-
-    for target in targets:
-        need(target)
     return [name for name in listed if name in wanted]
 
 

@@ -86,18 +86,25 @@ def objective_stage(config, asked: str | None) -> str:
     return "cv" if "cv" in listed else listed[-1]
 
 
+def score_key(config) -> str:
+    """The validation score runs are compared on: `val_accuracy` when the competition's metric is
+    accuracy (higher is better), else `val_log_loss` (lower is better)."""
+    return "val_accuracy" if config.competition.metric == "accuracy" else "val_log_loss"
+
+
 def score_of(config, metrics: dict) -> tuple[str, float]:
-    """(the score's name, its value) a run's metrics hold for the competition's metric; lower is better
-    for log loss, higher for accuracy."""
-    name = "val_accuracy" if config.competition.metric == "accuracy" else "val_log_loss"
+    """(the score's name, its value) a run's metrics hold for the competition's metric."""
+    name = score_key(config)
     if name not in metrics:
         raise PipelineError(f"the run's metrics hold no {name}")
     return name, float(metrics[name])
 
 
-def better(config, a: float, b: float) -> bool:
-    """Whether score `a` beats score `b` for the competition's metric."""
-    return a > b if config.competition.metric == "accuracy" else a < b
+def ranked(config, rows: list[dict]) -> list[dict]:
+    """`rows` best first by the competition's metric (ties keep their order; rows without the score last)."""
+    name = score_key(config)
+    sign = -1 if name == "val_accuracy" else 1
+    return sorted(rows, key=lambda row: (row[name] is None, sign * (row[name] or 0)))
 
 
 def command_line(comp: str, extra_files, sets, stage: str) -> str:
@@ -268,7 +275,7 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
         overrides = {key: suggest(trial, key, axis) for key, axis in space.items()}
         record = run_trial(comp, extra_files, sets, overrides, stage, trial.number + 1, say)
         trial.set_user_attr("record", record)
-        return next(record[key] for key in ("val_log_loss", "val_accuracy") if key in record)
+        return record[score_name_of([record])]
 
     def keep(study, trial) -> None:
         _write_trials(folder, [t.user_attrs["record"] for t in finished()])
@@ -297,11 +304,11 @@ def score_name_of(trials: list[dict]) -> str:
     return next(key for key in ("val_log_loss", "val_accuracy") if trials and key in trials[0])
 
 
-def draw_sweep(work_dir: Path, name: str) -> Path:
-    """`work/COMP/sweeps/NAME/sweep.png`: the score against each setting the sweep varied."""
+def draw_sweep(work_dir: Path, name: str, trials: list[dict]) -> Path:
+    """`work/COMP/sweeps/NAME/sweep.png`: the score against each setting the sweep varied, from its
+    finished `trials` (as `sweeps` reads them)."""
     from pipeline.evaluation.plots import plot_sweep
 
-    trials = sweeps(work_dir).get(name)
     if not trials:
         raise PipelineError(f"no finished trials of a sweep named {name!r} in {work_dir / SWEEPS_FOLDER}")
     path = work_dir / SWEEPS_FOLDER / name / SWEEP_PLOT
@@ -388,11 +395,8 @@ def best_overlay(config, rows: list[dict]) -> tuple[dict, str]:
     """The best row by the competition's metric, and its differing settings as overlay YAML (for `--config`)."""
     if not rows:
         raise PipelineError(f"no stored runs to choose from in {config.work_dir}")
-    name = "val_accuracy" if config.competition.metric == "accuracy" else "val_log_loss"
-    best = rows[0]
-    for row in rows[1:]:
-        if row[name] is not None and better(config, row[name], best[name]):
-            best = row
+    name = score_key(config)
+    best = ranked(config, rows)[0]
     nested: dict = {}
     for dotted, value in best["differs"].items():
         node = nested

@@ -204,14 +204,14 @@ def _order(ids: list[str], reference: list[str]):
 
 def _split_folds(ctx: StageContext, ids: list[str]):
     """The split's fold of each row, or None when the rows are not all the split's training rows."""
+    import numpy as np
+
     from pipeline.core.readers import read_table
 
     split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     fold_of = dict(zip(split["id"], split["fold"]))
     if len(ids) != len(fold_of) or any(row_id not in fold_of for row_id in ids):
         return None
-    import numpy as np
-
     return np.array([fold_of[row_id] for row_id in ids])
 
 

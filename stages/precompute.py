@@ -27,7 +27,7 @@ from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, 
 from pipeline.core.errors import PipelineError
 from pipeline.core.competition import network_size
 from pipeline.core.stage import Stage, StageContext, StrictModel
-from pipeline.models.backbones import FILE_BACKBONE
+from pipeline.models.backbones import CUTS, FILE_BACKBONE, PREPROCESSING
 from pipeline.models.hub import hub_preset
 
 SUBSETS = ("train", "test")
@@ -44,9 +44,9 @@ class Settings(StrictModel):
         "MobileNet, MobileNetV2, MobileNetV3: width multiplier (v1: 0.25 0.5 0.75 1.0; v2: 0.35 0.5 0.75 1.0 ...)"))
     weights: str = Field("imagenet", description=(
         "imagenet (Keras download) | none (random) | path to a weights file (backbone file: to the .keras model)"))
-    cut: Literal["conv", "pool"] = Field("pool", description=(
+    cut: Literal[CUTS] = Field("pool", description=(
         "pool: global average pool (VGG: block5_pool, the course's cut) | conv: last feature map"))
-    preprocess: Literal["backbone", "none", "tf", "caffe", "torch"] = Field("backbone", description=(
+    preprocess: Literal[PREPROCESSING] = Field("backbone", description=(
         "backbone: the network's own preprocess_input | none: RGB 0..255 | tf, caffe, torch: that mode "
         "(backbone file must name one)"))
     image_size: list[int] | None = Field(None, description=(

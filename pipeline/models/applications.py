@@ -67,7 +67,7 @@ def application(name: str) -> Application:
         close = difflib.get_close_matches(name, names + [n.lower() for n in names], n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise PipelineError(f"precompute.backbone {name!r}: not a keras.applications network{hint}; "
-                            "kp backbones lists them (or use none, or file with a saved model)")
+                            "kp backbones lists them (or use none, file with a saved model, or hub:PRESET for a KerasHub preset)")
     return by_lower[name.lower()]
 
 

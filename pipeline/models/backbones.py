@@ -22,6 +22,8 @@ from pipeline.models.applications import application
 from pipeline.models.hub import hub_feature_model, hub_preset
 
 FILE_BACKBONE = "file"  # precompute.backbone: file -> precompute.weights is a whole .keras model
+CUTS = ("conv", "pool")  # precompute.cut: the last feature map, or pooled
+PREPROCESSING = ("backbone", "none", "tf", "caffe", "torch")  # precompute.preprocess: the network's own, none, a mode
 VGG_FAMILY = ("VGG16", "VGG19")  # cut `pool` keeps block5_pool's map (the course's cut), `conv` the last conv
 
 
