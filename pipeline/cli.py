@@ -239,25 +239,38 @@ def status(comp, extra_files, sets, as_json, verify):
               help="The predicting stage whose validation score is compared (default: cv when listed, else the last "
                    "predicting stage).")
 @click.option("--name", default=None, help="The sweep's folder under work/COMP/sweeps/ (default: objective + grid digest).")
+@click.option("--prune/--no-prune", default=None,
+              help="Stop a cv trial whose first folds are clearly worse than the best trial's (default: on for "
+                   "--search, off for --grid, whose every cell is usually wanted).")
+@click.option("--prune-after", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Folds a trial runs before it can be stopped.")
+@click.option("--prune-margin", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="How much worse (relative; the error rate for accuracy) the mean of those folds must be, each "
+                   "fold being worse too.")
 @_config_options
-def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
+def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
     from pipeline.sweeps import run_search, run_sweep, score_name_of
+    from pipeline.trials import Pruning
 
     say = lambda line: click.echo(f"[{comp}] {line}", err=True)  # noqa: E731
     if bool(grid) == bool(search):
         raise PipelineError("kp sweep: give --grid KEY=V1,V2 (repeatable) or --search SPACE.yaml --trials N")
+    pruning = Pruning(prune_after, prune_margin) if (prune if prune is not None else bool(search)) else None
     if search:
         if trials is None:
             raise PipelineError("kp sweep --search: say how many trials the study should hold (--trials N)")
-        folder, done = run_search(comp, extra_files, sets, Path(search), trials, objective, name, seed, say)
+        folder, done = run_search(comp, extra_files, sets, Path(search), trials, objective, name, seed, pruning, say)
     else:
-        folder, done = run_sweep(comp, extra_files, sets, list(grid), objective, name, say)
+        folder, done = run_sweep(comp, extra_files, sets, list(grid), objective, name, pruning, say)
     score = score_name_of(done)
     for trial in done:
         settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
-        click.echo(f"{trial['trial']:>3}  {trial[score]:.5f}  {settings}")
-    click.echo(f"{len(done)} trials of {done[0]['objective']} ({score}); each trial's command: {folder}/trials.jsonl")
+        result = "  pruned" if trial.get("pruned") else f"{trial[score]:.5f}"
+        click.echo(f"{trial['trial']:>3}  {result}  {settings}")
+    stopped = sum(bool(t.get("pruned")) for t in done)
+    click.echo(f"{len(done)} trials of {done[0]['objective']} ({score}" + (f"; {stopped} stopped early" if stopped else "")
+               + f"); each trial's command: {folder}/trials.jsonl")
 
 
 @cli.command()
@@ -274,7 +287,8 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name):
 def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.cache import write_text_atomic
-    from pipeline.sweeps import best_overlay, draw_sweep, ranked, stored_runs, sweeps
+    from pipeline.run_table import best_overlay, ranked, stored_runs
+    from pipeline.sweeps import draw_sweep, sweeps
 
     config = _load(comp, extra_files, sets, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
@@ -284,8 +298,11 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
         if trials is None:
             raise PipelineError(f"--sweep {sweep_name}: no such sweep in {config.work_dir}; sweeps there: "
                                 f"{', '.join(found) or 'none'}")
-        keys = {(t["objective"], t["fingerprint"]) for t in trials}
+        keys = {(t["objective"], t["fingerprint"]) for t in trials if not t.get("pruned")}
         rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
+        for trial in trials:
+            if trial.get("pruned"):
+                click.echo(f"trial {trial['trial']} was {trial['pruned']}; its command: {trial['command']}", err=True)
         if plot:
             click.echo(f"wrote {draw_sweep(config.work_dir, sweep_name, trials)}", err=True)
     elif plot:
@@ -305,9 +322,11 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
     for row in rows:
         spread = f" folds {row['fold_min']:.3f}-{row['fold_max']:.3f}" if row["fold_min"] is not None else ""
         differs = " ".join(f"{key}={json.dumps(value)}" for key, value in row["differs"].items()) or "(as configured)"
+        board = f"  LB {row['lb_score']:.5f}" if row["lb_score"] is not None else ""
         click.echo(f"{'*' if row['current'] else ' '} {row['stage']:<9} {row['fingerprint']}  {row['val_log_loss']:.5f}  "
-                   f"{row['validation']:<8}{spread}  {row['finished'][:16]}  {row['duration_s']:.0f}s  {differs}")
-    click.echo(f"{len(rows)} stored runs (* the current result of its stage)", err=True)
+                   f"{row['validation']:<8}{spread}{board}  {row['finished'][:16]}  {row['duration_s']:.0f}s  {differs}")
+    click.echo(f"{len(rows)} stored runs (* the current result of its stage; LB: the leaderboard's score of an "
+               "upload made from it)", err=True)
 
 
 @cli.command("lr-find")

@@ -369,20 +369,29 @@ def _merge(base: dict, layer: dict, source: str, provenance: dict[str, str], pre
             provenance[dotted] = source
 
 
-def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> None:
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """`dotted.key=value` as `--set` reads it: (the key, the value parsed as YAML).
+
+    Raises:
+        PipelineError: no `=`, no key, or a value that is not valid YAML, naming the assignment.
+    """
     source = f"--set {assignment}"
     key, sep, raw = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
         raise PipelineError(f"{source}: expected dotted.key=value")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+        return key, yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise PipelineError(
             f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
             "quote a string that starts with {{, [ or a colon: key='{{id}}.jpg'"
         ) from None
-    _set_dotted(merged, key, value, source, provenance)
+
+
+def _apply_set(merged: dict, assignment: str, provenance: dict[str, str]) -> None:
+    key, value = parse_assignment(assignment)
+    _set_dotted(merged, key, value, f"--set {assignment}", provenance)
 
 
 def _set_dotted(merged: dict, key: str, value: Any, source: str, provenance: dict[str, str]) -> None:

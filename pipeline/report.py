@@ -79,7 +79,7 @@ def build_report(config) -> Path:
 
     from pipeline.core.cache import write_text_atomic
     from pipeline.kaggle.ledger import ledger_path, read_ledger
-    from pipeline.sweeps import draw_sweep, score_name_of, sweeps
+    from pipeline.sweeps import draw_sweep, finished, score_name_of, sweeps
 
     statuses = stage_statuses(config)
     stages = [_stage_section(config, status) for status in statuses]
@@ -87,7 +87,7 @@ def build_report(config) -> Path:
               for path in sorted((config.work_dir / LR_FIND_DIR).glob(f"*/{LR_FIND_PLOT}"))]
     extras += [(f"{SHOW_DIR}/{path.name}", embedded(path)) for path in sorted((config.work_dir / SHOW_DIR).glob("*.png"))]
     studies = [{"name": name, "trials": trials, "score": score_name_of(trials),
-                "plot": embedded(draw_sweep(config.work_dir, name, trials))}
+                "plot": embedded(draw_sweep(config.work_dir, name, trials)) if finished(trials) else None}
                for name, trials in sweeps(config.work_dir).items() if trials]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),

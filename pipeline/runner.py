@@ -6,7 +6,8 @@ fingerprint in the run cache -> restored (the stage's link points at it again, n
 otherwise it runs into a temporary folder that becomes a stored run only once complete and its
 declared outputs are there. Any exception from a stage ends as one message, `stage X failed:
 <reason>` (exit status 2), with the traceback in `work/COMP/STAGE.error.log` (`KP_DEBUG=1` lets
-it through). Only one run per competition at a time (a lock file in its work folder).
+it through); a `RunStopped` (a sweep stopping a trial early) passes through as it is. Only one run
+per competition at a time (a lock file in its work folder).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
 from pipeline.core.cache import Manifest, competition_lock, output_digests, output_problems, output_sizes, \
     sweep_partial, upstream_digests, write_text_atomic
-from pipeline.core.errors import PipelineError, describe_os_error
+from pipeline.core.errors import PipelineError, RunStopped, describe_os_error
 from pipeline.core.runs import point, stage_store
 from pipeline.core.stage import Stage, StageContext
 from pipeline.registry import all_stages, with_needs
@@ -57,12 +58,17 @@ def stage_inputs(config: ResolvedConfig, name: str):
     return stage.view(config), {upstream: (config.work_dir / upstream).resolve() for upstream in needs}
 
 
-def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = False) -> list[StageStatus]:
+def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = False,
+        actions: dict[str, str] | None = None) -> list[StageStatus]:
     """Bring the targets (default: every listed stage) up to date; `force` reruns the targets themselves.
+
+    Args:
+        actions: filled with what happened to each stage of the plan: `skipped`, `restored` or `ran`.
 
     Returns:
         The status of every listed stage afterwards.
     """
+    actions = {} if actions is None else actions
     order = plan(config, targets)
     forced = {name: "forced" for name in (order if targets is None else targets)} if force else {}
     stages = all_stages()
@@ -79,14 +85,17 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
             status = {s.name: s for s in stage_statuses(config)}[name]
             if status.state == UP_TO_DATE and name not in forced:
                 _say(config, f"{name}: up to date, skipped ({status.manifest.headline})")
+                actions[name] = "skipped"
                 continue
             if status.restorable and name not in forced:
                 manifest = _restore(config, stages[name], status)
                 _say(config, f"{name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
+                actions[name] = "restored"
                 continue
             why = forced.get(name) or "; ".join(status.reasons)
             _say(config, f"{name}: running ({why})")
             manifest = _guarded(config, stages[name], status)
+            actions[name] = "ran"
             _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}")
     return stage_statuses(config)
 
@@ -119,6 +128,8 @@ def _guarded(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
     log = config.work_dir / ERROR_LOG.format(stage=stage.name)
     try:
         manifest = _run_one(config, stage, status)
+    except RunStopped:
+        raise
     except Exception as exc:
         if os.environ.get("KP_DEBUG") == "1":
             raise

@@ -141,3 +141,67 @@ def test_a_sweep_killed_mid_trial_reruns_only_what_was_missing(warm_project):
     assert result.exit_code == 0, result.output
     trials = [json.loads(line) for line in trials_file.read_text().splitlines()]
     assert [t["ran"] for t in trials] == [[], [], ["cv"]]  # the finished trials restored; only the killed one trained
+
+
+def test_the_pruning_rule_stops_only_a_trial_worse_on_each_fold_by_the_margin():
+    from pipeline.trials import Pruning, best_folds, prune_reason
+
+    best = {1: 0.50, 2: 0.40, 3: 0.60, 4: 0.55}
+    rule = Pruning(after=2, margin=0.05)
+    assert prune_reason("val_log_loss", {1: 0.60}, best, 4, rule) is None  # one fold is not enough
+    why = prune_reason("val_log_loss", {1: 0.60, 2: 0.45}, best, 4, rule)
+    assert why.startswith("stopped after 2 of 4 folds: on folds 1, 2") and "0.5250 against the best trial's 0.4500" in why
+    assert prune_reason("val_log_loss", {1: 0.90, 2: 0.39}, best, 4, rule) is None  # better on one fold
+    assert prune_reason("val_log_loss", {1: 0.51, 2: 0.41}, best, 4, rule) is None  # worse on each, within the margin
+    assert prune_reason("val_log_loss", {1: 0.6, 2: 0.5}, best, 4, None) is None  # pruning off
+    assert prune_reason("val_log_loss", {1: 0.6, 2: 0.5, 3: 0.7, 4: 0.6}, best, 4, rule) is None  # finished anyway
+    assert prune_reason("val_accuracy", {1: 0.80, 2: 0.85}, {1: 0.90, 2: 0.90, 3: 0.9}, 3, rule) is not None  # errors
+    records = [{"val_log_loss": 0.5, "fold_scores": {"1": 0.5}}, {"val_log_loss": 0.4, "fold_scores": {"1": 0.4}},
+               {"val_log_loss": None, "pruned": "...", "fold_scores": {"1": 0.1}}]
+    assert best_folds("val_log_loss", records) == {1: 0.4}  # a stopped trial is never the best
+
+
+GOOD, BAD = "[{epochs: 2, lr: 0.001}, {epochs: 1, lr: 0.0001}]", "[{epochs: 3, lr: 3.0}]"  # base's; diverging
+
+
+def test_a_trial_clearly_worse_on_its_first_folds_stops_and_its_folds_are_kept(warm_project):
+    root = warm_project("cv", _cross_validated)
+    runner = CliRunner()
+    args = ["sweep", "--comp", "synth", *_options(CV), "--grid", f"finetune.phases={GOOD},{BAD}", "--name", "pruned"]
+    result = runner.invoke(cli, [*args, "--prune"])
+    assert result.exit_code == 0, result.output
+    assert "2 trials of cv (val_log_loss; 1 stopped early)" in result.output
+    trials_file = root / "work" / "synth" / "sweeps" / "pruned" / "trials.jsonl"
+    good, bad = [json.loads(line) for line in trials_file.read_text().splitlines()]
+    assert "pruned" not in good and good["val_log_loss"] < 1.2
+    assert bad["pruned"].startswith("stopped after 2 of 4 folds") and bad["val_log_loss"] is None
+    assert {int(f) for f in bad["fold_scores"]} == {1, 2} and all(bad["fold_scores"][f] > good["fold_scores"][f]
+                                                                    for f in ("1", "2"))
+    assert not (root / "work" / "synth" / "_runs" / "cv" / bad["fingerprint"]).exists()  # no cv result written
+    listed = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--sweep", "pruned"])
+    assert "trial 2 was stopped after 2 of 4 folds" in listed.output
+
+    finished = runner.invoke(cli, [*args, "--no-prune"])  # the stopped trial's two folds are kept
+    assert finished.exit_code == 0, finished.output
+    bad = [json.loads(line) for line in trials_file.read_text().splitlines()][1]
+    assert bad["val_log_loss"] > good["val_log_loss"] and "pruned" not in bad
+    assert Manifest.read(root / "work" / "synth" / "_runs" / "cv" / bad["fingerprint"]).metrics["trained"] == 2
+
+
+def test_a_search_reports_each_fold_to_optuna_and_marks_a_stopped_trial_pruned(warm_project):
+    import optuna
+
+    root = warm_project("cv", _cross_validated)
+    space = root / "space.yaml"
+    space.write_text(f"finetune.phases: {{choices: [{GOOD}, {BAD}]}}\n")
+    result = CliRunner().invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--trials", "3",
+                                      "--seed", "6", "--name", "search"])  # seed 6 asks: good, good, bad
+    assert result.exit_code == 0, result.output
+    folder = root / "work" / "synth" / "sweeps" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and "COMPLETE" in states, result.output
+    for trial in study.trials:  # each fold's score, reported at its fold number
+        record = trial.user_attrs["record"]
+        assert trial.intermediate_values == {int(f): v for f, v in record["fold_scores"].items()}
+        assert (trial.state.name == "PRUNED") == bool(record.get("pruned"))

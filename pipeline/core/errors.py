@@ -19,6 +19,12 @@ class PipelineError(Exception):
     """
 
 
+class RunStopped(Exception):
+    """A run stopped on purpose by whoever started it (a sweep stops a trial whose first folds are clearly
+    worse than its best trial's): not a failure, so the runner lets it through untouched; what the run
+    had stored (its finished units) stays in the run cache, the stage's own result is not written."""
+
+
 def free_megabytes(path: Path) -> float:
     """Free space on the filesystem holding `path` (or its nearest existing parent), in MB."""
     path = Path(path)

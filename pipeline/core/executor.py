@@ -14,15 +14,21 @@ resources per unit, so several small trainings can share one GPU with a fraction
 unit whose worker died or that raised, `retries` times, and a unit that still fails is one error
 naming it. Workers need the work folder and the images at the same paths (a shared filesystem, as
 on a usual cluster); a worker that cannot see the store says so. Imports Ray inside the functions only.
+
+Whoever runs a stage can watch its units as they are found stored or finish (`watching_units`): a
+sweep reads each cv fold's score there and stops a trial whose first folds are clearly worse than
+its best trial's (by raising `RunStopped` from the watcher; the units stored so far stay stored).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 from pydantic import Field
 
@@ -109,6 +115,30 @@ class UnitResult:
     reused: bool
 
 
+UnitWatcher = Callable[[str, Unit, dict], None]  # (the store's name, the unit, its record)
+_WATCHERS: ContextVar[tuple[UnitWatcher, ...]] = ContextVar("unit_watchers", default=())
+
+
+@contextlib.contextmanager
+def watching_units(watcher: UnitWatcher) -> Iterator[None]:
+    """Within the block, `watcher(store_name, unit, record)` is called in this process for each unit
+    `compute_units` finds stored (first, in order) or finishes (as each does); what it raises ends the
+    computation there, with every unit finished so far stored."""
+    token = _WATCHERS.set((*_WATCHERS.get(), watcher))
+    try:
+        yield
+    finally:
+        _WATCHERS.reset(token)
+
+
+def _tell_watchers(store: RunStore, unit: Unit) -> None:
+    watchers = _WATCHERS.get()
+    if watchers:
+        record = read_record(store.path(unit.key))
+        for watcher in watchers:
+            watcher(store.root.name, unit, record)
+
+
 def _store_unit(store: RunStore, unit: Unit) -> None:
     """Compute one unit into its store, atomically, with its record; then drop its backup."""
     with store.write(unit.key) as folder:
@@ -147,12 +177,16 @@ def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], 
             missing.append(unit)
     if progress is not None:
         progress.update(len(units) - len(missing))
+    for unit in units:
+        if store.has(unit.key):
+            _tell_watchers(store, unit)
     if settings is None or settings.backend == "local" or not missing:
         for unit in missing:
             log(f"{unit.label}: computing")
             _store_unit(store, unit)
             if progress is not None:
                 progress.update(1)
+            _tell_watchers(store, unit)
         return [unit.key for unit in missing]
     return _compute_on_ray(settings, store, missing, log, progress)
 
@@ -170,12 +204,13 @@ def _compute_on_ray(settings: Compute, store: RunStore, units: list[Unit], log, 
         try:
             where = ray.get(done[0])
         except Exception as exc:  # after Ray's retries: the unit's own error, or its worker's death
-            failures.append(f"{unit.label}: {_reason(exc)}")
+            failures.append(f"{unit.label}: {failure_reason(exc)}")
             log(f"{unit.label}: failed after {settings.retries} retries")
             continue
         log(f"{unit.label}: computed on {where}")
         if progress is not None:
             progress.update(1)
+        _tell_watchers(store, unit)
     if failures:
         raise PipelineError(f"{len(failures)} of {len(units)} units failed on Ray (the others are stored; a rerun "
                             "computes only the missing ones): " + "; ".join(failures))
@@ -229,6 +264,6 @@ def _write_unit(store_root: str, unit: Unit) -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None) or exc
     return " ".join(str(cause).split())[:300] or type(cause).__name__
