@@ -136,3 +136,35 @@ def test_a_cluster_with_token_authentication_reached_without_its_token_is_one_cl
             connect(Compute(backend="ray", address="127.0.0.1:6391"))
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=head, capture_output=True, timeout=120)
+
+
+def test_a_sweeps_trials_as_ray_tasks_score_as_on_the_local_backend(warm_project):
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from tests.test_cv import CV, _cross_validated
+
+    root = warm_project("cv", _cross_validated)
+    work = root / "work" / "synth"
+    args = ["sweep", "--comp", "synth", *(a for s in CV for a in ("--set", s)), "--grid", "cv.seed=1,2"]
+    local = CliRunner().invoke(cli, [*args, "--name", "local"])
+    assert local.exit_code == 0, local.output
+    for store in ("cv", "cv-folds"):  # put the local results aside: the Ray trials must train again
+        (work / "_runs" / store).rename(work / "_runs" / f"{store}-local")
+    remote = CliRunner().invoke(cli, [*args, "--name", "ray", *(a for s in RAY for a in ("--set", s))])
+    assert remote.exit_code == 0, remote.output
+    assert "sent to Ray (2 of 2 slots busy)" in remote.output  # both trials at once
+
+    def trials(name):
+        return [json.loads(line) for line in (work / "sweeps" / name / "trials.jsonl").read_text().splitlines()]
+
+    for here, there in zip(trials("local"), trials("ray")):
+        assert here["overrides"] == there["overrides"] and here["fingerprint"] == there["fingerprint"]
+        assert there["ran"] == ["cv"] and here["val_log_loss"] == there["val_log_loss"]
+        assert here["fold_scores"] == there["fold_scores"]
+        p = load_predictions(work / "_runs" / "cv-local" / here["fingerprint"])
+        q = load_predictions(work / "_runs" / "cv" / there["fingerprint"])
+        np.testing.assert_array_equal(p.valid_probs, q.valid_probs)  # bit for bit
+        np.testing.assert_array_equal(p.test_probs, q.test_probs)

@@ -151,6 +151,10 @@ def test_upload_puts_the_leaderboard_score_beside_validation(digits_project, dig
     assert "ledger" in status.output and f"{float(row['lb_score']):.5f}" in status.output
     shown = CliRunner().invoke(cli, ["ledger", "--comp", "digits", *CLI_SETS])
     assert shown.exit_code == 0 and "complete" in shown.output and "ledger.png" in shown.output
+    runs = json.loads(CliRunner().invoke(cli, ["runs", "--comp", "digits", *CLI_SETS, "--json"]).stdout)
+    [uploaded] = [run for run in runs if run["lb_score"] is not None]  # the finetune run the submission came from
+    assert uploaded["stage"] == "finetune" and uploaded["lb_score"] == pytest.approx(float(row["lb_score"]))
+    assert uploaded["fingerprint"] == json.loads((config.work_dir / "finetune" / "manifest.json").read_text())["fingerprint"]
 
 
 def test_a_score_not_ready_in_time_is_read_later(digits_project, kaggle_env, tmp_path):
