@@ -15,8 +15,8 @@ Pruning (`Pruning`): a cv trial reports each fold's score as the fold is found s
 `after` folds are in, it stops when it is worse than the best finished trial on each of those folds
 and worse on their mean by more than `margin` (relative; on the error rate for accuracy). Its
 finished folds stay in the run cache, so raising the budget later resumes rather than repeats them.
-Optuna's own WilcoxonPruner asks for significance, which 5 folds cannot give before the 4th
-(p = 0.0625 at best), so the rule here is the paired, every-fold-worse test a competitor applies by eye.
+Optuna's own WilcoxonPruner asks for significance, which three folds cannot give at its p < 0.1
+(0.125 at best), so the rule here is the paired, every-fold-worse test a competitor applies by eye.
 """
 from __future__ import annotations
 
