@@ -13,6 +13,7 @@ it alone; a search's Optuna study is `study.db` beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -121,6 +122,19 @@ def _spec(base, extra_files, sets, folder: Path, stage: str, number: int, overri
                      overrides, command_line(base.comp, extra_files, trial_sets, stage))
 
 
+@contextlib.contextmanager
+def _holding(base, say):
+    """The competition's lock for the whole sweep (no other kp run tidies the shared run cache under a
+    running trial, and no other process runs this sweep's trials), with what killed runs left behind
+    removed first, as `kp STAGE` does (a trial's variant folder leaves the shared stores to this)."""
+    from pipeline.core.cache import competition_lock, sweep_partial
+
+    with competition_lock(base.work_dir):
+        for leftover in sweep_partial(base.work_dir):
+            say(f"removed {leftover.relative_to(base.work_dir)} left by an interrupted run")
+        yield
+
+
 def _write_trials(folder: Path, trials: list[dict]) -> None:
     from pipeline.core.cache import write_text_atomic
 
@@ -142,8 +156,6 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
     Returns:
         (the sweep's folder, its trials as `run_trial` records them, in grid order).
     """
-    from pipeline.core.cache import competition_lock
-
     combinations = iter(enumerate(grid_trials(grid), start=1))
     base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
     records: dict[int, dict] = {}
@@ -156,7 +168,7 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
         records[spec.number] = record
         _write_trials(folder, [records[n] for n in sorted(records)])
 
-    with competition_lock(base.work_dir):  # no kp run of the competition tidies the shared run cache meanwhile
+    with _holding(base, say):
         run_trials(base, next_trial, finish, lambda: best_folds(score_key(base), records.values()), pruning, say)
     return folder, [records[n] for n in sorted(records)]
 
@@ -230,14 +242,12 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.core.cache import competition_lock
-
     space = read_space(space_file)
     asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
     base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     score_name = score_key(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with competition_lock(base.work_dir):  # also: no other process runs this study's trials meanwhile
+    with _holding(base, say):
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
                                     load_if_exists=True, direction="maximize" if score_name == "val_accuracy" else "minimize",
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))

@@ -141,6 +141,8 @@ def test_a_sweep_killed_mid_trial_reruns_only_what_was_missing(warm_project):
     assert result.exit_code == 0, result.output
     trials = [json.loads(line) for line in trials_file.read_text().splitlines()]
     assert [t["ran"] for t in trials] == [[], [], ["cv"]]  # the finished trials restored; only the killed one trained
+    folds = root / "work" / "synth" / "_runs" / "cv-folds"
+    assert not [p.name for p in folds.iterdir() if p.name.startswith(".tmp-")]  # the killed fold's leftovers swept
 
 
 def test_the_pruning_rule_stops_only_a_trial_worse_on_each_fold_by_the_margin():
