@@ -286,6 +286,7 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, 
 @_config_options
 def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
+    from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
     from pipeline.run_table import best_overlay, ranked, stored_runs
     from pipeline.sweeps import draw_sweep, sweeps
@@ -300,9 +301,10 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
                                 f"{', '.join(found) or 'none'}")
         keys = {(t["objective"], t["fingerprint"]) for t in trials if not t.get("pruned")}
         rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
-        for trial in trials:
-            if trial.get("pruned"):
-                click.echo(f"trial {trial['trial']} was {trial['pruned']}; its command: {trial['command']}", err=True)
+        stopped = [str(t["trial"]) for t in trials if t.get("pruned")]
+        if stopped:
+            click.echo(f"trials stopped early (no result to list): {', '.join(stopped)}; why, and each trial's command: "
+                       f"{config.work_dir / SWEEPS_FOLDER / sweep_name / TRIALS_FILE}", err=True)
         if plot:
             click.echo(f"wrote {draw_sweep(config.work_dir, sweep_name, trials)}", err=True)
     elif plot:

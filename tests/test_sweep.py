@@ -181,7 +181,7 @@ def test_a_trial_clearly_worse_on_its_first_folds_stops_and_its_folds_are_kept(w
                                                                     for f in ("1", "2"))
     assert not (root / "work" / "synth" / "_runs" / "cv" / bad["fingerprint"]).exists()  # no cv result written
     listed = runner.invoke(cli, ["runs", "--comp", "synth", *_options(CV), "--sweep", "pruned"])
-    assert "trial 2 was stopped after 2 of 4 folds" in listed.output
+    assert "trials stopped early (no result to list): 2;" in listed.output
 
     finished = runner.invoke(cli, [*args, "--no-prune"])  # the stopped trial's two folds are kept
     assert finished.exit_code == 0, finished.output
