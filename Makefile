@@ -27,10 +27,10 @@ clean: $(VENV)/.installed
 	$(KP) clean --comp $(COMP) $(ARGS)
 
 test: $(VENV)/.installed browser
-	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 -n 2 --dist loadfile $(ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-all: $(VENV)/.installed browser
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile $(ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # Headless Chromium from Debian's packages, for the tests marked `browser` (kp report rendered in a real
 # browser); they skip with the reason where it cannot be installed (no apt-get, not root, no package index).

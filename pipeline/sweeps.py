@@ -116,6 +116,16 @@ def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tupl
     return base, stage, folder
 
 
+def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> None:
+    """Validate the config of every trial before the first one runs: a misspelt key or a value out of
+    range fails at once, naming the key, rather than after hours of trials."""
+    from pipeline.config import load_config
+
+    for overrides in trials:
+        load_config(comp, extra_files=list(extra_files), shallow=True,
+                    sets=[*sets, *(f"{key}={value}" for key, value in overrides.items())])
+
+
 def _spec(base, extra_files, sets, folder: Path, stage: str, number: int, overrides: dict[str, str]) -> TrialSpec:
     trial_sets = [*sets, *(f"{key}={value}" for key, value in overrides.items())]
     return TrialSpec(base.comp, base.root, tuple(str(p) for p in extra_files), tuple(sets), folder.name, number, stage,
@@ -156,7 +166,9 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
     Returns:
         (the sweep's folder, its trials as `run_trial` records them, in grid order).
     """
-    combinations = iter(enumerate(grid_trials(grid), start=1))
+    trials = grid_trials(grid)
+    _check_overrides(comp, extra_files, sets, trials)
+    combinations = iter(enumerate(trials, start=1))
     base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
     records: dict[int, dict] = {}
 
@@ -216,11 +228,20 @@ def read_space(path: Path) -> dict[str, Axis]:
     return space
 
 
+def _yaml_text(value: Any) -> str:
+    """A value as the one-line YAML text a `--set` takes."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _extremes(axis: Axis) -> list[str]:
+    """The values at an axis's ends (each choice, or low and high), as `--set` text: what is checked up front."""
+    return [_yaml_text(v) for v in (axis.choices if axis.choices is not None else [axis.low, axis.high])]
+
+
 def suggest(trial, key: str, axis: Axis) -> str:
     """Optuna's choice for one setting, as the raw YAML value a `--set` takes."""
     if axis.choices is not None:  # Optuna's categorical takes plain scalars: the choices go as their YAML text
-        return trial.suggest_categorical(key, [yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("\n...")
-                                               for c in axis.choices])
+        return trial.suggest_categorical(key, [_yaml_text(c) for c in axis.choices])
     if all(isinstance(v, int) for v in (axis.low, axis.high)) and isinstance(axis.step or 1, int):
         return str(trial.suggest_int(key, axis.low, axis.high, step=axis.step or 1, log=axis.log))
     return repr(trial.suggest_float(key, axis.low, axis.high, step=axis.step, log=axis.log))
@@ -243,6 +264,8 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     from optuna.trial import TrialState
 
     space = read_space(space_file)
+    _check_overrides(comp, extra_files, sets, [{key: value for key, value in zip(space, corner)} for corner in
+                                               itertools.product(*(_extremes(axis) for axis in space.values()))][:64])
     asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
     base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     score_name = score_key(base)

@@ -151,11 +151,11 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
         with watching_units(watch):
             runner.run(config, [spec.stage], actions=actions)
     except RunStopped as stop:
-        pruned = str(stop)
+        pruned, actions[spec.stage] = str(stop), "stopped"  # it trained the folds it reported
     record: dict[str, Any] = {"trial": spec.number, "overrides": spec.overrides, "command": spec.command,
                               "objective": spec.stage, score_name: None, "fingerprint": config.fingerprint_of(spec.stage),
                               "seconds": round(time.perf_counter() - clock, 1),
-                              "ran": [name for name, action in actions.items() if action == "ran"]}
+                              "ran": [name for name, action in actions.items() if action in ("ran", "stopped")]}
     if pruned is not None:
         say(f"trial {spec.number}: pruned, {pruned}")
         return {**record, "pruned": pruned, "fold_scores": {str(f): v for f, v in sorted(folds.items())}}

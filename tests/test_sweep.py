@@ -95,30 +95,6 @@ def test_a_search_space_file_is_checked_and_names_the_key(tmp_path):
         read_space(path)
 
 
-def test_an_optuna_search_stores_its_study_and_raising_trials_adds_to_it(warm_project):
-    root = warm_project("cv", _cross_validated)
-    space = root / "space.yaml"
-    space.write_text("cv.seed: {choices: [0, 1]}\n")
-    runner = CliRunner()
-    args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--name", "search"]
-    result = runner.invoke(cli, [*args, "--trials", "3"])
-    assert result.exit_code == 0, result.output
-    folder = root / "work" / "synth" / "sweeps" / "search"
-    trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
-    assert len(trials) == 3 and (folder / "study.db").is_file()
-    assert {t["overrides"]["cv.seed"] for t in trials} <= {"0", "1"}
-    seen = set()
-    for t in trials:  # a setting tried before is restored from the run cache, not trained again
-        assert (t["ran"] == []) == (t["overrides"]["cv.seed"] in seen | {"0"})
-        seen.add(t["overrides"]["cv.seed"])
-        assert t["val_log_loss"] == Manifest.read(root / "work" / "synth" / "_runs" / "cv" / t["fingerprint"]).metrics[
-            "val_log_loss"]
-    more = runner.invoke(cli, [*args, "--trials", "4"])
-    assert more.exit_code == 0, more.output
-    assert len((folder / "trials.jsonl").read_text().splitlines()) == 4  # one more, the first three kept
-    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output
-
-
 @pytest.mark.slow  # three trials, one killed mid-training (about a minute)
 def test_a_sweep_killed_mid_trial_reruns_only_what_was_missing(warm_project):
     import time
@@ -190,20 +166,40 @@ def test_a_trial_clearly_worse_on_its_first_folds_stops_and_its_folds_are_kept(w
     assert Manifest.read(root / "work" / "synth" / "_runs" / "cv" / bad["fingerprint"]).metrics["trained"] == 2
 
 
-def test_a_search_reports_each_fold_to_optuna_and_marks_a_stopped_trial_pruned(warm_project):
+def test_an_optuna_search_stores_its_study_prunes_a_worse_trial_and_raising_trials_adds_to_it(warm_project):
     import optuna
 
     root = warm_project("cv", _cross_validated)
     space = root / "space.yaml"
     space.write_text(f"finetune.phases: {{choices: [{GOOD}, {BAD}]}}\n")
-    result = CliRunner().invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--trials", "3",
-                                      "--seed", "6", "--name", "search"])  # seed 6 asks: good, good, bad
+    runner = CliRunner()
+    args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--seed", "6", "--name", "search"]
+    result = runner.invoke(cli, [*args, "--trials", "3"])  # seed 6 asks: good, good, bad
     assert result.exit_code == 0, result.output
     folder = root / "work" / "synth" / "sweeps" / "search"
+    trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+    assert [t["overrides"]["finetune.phases"] for t in trials] == [GOOD, GOOD, BAD]
+    assert [t["ran"] for t in trials] == [[], [], ["cv"]]  # the base's setting restored, not trained again
+    assert all(t["val_log_loss"] == Manifest.read(root / "work" / "synth" / "_runs" / "cv" / t["fingerprint"]).metrics[
+        "val_log_loss"] for t in trials[:2])
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
-    states = [t.state.name for t in study.trials]
-    assert "PRUNED" in states and "COMPLETE" in states, result.output
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     for trial in study.trials:  # each fold's score, reported at its fold number
-        record = trial.user_attrs["record"]
-        assert trial.intermediate_values == {int(f): v for f, v in record["fold_scores"].items()}
-        assert (trial.state.name == "PRUNED") == bool(record.get("pruned"))
+        assert trial.intermediate_values == {int(f): v for f, v in trial.user_attrs["record"]["fold_scores"].items()}
+    assert len(study.trials[2].intermediate_values) == 2 and len(study.trials[0].intermediate_values) == 4
+
+    more = runner.invoke(cli, [*args, "--trials", "4"])
+    assert more.exit_code == 0, more.output
+    assert len((folder / "trials.jsonl").read_text().splitlines()) == 4  # one more, the first three kept
+    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output
+
+
+def test_every_trials_settings_are_checked_before_the_first_trial_runs(project):
+    runner = CliRunner()
+    typo = runner.invoke(cli, ["sweep", "--comp", "digits", "--grid", "model.l2=0,0.001", "--grid", "model.hiden=[8]"])
+    assert typo.exit_code == 2 and "unknown key 'model.hiden'" in typo.output and "did you mean 'hidden'" in typo.output
+    space = project / "space.yaml"
+    space.write_text("model.l2: {low: -0.01, high: 0.01}\n")  # the low end is out of range
+    bad = runner.invoke(cli, ["sweep", "--comp", "digits", "--search", str(space), "--trials", "2"])
+    assert bad.exit_code == 2 and "model.l2" in bad.output and "greater than or equal to 0" in bad.output
+    assert not (project / "work" / "digits").exists()  # nothing ran, nothing was written
