@@ -99,21 +99,15 @@ def command_line(comp: str, extra_files, sets, stage: str) -> str:
 
 
 def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tuple[Any, str, Path]:
-    """(the base config, the objective stage, the sweep's folder with its `sweep.json` written)."""
+    """(the base config, the objective stage, the sweep's folder); `_holding` creates the folder."""
     from pipeline.config import load_config
-    from pipeline.core.cache import write_text_atomic
 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise PipelineError(f"--name {name!r}: a sweep's name is a folder name: letters, digits, _ . - only")
     base = load_config(comp, extra_files=list(extra_files), sets=list(sets))
     stage = objective_stage(base, objective)
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
-    folder = base.work_dir / SWEEPS_FOLDER / (name or f"{stage}-{digest}")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / SWEEP_FILE, json.dumps({"comp": comp, "config": [str(p) for p in extra_files],
-                                                       "set": list(sets), **asked, "objective": stage},
-                                                      indent=2) + "\n")
-    return base, stage, folder
+    return base, stage, base.work_dir / SWEEPS_FOLDER / (name or f"{stage}-{digest}")
 
 
 def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> None:
@@ -133,16 +127,24 @@ def _spec(base, extra_files, sets, folder: Path, stage: str, number: int, overri
 
 
 @contextlib.contextmanager
-def _holding(base, say):
+def _holding(base, folder: Path, asked: dict, say):
     """The competition's lock for the whole sweep (no other kp run tidies the shared run cache under a
     running trial, and no other process runs this sweep's trials), with what killed runs left behind
-    removed first, as `kp STAGE` does (a trial's variant folder leaves the shared stores to this)."""
-    from pipeline.core.cache import competition_lock, sweep_partial
+    removed first, as `kp STAGE` does (a trial's variant folder leaves the shared stores to this);
+    then the sweep's folder with `sweep.json`, what was asked."""
+    from pipeline.core.cache import competition_lock, sweep_partial, write_text_atomic
 
-    with competition_lock(base.work_dir):
+    with competition_lock(base.work_dir):  # claims work/COMP first: kp writes only in folders it made
         for leftover in sweep_partial(base.work_dir):
             say(f"removed {leftover.relative_to(base.work_dir)} left by an interrupted run")
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / SWEEP_FILE, json.dumps(asked, indent=2) + "\n")
         yield
+
+
+def _asked(comp, extra_files, sets, asked: dict, stage: str) -> dict:
+    """What `sweep.json` records: the base config's command-line parts, the grid or space, the objective."""
+    return {"comp": comp, "config": [str(p) for p in extra_files], "set": list(sets), **asked, "objective": stage}
 
 
 def _write_trials(folder: Path, trials: list[dict]) -> None:
@@ -169,7 +171,8 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
     trials = grid_trials(grid)
     _check_overrides(comp, extra_files, sets, trials)
     combinations = iter(enumerate(trials, start=1))
-    base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
+    asked = {"grid": sorted(grid)}
+    base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     records: dict[int, dict] = {}
 
     def next_trial():
@@ -180,7 +183,7 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
         records[spec.number] = record
         _write_trials(folder, [records[n] for n in sorted(records)])
 
-    with _holding(base, say):
+    with _holding(base, folder, _asked(comp, extra_files, sets, asked, stage), say):
         run_trials(base, next_trial, finish, lambda: best_folds(score_key(base), records.values()), pruning, say)
     return folder, [records[n] for n in sorted(records)]
 
@@ -270,7 +273,7 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     score_name = score_key(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _holding(base, say):
+    with _holding(base, folder, _asked(comp, extra_files, sets, asked, stage), say):
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
                                     load_if_exists=True, direction="maximize" if score_name == "val_accuracy" else "minimize",
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))

@@ -203,3 +203,10 @@ def test_every_trials_settings_are_checked_before_the_first_trial_runs(project):
     bad = runner.invoke(cli, ["sweep", "--comp", "digits", "--search", str(space), "--trials", "2"])
     assert bad.exit_code == 2 and "model.l2" in bad.output and "greater than or equal to 0" in bad.output
     assert not (project / "work" / "digits").exists()  # nothing ran, nothing was written
+
+    missing = project / "no-such-download.zip"  # a first sweep claims the fresh work folder, as any kp run does
+    first = runner.invoke(cli, ["sweep", "--comp", "digits", "--set", f"download.source={missing}",
+                                "--grid", "model.l2=0,0.001", "--name", "first"])
+    assert first.exit_code == 2 and "stage download failed" in first.output and str(missing) in first.output
+    assert (project / "work" / "digits" / ".kp-work").is_file()
+    assert (project / "work" / "digits" / "sweeps" / "first" / "sweep.json").is_file()
