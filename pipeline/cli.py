@@ -331,6 +331,27 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
                "upload made from it)", err=True)
 
 
+@cli.command()
+@click.option("--source", default=None, metavar="STAGE",
+              help="The predicting stage whose models are packaged (default: submit.source).")
+@_config_options
+def package(comp, extra_files, sets, source):
+    """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
+    from pipeline import runner
+    from pipeline.packaging import check_source, package as write_bundle
+
+    config = _load(comp, extra_files, sets)
+    source = source or config.get("submit.source")
+    check_source(source)
+    runner.run(config, [source])
+    folder, record = write_bundle(config, source)
+    click.echo(f"{folder}: {len(record['models'])} models of {source} ({record['validation']['kind']} "
+               f"val_log_loss {record['validation']['val_log_loss']}), "
+               f"{'TTA over ' + str(record['tta']['passes']) + ' test passes, ' if record['tta'] else ''}"
+               f"{record['size_bytes'] / 1e6:.1f} MB; run it: python {folder}/kernel.py "
+               "(KP_COMPETITION_INPUT, KP_KERNEL_OUTPUT say where outside Kaggle)")
+
+
 @cli.command("lr-find")
 @click.option("--stage", type=click.Choice(RECIPE_NAMES), default="finetune", show_default=True,
               help="Whose training the range test imitates: its recipe's model, rows, optimizer and batch size.")

@@ -100,6 +100,13 @@ LR_FIND_RECORD = "lr_find.json"
 LR_FIND_OVERLAY = "overlay.yaml"
 HTML_REPORT_FILE = "report.html"    # work/COMP/report.html: kp report
 
+# kp package: work/COMP/package/, an inference bundle for a code competition's kernel
+PACKAGE_DIR = "package"
+BUNDLE_FILE = "bundle.json"         # what the bundle holds: the source, fingerprints, settings, models
+BUNDLE_MODELS_DIR = "models"        # models/00/model.keras, ...: every model the source averages
+BUNDLE_NETWORK_DIR = "network"      # precompute's weights file, when it has one
+KERNEL_SCRIPT = "kernel.py"         # the kernel: features of the test images, the models, submission.csv
+
 # submit
 SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]
 SUBMISSION_META = "submission.json"  # what wrote it and its validation scores; copied as NAME.json

@@ -1,0 +1,153 @@
+"""`kp package`: the trained models a submission comes from, bundled with what runs them again on other
+test images offline, as a code competition's kernel must (no training, no network).
+
+The bundle (`work/COMP/package/`) holds every model the source stage averages (the one model of
+finetune or bnretrain, each member of an ensemble, each fold model of cv), precompute's network
+settings and its weights file, the augmented test passes' transforms and seed when the models
+use test-time augmentation, the competition's submission format, and `kernel.py`, which runs
+`pipeline.kernel` (features of the test images, each model's averaged probabilities, their mean,
+`submission.csv`). `bundle.json` records the fingerprints of the source and the runs the models
+came from, and the bundle's size. It is written to a temporary folder renamed into place.
+
+Packaged so far: sources whose models read precompute's features (finetune, bnretrain, ensemble
+and cv over those recipes), on a network given as a weights file or `weights: none`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.core.artifacts import (BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, KERNEL_SCRIPT, MODEL_FILE,
+                                     PACKAGE_DIR, UNIT_FILE)
+from pipeline.core.errors import PipelineError
+
+PACKAGEABLE = ("finetune", "bnretrain", "ensemble", "cv")
+UNIT_STORES = {"ensemble": ("members", "members"), "cv": ("folds", "fold_runs")}  # stage: (unit kind, metrics list)
+
+KERNEL_TEXT = '''"""A code competition's kernel: this bundle's models on the competition's test images, offline."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WHEELS = HERE / "wheels"
+if WHEELS.is_dir():  # a kernel without network installs the project and its dependencies from the bundle
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS),
+                    "kaggle-pipeline"], check=True)
+
+from pipeline.kernel import main  # noqa: E402
+
+sys.exit(main([str(HERE), "--input", os.environ.get("KP_COMPETITION_INPUT", "/kaggle/input/@SLUG@"),
+               "--out", os.environ.get("KP_KERNEL_OUTPUT", "/kaggle/working")]))
+'''
+
+
+def check_source(source: str) -> None:
+    """One clear error for a source stage whose models cannot be packaged yet."""
+    if source not in PACKAGEABLE:
+        raise PipelineError(f"kp package --source {source}: only {', '.join(PACKAGEABLE)} can be packaged so far "
+                            "(their models read precompute's features)")
+
+
+def model_folders(config, source: str) -> list[Path]:
+    """The folders of the models `source`'s test probabilities average, each holding `model.keras`.
+
+    Raises:
+        PipelineError: the source is not packaged yet, has no current result, or lacks a model.
+    """
+    from pipeline.core.cache import Manifest
+    from pipeline.core.runs import stage_store
+
+    check_source(source)
+    folder = (config.work_dir / source).resolve()
+    manifest = Manifest.read(folder)
+    if manifest is None:
+        raise PipelineError(f"{config.work_dir / source}: no finished {source} run to package; run kp {source} first")
+    if source in UNIT_STORES:
+        kind, listed = UNIT_STORES[source]
+        store = stage_store(config.work_dir, f"{source}-{kind}")
+        folders = [store.path(run["key"]) for run in manifest.metrics[listed]]
+    else:
+        folders = [folder]
+    for model in folders:
+        if not (model / MODEL_FILE).is_file():
+            raise PipelineError(f"{model}: no {MODEL_FILE}; run kp {source} --force to train it again")
+    return folders
+
+
+def _tta(config, folders: list[Path]) -> dict | None:
+    """The augmented test passes the models average over (the augment section's), or None."""
+    from pipeline.core.cache import Manifest
+    from pipeline.core.executor import read_record
+
+    def record(folder: Path) -> dict:  # a unit's record, or a stage's own metrics (finetune, bnretrain)
+        return read_record(folder) if (folder / UNIT_FILE).is_file() else Manifest.read(folder).metrics
+
+    passes = {int(record(folder).get("tta_passes", 0) or 0) for folder in folders}
+    if len(passes) != 1:
+        raise PipelineError(f"the models use different numbers of test passes ({sorted(passes)}): cannot package them")
+    count = passes.pop()
+    if not count:
+        return None
+    return {"passes": count, "seed": config.get("augment.seed"), "transforms": config.get("augment.transforms")}
+
+
+def package(config, source: str) -> tuple[Path, dict]:
+    """Write the inference bundle of `source` to `work/COMP/package/` (replacing an older one).
+
+    Args:
+        config: the competition's resolved config.
+        source: the predicting stage whose test probabilities the kernel must reproduce.
+
+    Returns:
+        (the bundle's folder, its `bundle.json` record).
+    """
+    from pipeline.core.cache import Manifest
+    from pipeline.core.runs import RunStore, folder_size
+    from pipeline.models.extractor import feature_size
+
+    folders = model_folders(config, source)
+    precompute = config.section("precompute").model_dump(mode="json")
+    if precompute["backbone"] == "none":
+        raise PipelineError("kp package: the models read pixels (precompute.backbone: none); only models on a "
+                            "network's features can be packaged so far")
+    if precompute["weights"] == "imagenet":
+        raise PipelineError("kp package: precompute.weights is imagenet (Keras' download cache); a kernel has no "
+                            "network, so give the weights as a file (precompute.weights: PATH)")
+    store = RunStore(config.work_dir / PACKAGE_DIR)  # a one-entry store: written whole, then renamed into place
+    with store.write("bundle") as out:
+        weights = precompute["weights"]
+        if weights != "none":
+            path = Path(weights).expanduser()
+            path = path if path.is_absolute() else config.root / path
+            (out / BUNDLE_NETWORK_DIR).mkdir()
+            shutil.copy2(path, out / BUNDLE_NETWORK_DIR / path.name)
+            precompute["weights"] = f"{BUNDLE_NETWORK_DIR}/{path.name}"
+        models = []
+        for number, folder in enumerate(folders):
+            target = out / BUNDLE_MODELS_DIR / f"{number:02d}"
+            target.mkdir(parents=True)
+            shutil.copy2(folder / MODEL_FILE, target / MODEL_FILE)
+            if (folder / UNIT_FILE).is_file():
+                shutil.copy2(folder / UNIT_FILE, target / UNIT_FILE)
+            models.append({"folder": f"{BUNDLE_MODELS_DIR}/{number:02d}", "from": folder.name})
+        manifest = Manifest.read(config.work_dir / source)
+        record = {
+            "comp": config.comp, "source": source, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "fingerprints": {source: manifest.fingerprint, **manifest.inputs.get("upstream", {})},
+            "validation": {"kind": manifest.metrics.get("validation", "holdout"),
+                           "val_log_loss": manifest.metrics.get("val_log_loss")},
+            "competition": config.competition.model_dump(mode="json"),
+            "download": {key: config.get(f"download.{key}") for key in ("sample_submission", "test_dir", "test_file")},
+            "renormalize": config.get("submit.renormalize"),
+            "precompute": precompute, "image_size": list(feature_size(config)),
+            "tta": _tta(config, folders), "models": models,
+        }
+        (out / KERNEL_SCRIPT).write_text(KERNEL_TEXT.replace("@SLUG@", config.competition.slug))
+        record["size_bytes"] = folder_size(out)
+        (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    final = config.work_dir / PACKAGE_DIR / "bundle"
+    return final, record

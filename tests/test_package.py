@@ -1,0 +1,72 @@
+"""kp package and the kernel it writes: a source's models bundled with precompute's network, run again
+offline on the competition's test images in a fresh process, reproduce kp's own test probabilities."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_config
+from pipeline.evaluation.predictions import load_predictions
+from tests.test_cv import CV, _cross_validated
+
+
+def _options(sets):
+    return [arg for assignment in sets for arg in ("--set", assignment)]
+
+
+def test_a_packaged_cv_run_in_a_fresh_process_reproduces_its_test_probabilities_and_submission(warm_project, tmp_path):
+    warm_project("cv", _cross_validated)
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV)])
+    assert result.exit_code == 0, result.output
+    config = load_config("synth", sets=CV)
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    cv = json.loads((config.work_dir / "cv" / "manifest.json").read_text())
+    assert record["source"] == "cv" and len(record["models"]) == 4 and record["tta"] is None
+    assert record["fingerprints"]["cv"] == cv["fingerprint"] and record["fingerprints"]["precompute"]
+    assert [m["from"] for m in record["models"]] == [run["key"] for run in cv["metrics"]["fold_runs"]]
+    assert f"{record['size_bytes'] / 1e6:.1f} MB" in result.output
+
+    out = tmp_path / "working"  # a fresh interpreter with only the bundle and the competition's files
+    env = {**os.environ, "KP_COMPETITION_INPUT": str(config.work_dir / "download" / "raw"),
+           "KP_KERNEL_OUTPUT": str(out)}
+    run = subprocess.run([sys.executable, str(bundle / "kernel.py")], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stored = load_predictions(config.work_dir / "cv")
+    np.testing.assert_allclose(np.load(out / "test_probs.npy"), stored.test_probs, atol=1e-6, rtol=0)
+    ours = pd.read_csv(out / "submission.csv", dtype={"img": str})
+    theirs = pd.read_csv(config.work_dir / "submit" / "submission.csv", dtype={"img": str})
+    pd.testing.assert_frame_equal(ours, theirs)  # the same file kp submits, row for row
+
+
+TTA = [s.replace("cv, submit", "augment, finetune, submit").replace("submit.source=cv", "submit.source=finetune")
+       for s in CV] + ["augment.passes=2", "augment.test_passes=2", "finetune.tta=true", "finetune.augmented=false"]
+
+
+def test_a_packaged_model_with_test_time_augmentation_averages_the_same_test_passes(warm_project, tmp_path):
+    from pipeline.kernel import write_submission
+
+    warm_project("cv", _cross_validated)
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(TTA)])
+    assert result.exit_code == 0, result.output
+    config = load_config("synth", sets=TTA)
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["source"] == "finetune" and record["tta"]["passes"] == 2 and len(record["models"]) == 1
+    write_submission(bundle, config.work_dir / "download" / "raw", tmp_path, say=lambda _: None)
+    stored = load_predictions(config.work_dir / "finetune")  # the mean over the clean rows and both test passes
+    np.testing.assert_allclose(np.load(tmp_path / "test_probs.npy"), stored.test_probs, atol=1e-6, rtol=0)
+
+
+def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
+    warm_project("cv", _cross_validated)
+    smooth = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "smooth"])
+    assert smooth.exit_code == 2 and "only finetune, bnretrain, ensemble, cv can be packaged so far" in smooth.output
