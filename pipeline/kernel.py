@@ -5,7 +5,8 @@ calls it with Kaggle's `/kaggle/input/...` and `/kaggle/working`): read the test
 competition's sample submission (a hidden test set has its own), compute their features with
 precompute's network built from the bundle (and the augmented test passes, each row seeded as the
 augment stage seeds it, when the models use test-time augmentation), average each model's
-probabilities over those versions and the models' over each other, as the source stage did, and
+probabilities over those versions and the models' over each other, as the source stage did (for
+a smoothed source, then each test row blended with its nearest test rows' as smooth did), and
 write `submission.csv` in the sample's format (and `test_probs.npy`). No training, no network.
 """
 from __future__ import annotations
@@ -38,12 +39,13 @@ def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
 
     Returns:
         (len(images), classes) float32 probabilities: the mean over the models of each model's mean over
-        the clean features and the augmented test passes.
+        the clean features and the augmented test passes (smoothed over the test rows when the bundle says).
     """
     import numpy as np
 
     from pipeline.data.arrays import load_array
     from pipeline.data.augmentation import RowAugmenter
+    from pipeline.evaluation.smoothing import neighbours, smooth
     from pipeline.models.extractor import build_extractor
     from pipeline.models.inference import predict_averaged
     from pipeline.models.saved import load_saved_model
@@ -62,7 +64,12 @@ def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
             versions.append(load_array(out))
         each = [predict_averaged(load_saved_model(bundle / model["folder"] / MODEL_FILE), versions)[0]
                 for model in record["models"]]
-    return np.mean(each, axis=0).astype(np.float32) if len(each) > 1 else each[0]
+        probs = np.mean(each, axis=0).astype(np.float32) if len(each) > 1 else each[0]
+        s = record.get("smooth")
+        if s:  # the test rows among themselves, on their clean features, as the smooth stage did
+            near = neighbours(versions[0], s["k"], s["metric"])
+            probs = smooth(probs, near, s["k"], s["weight"], s["distance_weighted"])
+    return probs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,9 @@ use test-time augmentation, the competition's submission format, and `kernel.py`
 came from, and the bundle's size. It is written to a temporary folder renamed into place.
 
 Packaged so far: sources whose models read precompute's features (finetune, bnretrain, ensemble
-and cv over those recipes), on a network given as a weights file or `weights: none`.
+and cv over those recipes) and smooth of one of them (the kernel smooths its test rows among
+themselves with the k and weight the smooth run used), on a network given as a weights file or
+`weights: none`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from pipeline.core.artifacts import (BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETW
                                      PACKAGE_DIR, UNIT_FILE)
 from pipeline.core.errors import PipelineError
 
-PACKAGEABLE = ("finetune", "bnretrain", "ensemble", "cv")
+MODEL_SOURCES = ("finetune", "bnretrain", "ensemble", "cv")  # whose models read precompute's features
+PACKAGEABLE = (*MODEL_SOURCES, "smooth")  # smooth: of one of those, its test rows smoothed again in the kernel
 UNIT_STORES = {"ensemble": ("members", "members"), "cv": ("folds", "fold_runs")}  # stage: (unit kind, metrics list)
 
 KERNEL_TEXT = '''"""A code competition's kernel: this bundle's models on the competition's test images, offline."""
@@ -49,7 +52,19 @@ def check_source(source: str) -> None:
     """One clear error for a source stage whose models cannot be packaged yet."""
     if source not in PACKAGEABLE:
         raise PipelineError(f"kp package --source {source}: only {', '.join(PACKAGEABLE)} can be packaged so far "
-                            "(their models read precompute's features)")
+                            "(their models read precompute's features; smooth of one of them)")
+
+
+def _smoothing(config, source: str) -> dict | None:
+    """How the kernel smooths the test rows again: the k and weight the smooth run used (chosen on the
+    validation rows when it tuned them), its metric and weighting; None for another source."""
+    from pipeline.core.cache import Manifest
+
+    if source != "smooth":
+        return None
+    metrics = Manifest.read(config.work_dir / source).metrics
+    return {"k": int(metrics["k"]), "weight": float(metrics["weight"]), "metric": config.get("smooth.metric"),
+            "distance_weighted": bool(config.get("smooth.distance_weighted"))}
 
 
 def model_folders(config, source: str) -> list[Path]:
@@ -62,6 +77,12 @@ def model_folders(config, source: str) -> list[Path]:
     from pipeline.core.runs import stage_store
 
     check_source(source)
+    if source == "smooth":
+        inner = config.get("smooth.source")
+        if inner not in MODEL_SOURCES:
+            raise PipelineError(f"kp package: smooth.source is {inner}; a smoothed source can be packaged when it is "
+                                f"one of {', '.join(MODEL_SOURCES)}")
+        return model_folders(config, inner)
     folder = (config.work_dir / source).resolve()
     manifest = Manifest.read(folder)
     if manifest is None:
@@ -144,7 +165,7 @@ def package(config, source: str) -> tuple[Path, dict]:
             "download": {key: config.get(f"download.{key}") for key in ("sample_submission", "test_dir", "test_file")},
             "renormalize": config.get("submit.renormalize"),
             "precompute": precompute, "image_size": list(feature_size(config)),
-            "tta": _tta(config, folders), "models": models,
+            "tta": _tta(config, folders), "smooth": _smoothing(config, source), "models": models,
         }
         (out / KERNEL_SCRIPT).write_text(KERNEL_TEXT.replace("@SLUG@", config.competition.slug))
         record["size_bytes"] = folder_size(out)

@@ -66,7 +66,27 @@ def test_a_packaged_model_with_test_time_augmentation_averages_the_same_test_pas
     np.testing.assert_allclose(np.load(tmp_path / "test_probs.npy"), stored.test_probs, atol=1e-6, rtol=0)
 
 
+SMOOTHED = [s.replace("cv, submit", "cv, smooth, submit").replace("submit.source=cv", "submit.source=smooth")
+            for s in CV] + ["smooth.source=cv", "smooth.weight=0.5"]
+
+
+def test_a_packaged_smoothed_cv_smooths_the_test_rows_as_the_smooth_stage_did(warm_project, tmp_path):
+    from pipeline.kernel import write_submission
+
+    warm_project("cv", _cross_validated)
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(SMOOTHED)])
+    assert result.exit_code == 0, result.output
+    config = load_config("synth", sets=SMOOTHED)
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["source"] == "smooth" and len(record["models"]) == 4 and record["smooth"]["weight"] == 0.5
+    write_submission(bundle, config.work_dir / "download" / "raw", tmp_path, say=lambda _: None)
+    smoothed, folds = (load_predictions(config.work_dir / stage).test_probs for stage in ("smooth", "cv"))
+    assert np.abs(smoothed - folds).max() > 1e-3  # smoothing moved the rows
+    np.testing.assert_allclose(np.load(tmp_path / "test_probs.npy"), smoothed, atol=1e-6, rtol=0)
+
+
 def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
     warm_project("cv", _cross_validated)
-    smooth = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "smooth"])
-    assert smooth.exit_code == 2 and "only finetune, bnretrain, ensemble, cv can be packaged so far" in smooth.output
+    blend = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "blend"])
+    assert blend.exit_code == 2 and "only finetune, bnretrain, ensemble, cv, smooth can be packaged so far" in blend.output
