@@ -334,8 +334,11 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 @cli.command()
 @click.option("--source", default=None, metavar="STAGE",
               help="The predicting stage whose models are packaged (default: submit.source).")
+@click.option("--wheels", default=None, metavar="PYTHON",
+              help="Also bundle the wheels that install kp offline for this CPython version (e.g. 3.11; about 0.5 GB "
+                   "with TensorFlow for the CPU, which a kernel with its own TensorFlow does not install).")
 @_config_options
-def package(comp, extra_files, sets, source):
+def package(comp, extra_files, sets, source, wheels):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
     from pipeline import runner
     from pipeline.packaging import check_source, package as write_bundle
@@ -344,10 +347,11 @@ def package(comp, extra_files, sets, source):
     source = source or config.get("submit.source")
     check_source(source)
     runner.run(config, [source])
-    folder, record = write_bundle(config, source)
+    folder, record = write_bundle(config, source, wheels, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
     click.echo(f"{folder}: {len(record['models'])} models of {source} ({record['validation']['kind']} "
                f"val_log_loss {record['validation']['val_log_loss']}), "
                f"{'TTA over ' + str(record['tta']['passes']) + ' test passes, ' if record['tta'] else ''}"
+               f"{str(record['wheels']['files']) + ' wheels, ' if record['wheels'] else ''}"
                f"{record['size_bytes'] / 1e6:.1f} MB; run it: python {folder}/kernel.py "
                "(KP_COMPETITION_INPUT, KP_KERNEL_OUTPUT say where outside Kaggle)")
 

@@ -21,8 +21,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.core.artifacts import (BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, KERNEL_SCRIPT, MODEL_FILE,
-                                     PACKAGE_DIR, UNIT_FILE)
+from pipeline.core.artifacts import (BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
+                                     KERNEL_SCRIPT, MODEL_FILE, PACKAGE_DIR, UNIT_FILE)
 from pipeline.core.errors import PipelineError
 
 MODEL_SOURCES = ("finetune", "bnretrain", "ensemble", "cv")  # whose models read precompute's features
@@ -30,6 +30,7 @@ PACKAGEABLE = (*MODEL_SOURCES, "smooth")  # smooth: of one of those, its test ro
 UNIT_STORES = {"ensemble": ("members", "members"), "cv": ("folds", "fold_runs")}  # stage: (unit kind, metrics list)
 
 KERNEL_TEXT = '''"""A code competition's kernel: this bundle's models on the competition's test images, offline."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -37,9 +38,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WHEELS = HERE / "wheels"
-if WHEELS.is_dir():  # a kernel without network installs the project and its dependencies from the bundle
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS),
-                    "kaggle-pipeline"], check=True)
+if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no network: install from the bundle,
+    # keeping the TensorFlow an image already has (Kaggle's), else TensorFlow for the CPU from the bundle too
+    project = "kaggle-pipeline" if importlib.util.find_spec("tensorflow") else "kaggle-pipeline[cpu]"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS), project],
+                   check=True)
 
 from pipeline.kernel import main  # noqa: E402
 
@@ -116,12 +119,73 @@ def _tta(config, folders: list[Path]) -> dict | None:
     return {"passes": count, "seed": config.get("augment.seed"), "transforms": config.get("augment.transforms")}
 
 
-def package(config, source: str) -> tuple[Path, dict]:
+WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")
+
+
+def project_source() -> Path:
+    """The checkout the running `pipeline` package comes from (its `pyproject.toml`), to build its wheel."""
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise PipelineError(f"{root}: no pyproject.toml beside the installed pipeline package, so its wheel cannot be "
+                            "built; install kp from its checkout (pip install -e .) to package wheels")
+    return root
+
+
+def _pip(*args: str, doing: str) -> None:
+    """Run pip in this interpreter; a failure is one PipelineError with pip's own last error lines."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                          capture_output=True, text=True)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or done.stderr.splitlines()
+        raise PipelineError(f"kp package --wheels: pip could not {doing}: {' '.join(lines[-2:])[:400]}")
+
+
+def project_wheel(folder: Path) -> Path:
+    """Build the project's wheel into `folder` from a clean copy of its sources (a checkout's `build/`
+    may hold stale files); returns its path."""
+    import tempfile
+
+    source = project_source()
+    with tempfile.TemporaryDirectory(prefix="kp-wheel-") as clean:
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(source / name, Path(clean) / name)
+        for package in ("pipeline", "stages"):
+            shutil.copytree(source / package, Path(clean) / package, ignore=shutil.ignore_patterns("__pycache__"))
+        _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(folder), clean, doing="build the project's wheel")
+    [wheel] = folder.glob("kaggle_pipeline-*.whl")
+    return wheel
+
+
+def write_wheels(folder: Path, python: str, say=print) -> dict:
+    """The project's wheel and the wheels of its dependencies (TensorFlow for the CPU included) for
+    CPython `python` on x86_64 Linux, as Kaggle runs kernels, into `folder`, for `pip install --no-index`.
+
+    Returns:
+        {"python", "files", "bytes"} of the wheels.
+    """
+    folder.mkdir()
+    own = project_wheel(folder)
+    say(f"downloading the wheels of {own.name}'s dependencies for Python {python}")
+    platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
+    _pip("download", "-d", str(folder), "--only-binary=:all:", "--python-version", python, *platforms, f"{own}[cpu]",
+         doing=f"get every dependency for Python {python}")
+    files = sorted(folder.glob("*.whl"))
+    return {"python": python, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def package(config, source: str, wheels: str | None = None, say=print) -> tuple[Path, dict]:
     """Write the inference bundle of `source` to `work/COMP/package/` (replacing an older one).
 
     Args:
         config: the competition's resolved config.
         source: the predicting stage whose test probabilities the kernel must reproduce.
+        wheels: also bundle the wheels to install kp offline, for this CPython version ("3.11"); None: none.
+        say: prints a line.
 
     Returns:
         (the bundle's folder, its `bundle.json` record).
@@ -168,6 +232,7 @@ def package(config, source: str) -> tuple[Path, dict]:
             "tta": _tta(config, folders), "smooth": _smoothing(config, source), "models": models,
         }
         (out / KERNEL_SCRIPT).write_text(KERNEL_TEXT.replace("@SLUG@", config.competition.slug))
+        record["wheels"] = write_wheels(out / BUNDLE_WHEELS_DIR, wheels, say) if wheels else None
         record["size_bytes"] = folder_size(out)
         (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     final = config.work_dir / PACKAGE_DIR / "bundle"

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -45,6 +46,18 @@ def test_a_packaged_cv_run_in_a_fresh_process_reproduces_its_test_probabilities_
     ours = pd.read_csv(out / "submission.csv", dtype={"img": str})
     theirs = pd.read_csv(config.work_dir / "submit" / "submission.csv", dtype={"img": str})
     pd.testing.assert_frame_equal(ours, theirs)  # the same file kp submits, row for row
+
+
+def test_the_projects_wheel_holds_every_file_of_the_package(tmp_path):
+    import zipfile
+
+    from pipeline.packaging import project_wheel
+    from tests.helpers import REPO
+
+    names = set(zipfile.ZipFile(project_wheel(tmp_path)).namelist())
+    files = [p for folder in ("pipeline", "stages") for p in (REPO / folder).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    assert [str(p.relative_to(REPO)) for p in files if str(p.relative_to(REPO)) not in names] == []
 
 
 TTA = [s.replace("cv, submit", "augment, finetune, submit").replace("submit.source=cv", "submit.source=finetune")
@@ -90,3 +103,27 @@ def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
     warm_project("cv", _cross_validated)
     blend = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "blend"])
     assert blend.exit_code == 2 and "only finetune, bnretrain, ensemble, cv, smooth can be packaged so far" in blend.output
+
+
+@pytest.mark.slow  # about 2 minutes: 0.5 GB of wheels, a fresh venv installing them with no index
+def test_a_bundle_with_wheels_installs_offline_in_a_fresh_venv_and_its_kernel_reproduces_kp(warm_project, tmp_path):
+    import venv
+
+    warm_project("cv", _cross_validated)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--wheels", python])
+    assert result.exit_code == 0, result.output
+    config = load_config("synth", sets=CV)
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["wheels"]["files"] > 20 and any(p.name.startswith("kaggle_pipeline-") for p in (bundle / "wheels").iterdir())
+
+    venv.create(tmp_path / "fresh", with_pip=True)  # no kp, no TensorFlow: the kernel installs both from the bundle
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env.update({"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",  # no index, no mirror: the bundle's wheels only
+                "KP_COMPETITION_INPUT": str(config.work_dir / "download" / "raw"), "KP_KERNEL_OUTPUT": str(tmp_path / "out")})
+    run = subprocess.run([str(tmp_path / "fresh" / "bin" / "python"), str(bundle / "kernel.py")], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "test_probs.npy"),
+                               load_predictions(config.work_dir / "cv").test_probs, atol=1e-6, rtol=0)
