@@ -46,8 +46,9 @@ if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no netwo
 
 from pipeline.kernel import main  # noqa: E402
 
-sys.exit(main([str(HERE), "--input", os.environ.get("KP_COMPETITION_INPUT", "/kaggle/input/@SLUG@"),
-               "--out", os.environ.get("KP_KERNEL_OUTPUT", "/kaggle/working")]))
+KAGGLE = Path(os.environ.get("KP_KAGGLE_ROOT", "/kaggle"))  # a local sandbox gives its own root
+sys.exit(main([str(HERE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
+               "--out", os.environ.get("KP_KERNEL_OUTPUT", str(KAGGLE / "working"))]))
 '''
 
 

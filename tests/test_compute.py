@@ -148,23 +148,18 @@ def test_a_sweeps_trials_as_ray_tasks_score_as_on_the_local_backend(warm_project
 
     root = warm_project("cv", _cross_validated)
     work = root / "work" / "synth"
-    args = ["sweep", "--comp", "synth", *(a for s in CV for a in ("--set", s)), "--grid", "cv.seed=0,1"]  # seed 0: the warm run's
-    local = CliRunner().invoke(cli, [*args, "--name", "local"])
-    assert local.exit_code == 0, local.output
-    for store in ("cv", "cv-folds"):  # put the local results aside: the Ray trials must train again
+    local = Manifest.read(work / "cv")  # the warm run, on the local backend: the grid's first trial
+    for store in ("cv", "cv-folds"):  # put the local results aside: every Ray trial must train
         (work / "_runs" / store).rename(work / "_runs" / f"{store}-local")
-    remote = CliRunner().invoke(cli, [*args, "--name", "ray", *(a for s in RAY for a in ("--set", s))])
+    remote = CliRunner().invoke(cli, ["sweep", "--comp", "synth", *(a for s in [*CV, *RAY] for a in ("--set", s)),
+                                      "--grid", "cv.seed=0,1", "--name", "ray"])
     assert remote.exit_code == 0, remote.output
     assert "sent to Ray (2 of 2 slots busy)" in remote.output  # both trials at once
-
-    def trials(name):
-        return [json.loads(line) for line in (work / "sweeps" / name / "trials.jsonl").read_text().splitlines()]
-
-    for here, there in zip(trials("local"), trials("ray")):
-        assert here["overrides"] == there["overrides"] and here["fingerprint"] == there["fingerprint"]
-        assert there["ran"] == ["cv"] and here["val_log_loss"] == there["val_log_loss"]  # both trained on Ray
-        assert here["fold_scores"] == there["fold_scores"]
-        p = load_predictions(work / "_runs" / "cv-local" / here["fingerprint"])
-        q = load_predictions(work / "_runs" / "cv" / there["fingerprint"])
-        np.testing.assert_array_equal(p.valid_probs, q.valid_probs)  # bit for bit
-        np.testing.assert_array_equal(p.test_probs, q.test_probs)
+    first, second = [json.loads(line) for line in (work / "sweeps" / "ray" / "trials.jsonl").read_text().splitlines()]
+    assert first["ran"] == second["ran"] == ["cv"] and first["val_log_loss"] != second["val_log_loss"]
+    assert first["fingerprint"] == local.fingerprint and first["val_log_loss"] == local.metrics["val_log_loss"]
+    assert first["fold_scores"] == {str(r["fold"]): r["val_log_loss"] for r in local.metrics["fold_runs"]}
+    p = load_predictions(work / "_runs" / "cv-local" / local.fingerprint)
+    q = load_predictions(work / "_runs" / "cv" / first["fingerprint"])
+    np.testing.assert_array_equal(p.valid_probs, q.valid_probs)  # bit for bit
+    np.testing.assert_array_equal(p.test_probs, q.test_probs)

@@ -23,18 +23,23 @@ def _options(sets):
     return [arg for assignment in sets for arg in ("--set", assignment)]
 
 
-def test_a_packaged_cv_run_reproduces_its_test_probabilities_and_submission_from_the_bundle_alone(warm_project, tmp_path):
+def _packaged(warm_project, sets, *extra):
+    """`kp package` on a copy of the warm cv project with `sets`: (config, the bundle, its record, kp's output)."""
     warm_project("cv", _cross_validated)
-    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV)])
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), *extra])
     assert result.exit_code == 0, result.output
-    config = load_config("synth", sets=CV)
+    config = load_config("synth", sets=sets)
     bundle = config.work_dir / "package" / "bundle"
-    record = json.loads((bundle / "bundle.json").read_text())
+    return config, bundle, json.loads((bundle / "bundle.json").read_text()), result.output
+
+
+def test_a_packaged_cv_run_reproduces_its_test_probabilities_and_submission_from_the_bundle_alone(warm_project, tmp_path):
+    config, bundle, record, output = _packaged(warm_project, CV)
     cv = json.loads((config.work_dir / "cv" / "manifest.json").read_text())
     assert record["source"] == "cv" and len(record["models"]) == 4 and record["tta"] is None
     assert record["fingerprints"]["cv"] == cv["fingerprint"] and record["fingerprints"]["precompute"]
     assert [m["from"] for m in record["models"]] == [run["key"] for run in cv["metrics"]["fold_runs"]]
-    assert f"{record['size_bytes'] / 1e6:.1f} MB" in result.output
+    assert f"{record['size_bytes'] / 1e6:.1f} MB" in output
 
     from pipeline.kernel import main  # what kernel.py runs (in a fresh venv from wheels alone: the slow test below)
 
@@ -67,12 +72,7 @@ TTA_SMOOTHED = [s.replace("cv, submit", "augment, finetune, smooth, submit").rep
 def test_a_packaged_model_averages_the_same_test_passes_and_smooths_as_the_smooth_stage_did(warm_project, tmp_path):
     from pipeline.kernel import write_submission
 
-    warm_project("cv", _cross_validated)
-    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(TTA_SMOOTHED)])
-    assert result.exit_code == 0, result.output
-    config = load_config("synth", sets=TTA_SMOOTHED)
-    bundle = config.work_dir / "package" / "bundle"
-    record = json.loads((bundle / "bundle.json").read_text())
+    config, bundle, record, _ = _packaged(warm_project, TTA_SMOOTHED)
     assert record["source"] == "smooth" and record["tta"]["passes"] == 2 and len(record["models"]) == 1
     assert record["smooth"]["weight"] == 0.5 and record["fingerprints"]["finetune"]
     write_submission(bundle, config.work_dir / "download" / "raw", tmp_path, say=lambda _: None)
@@ -91,13 +91,7 @@ def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
 def test_a_bundle_with_wheels_installs_offline_in_a_fresh_venv_and_its_kernel_reproduces_kp(warm_project, tmp_path):
     import venv
 
-    warm_project("cv", _cross_validated)
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--wheels", python])
-    assert result.exit_code == 0, result.output
-    config = load_config("synth", sets=CV)
-    bundle = config.work_dir / "package" / "bundle"
-    record = json.loads((bundle / "bundle.json").read_text())
+    config, bundle, record, _ = _packaged(warm_project, CV, "--wheels", f"{sys.version_info.major}.{sys.version_info.minor}")
     assert record["wheels"]["files"] > 20 and any(p.name.startswith("kaggle_pipeline-") for p in (bundle / "wheels").iterdir())
 
     venv.create(tmp_path / "fresh", with_pip=True)  # no kp, no TensorFlow: the kernel installs both from the bundle
