@@ -107,6 +107,7 @@ BUNDLE_MODELS_DIR = "models"        # models/00/model.keras, ...: every model th
 BUNDLE_NETWORK_DIR = "network"      # precompute's weights file, when it has one
 KERNEL_SCRIPT = "kernel.py"         # the kernel: features of the test images, the models, submission.csv
 BUNDLE_WHEELS_DIR = "wheels"        # kp package --wheels: the project's wheel and its dependencies', for pip offline
+KERNEL_LOG = "kernel.log"           # the local server's kernel sandbox: a run's stdout and stderr
 
 # submit
 SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline.core.artifacts import KERNEL_LOG, SUBMISSION_FILE
+
 ISOLATE = ["unshare", "--user", "--map-root-user", "--net"]
-SUBMISSION = "submission.csv"
 LOG_TAIL = 3000  # characters of the kernel's log kept in its run record
 
 
@@ -85,7 +86,7 @@ def run_kernel(script: Path, inputs: dict[str, Path], root: Path, timeout_s: flo
            "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     command = [*(ISOLATE if isolate else []), python, str(script)]
     clock = time.perf_counter()
-    with open(root / "kernel.log", "w") as log:
+    with open(root / KERNEL_LOG, "w") as log:
         process = subprocess.Popen(command, cwd=working, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
@@ -96,8 +97,8 @@ def run_kernel(script: Path, inputs: dict[str, Path], root: Path, timeout_s: flo
             process.wait()
             failure = f"the kernel exceeded its time limit of {timeout_s:g} s and was stopped"
     seconds = round(time.perf_counter() - clock, 1)
-    text = (root / "kernel.log").read_text(errors="replace")
-    if failure is None and not (working / SUBMISSION).is_file():
-        failure = f"the kernel finished but wrote no {SUBMISSION} in its working folder"
+    text = (root / KERNEL_LOG).read_text(errors="replace")
+    if failure is None and not (working / SUBMISSION_FILE).is_file():
+        failure = f"the kernel finished but wrote no {SUBMISSION_FILE} in its working folder"
     outputs = sorted(p.name for p in working.iterdir() if p.is_file())
     return KernelRun("error" if failure else "complete", seconds, text[-LOG_TAIL:], working, isolate, failure, outputs)
