@@ -193,6 +193,7 @@ def package(config, source: str, wheels: str | None = None, say=print) -> tuple[
     """
     from pipeline.core.cache import Manifest
     from pipeline.core.runs import RunStore, folder_size
+    from pipeline.models.backbones import resolve_weights
     from pipeline.models.extractor import feature_size
 
     folders = model_folders(config, source)
@@ -205,10 +206,8 @@ def package(config, source: str, wheels: str | None = None, say=print) -> tuple[
                             "network, so give the weights as a file (precompute.weights: PATH)")
     store = RunStore(config.work_dir / PACKAGE_DIR)  # a one-entry store: written whole, then renamed into place
     with store.write("bundle") as out:
-        weights = precompute["weights"]
-        if weights != "none":
-            path = Path(weights).expanduser()
-            path = path if path.is_absolute() else config.root / path
+        if precompute["weights"] != "none":
+            path = Path(resolve_weights(precompute["weights"], config.root))  # a missing file: one clear error
             (out / BUNDLE_NETWORK_DIR).mkdir()
             shutil.copy2(path, out / BUNDLE_NETWORK_DIR / path.name)
             precompute["weights"] = f"{BUNDLE_NETWORK_DIR}/{path.name}"
