@@ -353,7 +353,7 @@ def package(comp, extra_files, sets, source, wheels):
                f"{'TTA over ' + str(record['tta']['passes']) + ' test passes, ' if record['tta'] else ''}"
                f"{str(record['wheels']['files']) + ' wheels, ' if record['wheels'] else ''}"
                f"{record['size_bytes'] / 1e6:.1f} MB; run it: python {folder}/kernel.py "
-               "(KP_COMPETITION_INPUT, KP_KERNEL_OUTPUT say where outside Kaggle)")
+               "(outside Kaggle: KP_KAGGLE_ROOT for /kaggle, or KP_COMPETITION_INPUT and KP_KERNEL_OUTPUT)")
 
 
 @cli.command("lr-find")
