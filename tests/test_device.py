@@ -157,8 +157,11 @@ def test_two_replicas_train_like_one(tmp_path):
     between replicas and the gradients summed train the same model as one device."""
     runs = []
     for count in (1, 2):
-        done = subprocess.run([sys.executable, "-c", REPLICAS, str(count), str(tmp_path)], capture_output=True,
-                              text=True, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+        for attempt in range(2):  # TensorFlow's CPU collectives have segfaulted here once under load (SIGSEGV)
+            done = subprocess.run([sys.executable, "-c", REPLICAS, str(count), str(tmp_path)], capture_output=True,
+                                  text=True, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+            if done.returncode != -11:
+                break
         assert done.returncode == 0, done.stderr[-2000:]
         replicas, loss = done.stdout.split()[-2:]
         runs.append((int(replicas), float(loss)))
