@@ -365,21 +365,22 @@ def test_curves_go_to_tensorboard_beside_the_run_cache_entry_not_into_it(tmp_pat
     import keras
     import tensorflow as tf
 
-    from pipeline.core.runs import curves_dir
+    from pipeline.core.runs import RunStore, curves_dir
     from pipeline.training.fit import Phase, fit
 
-    entry = tmp_path / "work" / "synth" / "_runs" / "cv-folds" / ".tmp-0123456789abcdef.kp-1a2b3c4d" / "selection"
-    entry.mkdir(parents=True)
     expected = tmp_path / "work" / "synth" / "_tensorboard" / "cv-folds" / "0123456789abcdef" / "selection"
-    assert curves_dir(entry) == expected and curves_dir(tmp_path) is None
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(32, 4)).astype("float32")
-    y = (x[:, 0] > 0).astype("int64")
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    fit(model, (x, y), (x, y), phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
-        batch_size=16, out_dir=entry, verbose=0, curves=True)
-    assert not [p for p in entry.rglob("*") if "tfevents" in p.name]  # the entry's bytes stay the run's own
+    with RunStore(tmp_path / "work" / "synth" / "_runs" / "cv-folds").write("0123456789abcdef") as writing:
+        entry = writing / "selection"  # inside the temporary folder the store writes the entry in
+        entry.mkdir()
+        assert curves_dir(entry) == expected and curves_dir(tmp_path) is None
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(32, 4)).astype("float32")
+        y = (x[:, 0] > 0).astype("int64")
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+        fit(model, (x, y), (x, y), phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
+            batch_size=16, out_dir=entry, verbose=0, curves=True)
+        assert not [p for p in entry.rglob("*") if "tfevents" in p.name]  # the entry's bytes stay the run's own
     events = [p for p in expected.rglob("*") if "tfevents" in p.name]
     tags = {value.tag for path in events for record in tf.data.TFRecordDataset(str(path))
             for value in tf.compat.v1.Event.FromString(record.numpy()).summary.value}

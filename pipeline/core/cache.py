@@ -281,7 +281,7 @@ def temporary_name(prefix: str, stem: str) -> str:
     return f"{prefix}{stem}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
 
 
-def _temporary_stem(name: str) -> str | None:
+def temporary_stem(name: str) -> str | None:
     """STEM of a name `temporary_name` made, or None for any other name (a user's `.tmp-notes`)."""
     match = _KP_TEMPORARY.match(name)
     return match.group(2) if match else None
@@ -304,7 +304,7 @@ def sweep_partial(work_dir: Path) -> list[Path]:
             folders += [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith((TMP_PREFIX, OLD_PREFIX))]
     for folder in folders:
         for entry in sorted(folder.iterdir()):
-            stem = _temporary_stem(entry.name)
+            stem = temporary_stem(entry.name)
             if stem is None:
                 continue
             if entry.name.startswith(OLD_PREFIX):

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from pipeline.core.artifacts import CACHE_FOLDER, CURVES_FOLDER, ENTRY_FILE, LAST_FILE, MANIFEST, OLD_PREFIX, RUNS_FOLDER, TMP_PREFIX, \
     VARIANTS_FOLDER
-from pipeline.core.cache import Manifest, temporary_name
+from pipeline.core.cache import Manifest, temporary_name, temporary_stem
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json
 
@@ -75,7 +75,7 @@ class RunStore:
         On an exception the temporary folder is removed and any earlier entry is left as it was.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / temporary_name(TMP_PREFIX, f"{key}-{os.getpid()}")
+        tmp = self.root / temporary_name(TMP_PREFIX, f"{key}-{os.getpid()}")  # `written_key` reads KEY back
         tmp.mkdir()
         try:
             yield tmp
@@ -129,12 +129,17 @@ def link_variant(work_dir: Path) -> None:
             os.symlink(Path("..", "..", folder), link)
 
 
+def written_key(name: str) -> str | None:
+    """The key of the entry `RunStore.write` is writing into the temporary folder `name`
+    (`.tmp-KEY-PID.kp-*`), or None for any other name."""
+    stem = temporary_stem(name)
+    return stem.rpartition("-")[0] or None if stem else None
+
+
 def curves_dir(out: Path) -> Path | None:
     """Where TensorBoard's event files of a training writing into `out` go: for `out` inside a run-cache
-    entry being written (`work/COMP/_runs/STORE/.tmp-KEY.kp-*/SUB`), `work/COMP/_tensorboard/STORE/KEY/SUB`,
+    entry being written (`work/COMP/_runs/STORE/.tmp-KEY-PID.kp-*/SUB`), `work/COMP/_tensorboard/STORE/KEY/SUB`,
     outside the entry, so that its files stay the same bytes run after run; None for any other folder."""
-    from pipeline.core.cache import _temporary_stem
-
     parts = out.resolve().parts
     if RUNS_FOLDER not in parts:
         return None
@@ -142,7 +147,7 @@ def curves_dir(out: Path) -> Path | None:
     if len(parts) < i + 3:
         return None
     store, entry = parts[i + 1], parts[i + 2]
-    return Path(*parts[:i], CURVES_FOLDER, store, _temporary_stem(entry) or entry, *parts[i + 3:])
+    return Path(*parts[:i], CURVES_FOLDER, store, written_key(entry) or entry, *parts[i + 3:])
 
 
 def runs_root(work_dir: Path) -> Path:
