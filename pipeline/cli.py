@@ -250,7 +250,7 @@ def status(comp, extra_files, sets, as_json, verify):
 @_config_options
 def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
-    from pipeline.sweeps import run_search, run_sweep, score_name_of
+    from pipeline.sweeps import finished, run_search, run_sweep, score_name_of
     from pipeline.trials import Pruning
 
     say = lambda line: click.echo(f"[{comp}] {line}", err=True)  # noqa: E731
@@ -268,7 +268,7 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, 
         settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
         result = "  pruned" if trial.get("pruned") else f"{trial[score]:.5f}"
         click.echo(f"{trial['trial']:>3}  {result}  {settings}")
-    stopped = sum(bool(t.get("pruned")) for t in done)
+    stopped = len(done) - len(finished(done))
     click.echo(f"{len(done)} trials of {done[0]['objective']} ({score}" + (f"; {stopped} stopped early" if stopped else "")
                + f"); each trial's command: {folder}/trials.jsonl")
 
@@ -289,7 +289,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
     from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
     from pipeline.run_table import best_overlay, ranked, stored_runs
-    from pipeline.sweeps import draw_sweep, sweeps
+    from pipeline.sweeps import draw_sweep, finished, sweeps
 
     config = _load(comp, extra_files, sets, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
@@ -299,7 +299,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
         if trials is None:
             raise PipelineError(f"--sweep {sweep_name}: no such sweep in {config.work_dir}; sweeps there: "
                                 f"{', '.join(found) or 'none'}")
-        keys = {(t["objective"], t["fingerprint"]) for t in trials if not t.get("pruned")}
+        keys = {(t["objective"], t["fingerprint"]) for t in finished(trials)}
         rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
         stopped = [str(t["trial"]) for t in trials if t.get("pruned")]
         if stopped:

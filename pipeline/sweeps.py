@@ -98,8 +98,9 @@ def command_line(comp: str, extra_files, sets, stage: str) -> str:
     return shlex.join(parts)
 
 
-def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tuple[Any, str, Path]:
-    """(the base config, the objective stage, the sweep's folder); `_holding` creates the folder."""
+def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tuple[Any, str, Path, dict]:
+    """(the base config, the objective stage, the sweep's folder, what its `sweep.json` records: the base
+    config's command-line parts, `asked` (the grid or space), the objective); `_holding` creates the folder."""
     from pipeline.config import load_config
 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -107,7 +108,13 @@ def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tupl
     base = load_config(comp, extra_files=list(extra_files), sets=list(sets))
     stage = objective_stage(base, objective)
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:8]
-    return base, stage, base.work_dir / SWEEPS_FOLDER / (name or f"{stage}-{digest}")
+    described = {"comp": comp, "config": [str(p) for p in extra_files], "set": list(sets), **asked, "objective": stage}
+    return base, stage, base.work_dir / SWEEPS_FOLDER / (name or f"{stage}-{digest}"), described
+
+
+def _trial_sets(sets, overrides: dict[str, str]) -> list[str]:
+    """A trial's `--set` assignments: the sweep's own, then the trial's overrides."""
+    return [*sets, *(f"{key}={value}" for key, value in overrides.items())]
 
 
 def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> None:
@@ -116,18 +123,16 @@ def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> N
     from pipeline.config import load_config
 
     for overrides in trials:
-        load_config(comp, extra_files=list(extra_files), shallow=True,
-                    sets=[*sets, *(f"{key}={value}" for key, value in overrides.items())])
+        load_config(comp, extra_files=list(extra_files), shallow=True, sets=_trial_sets(sets, overrides))
 
 
 def _spec(base, extra_files, sets, folder: Path, stage: str, number: int, overrides: dict[str, str]) -> TrialSpec:
-    trial_sets = [*sets, *(f"{key}={value}" for key, value in overrides.items())]
     return TrialSpec(base.comp, base.root, tuple(str(p) for p in extra_files), tuple(sets), folder.name, number, stage,
-                     overrides, command_line(base.comp, extra_files, trial_sets, stage))
+                     overrides, command_line(base.comp, extra_files, _trial_sets(sets, overrides), stage))
 
 
 @contextlib.contextmanager
-def _holding(base, folder: Path, asked: dict, say):
+def _holding(base, folder: Path, described: dict, say):
     """The competition's lock for the whole sweep (no other kp run tidies the shared run cache under a
     running trial, and no other process runs this sweep's trials), with what killed runs left behind
     removed first, as `kp STAGE` does (a trial's variant folder leaves the shared stores to this);
@@ -138,13 +143,8 @@ def _holding(base, folder: Path, asked: dict, say):
         for leftover in sweep_partial(base.work_dir):
             say(f"removed {leftover.relative_to(base.work_dir)} left by an interrupted run")
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / SWEEP_FILE, json.dumps(asked, indent=2) + "\n")
+        write_text_atomic(folder / SWEEP_FILE, json.dumps(described, indent=2) + "\n")
         yield
-
-
-def _asked(comp, extra_files, sets, asked: dict, stage: str) -> dict:
-    """What `sweep.json` records: the base config's command-line parts, the grid or space, the objective."""
-    return {"comp": comp, "config": [str(p) for p in extra_files], "set": list(sets), **asked, "objective": stage}
 
 
 def _write_trials(folder: Path, trials: list[dict]) -> None:
@@ -171,8 +171,7 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
     trials = grid_trials(grid)
     _check_overrides(comp, extra_files, sets, trials)
     combinations = iter(enumerate(trials, start=1))
-    asked = {"grid": sorted(grid)}
-    base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
+    base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
     records: dict[int, dict] = {}
 
     def next_trial():
@@ -183,7 +182,7 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
         records[spec.number] = record
         _write_trials(folder, [records[n] for n in sorted(records)])
 
-    with _holding(base, folder, _asked(comp, extra_files, sets, asked, stage), say):
+    with _holding(base, folder, described, say):
         run_trials(base, next_trial, finish, lambda: best_folds(score_key(base), records.values()), pruning, say)
     return folder, [records[n] for n in sorted(records)]
 
@@ -270,10 +269,10 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     _check_overrides(comp, extra_files, sets, [{key: value for key, value in zip(space, corner)} for corner in
                                                itertools.product(*(_extremes(axis) for axis in space.values()))][:64])
     asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
-    base, stage, folder = _sweep_folder(comp, extra_files, sets, objective, name, asked)
+    base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     score_name = score_key(base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _holding(base, folder, _asked(comp, extra_files, sets, asked, stage), say):
+    with _holding(base, folder, described, say):
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
                                     load_if_exists=True, direction="maximize" if score_name == "val_accuracy" else "minimize",
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))

@@ -157,18 +157,25 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
                               "seconds": round(time.perf_counter() - clock, 1),
                               "ran": [name for name, action in actions.items() if action in ("ran", "stopped")]}
     if pruned is not None:
-        say(f"trial {spec.number}: pruned, {pruned}")
-        return {**record, "pruned": pruned, "fold_scores": {str(f): v for f, v in sorted(folds.items())}}
-    metrics = Manifest.read(config.work_dir / spec.stage).metrics
-    if score_name not in metrics:
-        raise PipelineError(f"{config.work_dir / spec.stage}: the run's metrics hold no {score_name}")
-    record.update({score_name: float(metrics[score_name]), "validation": metrics.get("validation", "holdout"),
-                   "fold_scores": {str(r["fold"]): r[score_name] for r in metrics.get("fold_runs", [])},
-                   **{k: metrics[k] for k in ("fold_val_log_loss_min", "fold_val_log_loss_max") if k in metrics}})
-    ran = record["ran"]
-    say(f"trial {spec.number}: {score_name} {record[score_name]:.5f}" + (
-        f" (ran {', '.join(ran)})" if ran else " (nothing ran: every result was stored)"))
+        record.update({"pruned": pruned, "fold_scores": {str(f): v for f, v in sorted(folds.items())}})
+    else:
+        metrics = Manifest.read(config.work_dir / spec.stage).metrics
+        if score_name not in metrics:
+            raise PipelineError(f"{config.work_dir / spec.stage}: the run's metrics hold no {score_name}")
+        record.update({score_name: float(metrics[score_name]), "validation": metrics.get("validation", "holdout"),
+                       "fold_scores": {str(r["fold"]): r[score_name] for r in metrics.get("fold_runs", [])},
+                       **{k: metrics[k] for k in ("fold_val_log_loss_min", "fold_val_log_loss_max") if k in metrics}})
+    say(outcome(record, score_name))
     return record
+
+
+def outcome(record: dict, score_name: str) -> str:
+    """A trial's line once it ended: stopped early and why, or its score and what ran."""
+    if record.get("pruned"):
+        return f"trial {record['trial']}: pruned, {record['pruned']}"
+    ran = record["ran"]
+    return f"trial {record['trial']}: {score_name} {record[score_name]:.5f}" + (
+        f" (ran {', '.join(ran)})" if ran else " (nothing ran: every result was stored)")
 
 
 def _trial_task(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None) -> dict:
@@ -226,9 +233,9 @@ def run_trials(base, next_trial: Callable[[], TrialSpec | None], finish: Callabl
             failures.append(f"trial {spec.number} ({spec.command}): {failure_reason(exc)}")
             say(f"trial {spec.number}: failed on Ray")
             continue
-        score = next(record[k] for k in ("val_log_loss", "val_accuracy") if k in record)
-        say(f"trial {spec.number}: " + (f"pruned, {record['pruned']}" if record.get("pruned") else f"{score:.5f}"))
-        finish(spec, {**record, "ran": [*prepared, *record["ran"]]})
+        record = {**record, "ran": [*prepared, *record["ran"]]}
+        say(outcome(record, score_key(base)))
+        finish(spec, record)
     if failures:
         raise PipelineError(f"{len(failures)} trials failed on Ray (the finished ones are kept; a rerun runs only "
                             "the missing ones): " + "; ".join(failures))

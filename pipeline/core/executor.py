@@ -173,13 +173,11 @@ def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], 
         if store.has(unit.key):
             store.touch(unit.key)
             log(f"{unit.label}: reused from {store.path(unit.key)}")
+            _tell_watchers(store, unit)
         else:
             missing.append(unit)
     if progress is not None:
         progress.update(len(units) - len(missing))
-    for unit in units:
-        if store.has(unit.key):
-            _tell_watchers(store, unit)
     if settings is None or settings.backend == "local" or not missing:
         for unit in missing:
             log(f"{unit.label}: computing")
