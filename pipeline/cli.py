@@ -13,6 +13,9 @@
     kp sweep  --comp NAME --grid KEY=V1,V2 [--grid ...] | --search SPACE.yaml --trials N   trials on the run cache
     kp runs   --comp NAME [--stage S] [--sort] [--json] [--best [--apply FILE]]   every stored run, side by side
     kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
+    kp package --comp NAME [--source STAGE] [--wheels 3.11]   an offline inference bundle for a kernel
+    kp kernel push --comp NAME [--source STAGE]   the bundle as a dataset, the kernel pushed and run
+    kp kernel status --comp NAME [--wait]         how the pushed kernel's run stands
 
 Stage commands are built from the stage modules' files (read, not imported), so a new module in
 `stages/` is a new command and `kp --help` imports no stage. This module and everything it imports
@@ -76,9 +79,11 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None) ->
     statuses = runner.run(config, targets, force=force)
     click.echo(format_table(statuses))
     if upload:
+        from pipeline import code_submission
         from pipeline.kaggle import leaderboard
 
-        leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+        leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
+                           submit_kernel=code_submission.submit)
         _echo_ledger(config, last=3)
 
 
@@ -354,6 +359,47 @@ def package(comp, extra_files, sets, source, wheels):
                f"{str(record['wheels']['files']) + ' wheels, ' if record['wheels'] else ''}"
                f"{record['size_bytes'] / 1e6:.1f} MB; run it: python {folder}/kernel.py "
                "(outside Kaggle: KP_KAGGLE_ROOT for /kaggle, or KP_COMPETITION_INPUT and KP_KERNEL_OUTPUT)")
+
+
+@cli.group()
+def kernel():
+    """A code competition's kernel on Kaggle: push the bundle and the kernel, follow its run."""
+
+
+@kernel.command("push")
+@click.option("--source", default=None, metavar="STAGE",
+              help="The predicting stage whose models the kernel runs (default: submit.source).")
+@_config_options
+def kernel_push(comp, extra_files, sets, source):
+    """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
+    wait for its run and download its output; a failed run ends with Kaggle's message and its log's end."""
+    from pipeline import runner
+    from pipeline.code_submission import push
+    from pipeline.packaging import check_source
+
+    config = _load(comp, extra_files, sets)
+    source = source or config.get("submit.source")
+    check_source(source)
+    runner.run(config, [source])
+    pushed = push(config, source, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    click.echo(f"{pushed['kernel']} version {pushed['version']}: {pushed['status']} (runs {source} "
+               f"{pushed['fingerprint'][:12]}); outputs: {', '.join(pushed.get('outputs', [])) or '-'}")
+
+
+@kernel.command("status")
+@click.option("--wait", is_flag=True, help="Wait until the run ends (at most kernel.poll_timeout_s).")
+@_config_options
+def kernel_status(comp, extra_files, sets, wait):
+    """How the last pushed kernel's run stands (its output downloaded once it has ended)."""
+    from pipeline.code_submission import follow, read_push
+
+    config = _load(comp, extra_files, sets)
+    pushed = read_push(config)
+    if pushed is None:
+        raise PipelineError(f"{comp}: no kernel pushed yet (kp kernel push --comp {comp})")
+    pushed = follow(config, pushed, wait, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    click.echo(f"{pushed['kernel']} version {pushed['version']}: {pushed['status']} (runs {pushed['source']} "
+               f"{pushed['fingerprint'][:12]}, pushed {pushed['pushed']})")
 
 
 @cli.command("lr-find")

@@ -69,6 +69,30 @@ class Kaggle(StrictModel):
     poll_every_s: float = Field(5, gt=0, description="seconds between two looks at the submission's status")
 
 
+class Kernel(StrictModel):
+    """The `kernel` section: a code competition's kernel (kp kernel push, kp submit --upload); in no fingerprint."""
+
+    dataset: str = Field("{comp}-kp-models", pattern=r"^[a-z0-9{}][a-z0-9{}-]*$", description=(
+        "the Kaggle dataset the bundle is pushed to, under your user ({comp}: the competition's name)"))
+    slug: str = Field("{comp}-kp-inference", pattern=r"^[a-z0-9{}][a-z0-9{}-]*$", description=(
+        "the kernel's slug and title, under your user ({comp}: the competition's name)"))
+    wheels: str | None = Field("3.11", description=(
+        "bundle the wheels that install kp offline for this CPython version (Kaggle's image: 3.11) | null: none, "
+        "for an image that has kp"))
+    enable_gpu: bool = Field(False, description="run the kernel on a GPU (the kernel never has internet access)")
+    poll_timeout_s: float = Field(3600, ge=0, description=(
+        "how long kp kernel push waits for the kernel's run (and kp submit --upload for a code submission's)"))
+    poll_every_s: float = Field(30, gt=0, description="seconds between two looks at the kernel's status")
+
+    def names(self, comp: str) -> tuple[str, str]:
+        """(the dataset's slug, the kernel's slug) for competition `comp`; Kaggle wants 6 to 50 characters."""
+        dataset, kernel = self.dataset.format(comp=comp), self.slug.format(comp=comp)
+        for key, name in (("kernel.dataset", dataset), ("kernel.slug", kernel)):
+            if not 6 <= len(name) <= 50:
+                raise PipelineError(f"{key} gives {name!r}: Kaggle wants a slug of 6 to 50 characters")
+        return dataset, kernel
+
+
 class FeatureSet(StrictModel):
     """One entry of the `features` section: a network's features, as changes to `precompute` (unset: precompute's)."""
 
@@ -432,6 +456,7 @@ def config_model() -> type[StrictModel]:
         "model": (Model, ...),
         "training": (Training, ...),
         "kaggle": (Kaggle, ...),
+        "kernel": (Kernel, ...),
         "cache": (Cache, ...),
         "compute": (Compute, ...),
         "features": (dict[str, FeatureSet], Field({}, description=(

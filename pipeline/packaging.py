@@ -29,15 +29,18 @@ MODEL_SOURCES = ("finetune", "bnretrain", "ensemble", "cv")  # whose models read
 PACKAGEABLE = (*MODEL_SOURCES, "smooth")  # smooth: of one of those, its test rows smoothed again in the kernel
 UNIT_STORES = {"ensemble": ("members", "members"), "cv": ("folds", "fold_runs")}  # stage: (unit kind, metrics list)
 
-KERNEL_TEXT = '''"""A code competition's kernel: this bundle's models on the competition's test images, offline."""
+KERNEL_TEXT = '''"""A code competition's kernel: a kp bundle's models on the competition's test images, offline."""
 import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-WHEELS = HERE / "wheels"
+KAGGLE = Path(os.environ.get("KP_KAGGLE_ROOT", "/kaggle"))  # a local sandbox gives its own root
+BUNDLE = Path(globals().get("__file__", ".")).resolve().parent  # run from the bundle itself,
+if not (BUNDLE / "bundle.json").is_file():  # or pushed as a kernel, the bundle attached as its dataset
+    BUNDLE = KAGGLE / "input" / "@DATASET@"
+WHEELS = BUNDLE / "wheels"
 if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no network: install from the bundle,
     # keeping the TensorFlow an image already has (Kaggle's), else TensorFlow for the CPU from the bundle too
     project = "kaggle-pipeline" if importlib.util.find_spec("tensorflow") else "kaggle-pipeline[cpu]"
@@ -46,10 +49,30 @@ if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no netwo
 
 from pipeline.kernel import main  # noqa: E402
 
-KAGGLE = Path(os.environ.get("KP_KAGGLE_ROOT", "/kaggle"))  # a local sandbox gives its own root
-sys.exit(main([str(HERE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
+sys.exit(main([str(BUNDLE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
                "--out", os.environ.get("KP_KERNEL_OUTPUT", str(KAGGLE / "working"))]))
 '''
+
+
+def kernel_script(config) -> str:
+    """The kernel's code for `config`'s competition and the dataset `kp kernel push` attaches the bundle as."""
+    dataset, _ = config.section("kernel").names(config.comp)
+    return KERNEL_TEXT.replace("@SLUG@", config.competition.slug).replace("@DATASET@", dataset)
+
+
+def current_bundle(config, source: str, wheels: str | None) -> tuple[Path, dict] | None:
+    """The bundle already written for `source`'s current result (with wheels for `wheels`), or None."""
+    from pipeline.core.cache import Manifest
+
+    folder = config.work_dir / PACKAGE_DIR / "bundle"
+    manifest = Manifest.read(config.work_dir / source)
+    if manifest is None or not (folder / BUNDLE_FILE).is_file():
+        return None
+    record = json.loads((folder / BUNDLE_FILE).read_text())
+    has = (record.get("wheels") or {}).get("python")
+    if record.get("source") != source or record["fingerprints"].get(source) != manifest.fingerprint or has != wheels:
+        return None
+    return folder, record
 
 
 def check_source(source: str) -> None:
@@ -231,7 +254,7 @@ def package(config, source: str, wheels: str | None = None, say=print) -> tuple[
             "precompute": precompute, "image_size": list(feature_size(config)),
             "tta": _tta(config, folders), "smooth": _smoothing(config, source), "models": models,
         }
-        (out / KERNEL_SCRIPT).write_text(KERNEL_TEXT.replace("@SLUG@", config.competition.slug))
+        (out / KERNEL_SCRIPT).write_text(kernel_script(config))
         record["wheels"] = write_wheels(out / BUNDLE_WHEELS_DIR, wheels, say) if wheels else None
         record["size_bytes"] = folder_size(out)
         (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")

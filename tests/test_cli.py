@@ -26,7 +26,8 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     stages = ["augment", "blend", "bnretrain", "cv", "download", "ensemble", "finetune", "precompute", "pseudo",
               "smooth", "split", "submit", "tune"]
     assert sorted(commands[:len(stages)]) == stages  # the stages first
-    assert commands[len(stages):] == ["all", "backbones", "clean", "config", "ledger", "lr-find", "package", "report", "runs",
+    assert commands[len(stages):] == ["all", "backbones", "clean", "config", "kernel", "ledger", "lr-find", "package", "report",
+                                      "runs",
                                       "show", "status", "sweep"]
     assert "--set" in kp("split", "--help").output
 

@@ -41,7 +41,7 @@ def test_format_shows_split_validation_leaderboard_and_status(tmp_path):
     record(path, with_score(_row(2), ERROR, None, "NaN"))
     table = format_ledger(read_ledger(path))
     lines = table.splitlines()
-    assert lines[0].split() == ["time", "file", "split", "metric", "valid", "leaderboard", "lb", "-", "valid", "status"]
+    assert lines[0].split() == ["time", "kind", "submitted", "split", "metric", "valid", "leaderboard", "lb", "-", "valid", "status"]
     assert "0.62000" in lines[1] and "+0.12000" in lines[1] and lines[1].endswith("complete")
     assert lines[2].endswith("error (NaN)") and " - " in lines[2]
     assert read_ledger(tmp_path / "absent.csv") == []

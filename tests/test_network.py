@@ -165,14 +165,14 @@ def test_the_local_server_answers_a_malformed_request_with_400_and_the_reason(tm
     import urllib.error
     import urllib.request
 
-    from pipeline.kaggle.local.server import SERVICE, KaggleLocalServer
+    from pipeline.kaggle.local.server import API, COMPETITIONS, KaggleLocalServer
 
     data = tmp_path / "served"
     (data / SLUG).mkdir(parents=True)
     (data / SLUG / f"{SLUG}.zip").write_bytes(make_statefarm_like(tmp_path / "data").read_bytes())
     method = "StartSubmissionUpload" if isinstance(body, list) or "fileName" in body else "ListSubmissions"
     with KaggleLocalServer(data, log_dir=tmp_path / "log") as server:
-        request = urllib.request.Request(f"{server.url}{SERVICE}{method}", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"{server.url}{API}{COMPETITIONS}/{method}", data=json.dumps(body).encode(),
                                          headers={"Authorization": "Basic eDp5", "Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as answer:
             urllib.request.urlopen(request, timeout=10)

@@ -108,6 +108,10 @@ BUNDLE_NETWORK_DIR = "network"      # precompute's weights file, when it has one
 KERNEL_SCRIPT = "kernel.py"         # the kernel: features of the test images, the models, submission.csv
 BUNDLE_WHEELS_DIR = "wheels"        # kp package --wheels: the project's wheel and its dependencies', for pip offline
 KERNEL_LOG = "kernel.log"           # the local server's kernel sandbox: a run's stdout and stderr
+# kp kernel push: beside the bundle in work/COMP/package/
+KERNEL_DIR = "kernel"               # what is pushed as the kernel: kernel.py and kernel-metadata.json
+KERNEL_OUTPUT_DIR = "output"        # the pushed kernel's output files and log, downloaded when its run ends
+PUSH_RECORD = "push.json"           # the pushed kernel: its version, the source fingerprint it runs, how it ended
 
 # submit
 SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissions/COMP/ is NAME.csv[.gz]

@@ -33,6 +33,10 @@ class Competition(StrictModel):
         "[lo, hi] bounds for submitted probabilities (log loss punishes certainty)"))
     image_size: tuple[int, int] = Field([224, 224], description="[height, width] the images are used at")
     channels: Literal[1, 3] = Field(3, description="1 (grayscale) or 3 (RGB)")
+    # How a submission reaches Kaggle changes no prediction: left out of every dump, so of every fingerprint.
+    submission: Literal["csv", "code"] = Field("csv", exclude=True, description=(
+        "csv: kp submit --upload sends the file | code: a code competition, the kernel kp kernel push ran is "
+        "submitted (in no fingerprint)"))
 
     @model_validator(mode="after")
     def _consistent(self):

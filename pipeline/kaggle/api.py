@@ -120,7 +120,9 @@ def _timed_adapter(network: Network, repeatable: bool):
     return TimedAdapter(max_retries=retry)
 
 
-def _client(network: Network, repeatable: bool = True):
+def client(network: Network, repeatable: bool = True):
+    """The kaggle client, authenticated, every call with `network`'s timeouts and retries (`repeatable`:
+    a call may be sent again after a read timeout; False for one that must never be sent twice)."""
     check_credentials()
     from kaggle.api.kaggle_api_extended import KaggleApi
 
@@ -192,7 +194,7 @@ def download_competition(slug: str, dest: Path, network: Network = Network(), ex
         archive.unlink()
     elif archive.is_dir():  # what an older kp left when a server sent a page instead of an archive
         shutil.rmtree(archive)
-    api = _client(network)
+    api = client(network)
     dest.mkdir(parents=True, exist_ok=True)
     partial = dest / temporary_name(TMP_PREFIX, "download")
     partial.mkdir()
@@ -234,7 +236,7 @@ def _first_bytes(path: Path, n: int = 80) -> str:
         return repr(handle.read(n))
 
 
-def _bounded(call, seconds: float, what: str):
+def bounded(call, seconds: float, what: str):
     """`call()`, but give up after `seconds` with one message: for the parts of the client whose
     timeouts cannot be set (its upload session). The abandoned call's thread ends with the process."""
     result: dict = {}
@@ -273,10 +275,10 @@ class SubmissionState:
 def submit_file(slug: str, path: Path, description: str, network: Network = Network()) -> int:
     """Upload `path` to competition `slug` with `description`; the submission's ref. Never retried
     once the server may have received it (a submission counts against the day's limit)."""
-    api = _client(network, repeatable=False)
+    api = client(network, repeatable=False)
     seconds = network.worst_case_s() * 3 + path.stat().st_size / 50_000  # three calls, and 50 kB/s at worst
     try:
-        response = _bounded(lambda: api.competition_submit(str(path), description, slug, quiet=True), seconds,
+        response = bounded(lambda: api.competition_submit(str(path), description, slug, quiet=True), seconds,
                             f"kaggle submission of {path} to {slug!r}")
     except PipelineError:
         raise
@@ -290,7 +292,7 @@ def submit_file(slug: str, path: Path, description: str, network: Network = Netw
 
 def submission_state(slug: str, ref: int, network: Network = Network()) -> SubmissionState:
     """Where submission `ref` of `slug` stands (it is among the newest 100)."""
-    api = _client(network)
+    api = client(network)
     try:
         listed = api.competition_submissions(slug, page_size=100) or []
     except Exception as exc:

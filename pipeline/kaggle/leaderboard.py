@@ -2,11 +2,13 @@
 
 Recipe: take the file the up-to-date `submit` stage wrote (its manifest names it, with the config
 fingerprint, split strategy and validation score) -> upload it through the kaggle client with a
-description that carries the fingerprint -> record a `pending` row in the ledger at once (an
-upload spends one of the day's submissions, so it is never forgotten) -> poll, bounded by
-`kaggle.poll_timeout_s` -> complete the row with the public score, or with Kaggle's reason for
-rejecting it. The CSV stays on disk whatever happens; a score that was not ready in time is read
-later by `kp ledger --refresh`.
+description that carries the fingerprint (a code competition, `competition.submission: code`:
+submit the kernel that runs the same source instead, `pipeline.code_submission`) -> record a `pending`
+row in the ledger at once, of kind `csv` or `code` (an upload spends one of the day's submissions,
+so it is never forgotten) -> poll, bounded by `kaggle.poll_timeout_s` (`kernel.poll_timeout_s` for
+a code submission, which Kaggle reruns first) -> complete the row with the public score, or with
+Kaggle's reason for rejecting it. The CSV stays on disk whatever happens; a score that was not
+ready in time is read later by `kp ledger --refresh`.
 """
 from __future__ import annotations
 
@@ -27,43 +29,57 @@ def describe(comp: str, meta: dict, message: str | None) -> str:
     return f"{message} [{produced}]" if message else produced
 
 
-def upload(config, message: str | None = None, again: bool = False, say=print) -> dict:
-    """Upload the current submission of `config`'s competition; its ledger row, completed if scored."""
+def upload(config, message: str | None = None, again: bool = False, say=print, submit_kernel=None) -> dict:
+    """Upload the current submission of `config`'s competition; its ledger row, completed if scored.
+
+    `submit_kernel(config, source, description, say)` submits a code competition's kernel instead
+    (`pipeline.code_submission.submit`: it pushes one first when needed), returning (ref, what was submitted).
+    """
     manifest = Manifest.read(config.work_dir / "submit")
     if manifest is None:
         raise PipelineError(f"{config.work_dir / 'submit'}: no submission written yet (run `kp submit` first)")
     meta = manifest.metrics
+    code = config.competition.submission == "code"
     path, ledger = config.submissions_dir / Path(meta["file"]).name, ledger_path(config)
-    if not path.is_file():
+    if not code and not path.is_file():
         raise PipelineError(f"{path}: the submission file named by the submit stage's manifest is gone; "
                             "rerun `kp submit --force`")
     earlier = [r for r in read_ledger(ledger) if r["fingerprint"] == meta["fingerprint"] and r["status"] != ERROR]
     if earlier and not again:
-        say(f"{path.name} was already uploaded on {earlier[-1]['time']} (ref {earlier[-1]['ref']}, "
+        say(f"{Path(earlier[-1]['file']).name} was already uploaded on {earlier[-1]['time']} (ref {earlier[-1]['ref']}, "
             f"{earlier[-1]['status']}); not spending another submission on it (--force uploads it again)")
         return earlier[-1]
 
     slug, description = config.competition.slug, describe(config.comp, meta, message)
-    try:
-        ref = kaggle_api.submit_file(slug, path, description, kaggle_api.Network.of(config.kaggle))
-    except PipelineError as exc:
-        raise PipelineError(f"{exc}; the submission stays at {path}") from None
-    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": str(path),
-           "fingerprint": meta["fingerprint"], "split_strategy": meta["split_strategy"],
-           "validation": meta.get("validation", "holdout"), "metric": meta["metric"],
-           "val_score": f"{meta[meta['score_name']]:.5f}", "status": PENDING, "ref": ref,
+    network = kaggle_api.Network.of(config.kaggle)
+    if code:
+        if submit_kernel is None:
+            raise PipelineError(f"{config.comp} is a code competition (competition.submission: code): its kernel is "
+                                "submitted, not the file")
+        ref, submitted = submit_kernel(config, meta["source"], description, say)
+        timeout_s, every_s = config.get("kernel.poll_timeout_s"), config.get("kernel.poll_every_s")
+    else:
+        try:
+            ref = kaggle_api.submit_file(slug, path, description, network)
+        except PipelineError as exc:
+            raise PipelineError(f"{exc}; the submission stays at {path}") from None
+        submitted, timeout_s, every_s = str(path), config.get("kaggle.poll_timeout_s"), config.get("kaggle.poll_every_s")
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "file": submitted,
+           "kind": "code" if code else "csv", "fingerprint": meta["fingerprint"],
+           "split_strategy": meta["split_strategy"], "validation": meta.get("validation", "holdout"),
+           "metric": meta["metric"], "val_score": f"{meta[meta['score_name']]:.5f}", "status": PENDING, "ref": ref,
            "description": description}
     record(ledger, row)
-    say(f"uploaded {path.name} to {slug} (submission {ref}); waiting up to {config.get('kaggle.poll_timeout_s'):g}s "
-        "for its score")
-    state = kaggle_api.wait_for_score(slug, ref, config.get("kaggle.poll_timeout_s"),
-                                      config.get("kaggle.poll_every_s"), say, kaggle_api.Network.of(config.kaggle))
+    say(f"{f'submitted kernel {submitted}' if code else f'uploaded {path.name}'} to {slug} (submission {ref}); "
+        f"waiting up to {timeout_s:g}s for its score")
+    state = kaggle_api.wait_for_score(slug, ref, timeout_s, every_s, say, network)
     row = _complete(config, row, state)
     if row["status"] == ERROR:
-        raise PipelineError(f"Kaggle rejected submission {ref} ({path}): {state.error}. "
-                            f"The file stays on disk; the ledger {ledger} records the rejection")
+        kept = "" if code else "The file stays on disk; "
+        raise PipelineError(f"Kaggle rejected submission {ref} ({submitted}): {state.error}. "
+                            f"{kept}the ledger {ledger} records the rejection")
     if row["status"] == PENDING:
-        say(f"submission {ref} is not scored after {config.get('kaggle.poll_timeout_s'):g}s; "
+        say(f"submission {ref} is not scored after {timeout_s:g}s; "
             f"`kp ledger --comp {config.comp} --refresh` reads its score later")
     else:
         say(f"leaderboard {meta['metric']} {row['lb_score']} vs validation {row['val_score']} "

@@ -2,7 +2,8 @@
 
 `submissions/COMP/ledger.csv` gets one row per upload (`kp submit --upload`), written when the
 upload is accepted (status `pending`) and completed when the score comes back (`complete`, or
-`error` with Kaggle's reason). `difference` is leaderboard minus validation: a split that flatters
+`error` with Kaggle's reason). `kind` is `csv` (the file was uploaded) or `code` (a kernel version was submitted: `file` names it,
+`USER/KERNEL vN`). `difference` is leaderboard minus validation: a split that flatters
 validation shows as a large one. The file is rewritten whole through a temporary file, under a
 lock, so a crash never leaves half a row; it is read with the csv module only, so `kp status`
 stays fast.
@@ -19,11 +20,11 @@ from pipeline.core.cache import write_text_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_rows
 from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
-COLUMNS = ["time", "file", "fingerprint", "split_strategy", "validation", "metric", "val_score", "lb_score",
+COLUMNS = ["time", "file", "kind", "fingerprint", "split_strategy", "validation", "metric", "val_score", "lb_score",
            "difference", "status", "ref", "error", "description"]
 NUMERIC_COLUMNS = ("val_score", "lb_score", "difference", "ref")  # a number or empty
 # Columns added after ledgers were first written, with the value an older ledger's rows had.
-ADDED_COLUMNS = {"validation": "holdout"}
+ADDED_COLUMNS = {"validation": "holdout", "kind": "csv"}
 
 
 def ledger_path(config) -> Path:
@@ -81,11 +82,12 @@ def _design(row: dict[str, str]) -> str:
 
 
 def format_ledger(rows: list[dict[str, str]]) -> str:
-    """The rows as an aligned table (time, file, split, validation, leaderboard, difference, status)."""
-    table = [("time", "file", "split", "metric", "valid", "leaderboard", "lb - valid", "status")]
+    """The rows as an aligned table (time, what was submitted, split, validation, leaderboard, difference, status)."""
+    table = [("time", "kind", "submitted", "split", "metric", "valid", "leaderboard", "lb - valid", "status")]
     for r in rows:
         status = r["status"] + (f" ({r['error']})" if r.get("error") else "")
-        table.append((r["time"][:16].replace("T", " "), Path(r["file"]).name, _design(r), r["metric"],
+        submitted = r["file"] if r["kind"] == "code" else Path(r["file"]).name
+        table.append((r["time"][:16].replace("T", " "), r["kind"], submitted, _design(r), r["metric"],
                       r["val_score"], r["lb_score"] or "-", r["difference"] or "-", status))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)

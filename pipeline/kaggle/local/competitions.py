@@ -7,7 +7,9 @@ Kaggle's three steps: `start_upload` (a one-time token), `receive_upload` (the f
 and becomes COMPLETE with a public score, or ERROR with the reason (wrong header, missing,
 unexpected or duplicate ids, NaN or non-numeric values). The evaluation is read from the sample
 submission and the solution (`pipeline.evaluation.scoring.competition_from_files`); log loss is Kaggle's: clipped
-to [1e-15, 1 - 1e-15], rows renormalised.
+to [1e-15, 1 - 1e-15], rows renormalised. A code submission (`create_code_submission`) has no upload:
+it is PENDING while the kernel reruns on the hidden test set (`pipeline.kaggle.local.kernels`), then
+its output is scored on that set's labels.
 
 Every upload is kept under `log_dir/SLUG/files/` and every scored submission is appended to
 `log_dir/SLUG/submissions.jsonl`, which a restarted server reads back.
@@ -144,20 +146,37 @@ class LocalCompetitions:
             if upload is None or upload.competition != slug or upload.data is None:
                 raise CompetitionError(400, "blobFileTokens does not name a completed upload to this competition")
             del self._uploads[token]
-            submission = Submission(
-                ref=self._next_ref, competition=slug, file_name=upload.file_name, total_bytes=len(upload.data),
-                date=_iso(datetime.now(timezone.utc)),
-                description=description or "")
+        submission = self._new_submission(slug, upload.file_name, len(upload.data), description)
+        stored = self.log_dir / slug / "files" / f"{submission.ref}-{upload.file_name}"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(upload.data)
+        self._score_later(submission, lambda: stored, None, self.scoring_delay_s)
+        return submission
+
+    def create_code_submission(self, slug: str, kernel: str, file_name: str, description: str, produce,
+                               solution: Path) -> Submission:
+        """A code submission: PENDING while `produce()` (the kernel's rerun on the hidden test set) runs, then
+        the file it returns scored on `solution`; ERROR with the reason `produce` raised (a CompetitionError)."""
+        self.check_access(slug)
+        submission = self._new_submission(slug, f"{kernel}/{file_name}", 0, description)
+        self._score_later(submission, produce, solution, 0.0)
+        return submission
+
+    def _new_submission(self, slug: str, file_name: str, size: int, description: str) -> Submission:
+        with self._lock:
+            submission = Submission(ref=self._next_ref, competition=slug, file_name=file_name, total_bytes=size,
+                                    date=_iso(datetime.now(timezone.utc)), description=description or "")
             self._next_ref += 1
-            stored = self.log_dir / slug / "files" / f"{submission.ref}-{upload.file_name}"
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            stored.write_bytes(upload.data)
             self._submissions.setdefault(slug, self._read_log(slug)).append(submission)
-            timer = threading.Timer(self.scoring_delay_s, self._score, args=(submission, stored))
-            timer.daemon = True
+        return submission
+
+    def _score_later(self, submission: Submission, produce, solution: Path | None, delay_s: float) -> None:
+        """Score the file `produce()` returns after `delay_s`, in the background, like Kaggle's queue."""
+        timer = threading.Timer(delay_s, self._score, args=(submission, produce, solution))
+        timer.daemon = True
+        with self._lock:
             self._timers.append(timer)
         timer.start()
-        return submission
 
     def submissions(self, slug: str) -> list[Submission]:
         """Newest first, as Kaggle lists them."""
@@ -173,11 +192,11 @@ class LocalCompetitions:
 
     # -- scoring and the log ----------------------------------------------------------------------------
 
-    def _score(self, submission: Submission, stored: Path) -> None:
+    def _score(self, submission: Submission, produce, solution: Path | None) -> None:
         try:
-            score = self.score_file(submission.competition, stored)
+            score = self.score_file(submission.competition, produce(), solution)
             update = {"status": COMPLETE, "public_score": f"{score:.5f}"}
-        except PipelineError as exc:
+        except (PipelineError, CompetitionError) as exc:
             update = {"status": ERROR, "error_description": f"Submission scoring error: {exc}"}
         except Exception as exc:  # a server bug must still end the submission, as Kaggle's would
             update = {"status": ERROR, "error_description": f"internal scoring error: {type(exc).__name__}: {exc}"}
@@ -185,16 +204,21 @@ class LocalCompetitions:
             for key, value in update.items():
                 setattr(submission, key, value)
             log = self.log_dir / submission.competition / LOG_NAME
+            log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as handle:
                 handle.write(json.dumps(asdict(submission)) + "\n")
 
-    def score_file(self, slug: str, path: Path) -> float:
-        """The public score of a submission file (.csv, .csv.gz or .zip); PipelineError if malformed."""
-        solution = pd.read_csv(self.data_dir / slug / SOLUTION_FILE, dtype=str)
+    def solution_path(self, slug: str) -> Path:
+        return self.data_dir / slug / SOLUTION_FILE
+
+    def score_file(self, slug: str, path: Path, solution: Path | None = None) -> float:
+        """The public score of a submission file (.csv, .csv.gz or .zip) on `solution` (default: the
+        competition's, of its public test set); PipelineError if malformed."""
+        labels = pd.read_csv(solution or self.solution_path(slug), dtype=str)
         with zipfile.ZipFile(self.check_access(slug)) as zf:
             sample = pd.read_csv(io.BytesIO(zf.read(SAMPLE_NAME)), dtype=str)
         submission = read_submission(path)
-        return score_submission(submission, solution, competition_from_files(sample, solution))
+        return score_submission(submission, labels, competition_from_files(sample, labels))
 
     def _read_log(self, slug: str) -> list[Submission]:
         log = self.log_dir / slug / LOG_NAME

@@ -2,17 +2,21 @@
 
 It serves the competitions in a folder laid out like ../shared/data/competitions (`SLUG/SLUG.zip`
 + `SLUG/solution.csv`) on 127.0.0.1 to the real `kaggle` client (kaggle 2.x / kagglesdk): every
-call is `POST /api/v1/competitions.CompetitionApiService/<Method>` with camelCase JSON; errors are
-JSON bodies with `code` >= 400, which the client raises as HTTPError. Implemented: ListDataFiles,
-DownloadDataFiles (a 302 to the archive on this server), StartSubmissionUpload (a token and an
-upload URL on this server), the PUT of the file there, CreateSubmission and ListSubmissions. What
-a competition holds and how a submission is scored is `pipeline.kaggle.local.competitions`; this module
-is only the HTTP side.
+call is `POST /api/v1/<service>/<Method>` with camelCase JSON; errors are JSON bodies with `code`
+>= 400, which the client raises as HTTPError. Implemented: competitions (ListDataFiles,
+DownloadDataFiles: a 302 to the archive on this server; StartSubmissionUpload: a token and an
+upload URL on this server, then the PUT of the file there; CreateSubmission, ListSubmissions,
+CreateCodeSubmission), blobs (StartBlobUpload, then the PUT), datasets (CreateDataset,
+CreateDatasetVersion, GetDatasetStatus) and kernels (SaveKernel, GetKernelSessionStatus,
+ListKernelSessionOutput, whose file URLs are on this server). What a competition holds and how a
+submission is scored is `pipeline.kaggle.local.competitions`; datasets, kernels and their runs
+`pipeline.kaggle.local.kernels`; this module is only the HTTP side.
 
 Point the pipeline at it with KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_ENDPOINT=http://
 127.0.0.1:PORT (see `pipeline.kaggle.api`); credentials can be any KAGGLE_USERNAME / KAGGLE_KEY.
 The `kaggle` command line gets there with KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=<the URL>.
     python -m pipeline.kaggle.local [--data ../shared/data/competitions] [--port 8765] [--log DIR]
+                                    [--kernel-timeout SECONDS]
 """
 from __future__ import annotations
 
@@ -27,20 +31,27 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pipeline.kaggle.local.competitions import CompetitionError, LocalCompetitions
+from pipeline.kaggle.local.kernels import LocalKernels
 
-SERVICE = "/api/v1/competitions.CompetitionApiService/"
-UPLOAD_PREFIX = "/upload/"
+API = "/api/v1/"
+COMPETITIONS, BLOBS = "competitions.CompetitionApiService", "blobs.BlobApiService"
+DATASETS, KERNELS = "datasets.DatasetApiService", "kernels.KernelsApiService"
+UPLOAD_PREFIX = "/upload/"  # a submission's file
+BLOB_PREFIX = "/blob/"  # a dataset's file
+OUTPUT_PREFIX = "/kernel-output/"  # OWNER/SLUG/VERSION/FILE: a kernel run's output file
 
 
 class KaggleLocalServer:
     """Serves `data_dir`'s competitions on 127.0.0.1:`port` (0: a free port) in a background thread.
 
-    Uploads and the submissions log go to `log_dir` (default: a new temporary folder)."""
+    Uploads, the submissions log, datasets and kernel runs go to `log_dir` (default: a new temporary
+    folder); a kernel run is stopped after `kernel_timeout_s` (Kaggle's limit is 9 hours)."""
 
     def __init__(self, data_dir: Path, port: int = 0, rules_not_accepted=frozenset(), log_dir: Path | None = None,
-                 scoring_delay_s: float = 1.0):
+                 scoring_delay_s: float = 1.0, kernel_timeout_s: float = 9 * 3600):
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kaggle-local-"))
         self.competitions = LocalCompetitions(data_dir, log_dir, rules_not_accepted, scoring_delay_s)
+        self.kernels = LocalKernels(log_dir, self.competitions, kernel_timeout_s)
         self.requests: list[str] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.thread: threading.Thread | None = None
@@ -61,6 +72,7 @@ class KaggleLocalServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.kernels.wait()
         self.competitions.wait_for_scoring()
 
     def __enter__(self) -> "KaggleLocalServer":
@@ -70,7 +82,7 @@ class KaggleLocalServer:
         self.stop()
 
     def _handler(self):
-        server, competitions = self, self.competitions
+        server, competitions, kernels = self, self.competitions, self.kernels
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt, *args):  # keep test output quiet
@@ -100,12 +112,16 @@ class KaggleLocalServer:
                     return self._error(400, "request body is not JSON")
                 if not isinstance(body, dict):
                     return self._error(400, "request body is not a JSON object")
-                if not path.startswith(SERVICE):
+                service, _, method = path[len(API):].partition("/")
+                if not path.startswith(API) or service not in (COMPETITIONS, BLOBS, DATASETS, KERNELS):
                     return self._error(404, f"no such endpoint {path}")
                 if not self.headers.get("Authorization"):
                     return self._error(401, "Unauthenticated: no credentials")
                 try:
-                    self._call(path[len(SERVICE):], body)
+                    if service == COMPETITIONS:
+                        self._call(method, body)
+                    else:
+                        self._json(200, self._kernels_call(method, body))
                 except CompetitionError as exc:
                     self._error(exc.status, str(exc))
                 except (TypeError, ValueError) as exc:  # a field of the wrong kind: the client's mistake, said so
@@ -135,11 +151,53 @@ class KaggleLocalServer:
                     more = start + size < len(listed)
                     return self._json(200, {"submissions": [s.as_api() for s in listed[start:start + size]],
                                             "nextPageToken": str(start + size) if more else ""})
+                if method == "CreateCodeSubmission":
+                    submission = kernels.submit_code(
+                        slug, f"{body.get('kernelOwner', '')}/{body.get('kernelSlug', '')}", body.get("kernelVersion"),
+                        body.get("fileName", ""), body.get("submissionDescription", ""))
+                    return self._json(200, {"message": f"Successfully submitted to {slug}", "ref": submission.ref})
                 return self._error(501, f"{method} is not implemented by this local server")
+
+            def _kernels_call(self, method: str, body: dict) -> dict:
+                """Uploads, datasets and kernels: the answer's JSON body."""
+                if method == "StartBlobUpload":
+                    token = kernels.start_blob(body.get("name", ""), body.get("contentLength", 0))
+                    return {"token": token, "createUrl": f"{server.url}{BLOB_PREFIX}{token}"}
+                if method == "GetDatasetStatus":
+                    return {"status": kernels.dataset_status(body.get("ownerSlug", ""), body.get("datasetSlug", ""))}
+                if method in ("CreateDataset", "CreateDatasetVersion"):
+                    new = method == "CreateDataset"
+                    owner, slug = body.get("ownerSlug", ""), body.get("slug" if new else "datasetSlug", "")
+                    files = body.get("files") if new else (body.get("body") or {}).get("files")
+                    number, error = kernels.write_dataset(owner, slug, files, new)
+                    return {"ref": f"{owner}/{slug}", "url": f"{server.url}/datasets/{owner}/{slug}",
+                            "status": "error" if error else "ok", "error": error}
+                if method == "SaveKernel":
+                    version = kernels.save_kernel(body)
+                    return {"ref": f"/code/{version.ref}", "url": f"{server.url}/code/{version.ref}",
+                            "versionNumber": version.number}
+                owner, slug = body.get("userName", ""), body.get("kernelSlug", "")
+                if method == "GetKernelSessionStatus":
+                    version = kernels.version(owner, slug)
+                    return {"status": version.status, "failureMessage": version.failure}
+                if method == "ListKernelSessionOutput":
+                    version = kernels.version(owner, slug)
+                    files = version.run.outputs if version.run else []
+                    base = f"{server.url}{OUTPUT_PREFIX}{version.ref}/{version.number}/"
+                    return {"files": [{"fileName": name, "url": base + name} for name in files],
+                            "log": version.run.log if version.run else "", "nextPageToken": ""}
+                raise CompetitionError(501, f"{method} is not implemented by this local server")
 
             def do_PUT(self):
                 path = urlparse(self.path).path
                 server.requests.append(f"PUT {path}")
+                if path.startswith(BLOB_PREFIX):
+                    probe = (self.headers.get("Content-Range") or "").startswith("bytes */")
+                    try:
+                        complete = kernels.receive_blob(path[len(BLOB_PREFIX):], self._body(), probe)
+                    except CompetitionError as exc:
+                        return self._error(exc.status, str(exc))
+                    return self._json(200, {}) if complete else self._json(308, {})
                 if not path.startswith(UPLOAD_PREFIX):
                     return self._error(404, f"no such upload URL {path}")
                 try:
@@ -152,16 +210,25 @@ class KaggleLocalServer:
                 path = unquote(urlparse(self.path).path)
                 server.requests.append(f"GET {path}")
                 parts = path.strip("/").split("/")
-                archive = competitions.archive(parts[1]) if len(parts) == 3 and parts[0] == "files" else None
-                if archive is None or parts[2] != archive.name:
+                if len(parts) == 3 and parts[0] == "files":
+                    found = competitions.archive(parts[1])
+                    found = found if found is not None and parts[2] == found.name else None
+                elif len(parts) == 5 and path.startswith(OUTPUT_PREFIX) and parts[3].isdigit():
+                    try:
+                        found = kernels.output_file(parts[1], parts[2], int(parts[3]), parts[4])
+                    except CompetitionError:
+                        found = None
+                else:
+                    found = None
+                if found is None:
                     return self._error(404, f"no file {path}")
-                size = archive.stat().st_size
                 self.send_response(200)
-                self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(size))
-                self.send_header("Last-Modified", email.utils.formatdate(archive.stat().st_mtime, usegmt=True))
+                self.send_header("Content-Type", "application/zip" if found.suffix == ".zip" else
+                                 "application/octet-stream")
+                self.send_header("Content-Length", str(found.stat().st_size))
+                self.send_header("Last-Modified", email.utils.formatdate(found.stat().st_mtime, usegmt=True))
                 self.end_headers()
-                with open(archive, "rb") as handle:
+                with open(found, "rb") as handle:
                     while chunk := handle.read(1 << 20):
                         self.wfile.write(chunk)
 
@@ -175,9 +242,11 @@ def main() -> None:
     parser.add_argument("--data", default=default_data, help="folder of SLUG/SLUG.zip (+ SLUG/solution.csv)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("KAGGLE_LOCAL_PORT", "8765")))
     parser.add_argument("--log", default=os.environ.get("KAGGLE_LOCAL_LOG", str(Path.cwd() / "work" / "kaggle-local")),
-                        help="where uploads and each competition's submissions.jsonl are kept")
+                        help="where uploads, each competition's submissions.jsonl, datasets and kernel runs are kept")
+    parser.add_argument("--kernel-timeout", type=float, default=9 * 3600, metavar="SECONDS",
+                        help="a pushed kernel's time limit (Kaggle's: 9 hours)")
     args = parser.parse_args()
-    server = KaggleLocalServer(Path(args.data), args.port, log_dir=Path(args.log))
+    server = KaggleLocalServer(Path(args.data), args.port, log_dir=Path(args.log), kernel_timeout_s=args.kernel_timeout)
     for name, value in {**server.client_environment(), "KAGGLE_USERNAME": "local", "KAGGLE_KEY": "local"}.items():
         print(f"export {name}={value}")
     print(f"# for the kaggle command line also: export HTTP_PROXY={server.url}")

@@ -1,0 +1,118 @@
+"""A code competition through the real kaggle client and the local server: kp kernel push uploads the bundle as a
+dataset and the kernel, the server runs it offline on the public test set, kp submit --upload submits it and the
+server reruns it on a hidden test set (more and other images) and scores it; a failed run leaves no ledger row."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.config import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.predictions import load_predictions
+from pipeline.kaggle.ledger import read_ledger
+from tests.test_cv import CV, _cross_validated
+
+SLUG = "synth-statefarm"
+CODE = CV + ["competition.submission=code", "kernel.wheels=null", "kernel.poll_every_s=0.2", "kaggle.poll_every_s=0.2"]
+
+
+def _options(sets):
+    return [arg for assignment in sets for arg in ("--set", assignment)]
+
+
+@pytest.fixture
+def code_server(warm_project, kaggle_env, tmp_path):
+    """The warm cv project's competition served as a code competition: `start(kernel_timeout_s)` starts the server
+    (stopped after the test) and points the client at it."""
+    from pipeline.kaggle.local.server import KaggleLocalServer
+
+    warm_project("cv", _cross_validated)
+    served = tmp_path / "served" / SLUG
+    served.mkdir(parents=True)
+    (served / f"{SLUG}.zip").symlink_to(load_config("synth", sets=CV).get("download.source"))
+    test_ids = [f"img_{48 + i}.jpg" for i in range(6)]  # make_statefarm_like's test images after 48 training images
+    (served / "solution.csv").write_text("img,classname\n" + "".join(f"{i},c{n % 3}\n" for n, i in enumerate(test_ids)))
+    servers = []
+
+    def start(kernel_timeout_s: float = 300):
+        server = KaggleLocalServer(served.parent, log_dir=tmp_path / "server-log", scoring_delay_s=0.1,
+                                   kernel_timeout_s=kernel_timeout_s).start()
+        servers.append(server)
+        for name, value in server.client_environment().items():
+            kaggle_env.setenv(name, value)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _kp(*args):
+    return CliRunner().invoke(cli, [*args, "--comp", "synth", *_options(CODE)])
+
+
+def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored_on_a_hidden_test_set(code_server):
+    server = code_server()
+    config = load_config("synth", sets=CODE)
+    result = _kp("kernel", "push")
+    assert result.exit_code == 0, result.output
+    pushed = json.loads((config.work_dir / "package" / "push.json").read_text())
+    assert pushed["status"] == "complete" and pushed["kernel"] == "pipeline-test/synth-kp-inference"
+    assert pushed["dataset"] == "pipeline-test/synth-kp-models" and "submission.csv" in pushed["outputs"]
+    metadata = json.loads((config.work_dir / "package" / "kernel" / "kernel-metadata.json").read_text())
+    assert metadata["enable_internet"] is False and metadata["competition_sources"] == [SLUG]
+
+    output = config.work_dir / "package" / "output"  # the kernel's own files, downloaded through the client
+    np.testing.assert_allclose(np.load(output / "test_probs.npy"), load_predictions(config.work_dir / "cv").test_probs,
+                               atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(pd.read_csv(output / "submission.csv"),
+                                  pd.read_csv(config.work_dir / "submit" / "submission.csv"))
+    run = server.kernels.version("pipeline-test", "synth-kp-inference")
+    assert run.run.isolated == server.kernels.isolate  # without network wherever the machine allows it
+
+    result = _kp("submit", "--upload")  # the kernel already ran the current cv: submitted without a second push
+    assert result.exit_code == 0, result.output
+    assert len(server.kernels._kernels["pipeline-test/synth-kp-inference"]) == 1
+    [row] = read_ledger(config.submissions_dir / "ledger.csv")
+    assert row["kind"] == "code" and row["file"] == "pipeline-test/synth-kp-inference v1" and row["status"] == "complete"
+    [rerun] = (run.folder).glob("submission-*/working/submission.csv")
+    hidden = pd.read_csv(rerun)
+    assert len(hidden) == 9 and hidden.img.tolist()[:6] == pd.read_csv(output / "submission.csv").img.tolist()
+    hidden_solution = server.kernels.log_dir / "inputs" / SLUG / "hidden" / "solution.csv"
+    score = server.competitions.score_file(SLUG, rerun, hidden_solution)
+    assert float(row["lb_score"]) == pytest.approx(score, abs=1e-5)
+    assert score != pytest.approx(server.competitions.score_file(SLUG, output / "submission.csv"), abs=1e-5)
+
+
+def test_a_kernel_past_its_time_limit_or_without_a_submission_ends_with_one_message_and_no_ledger_row(code_server,
+                                                                                                     tmp_path):
+    from pipeline import code_submission
+    from pipeline.kaggle import kernel_api
+
+    code_server(kernel_timeout_s=2)
+    config = load_config("synth", sets=CODE)
+    result = _kp("submit", "--upload")
+    assert result.exit_code == 2
+    assert "kernel pipeline-test/synth-kp-inference version 1 failed: the kernel exceeded its time limit of 2 s" \
+        in result.output
+    assert read_ledger(config.submissions_dir / "ledger.csv") == []  # nothing was submitted
+
+    folder = tmp_path / "quiet-kernel"  # a kernel that finishes without writing submission.csv
+    folder.mkdir()
+    (folder / "kernel.py").write_text(textwrap.dedent("""
+        print("thinking about it")
+    """))
+    (folder / "kernel-metadata.json").write_text(json.dumps({
+        "id": "pipeline-test/quiet-kernel", "title": "quiet-kernel", "code_file": "kernel.py", "language": "python",
+        "kernel_type": "script", "enable_internet": False, "competition_sources": [SLUG]}))
+    version = kernel_api.push_kernel(folder)
+    pushed = {"kernel": "pipeline-test/quiet-kernel", "version": version}
+    with pytest.raises(PipelineError, match="(?s)quiet-kernel version 1 failed: the kernel finished but wrote no "
+                                            "submission.csv in its working folder\n.*thinking about it"):
+        code_submission.follow(config, pushed, wait=True, say=lambda _: None)
