@@ -4,7 +4,7 @@ submitted (`kp kernel push`, `kp kernel status`, and `kp submit --upload` when `
 Recipe: `kp package` of the source (reused when it holds the source's current result) -> its
 `dataset-metadata.json`, and the bundle pushed as dataset USER/`kernel.dataset` (created, else a new
 version; each folder goes up as one zip, which Kaggle decompresses), waited for until ready -> the
-kernel folder `work/COMP/package/kernel/` (kernel.py, and kernel-metadata.json with `enable_internet:
+kernel folder `work/COMP/package/kernel/` (kernel.py, or kernel.ipynb for `kernel.kind: notebook`, and kernel-metadata.json with `enable_internet:
 false` always, since the client turns it on when the key is missing; the competition and the dataset
 as sources; `enable_gpu` from config) pushed as a new version, which Kaggle runs on the public test
 set -> polled until it ends (`kernel.poll_timeout_s`, every `kernel.poll_every_s`) -> a failure is one
@@ -21,8 +21,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.core.artifacts import (KERNEL_DIR, KERNEL_OUTPUT_DIR, KERNEL_SCRIPT, PACKAGE_DIR, PUSH_RECORD,
-                                     SUBMISSION_FILE)
+from pipeline.core.artifacts import (KERNEL_DIR, KERNEL_NOTEBOOK, KERNEL_OUTPUT_DIR, KERNEL_SCRIPT, PACKAGE_DIR,
+                                     PUSH_RECORD, SUBMISSION_FILE)
 from pipeline.core.cache import Manifest, write_text_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.kaggle import kernel_api
@@ -63,7 +63,7 @@ def push(config, source: str, say=print) -> dict:
     Raises:
         PipelineError: a push refused, or a run that failed (Kaggle's message and the end of its log).
     """
-    from pipeline.packaging import current_bundle, kernel_script, package
+    from pipeline.packaging import current_bundle, kernel_notebook, kernel_script, package
 
     settings, network = config.section("kernel"), _network(config)
     dataset_slug, kernel_slug = settings.names(config.comp)
@@ -78,10 +78,13 @@ def push(config, source: str, say=print) -> dict:
     kernel_api.wait_for_dataset(dataset, settings.poll_timeout_s, config.kaggle.poll_every_s, say, network)
 
     folder = config.work_dir / PACKAGE_DIR / KERNEL_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / KERNEL_SCRIPT).write_text(kernel_script(config))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    code_file = KERNEL_SCRIPT if settings.kind == "script" else KERNEL_NOTEBOOK
+    script = kernel_script(config)
+    (folder / code_file).write_text(script if settings.kind == "script" else kernel_notebook(script))
     (folder / kernel_api.KERNEL_METADATA).write_text(json.dumps({
-        "id": kernel, "title": kernel_slug, "code_file": KERNEL_SCRIPT, "language": "python", "kernel_type": "script",
+        "id": kernel, "title": kernel_slug, "code_file": code_file, "language": "python", "kernel_type": settings.kind,
         "is_private": True, "enable_gpu": settings.enable_gpu, "enable_internet": False,
         "dataset_sources": [dataset], "competition_sources": [config.competition.slug],
         "kernel_sources": [], "model_sources": []}, indent=2) + "\n")

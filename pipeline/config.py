@@ -79,6 +79,8 @@ class Kernel(StrictModel):
     wheels: str | None = Field("3.11", description=(
         "bundle the wheels that install kp offline for this CPython version (Kaggle's image: 3.11) | null: none, "
         "for an image that has kp"))
+    kind: Literal["script", "notebook"] = Field("script", description=(
+        "push the kernel as a Python script | as a notebook of one cell (for a competition that takes only notebooks)"))
     enable_gpu: bool = Field(False, description="run the kernel on a GPU (the kernel never has internet access)")
     poll_timeout_s: float = Field(3600, ge=0, description=(
         "how long kp kernel push waits for the kernel's run (and kp submit --upload for a code submission's)"))

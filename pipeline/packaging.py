@@ -49,8 +49,10 @@ if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no netwo
 
 from pipeline.kernel import main  # noqa: E402
 
-sys.exit(main([str(BUNDLE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
-               "--out", os.environ.get("KP_KERNEL_OUTPUT", str(KAGGLE / "working"))]))
+status = main([str(BUNDLE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
+               "--out", os.environ.get("KP_KERNEL_OUTPUT", str(KAGGLE / "working"))])
+if status:  # a notebook's cell must not call sys.exit(0)
+    raise SystemExit(status)
 '''
 
 
@@ -58,6 +60,15 @@ def kernel_script(config) -> str:
     """The kernel's code for `config`'s competition and the dataset `kp kernel push` attaches the bundle as."""
     dataset, _ = config.section("kernel").names(config.comp)
     return KERNEL_TEXT.replace("@SLUG@", config.competition.slug).replace("@DATASET@", dataset)
+
+
+def kernel_notebook(script: str) -> str:
+    """The kernel's code as a Jupyter notebook of one code cell (`kernel.kind: notebook`)."""
+    cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+            "source": script.splitlines(keepends=True)}
+    return json.dumps({"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                    "language": "python"}},
+                       "nbformat": 4, "nbformat_minor": 5}, indent=1) + "\n"
 
 
 def current_bundle(config, source: str, wheels: str | None) -> tuple[Path, dict] | None:

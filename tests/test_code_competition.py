@@ -16,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.kaggle.ledger import read_ledger
+from tests.helpers import needs_shared_data
 from tests.test_cv import CV, _cross_validated
 
 SLUG = "synth-statefarm"
@@ -60,13 +61,14 @@ def _kp(*args):
 def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored_on_a_hidden_test_set(code_server):
     server = code_server()
     config = load_config("synth", sets=CODE)
-    result = _kp("kernel", "push")
+    result = _kp("kernel", "push", "--set", "kernel.kind=notebook")  # the slow dogs vs cats test pushes a script
     assert result.exit_code == 0, result.output
     pushed = json.loads((config.work_dir / "package" / "push.json").read_text())
     assert pushed["status"] == "complete" and pushed["kernel"] == "pipeline-test/synth-kp-inference"
     assert pushed["dataset"] == "pipeline-test/synth-kp-models" and "submission.csv" in pushed["outputs"]
     metadata = json.loads((config.work_dir / "package" / "kernel" / "kernel-metadata.json").read_text())
     assert metadata["enable_internet"] is False and metadata["competition_sources"] == [SLUG]
+    assert metadata["kernel_type"] == "notebook" and metadata["code_file"] == "kernel.ipynb"
 
     output = config.work_dir / "package" / "output"  # the kernel's own files, downloaded through the client
     np.testing.assert_allclose(np.load(output / "test_probs.npy"), load_predictions(config.work_dir / "cv").test_probs,
@@ -116,3 +118,43 @@ def test_a_kernel_past_its_time_limit_or_without_a_submission_ends_with_one_mess
     with pytest.raises(PipelineError, match="(?s)quiet-kernel version 1 failed: the kernel finished but wrote no "
                                             "submission.csv in its working folder\n.*thinking about it"):
         code_submission.follow(config, pushed, wait=True, say=lambda _: None)
+
+
+DOGSCATS_CV = ["stages=[download, split, precompute, cv, submit]", "split.strategy=kfold", "split.folds=4",
+               "cv.source=finetune", "finetune.augmented=false", "finetune.tta=false", "submit.source=cv",
+               "competition.submission=code", "kernel.wheels=null", "kernel.poll_every_s=1", "kaggle.poll_every_s=1"]
+
+
+@needs_shared_data
+@pytest.mark.realdata
+@pytest.mark.slow  # about 3 minutes (2026-12-04): Lite2 features of 1,600 images, then two kernel runs
+def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle_server):
+    """The acceptance run: dogs vs cats downloaded, cross-validated on Lite2 features, its bundle and kernel pushed
+    through the real client; the kernel's public submission equals kp's to 1e-6, the hidden rerun is scored."""
+    from pipeline import code_submission, runner
+    from pipeline.kaggle import leaderboard
+    from tests.helpers import COMPETITIONS, REPO
+
+    files = [project / "configs" / "offline" / "dogscats-kaggle.yaml"]
+    weights = (REPO / load_config("dogscats", root=REPO, extra_files=files).get("precompute.weights")).resolve()
+    config = load_config("dogscats", extra_files=files, sets=[f"precompute.weights={weights}", *DOGSCATS_CV])
+    runner.run(config)
+    pushed = code_submission.push(config, "cv", say=lambda _: None)
+    assert pushed["status"] == "complete" and pushed["fingerprint"] == json.loads(
+        (config.work_dir / "cv" / "manifest.json").read_text())["fingerprint"]
+    output = config.work_dir / "package" / "output"
+    np.testing.assert_allclose(np.load(output / "test_probs.npy"), load_predictions(config.work_dir / "cv").test_probs,
+                               atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(pd.read_csv(output / "submission.csv"),
+                                  pd.read_csv(config.work_dir / "submit" / "submission.csv"))
+
+    row = leaderboard.upload(config, "acceptance", say=lambda _: None, submit_kernel=code_submission.submit)
+    assert row["kind"] == "code" and row["status"] == "complete"
+    slug = config.competition.slug
+    run = kaggle_server.kernels.version(*pushed["kernel"].split("/"))
+    [rerun] = run.folder.glob("submission-*/working/submission.csv")
+    hidden = pd.read_csv(rerun)
+    assert len(hidden) == 300 and set(pd.read_csv(COMPETITIONS / slug / "solution.csv").id) < set(hidden.id)
+    assert float(row["lb_score"]) == pytest.approx(kaggle_server.competitions.score_file(
+        slug, rerun, kaggle_server.kernels.log_dir / "inputs" / slug / "hidden" / "solution.csv"), abs=1e-5)
+    assert float(row["lb_score"]) < 0.2  # 200 unseen test images and 100 training images the folds learned from

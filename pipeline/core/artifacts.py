@@ -109,7 +109,8 @@ KERNEL_SCRIPT = "kernel.py"         # the kernel: features of the test images, t
 BUNDLE_WHEELS_DIR = "wheels"        # kp package --wheels: the project's wheel and its dependencies', for pip offline
 KERNEL_LOG = "kernel.log"           # the local server's kernel sandbox: a run's stdout and stderr
 # kp kernel push: beside the bundle in work/COMP/package/
-KERNEL_DIR = "kernel"               # what is pushed as the kernel: kernel.py and kernel-metadata.json
+KERNEL_DIR = "kernel"               # what is pushed as the kernel: kernel.py (or KERNEL_NOTEBOOK), kernel-metadata.json
+KERNEL_NOTEBOOK = "kernel.ipynb"    # kernel.kind notebook: kernel.py's code as one notebook cell
 KERNEL_OUTPUT_DIR = "output"        # the pushed kernel's output files and log, downloaded when its run ends
 PUSH_RECORD = "push.json"           # the pushed kernel: its version, the source fingerprint it runs, how it ended
 

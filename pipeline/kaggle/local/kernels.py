@@ -10,7 +10,7 @@
   keeps its script and settings in `log_dir/kernels/OWNER/SLUG/N/` and runs at once in the background
   in the sandbox (`pipeline.kaggle.local.sandbox`): no network, the server's time limit, and under
   `input/` only its competition's files (`inputs.public_input`) and the newest version of each dataset
-  it names. Script kernels only (a notebook is refused, saying so).
+  it names. Python only: a script as it is, a notebook as its code cells run in order as one script.
 - A code submission (`CreateCodeSubmission`) names a kernel version that ran to COMPLETE without
   internet access and wrote the file it names; the server reruns that version on the competition's
   hidden test set (`inputs.hidden_input`) and scores the file of that rerun, as Kaggle does.
@@ -34,6 +34,7 @@ from pipeline.kaggle.local.sandbox import KernelRun, network_isolation, run_kern
 
 QUEUED, RUNNING, COMPLETE, ERROR = "QUEUED", "RUNNING", "COMPLETE", "ERROR"  # Kaggle's KernelWorkerStatus names
 READY = "READY"  # Kaggle's DatabundleVersionStatus once a dataset version can be used
+RUN_RECORD = "run.json"  # beside a run's working folder: how it ended, in how long, with or without network
 
 
 @dataclass
@@ -173,9 +174,17 @@ class LocalKernels:
     def save_kernel(self, body: dict) -> KernelVersion:
         """Store a pushed kernel's new version and start its run."""
         owner, slug = _split_ref(body.get("slug", ""), "the kernel's id")
-        if body.get("kernelType") != "script" or body.get("language") != "python":
-            raise CompetitionError(400, "the local server runs Python script kernels only (kernel_type: script, "
+        if body.get("kernelType") not in ("script", "notebook") or body.get("language") != "python":
+            raise CompetitionError(400, "the local server runs Python kernels only (kernel_type: script or notebook, "
                                         f"language: python), not {body.get('kernelType')}/{body.get('language')}")
+        code = body.get("text") or ""
+        if body["kernelType"] == "notebook":  # its code cells, in order, run as one script
+            try:
+                cells = json.loads(code)["cells"]
+            except (ValueError, KeyError, TypeError):
+                raise CompetitionError(400, "the notebook's text is not a Jupyter notebook (no cells)") from None
+            code = "\n\n".join(c.get("source", "") if isinstance(c.get("source"), str) else "".join(c["source"])
+                                for c in cells if c.get("cell_type") == "code")
         competitions = list(body.get("competitionDataSources") or [])
         datasets = list(body.get("datasetDataSources") or [])
         inputs = {}
@@ -194,7 +203,7 @@ class LocalKernels:
             number = len(versions) + 1
             folder = self.log_dir / "kernels" / owner / slug / str(number)
             folder.mkdir(parents=True)
-            (folder / "script.py").write_text(body.get("text") or "")
+            (folder / "script.py").write_text(code)
             (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
             version = KernelVersion(owner, slug, number, folder, settings)
             versions.append(version)
@@ -214,10 +223,16 @@ class LocalKernels:
         version.status = COMPLETE if version.run.status == "complete" else ERROR
 
     def _sandbox(self, script: Path, inputs: dict[str, Path], root: Path) -> KernelRun:
+        """Run `script` in the sandbox in `root`; how it ended is also written to `root/run.json`."""
         try:
-            return run_kernel(script, inputs, root, self.timeout_s, self.python, isolate=self.isolate)
+            run = run_kernel(script, inputs, root, self.timeout_s, self.python, isolate=self.isolate)
         except Exception as exc:  # the server's own failure still ends the run, as Kaggle's would
-            return KernelRun("error", 0.0, "", root / "working", self.isolate, f"the server could not run it: {exc}")
+            run = KernelRun("error", 0.0, "", root / "working", self.isolate, f"the server could not run it: {exc}")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / RUN_RECORD).write_text(json.dumps({
+            "status": run.status, "seconds": run.seconds, "isolated": run.isolated, "failure": run.failure,
+            "outputs": run.outputs, "inputs": {name: str(path) for name, path in inputs.items()}}, indent=2) + "\n")
+        return run
 
     def version(self, owner: str, slug: str, number: int | None = None) -> KernelVersion:
         with self._lock:

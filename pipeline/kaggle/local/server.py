@@ -16,7 +16,7 @@ Point the pipeline at it with KAGGLE_API_ENVIRONMENT=LOCALHOST and KAGGLE_LOCAL_
 127.0.0.1:PORT (see `pipeline.kaggle.api`); credentials can be any KAGGLE_USERNAME / KAGGLE_KEY.
 The `kaggle` command line gets there with KAGGLE_API_ENVIRONMENT=LOCALHOST and HTTP_PROXY=<the URL>.
     python -m pipeline.kaggle.local [--data ../shared/data/competitions] [--port 8765] [--log DIR]
-                                    [--kernel-timeout SECONDS]
+                                    [--kernel-timeout SECONDS] [--kernel-python PYTHON]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import argparse
 import email.utils
 import json
 import os
+import sys
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,13 +46,14 @@ class KaggleLocalServer:
     """Serves `data_dir`'s competitions on 127.0.0.1:`port` (0: a free port) in a background thread.
 
     Uploads, the submissions log, datasets and kernel runs go to `log_dir` (default: a new temporary
-    folder); a kernel run is stopped after `kernel_timeout_s` (Kaggle's limit is 9 hours)."""
+    folder); kernels run with `kernel_python` (Kaggle's image is one with TensorFlow and without kp: the
+    bundle's wheels install it) and are stopped after `kernel_timeout_s` (Kaggle's limit is 9 hours)."""
 
     def __init__(self, data_dir: Path, port: int = 0, rules_not_accepted=frozenset(), log_dir: Path | None = None,
-                 scoring_delay_s: float = 1.0, kernel_timeout_s: float = 9 * 3600):
+                 scoring_delay_s: float = 1.0, kernel_timeout_s: float = 9 * 3600, kernel_python: str = sys.executable):
         log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kaggle-local-"))
         self.competitions = LocalCompetitions(data_dir, log_dir, rules_not_accepted, scoring_delay_s)
-        self.kernels = LocalKernels(log_dir, self.competitions, kernel_timeout_s)
+        self.kernels = LocalKernels(log_dir, self.competitions, kernel_timeout_s, kernel_python)
         self.requests: list[str] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.thread: threading.Thread | None = None
@@ -245,8 +247,11 @@ def main() -> None:
                         help="where uploads, each competition's submissions.jsonl, datasets and kernel runs are kept")
     parser.add_argument("--kernel-timeout", type=float, default=9 * 3600, metavar="SECONDS",
                         help="a pushed kernel's time limit (Kaggle's: 9 hours)")
+    parser.add_argument("--kernel-python", default=sys.executable, metavar="PYTHON",
+                        help="the interpreter kernels run with (default: this one, which has kp installed)")
     args = parser.parse_args()
-    server = KaggleLocalServer(Path(args.data), args.port, log_dir=Path(args.log), kernel_timeout_s=args.kernel_timeout)
+    server = KaggleLocalServer(Path(args.data), args.port, log_dir=Path(args.log), kernel_timeout_s=args.kernel_timeout,
+                               kernel_python=args.kernel_python)
     for name, value in {**server.client_environment(), "KAGGLE_USERNAME": "local", "KAGGLE_KEY": "local"}.items():
         print(f"export {name}={value}")
     print(f"# for the kaggle command line also: export HTTP_PROXY={server.url}")
