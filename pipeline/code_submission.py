@@ -3,7 +3,8 @@ submitted (`kp kernel push`, `kp kernel status`, and `kp submit --upload` when `
 
 Recipe: `kp package` of the source (reused when it holds the source's current result) -> its
 `dataset-metadata.json`, and the bundle pushed as dataset USER/`kernel.dataset` (created, else a new
-version; each folder goes up as one zip, which Kaggle decompresses), waited for until ready -> the
+version; each folder goes up as one zip, which Kaggle decompresses; not again when the last push
+uploaded the same bundle there), waited for until ready -> the
 kernel folder `work/COMP/package/kernel/` (kernel.py, or kernel.ipynb for `kernel.kind: notebook`, and kernel-metadata.json with `enable_internet:
 false` always, since the client turns it on when the key is missing; the competition and the dataset
 as sources; `enable_gpu` from config) pushed as a new version, which Kaggle runs on the public test
@@ -70,12 +71,17 @@ def push(config, source: str, say=print) -> dict:
     bundle, record = current_bundle(config, source, settings.wheels) or package(config, source, settings.wheels, say)
     user = kernel_api.user(network)
     dataset, kernel = f"{user}/{dataset_slug}", f"{user}/{kernel_slug}"
-    (bundle / kernel_api.DATASET_METADATA).write_text(json.dumps(
-        {"title": dataset_slug, "id": dataset, "licenses": [{"name": "CC0-1.0"}]}, indent=2) + "\n")
-    note = f"kp {config.comp} {source} fp={record['fingerprints'][source][:12]}"
-    how = kernel_api.push_dataset(bundle, dataset, note, network)
-    say(f"dataset {dataset} {how} from {bundle} ({record['size_bytes'] / 1e6:.1f} MB)")
-    kernel_api.wait_for_dataset(dataset, settings.poll_timeout_s, config.kaggle.poll_every_s, say, network)
+    contents = f"{source} {record['fingerprints'][source]} wheels {settings.wheels}"
+    previous = read_push(config) or {}
+    if previous.get("dataset") == dataset and previous.get("bundle") == contents:
+        say(f"dataset {dataset} already holds this bundle (pushed {previous['pushed']}): not uploaded again")
+    else:
+        (bundle / kernel_api.DATASET_METADATA).write_text(json.dumps(
+            {"title": dataset_slug, "id": dataset, "licenses": [{"name": "CC0-1.0"}]}, indent=2) + "\n")
+        note = f"kp {config.comp} {source} fp={record['fingerprints'][source][:12]}"
+        how = kernel_api.push_dataset(bundle, dataset, note, network)
+        say(f"dataset {dataset} {how} from {bundle} ({record['size_bytes'] / 1e6:.1f} MB)")
+        kernel_api.wait_for_dataset(dataset, settings.poll_timeout_s, config.kaggle.poll_every_s, say, network)
 
     folder = config.work_dir / PACKAGE_DIR / KERNEL_DIR
     shutil.rmtree(folder, ignore_errors=True)
@@ -91,7 +97,7 @@ def push(config, source: str, say=print) -> dict:
     version = kernel_api.push_kernel(folder, network)
     say(f"kernel {kernel} version {version} pushed (no internet{', GPU' if settings.enable_gpu else ''}); "
         f"waiting up to {settings.poll_timeout_s:g}s for its run")
-    pushed = {"kernel": kernel, "version": version, "dataset": dataset, "source": source,
+    pushed = {"kernel": kernel, "version": version, "dataset": dataset, "bundle": contents, "source": source,
               "fingerprint": record["fingerprints"][source], "bundle_bytes": record["size_bytes"],
               "pushed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": kernel_api.QUEUED}
     _write_push(config, pushed)

@@ -97,13 +97,16 @@ def test_a_kernel_past_its_time_limit_or_without_a_submission_ends_with_one_mess
     from pipeline import code_submission
     from pipeline.kaggle import kernel_api
 
-    code_server(kernel_timeout_s=2)
+    server = code_server(kernel_timeout_s=2)
     config = load_config("synth", sets=CODE)
     result = _kp("submit", "--upload")
     assert result.exit_code == 2
     assert "kernel pipeline-test/synth-kp-inference version 1 failed: the kernel exceeded its time limit of 2 s" \
         in result.output
     assert read_ledger(config.submissions_dir / "ledger.csv") == []  # nothing was submitted
+    result = _kp("kernel", "push")  # the kernel pushed again; the dataset already holds this bundle
+    assert result.exit_code == 2 and "version 2 failed" in result.output and "not uploaded again" in result.output
+    assert server.requests.count("POST /api/v1/datasets.DatasetApiService/CreateDataset") == 1
 
     folder = tmp_path / "quiet-kernel"  # a kernel that finishes without writing submission.csv
     folder.mkdir()
@@ -127,7 +130,7 @@ DOGSCATS_CV = ["stages=[download, split, precompute, cv, submit]", "split.strate
 
 @needs_shared_data
 @pytest.mark.realdata
-@pytest.mark.slow  # about 3 minutes (2026-12-04): Lite2 features of 1,600 images, then two kernel runs
+@pytest.mark.slow  # 79 s (2026-12-04): Lite2 features of 1,600 images, then two kernel runs
 def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle_server):
     """The acceptance run: dogs vs cats downloaded, cross-validated on Lite2 features, its bundle and kernel pushed
     through the real client; the kernel's public submission equals kp's to 1e-6, the hidden rerun is scored."""
