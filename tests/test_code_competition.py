@@ -61,8 +61,19 @@ def _kp(*args):
 def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored_on_a_hidden_test_set(code_server):
     server = code_server()
     config = load_config("synth", sets=CODE)
+    result = _kp("package")
+    assert result.exit_code == 0, result.output
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    cv = json.loads((config.work_dir / "cv" / "manifest.json").read_text())
+    assert record["source"] == "cv" and len(record["models"]) == 4 and record["tta"] is None
+    assert record["fingerprints"]["cv"] == cv["fingerprint"] and record["fingerprints"]["precompute"]
+    assert [m["from"] for m in record["models"]] == [run["key"] for run in cv["metrics"]["fold_runs"]]
+    assert f"{record['size_bytes'] / 1e6:.1f} MB" in result.output
+
     result = _kp("kernel", "push", "--set", "kernel.kind=notebook")  # the slow dogs vs cats test pushes a script
     assert result.exit_code == 0, result.output
+    assert json.loads((bundle / "bundle.json").read_text())["created"] == record["created"]  # the bundle was current
     pushed = json.loads((config.work_dir / "package" / "push.json").read_text())
     assert pushed["status"] == "complete" and pushed["kernel"] == "pipeline-test/synth-kp-inference"
     assert pushed["dataset"] == "pipeline-test/synth-kp-models" and "submission.csv" in pushed["outputs"]

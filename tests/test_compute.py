@@ -45,6 +45,9 @@ def synth(project, tmp_path):
     return project
 
 
+# 23 s (2026-12-04). The fast tier checks Ray tasks against the local backend on precompute's shards and on a
+# sweep's trials; this one, on ensemble members, runs with the slow tier.
+@pytest.mark.slow
 def test_ensemble_members_as_ray_tasks_equal_the_local_backend(synth):
     local = load_config("synth", sets=TINY_ENSEMBLE)
     runner.run(local)

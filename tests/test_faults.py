@@ -584,8 +584,9 @@ def test_a_config_file_that_is_not_utf8_is_named(project, tmp_path):
 
 
 @pytest.mark.parametrize("row, fragment", [
-    ("2026-01-01,a.csv,fp,random,holdout,accuracy,0.9,high,,complete,7,,x", "line 2, column lb_score: 'high' is not a number"),
-    ("2026-01-01,a.csv,fp", "line 2 has 3 fields, the header has 13"),
+    ("2026-01-01,a.csv,fp,random,holdout,accuracy,0.9,high,,complete,7,,x,csv",
+     "line 2, column lb_score: 'high' is not a number"),
+    ("2026-01-01,a.csv,fp", "line 2 has 3 fields, the header has 14"),
 ])
 def test_a_ledger_with_a_bad_row_is_one_line_in_ledger_and_status(project, row, fragment):
     from pipeline.kaggle.ledger import COLUMNS

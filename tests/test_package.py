@@ -1,6 +1,7 @@
 """kp package and the kernel it writes: a source's models bundled with precompute's network, run again
 offline on the competition's test images from the bundle alone (in a fresh venv installed from the
-bundle's wheels, in the slow test), reproduce kp's own test probabilities."""
+bundle's wheels, in the slow test), reproduce kp's own test probabilities. A cv bundle pushed and run
+through the local Kaggle server: tests/test_code_competition.py."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -31,25 +31,6 @@ def _packaged(warm_project, sets, *extra):
     config = load_config("synth", sets=sets)
     bundle = config.work_dir / "package" / "bundle"
     return config, bundle, json.loads((bundle / "bundle.json").read_text()), result.output
-
-
-def test_a_packaged_cv_run_reproduces_its_test_probabilities_and_submission_from_the_bundle_alone(warm_project, tmp_path):
-    config, bundle, record, output = _packaged(warm_project, CV)
-    cv = json.loads((config.work_dir / "cv" / "manifest.json").read_text())
-    assert record["source"] == "cv" and len(record["models"]) == 4 and record["tta"] is None
-    assert record["fingerprints"]["cv"] == cv["fingerprint"] and record["fingerprints"]["precompute"]
-    assert [m["from"] for m in record["models"]] == [run["key"] for run in cv["metrics"]["fold_runs"]]
-    assert f"{record['size_bytes'] / 1e6:.1f} MB" in output
-
-    from pipeline.kernel import main  # what kernel.py runs (in a fresh venv from wheels alone: the slow test below)
-
-    out = tmp_path / "working"
-    assert main([str(bundle), "--input", str(config.work_dir / "download" / "raw"), "--out", str(out)]) == 0
-    stored = load_predictions(config.work_dir / "cv")
-    np.testing.assert_allclose(np.load(out / "test_probs.npy"), stored.test_probs, atol=1e-6, rtol=0)
-    ours = pd.read_csv(out / "submission.csv", dtype={"img": str})
-    theirs = pd.read_csv(config.work_dir / "submit" / "submission.csv", dtype={"img": str})
-    pd.testing.assert_frame_equal(ours, theirs)  # the same file kp submits, row for row
 
 
 def test_the_projects_wheel_holds_every_file_of_the_package(tmp_path):

@@ -171,7 +171,7 @@ class KaggleLocalServer:
                     new = method == "CreateDataset"
                     owner, slug = body.get("ownerSlug", ""), body.get("slug" if new else "datasetSlug", "")
                     files = body.get("files") if new else (body.get("body") or {}).get("files")
-                    number, error = kernels.write_dataset(owner, slug, files, new)
+                    _, error = kernels.write_dataset(owner, slug, files, new)
                     return {"ref": f"{owner}/{slug}", "url": f"{server.url}/datasets/{owner}/{slug}",
                             "status": "error" if error else "ok", "error": error}
                 if method == "SaveKernel":
