@@ -71,9 +71,10 @@ def push(config, source: str, say=print) -> dict:
     bundle, record = current_bundle(config, source, settings.wheels) or package(config, source, settings.wheels, say)
     user = kernel_api.user(network)
     dataset, kernel = f"{user}/{dataset_slug}", f"{user}/{kernel_slug}"
-    contents = f"{source} {record['fingerprints'][source]} wheels {settings.wheels}"
+    contents = {"dataset": dataset, "source": source, "fingerprint": record["fingerprints"][source],
+                "wheels": settings.wheels}
     previous = read_push(config) or {}
-    if previous.get("dataset") == dataset and previous.get("bundle") == contents:
+    if all(previous.get(key) == value for key, value in contents.items()):
         say(f"dataset {dataset} already holds this bundle (pushed {previous['pushed']}): not uploaded again")
     else:
         (bundle / kernel_api.DATASET_METADATA).write_text(json.dumps(
@@ -97,8 +98,7 @@ def push(config, source: str, say=print) -> dict:
     version = kernel_api.push_kernel(folder, network)
     say(f"kernel {kernel} version {version} pushed (no internet{', GPU' if settings.enable_gpu else ''}); "
         f"waiting up to {settings.poll_timeout_s:g}s for its run")
-    pushed = {"kernel": kernel, "version": version, "dataset": dataset, "bundle": contents, "source": source,
-              "fingerprint": record["fingerprints"][source], "bundle_bytes": record["size_bytes"],
+    pushed = {"kernel": kernel, "version": version, **contents, "bundle_bytes": record["size_bytes"],
               "pushed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": kernel_api.QUEUED}
     _write_push(config, pushed)
     return follow(config, pushed, wait=True, say=say)
@@ -127,11 +127,10 @@ def follow(config, pushed: dict, wait: bool, say=print) -> dict:
             pushed = {**pushed, "status": kernel_api.ERROR, "failure": f"the run wrote no {SUBMISSION_FILE}"}
         _write_push(config, pushed)
         if pushed["status"] != kernel_api.COMPLETE:
-            tail = "\n".join(log.rstrip().splitlines()[-LOG_TAIL_LINES:])
+            tail = "\n".join(log.read_text().rstrip().splitlines()[-LOG_TAIL_LINES:]) if log.is_file() else ""
             raise PipelineError(f"kernel {kernel} version {pushed['version']} failed: "
                                 f"{pushed['failure'] or pushed['status']}" +
-                                (f"\nthe end of its log ({out / (kernel.split('/')[1] + '.log')}):\n{tail}" if tail
-                                 else ""))
+                                (f"\nthe end of its log ({log}):\n{tail}" if tail else ""))
         say(f"kernel {kernel} version {pushed['version']}: complete; its output is in {out}")
     else:
         _write_push(config, pushed)

@@ -21,7 +21,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.core.artifacts import (BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
+from pipeline.core.artifacts import (BUNDLE_DIR, BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
                                      KERNEL_SCRIPT, MODEL_FILE, PACKAGE_DIR, UNIT_FILE)
 from pipeline.core.errors import PipelineError
 
@@ -75,7 +75,7 @@ def current_bundle(config, source: str, wheels: str | None) -> tuple[Path, dict]
     """The bundle already written for `source`'s current result (with wheels for `wheels`), or None."""
     from pipeline.core.cache import Manifest
 
-    folder = config.work_dir / PACKAGE_DIR / "bundle"
+    folder = config.work_dir / PACKAGE_DIR / BUNDLE_DIR
     manifest = Manifest.read(config.work_dir / source)
     if manifest is None or not (folder / BUNDLE_FILE).is_file():
         return None
@@ -239,7 +239,7 @@ def package(config, source: str, wheels: str | None = None, say=print) -> tuple[
         raise PipelineError("kp package: precompute.weights is imagenet (Keras' download cache); a kernel has no "
                             "network, so give the weights as a file (precompute.weights: PATH)")
     store = RunStore(config.work_dir / PACKAGE_DIR)  # a one-entry store: written whole, then renamed into place
-    with store.write("bundle") as out:
+    with store.write(BUNDLE_DIR) as out:
         if precompute["weights"] != "none":
             path = Path(resolve_weights(precompute["weights"], config.root))  # a missing file: one clear error
             (out / BUNDLE_NETWORK_DIR).mkdir()
@@ -269,5 +269,4 @@ def package(config, source: str, wheels: str | None = None, say=print) -> tuple[
         record["wheels"] = write_wheels(out / BUNDLE_WHEELS_DIR, wheels, say) if wheels else None
         record["size_bytes"] = folder_size(out)
         (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    final = config.work_dir / PACKAGE_DIR / "bundle"
-    return final, record
+    return store.path(BUNDLE_DIR), record

@@ -245,7 +245,7 @@ def test_zipped_submissions_are_scored_and_a_restarted_server_keeps_its_log(tmp_
         zf.writestr("sub.csv", "id,label\n2,0.2\n1,0.6\n")
     competitions = LocalCompetitions(folder, tmp_path / "log", scoring_delay_s=0)
     token = competitions.start_upload("binary", archive.name, archive.stat().st_size)
-    competitions.receive_upload(token, archive.read_bytes())
+    competitions.uploads.receive(token, archive.read_bytes())
     first = competitions.create_submission("binary", token, "zipped")
     competitions.wait_for_scoring()
     assert first.status == "COMPLETE"
@@ -253,6 +253,6 @@ def test_zipped_submissions_are_scored_and_a_restarted_server_keeps_its_log(tmp_
     restarted = LocalCompetitions(folder, tmp_path / "log")
     assert [(s.ref, s.status) for s in restarted.submissions("binary")] == [(first.ref, "COMPLETE")]
     again = restarted.start_upload("binary", archive.name, archive.stat().st_size)
-    restarted.receive_upload(again, archive.read_bytes())
+    restarted.uploads.receive(again, archive.read_bytes())
     assert restarted.create_submission("binary", again, "again").ref == first.ref + 1
     restarted.wait_for_scoring()

@@ -102,6 +102,7 @@ HTML_REPORT_FILE = "report.html"    # work/COMP/report.html: kp report
 
 # kp package: work/COMP/package/, an inference bundle for a code competition's kernel
 PACKAGE_DIR = "package"
+BUNDLE_DIR = "bundle"               # package/bundle/: the bundle, the one entry of the package folder's run store
 BUNDLE_FILE = "bundle.json"         # what the bundle holds: the source, fingerprints, settings, models
 BUNDLE_MODELS_DIR = "models"        # models/00/model.keras, ...: every model the source averages
 BUNDLE_NETWORK_DIR = "network"      # precompute's weights file, when it has one

@@ -305,16 +305,24 @@ def submission_state(slug: str, ref: int, network: Network = Network()) -> Submi
     raise PipelineError(f"kaggle: submission {ref} is not among the newest {len(listed)} submissions to {slug!r}")
 
 
+def poll(ask, done, timeout_s: float, every_s: float, say, describe):
+    """Call `ask()` every `every_s` until `done(answer)` or `timeout_s` has passed; the last answer. Between
+    two calls `say`s `describe(answer, seconds waited so far)`, then when it asks again (the client waits for
+    nothing itself)."""
+    clock = time.monotonic()
+    while True:
+        answer = ask()
+        if done(answer) or time.monotonic() + every_s > clock + timeout_s:
+            return answer
+        say(f"{describe(answer, time.monotonic() - clock)}, asking again in {every_s:g}s")
+        time.sleep(every_s)
+
+
 def wait_for_score(slug: str, ref: int, timeout_s: float, every_s: float, say=print,
                    network: Network = Network()) -> SubmissionState:
     """Poll until submission `ref` is scored or rejected, or `timeout_s` has passed (then still PENDING)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = submission_state(slug, ref, network)
-        if state.status != PENDING or time.monotonic() + every_s > deadline:
-            return state
-        say(f"submission {ref}: {state.status}, asking again in {every_s:g}s")
-        time.sleep(every_s)
+    return poll(lambda: submission_state(slug, ref, network), lambda state: state.status != PENDING, timeout_s,
+                every_s, say, lambda state, _: f"submission {ref}: {state.status}")
 
 
 def describe_error(exc: Exception, slug: str) -> str:
@@ -330,7 +338,7 @@ def describe_error(exc: Exception, slug: str) -> str:
     if code == 404:
         return f"404: no competition {slug!r} (check competition.slug)"
     if code is not None:
-        return f"{code} from {endpoint()}: {_server_message(response)}"
+        return f"{code} from {endpoint()}: {server_message(response)}"
     name = type(exc).__name__
     if "Timeout" in name or "timed out" in str(exc):
         return (f"{endpoint()} did not answer in time, after retries ({name}); kaggle.connect_timeout_s, "
@@ -342,7 +350,7 @@ def describe_error(exc: Exception, slug: str) -> str:
     return f"{name}: {exc}"
 
 
-def _server_message(response) -> str:
+def server_message(response) -> str:
     """The server's `message` when it answered JSON, else the first bytes of what it sent (an HTML page)."""
     try:
         body = response.json()

@@ -4,12 +4,11 @@ a kernel version, a submission) never sent twice, every failure one PipelineErro
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.kaggle.api import Network, bounded, client, describe_error, endpoint
+from pipeline.kaggle.api import Network, bounded, client, describe_error, endpoint, poll, server_message
 
 DATASET_METADATA = "dataset-metadata.json"
 KERNEL_METADATA = "kernel-metadata.json"
@@ -34,11 +33,7 @@ def _failed(what: str, exc: Exception) -> PipelineError:
     """One error for a failed call: the server's own message for an HTTP error, else what went wrong."""
     response = getattr(exc, "response", None)
     if getattr(response, "status_code", None) is not None and response.status_code not in (401,):
-        try:
-            message = response.json().get("message") or response.text[:200]
-        except ValueError:
-            message = response.text[:200]
-        return PipelineError(f"{what} failed: {response.status_code} from {endpoint()}: {message}")
+        return PipelineError(f"{what} failed: {response.status_code} from {endpoint()}: {server_message(response)}")
     return PipelineError(f"{what} failed: {describe_error(exc, '')}")
 
 
@@ -91,12 +86,10 @@ def push_dataset(folder: Path, ref: str, note: str, network: Network = Network()
 
 def wait_for_dataset(ref: str, timeout_s: float, every_s: float, say=print, network: Network = Network()) -> None:
     """Poll until dataset `ref`'s newest version is ready (Kaggle decompresses and checks it first)."""
-    deadline = time.monotonic() + timeout_s
-    while (status := dataset_status(ref, network)) != "ready":
-        if time.monotonic() + every_s > deadline:
-            raise PipelineError(f"kaggle: dataset {ref} is {status} after {timeout_s:g}s, not ready; push again later")
-        say(f"dataset {ref}: {status}, asking again in {every_s:g}s")
-        time.sleep(every_s)
+    status = poll(lambda: dataset_status(ref, network), lambda answer: answer == "ready", timeout_s, every_s, say,
+                  lambda answer, _: f"dataset {ref}: {answer}")
+    if status != "ready":
+        raise PipelineError(f"kaggle: dataset {ref} is {status} after {timeout_s:g}s, not ready; push again later")
 
 
 def push_kernel(folder: Path, network: Network = Network()) -> int:
@@ -131,17 +124,13 @@ def kernel_state(ref: str, network: Network = Network()) -> KernelState:
 
 def wait_for_kernel(ref: str, timeout_s: float, every_s: float, say=print, network: Network = Network()) -> KernelState:
     """Poll until kernel `ref`'s run has ended or `timeout_s` has passed (the client has no wait of its own)."""
-    deadline, clock = time.monotonic() + timeout_s, time.monotonic()
-    while True:
-        state = kernel_state(ref, network)
-        if state.ended or time.monotonic() + every_s > deadline:
-            return state
-        say(f"kernel {ref}: {state.status} for {time.monotonic() - clock:.0f}s, asking again in {every_s:g}s")
-        time.sleep(every_s)
+    return poll(lambda: kernel_state(ref, network), lambda state: state.ended, timeout_s, every_s, say,
+                lambda state, waited: f"kernel {ref}: {state.status} for {waited:.0f}s")
 
 
-def kernel_output(ref: str, dest: Path, network: Network = Network()) -> tuple[list[Path], str]:
-    """Download kernel `ref`'s newest output files into `dest`; (their paths, the run's log)."""
+def kernel_output(ref: str, dest: Path, network: Network = Network()) -> tuple[list[Path], Path]:
+    """Download kernel `ref`'s newest output files into `dest`; (their paths, the file of the run's log, which
+    is absent when Kaggle sent no log)."""
     api = client(network)
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -149,7 +138,7 @@ def kernel_output(ref: str, dest: Path, network: Network = Network()) -> tuple[l
     except Exception as exc:
         raise _failed(f"kaggle: the output of kernel {ref}", exc) from None
     log = dest / f"{ref.split('/')[1]}.log"
-    return [Path(f) for f in files if Path(f) != log], log.read_text() if log.is_file() else ""
+    return [Path(f) for f in files if Path(f) != log], log
 
 
 def submit_code(slug: str, kernel: str, version: int, file_name: str, description: str,

@@ -2,8 +2,8 @@
 
 A competition is a folder `SLUG/` holding `SLUG.zip` (what `download` gets, with its
 `sample_submission.csv`) and `solution.csv` (the hidden test labels). A submission goes through
-Kaggle's three steps: `start_upload` (a one-time token), `receive_upload` (the file's bytes),
-`create_submission` (PENDING); it is scored a moment later in the background, like Kaggle's queue,
+Kaggle's three steps: `start_upload` (a one-time token), the file's bytes PUT to its URL
+(`Uploads.receive`), `create_submission` (PENDING); it is scored a moment later in the background, like Kaggle's queue,
 and becomes COMPLETE with a public score, or ERROR with the reason (wrong header, missing,
 unexpected or duplicate ids, NaN or non-numeric values). The evaluation is read from the sample
 submission and the solution (`pipeline.evaluation.scoring.competition_from_files`); log loss is Kaggle's: clipped
@@ -11,13 +11,19 @@ to [1e-15, 1 - 1e-15], rows renormalised. A code submission (`create_code_submis
 it is PENDING while the kernel reruns on the hidden test set (`pipeline.kaggle.local.kernels`), then
 its output is scored on that set's labels.
 
-Every upload is kept under `log_dir/SLUG/files/` and every scored submission is appended to
+Uploads (a submission's file, a dataset's) are `Uploads`: a start call announces a file and gets a
+token and URL, one PUT brings its bytes (a resume probe, `Content-Range: bytes */N` with no body,
+only asks whether it is complete), and a later call hands the token back for the file; a token
+handed back for another purpose (another competition, a dataset) is refused.
+
+Every submitted file is kept under `log_dir/SLUG/files/` and every scored submission is appended to
 `log_dir/SLUG/submissions.jsonl`, which a restarted server reads back.
 """
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import uuid
 import zipfile
@@ -68,11 +74,67 @@ class Submission:
 
 
 @dataclass
-class _Upload:
-    competition: str
-    file_name: str
-    content_length: int
-    data: bytes | None = None
+class Upload:
+    """One file announced by a start call: its name, announced length, and where its bytes are once received."""
+
+    purpose: str
+    name: str
+    length: int
+    path: Path
+    complete: bool = False
+
+
+class Uploads:
+    """Uploads under `folder` (thread-safe)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)  # each upload's bytes in folder/TOKEN/NAME
+        self._lock = threading.Lock()
+        self._uploads: dict[str, Upload] = {}
+
+    def start(self, purpose: str, name: str, length) -> str:
+        """A token for the upload of `name`, `length` bytes, for `purpose`; a 400 for a bad name or length."""
+        if not name or "/" in name or name.startswith("."):
+            raise CompetitionError(400, f"invalid file name {name!r}")
+        try:
+            length = int(length)
+        except (TypeError, ValueError):
+            raise CompetitionError(400, f"contentLength must be a whole number of bytes, got {length!r}") from None
+        if length < 0:
+            raise CompetitionError(400, f"contentLength must not be negative, got {length}")
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[token] = Upload(purpose, name, length, self.folder / token / name)
+        return token
+
+    def receive(self, token: str, data: bytes, probe: bool = False) -> bool:
+        """Store the bytes PUT for `token`; whether the upload is complete (a probe only asks)."""
+        with self._lock:
+            upload = self._uploads.get(token)
+        if upload is None:
+            raise CompetitionError(404, "unknown or expired upload URL")
+        if probe:
+            return upload.complete
+        if len(data) != upload.length:
+            raise CompetitionError(400, f"received {len(data)} bytes, the upload announced {upload.length}")
+        upload.path.parent.mkdir(parents=True, exist_ok=True)
+        upload.path.write_bytes(data)
+        upload.complete = True
+        return True
+
+    def take(self, token: str, purpose: str, refusal: str) -> Upload:
+        """The complete upload `token` names for `purpose`, handed over once (its file is the caller's to
+        move; `discard` drops it); a 400 saying `refusal` otherwise."""
+        with self._lock:
+            upload = self._uploads.get(token)
+            if upload is None or upload.purpose != purpose or not upload.complete:
+                raise CompetitionError(400, refusal)
+            del self._uploads[token]
+        return upload
+
+    def discard(self, upload: Upload) -> None:
+        """Remove what is left of a taken upload."""
+        shutil.rmtree(upload.path.parent, ignore_errors=True)
 
 
 class LocalCompetitions:
@@ -84,7 +146,7 @@ class LocalCompetitions:
         self.rules_not_accepted = set(rules_not_accepted)
         self.scoring_delay_s = scoring_delay_s
         self._lock = threading.Lock()
-        self._uploads: dict[str, _Upload] = {}
+        self.uploads = Uploads(self.log_dir / "uploads")  # a submission's file, and (kernels.py) a dataset's
         self._submissions: dict[str, list[Submission]] = {}
         self._next_ref = 1 + max((s.ref for subs in map(self._read_log, self._slugs()) for s in subs), default=0)
         self._timers: list[threading.Timer] = []
@@ -114,42 +176,19 @@ class LocalCompetitions:
 
     # -- submitting: token, upload, submission ------------------------------------------------------------
 
-    def start_upload(self, slug: str, file_name: str, content_length: int) -> str:
+    def start_upload(self, slug: str, file_name: str, content_length) -> str:
         self.check_access(slug)
-        if not file_name or "/" in file_name or file_name.startswith("."):
-            raise CompetitionError(400, f"invalid file name {file_name!r}")
-        try:
-            content_length = int(content_length)
-        except (TypeError, ValueError):
-            raise CompetitionError(400, f"contentLength must be a whole number of bytes, got {content_length!r}") from None
-        if content_length < 0:
-            raise CompetitionError(400, f"contentLength must not be negative, got {content_length}")
-        token = uuid.uuid4().hex
-        with self._lock:
-            self._uploads[token] = _Upload(slug, file_name, content_length)
-        return token
-
-    def receive_upload(self, token: str, data: bytes) -> None:
-        with self._lock:
-            upload = self._uploads.get(token)
-            if upload is None:
-                raise CompetitionError(404, "unknown or expired upload URL")
-            if len(data) != upload.content_length:
-                raise CompetitionError(400, f"received {len(data)} bytes, the upload announced "
-                                            f"{upload.content_length}")
-            upload.data = data
+        return self.uploads.start(f"competition {slug}", file_name, content_length)
 
     def create_submission(self, slug: str, token: str, description: str) -> Submission:
         self.check_access(slug)
-        with self._lock:
-            upload = self._uploads.get(token)
-            if upload is None or upload.competition != slug or upload.data is None:
-                raise CompetitionError(400, "blobFileTokens does not name a completed upload to this competition")
-            del self._uploads[token]
-        submission = self._new_submission(slug, upload.file_name, len(upload.data), description)
-        stored = self.log_dir / slug / "files" / f"{submission.ref}-{upload.file_name}"
+        upload = self.uploads.take(token, f"competition {slug}",
+                                   "blobFileTokens does not name a completed upload to this competition")
+        submission = self._new_submission(slug, upload.name, upload.length, description)
+        stored = self.log_dir / slug / "files" / f"{submission.ref}-{upload.name}"
         stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_bytes(upload.data)
+        shutil.move(upload.path, stored)
+        self.uploads.discard(upload)
         self._score_later(submission, lambda: stored, None, self.scoring_delay_s)
         return submission
 

@@ -1,7 +1,6 @@
 """The local Kaggle server's uploads, datasets and kernels, and the rerun behind a code submission.
 
-- Uploads (`StartBlobUpload`): a token and an upload URL; one PUT of the file's bytes completes it
-  (a resume probe, `Content-Range: bytes */N` with no body, is answered 200 once complete, else 308).
+- Uploads (`StartBlobUpload`): the competitions' `Uploads`, for the purpose `dataset`.
 - Datasets (`CreateDataset`, `CreateDatasetVersion`, `GetDatasetStatus`): version N of OWNER/SLUG is
   written from completed uploads to `log_dir/datasets/OWNER/SLUG/N/`; a zip archive is decompressed
   into a folder of its name, as Kaggle does (`--dir-mode zip` uploads each folder as one archive).
@@ -34,15 +33,8 @@ from pipeline.kaggle.local.sandbox import KernelRun, network_isolation, run_kern
 
 QUEUED, RUNNING, COMPLETE, ERROR = "QUEUED", "RUNNING", "COMPLETE", "ERROR"  # Kaggle's KernelWorkerStatus names
 READY = "READY"  # Kaggle's DatabundleVersionStatus once a dataset version can be used
+DATASET_UPLOAD = "dataset"  # the purpose of an upload started by StartBlobUpload
 RUN_RECORD = "run.json"  # beside a run's working folder: how it ended, in how long, with or without network
-
-
-@dataclass
-class _Blob:
-    name: str
-    length: int
-    path: Path
-    complete: bool = False
 
 
 @dataclass
@@ -92,42 +84,8 @@ class LocalKernels:
         self.python = python
         self.isolate = network_isolation() if isolate is None else isolate
         self._lock = threading.Lock()
-        self._blobs: dict[str, _Blob] = {}
         self._kernels: dict[str, list[KernelVersion]] = {}
         self._threads: list[threading.Thread] = []
-
-    # -- uploads --------------------------------------------------------------------------------------------
-
-    def start_blob(self, name: str, length) -> str:
-        if not name or "/" in name or name.startswith("."):
-            raise CompetitionError(400, f"invalid file name {name!r}")
-        token = uuid.uuid4().hex
-        folder = self.log_dir / "blobs" / token
-        folder.mkdir(parents=True)
-        with self._lock:
-            self._blobs[token] = _Blob(name, int(length), folder / name)
-        return token
-
-    def receive_blob(self, token: str, data: bytes, probe: bool) -> bool:
-        """Store an upload's bytes; whether it is complete (a probe only asks)."""
-        with self._lock:
-            blob = self._blobs.get(token)
-        if blob is None:
-            raise CompetitionError(404, "unknown or expired upload URL")
-        if probe:
-            return blob.complete
-        if len(data) != blob.length:
-            raise CompetitionError(400, f"received {len(data)} bytes, the upload announced {blob.length}")
-        blob.path.write_bytes(data)
-        blob.complete = True
-        return True
-
-    def _take_blobs(self, files: list) -> list[_Blob]:
-        with self._lock:
-            blobs = [self._blobs.pop(str((f or {}).get("token", "")), None) for f in files or []]
-        if not blobs or any(b is None or not b.complete for b in blobs):
-            raise CompetitionError(400, "files must name completed uploads (StartBlobUpload, then the PUT)")
-        return blobs
 
     # -- datasets -------------------------------------------------------------------------------------------
 
@@ -152,21 +110,26 @@ class LocalKernels:
     def write_dataset(self, owner: str, slug: str, files: list, new: bool) -> tuple[int, str]:
         """Version N of OWNER/SLUG from the uploads `files` names: (N, an error for the client or "")."""
         _split_ref(f"{owner}/{slug}", "a dataset")
-        with self._lock:
+        refusal = "files must name completed uploads (StartBlobUpload, then the PUT)"
+        if not files:
+            raise CompetitionError(400, refusal)
+        with self._lock:  # checked, the uploads taken and the version's folder made as one step
             versions = self.dataset_versions(owner, slug)
             if new and versions:
                 return 0, f'The requested slug "{slug}" is already in use by a dataset. Please choose another slug.'
             if not new and not versions:
                 raise CompetitionError(404, f"Dataset {owner}/{slug} not found")
+            uploads = [self.competitions.uploads.take(str((f or {}).get("token", "")), DATASET_UPLOAD, refusal)
+                       for f in files]
             number = (versions[-1] if versions else 0) + 1
             folder = self._dataset_dir(owner, slug) / str(number)
             folder.mkdir(parents=True)
-        for blob in self._take_blobs(files):
-            if zipfile.is_zipfile(blob.path):  # decompressed into a folder of its name, as Kaggle does
-                extract_zip(blob.path, folder / Path(blob.name).stem)
+        for upload in uploads:
+            if zipfile.is_zipfile(upload.path):  # decompressed into a folder of its name, as Kaggle does
+                extract_zip(upload.path, folder / Path(upload.name).stem)
             else:
-                shutil.copy2(blob.path, folder / blob.name)
-            shutil.rmtree(blob.path.parent, ignore_errors=True)
+                shutil.move(upload.path, folder / upload.name)
+            self.competitions.uploads.discard(upload)
         return number, ""
 
     # -- kernels --------------------------------------------------------------------------------------------
@@ -255,6 +218,7 @@ class LocalKernels:
     def submit_code(self, competition: str, kernel: str, number: int | None, file_name: str, description: str):
         """A code submission of kernel version `number` (None: the newest): rerun on the hidden test set, scored."""
         owner, slug = _split_ref(kernel, "the kernel")
+        file_name = file_name or SUBMISSION_FILE
         version = self.version(owner, slug, int(number) if number else None)
         if version.settings["enable_internet"]:
             raise CompetitionError(400, f"{kernel} version {version.number} has internet access enabled; a code "
@@ -262,7 +226,7 @@ class LocalKernels:
         if competition not in version.settings["competitions"]:
             raise CompetitionError(400, f"{kernel} version {version.number} does not have {competition!r} as a "
                                         "competition source")
-        if version.status != COMPLETE or not self.output_file(owner, slug, version.number, file_name or SUBMISSION_FILE):
+        if version.status != COMPLETE or not self.output_file(owner, slug, version.number, file_name):
             raise CompetitionError(400, f"{kernel} version {version.number} is {version.status} and has no output "
                                         f"file {file_name!r}: only a version that ran to completion and wrote it "
                                         "can be submitted")

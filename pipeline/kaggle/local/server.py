@@ -32,13 +32,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pipeline.kaggle.local.competitions import CompetitionError, LocalCompetitions
-from pipeline.kaggle.local.kernels import LocalKernels
+from pipeline.kaggle.local.kernels import DATASET_UPLOAD, LocalKernels
 
 API = "/api/v1/"
 COMPETITIONS, BLOBS = "competitions.CompetitionApiService", "blobs.BlobApiService"
 DATASETS, KERNELS = "datasets.DatasetApiService", "kernels.KernelsApiService"
-UPLOAD_PREFIX = "/upload/"  # a submission's file
-BLOB_PREFIX = "/blob/"  # a dataset's file
+UPLOAD_PREFIX = "/upload/"  # TOKEN: where a submission's or a dataset's file is PUT
 OUTPUT_PREFIX = "/kernel-output/"  # OWNER/SLUG/VERSION/FILE: a kernel run's output file
 
 
@@ -163,8 +162,8 @@ class KaggleLocalServer:
             def _kernels_call(self, method: str, body: dict) -> dict:
                 """Uploads, datasets and kernels: the answer's JSON body."""
                 if method == "StartBlobUpload":
-                    token = kernels.start_blob(body.get("name", ""), body.get("contentLength", 0))
-                    return {"token": token, "createUrl": f"{server.url}{BLOB_PREFIX}{token}"}
+                    token = competitions.uploads.start(DATASET_UPLOAD, body.get("name", ""), body.get("contentLength", 0))
+                    return {"token": token, "createUrl": f"{server.url}{UPLOAD_PREFIX}{token}"}
                 if method == "GetDatasetStatus":
                     return {"status": kernels.dataset_status(body.get("ownerSlug", ""), body.get("datasetSlug", ""))}
                 if method in ("CreateDataset", "CreateDatasetVersion"):
@@ -193,20 +192,14 @@ class KaggleLocalServer:
             def do_PUT(self):
                 path = urlparse(self.path).path
                 server.requests.append(f"PUT {path}")
-                if path.startswith(BLOB_PREFIX):
-                    probe = (self.headers.get("Content-Range") or "").startswith("bytes */")
-                    try:
-                        complete = kernels.receive_blob(path[len(BLOB_PREFIX):], self._body(), probe)
-                    except CompetitionError as exc:
-                        return self._error(exc.status, str(exc))
-                    return self._json(200, {}) if complete else self._json(308, {})
                 if not path.startswith(UPLOAD_PREFIX):
                     return self._error(404, f"no such upload URL {path}")
+                probe = (self.headers.get("Content-Range") or "").startswith("bytes */")  # a resume's question
                 try:
-                    competitions.receive_upload(path[len(UPLOAD_PREFIX):], self._body())
+                    complete = competitions.uploads.receive(path[len(UPLOAD_PREFIX):], self._body(), probe)
                 except CompetitionError as exc:
                     return self._error(exc.status, str(exc))
-                self._json(200, {})
+                self._json(200 if complete else 308, {})
 
             def do_GET(self):
                 path = unquote(urlparse(self.path).path)
