@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.bench_results import write_result  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 
 COMMANDS = {
     "kp --help": [sys.executable, "-m", "pipeline", "--help"],

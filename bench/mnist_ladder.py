@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import runner  # noqa: E402
 from pipeline.core.cache import Manifest  # noqa: E402
-from pipeline.bench_results import write_result  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
+from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
 
 LADDER = [

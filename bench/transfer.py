@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.bench_results import write_result  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 HIRES = DATA / "competitions" / "state-farm-distracted-driver-detection-hires" / \

@@ -1,4 +1,4 @@
 """`python -m pipeline ...` is the same command line as `kp ...`."""
-from pipeline.cli import main
+from pipeline.cli.commands import main
 
 main()

@@ -29,7 +29,8 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.core.artifacts import META_FILE, PASSES_DIR, PREVIEW_PLOT, array_file, pass_file, rows_file
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 
 PREVIEW_IMAGES, PREVIEW_PASSES = 6, 5
 

@@ -25,7 +25,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.blending import METHODS
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.sources import PREDICTING_STAGES
@@ -79,7 +80,7 @@ class Settings(StrictModel):
 
 
 def variants(config) -> list[tuple[Source, Any]]:
-    """Each source with its variant config (`pipeline.config.ResolvedConfig.variant_of`).
+    """Each source with its variant config (`pipeline.engine.config.ResolvedConfig.variant_of`).
 
     Args:
         config: a view of the competition's config that reads `blend` and `features`.

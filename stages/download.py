@@ -18,7 +18,8 @@ from pydantic import Field
 
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
 from pipeline.core.errors import PipelineError
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.data.archive import MAX_MEMBERS, MAX_RATIO
 
 KAGGLE, DIGITS = "kaggle", "sklearn-digits"

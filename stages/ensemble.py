@@ -17,7 +17,8 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.core.artifacts import MEMBERS_PLOT, PREDICTION_FILES, TOP_LOSSES_PLOT
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import NAMES, needs_of, steps_of
 

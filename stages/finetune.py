@@ -16,7 +16,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES

@@ -26,7 +26,8 @@ from pydantic import Field, field_validator
 from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, array_file, rows_file
 from pipeline.core.errors import PipelineError
 from pipeline.core.competition import network_size
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.models.backbones import CUTS, FILE_BACKBONE, PREPROCESSING
 from pipeline.models.hub import hub_preset
 

@@ -27,7 +27,8 @@ from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import needs_of, steps_of
 from pipeline.core.readers import read_table

@@ -25,7 +25,8 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.smoothing import METRICS
 from pipeline.evaluation.sources import PREDICTING_STAGES

@@ -17,7 +17,8 @@ from pydantic import Field, model_validator
 from pipeline.core.artifacts import INDEX_FILE, REPORT_FILE, SPLIT_FILE
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 
 
 class Settings(StrictModel):

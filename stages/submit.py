@@ -22,7 +22,8 @@ from pipeline.core.artifacts import INDEX_FILE, LEDGER_FILE, LEDGER_PLOT, RAW_DI
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json, read_table
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
 

@@ -23,7 +23,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.competition import network_size
-from pipeline.core.stage import Stage, StageContext, StrictModel
+from pipeline.core.settings import StrictModel
+from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS
 from pipeline.training.fit import OPTIMIZERS

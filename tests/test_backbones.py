@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from pipeline.core.errors import PipelineError
 from pipeline.models.applications import applications, derive_applications
 from pipeline.models.backbones import build_feature_model

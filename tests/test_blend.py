@@ -10,12 +10,12 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.blending import choose, cross_fit, hill_climb, simplex_weights
 from pipeline.evaluation.predictions import load_fold_test, load_predictions
-from pipeline.status import stage_statuses
+from pipeline.engine.status import stage_statuses
 from tests.test_cv import CV, _cross_validated
 
 FEATURES = "features={wide: {image_size: [48, 48]}, mobile: {backbone: MobileNetV2, alpha: 0.35, image_size: [32, 32]}}"
@@ -102,7 +102,7 @@ def test_blend_of_two_feature_sets_cross_fits_on_the_split_folds(blend_run):
     np.testing.assert_allclose(fold_test[1], blenders[1].apply(source_folds[:, 1].astype(np.float64)), rtol=1e-4, atol=1e-6)
     submission = json.loads((work / "submit" / "submission.json").read_text())
     assert submission["source"] == "blend" and submission["validation"] == "cv4-oof"
-    from pipeline.report import build_report
+    from pipeline.experiments.report import build_report
 
     html = build_report(blend_run).read_text()
     table = html[html.index("blend source"):html.index("the blend (cross-fitted)")]

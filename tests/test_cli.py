@@ -7,7 +7,7 @@ import sys
 
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from tests.helpers import REPO
 
 
@@ -81,7 +81,7 @@ def test_config_shows_where_each_value_came_from(project):
 def test_python_m_pipeline_and_no_tensorflow_at_start_up():
     probe = (
         "import sys\n"
-        "from pipeline.cli import cli\n"
+        "from pipeline.cli.commands import cli\n"
         "for args in (['--help'], ['status', '--comp', 'digits'], ['split', '--help']):\n"
         "    try:\n"
         "        cli(args, prog_name='kp')\n"
@@ -100,7 +100,7 @@ def test_python_m_pipeline_and_no_tensorflow_at_start_up():
 
 
 def test_help_reads_the_stage_list_without_importing_stages_or_pydantic():
-    probe = ("import sys\nfrom pipeline.cli import cli\n"
+    probe = ("import sys\nfrom pipeline.cli.commands import cli\n"
              "try:\n    cli(['--help'], prog_name='kp')\nexcept SystemExit:\n    pass\n"
              "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('stages', 'pydantic', 'numpy', 'yaml')))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)

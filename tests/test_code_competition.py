@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.kaggle.ledger import read_ledger

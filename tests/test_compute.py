@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.artifacts import TEMPORARY_MARK, TMP_PREFIX
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
@@ -146,7 +146,7 @@ def test_a_sweeps_trials_as_ray_tasks_score_as_on_the_local_backend(warm_project
 
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from pipeline.cli.commands import cli
     from tests.test_cv import CV, _cross_validated
 
     root = warm_project("cv", _cross_validated)

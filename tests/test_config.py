@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import config_model, load_config
+from pipeline.engine.config import config_model, load_config
 from pipeline.core.errors import PipelineError
 from tests.helpers import REPO, write_config
 
@@ -174,7 +174,7 @@ def test_submission_name_template_is_checked(project):
 
 def test_committed_defaults_and_key_table_are_what_the_code_generates():
     """`configs/defaults.yaml` and docs' key table are generated from the pydantic fields (`kp config --defaults`)."""
-    from pipeline.config_reference import config_table, defaults_yaml, with_table
+    from pipeline.engine.config_reference import config_table, defaults_yaml, with_table
 
     assert (REPO / "configs" / "defaults.yaml").read_text() == defaults_yaml(), "run kp config --defaults"
     doc = (REPO / "docs" / "configuration.md").read_text()

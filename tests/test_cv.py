@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import load_array

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import load_array

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.data.index import INDEX_COLUMNS, read_index
 from pipeline.core.errors import PipelineError
 from tests.helpers import (COMPETITIONS, REPO, image_bytes, make_statefarm_like, needs_shared_data,

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.cli.commands import cli
 from pipeline.core.artifacts import TMP_PREFIX
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
@@ -464,7 +464,7 @@ DIGITS_CHEAP = ["finetune.phases=[{epochs: 1, lr: 0.001}]", "ensemble.n=1"]
 
 def _digits_cheap(root):
     from pipeline import runner
-    from pipeline.config import load_config
+    from pipeline.engine.config import load_config
 
     runner.run(load_config("digits", sets=DIGITS_CHEAP))
 

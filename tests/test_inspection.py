@@ -6,8 +6,8 @@ import numpy as np
 from click.testing import CliRunner
 
 from pipeline import runner
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.data.augmentation import RowAugmenter
 from pipeline.data.index import read_index

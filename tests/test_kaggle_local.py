@@ -8,7 +8,7 @@ import pytest
 from pipeline import runner
 from pipeline.kaggle import leaderboard
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.evaluation.scoring import score_file_on_test_set

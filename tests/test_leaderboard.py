@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from pipeline import runner
 from pipeline.kaggle import api as kaggle_api
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.kaggle.local.server import KaggleLocalServer
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.kaggle.local.competitions import LocalCompetitions

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from tests.test_cv import CV, _cross_validated
 
@@ -36,7 +36,7 @@ def _packaged(warm_project, sets, *extra):
 def test_the_projects_wheel_holds_every_file_of_the_package(tmp_path):
     import zipfile
 
-    from pipeline.packaging import project_wheel
+    from pipeline.shipping.packaging import project_wheel
     from tests.helpers import REPO
 
     names = set(zipfile.ZipFile(project_wheel(tmp_path)).namelist())
@@ -51,7 +51,7 @@ TTA_SMOOTHED = [s.replace("cv, submit", "augment, finetune, smooth, submit").rep
 
 
 def test_a_packaged_model_averages_the_same_test_passes_and_smooths_as_the_smooth_stage_did(warm_project, tmp_path):
-    from pipeline.kernel import write_submission
+    from pipeline.shipping.kernel import write_submission
 
     config, bundle, record, _ = _packaged(warm_project, TTA_SMOOTHED)
     assert record["source"] == "smooth" and record["tta"]["passes"] == 2 and len(record["models"]) == 1

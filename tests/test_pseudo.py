@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.predictions import load_fold_test, load_predictions

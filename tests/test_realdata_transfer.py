@@ -11,7 +11,7 @@ import pytest
 from pipeline import runner
 from pipeline.kaggle import leaderboard
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.evaluation.scoring import score_file_on_test_set
 from tests.helpers import COMPETITIONS, REPO, needs_shared_data
@@ -112,7 +112,7 @@ def test_a_dogscats_grid_of_head_settings_reuses_the_features_and_a_rerun_trains
 
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from pipeline.cli.commands import cli
 
     files = [REPO / "configs" / "offline" / name for name in ("dogscats.yaml", "dogscats-cv.yaml")]
     absolute = load_config("dogscats", root=REPO, extra_files=files)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from tests.helpers import make_statefarm_like, statefarm_like_config
 from tests.test_transfer import TINY_VGG

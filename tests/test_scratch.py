@@ -14,7 +14,7 @@ from tests.helpers import png_size
 from pipeline import runner
 from pipeline.training.augment import augmented_batches, build_augmenter
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.data.features import load_split_features
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.scratch import LADDER, build_scratch_model

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.data.features import load_split_features
 from pipeline.evaluation.metrics import multiclass_log_loss

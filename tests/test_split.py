@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.splits import class_balance, group_kfold, group_split, kfold, random_split
 from tests.helpers import COMPETITIONS, make_statefarm_like, needs_shared_data, statefarm_like_config

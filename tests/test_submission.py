@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.metrics import (SCORE_NAMES, binary_log_loss, clip_probabilities, competition_score, evaluate,
                                          leaderboard_score_name, multiclass_log_loss)

@@ -8,11 +8,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.config import load_config
+from pipeline.cli.commands import cli
+from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
-from pipeline.sweeps import grid_trials, split_values
+from pipeline.experiments.sweeps import grid_trials, split_values
 from tests.test_cv import CV, _cross_validated
 
 
@@ -61,7 +61,7 @@ def test_a_sweep_reuses_the_cache_lists_its_runs_and_gives_the_best_overlay(warm
     assert swept.exit_code == 0, swept.output
     assert sorted(row["fingerprint"] for row in json.loads(swept.stdout)) == sorted(t["fingerprint"] for t in trials)
     assert (folder / "sweep.png").stat().st_size > 0
-    from pipeline.report import build_report
+    from pipeline.experiments.report import build_report
 
     html = build_report(load_config("synth", sets=CV)).read_text()
     assert "seeds: 2 trials of cv" in html and "cv.seed=1" in html
@@ -75,13 +75,13 @@ def test_a_sweep_reuses_the_cache_lists_its_runs_and_gives_the_best_overlay(warm
     overlay = yaml.safe_load((root / "best.yaml").read_text())
     assert overlay == ({} if winner["overrides"] == {"cv.seed": "0"} else {"cv": {"seed": 1}})
     reproduced = load_config("synth", extra_files=[root / "best.yaml"], sets=CV)
-    from pipeline.status import expected_fingerprints
+    from pipeline.engine.status import expected_fingerprints
 
     assert expected_fingerprints(reproduced)["cv"] == winner["fingerprint"]  # the overlay reruns the best run
 
 
 def test_a_search_space_file_is_checked_and_names_the_key(tmp_path):
-    from pipeline.sweeps import read_space
+    from pipeline.experiments.sweeps import read_space
 
     path = tmp_path / "space.yaml"
     path.write_text("model.l2: {low: 0.0001, high: 0.01, log: true}\nmodel.hidden: {choices: [[], [128]]}\n")
@@ -122,7 +122,7 @@ def test_a_sweep_killed_mid_trial_reruns_only_what_was_missing(warm_project):
 
 
 def test_the_pruning_rule_stops_only_a_trial_worse_on_each_fold_by_the_margin():
-    from pipeline.trials import Pruning, best_folds, prune_reason
+    from pipeline.experiments.trials import Pruning, best_folds, prune_reason
 
     best = {1: 0.50, 2: 0.40, 3: 0.60, 4: 0.55}
     rule = Pruning(after=2, margin=0.05)

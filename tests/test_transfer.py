@@ -13,7 +13,7 @@ import tensorflow as tf
 from pipeline import runner
 from pipeline.data.arrays import load_array
 from pipeline.core.cache import Manifest
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.features import load_split_features
 from pipeline.models.heads import build_head, with_dropout

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
+from pipeline.engine.config import load_config
 from pipeline.core.artifacts import BACKUP_JOURNAL, BACKUP_METADATA, MODEL_FILE
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.core.stage import StrictModel
+from pipeline.core.settings import StrictModel
 
 TASKS = ("binary", "multiclass")
 METRICS = ("log_loss", "accuracy")

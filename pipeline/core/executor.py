@@ -36,7 +36,7 @@ from pipeline.core.artifacts import UNIT_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json
 from pipeline.core.runs import RunStore
-from pipeline.core.stage import StrictModel
+from pipeline.core.settings import StrictModel
 
 BACKENDS = ("local", "ray")
 

@@ -14,41 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
-
 from pipeline.core.artifacts import RUNS_FOLDER
-
-
-def _kind_problem(annotation, value) -> str | None:
-    """Why `value` is the wrong kind for a number or flag field (pydantic alone would take `true` as
-    1, or 1 as true): None when it is fine or the field is not a plain number or flag."""
-    if annotation in (int, float) and isinstance(value, bool):
-        return f"expected a number, got {value!r}"
-    if annotation is bool and not isinstance(value, bool):
-        return f"expected true or false, got {value!r}"
-    args = getattr(annotation, "__args__", ())
-    if getattr(annotation, "__origin__", None) in (list, tuple) and isinstance(value, (list, tuple)):
-        for item in value:
-            for arg in args:
-                problem = _kind_problem(arg, item)
-                if problem:
-                    return problem
-    return None
-
-
-class StrictModel(BaseModel):
-    """Base of every config section: unknown keys are an error, a number or flag must be written as
-    one (no `true` for a batch size, no `1` for a flag), and a loaded config is read-only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _same_kind(cls, value, info: ValidationInfo):
-        problem = _kind_problem(cls.model_fields[info.field_name].annotation, value)
-        if problem:
-            raise ValueError(problem)
-        return value
+from pipeline.core.settings import StrictModel
 
 
 class UndeclaredConfigRead(RuntimeError):
@@ -74,7 +41,7 @@ class _SectionView:
 class ConfigView:
     """The config as one stage may see it: its own section and its declared `reads`, nothing else.
 
-    Offers what stages use of `pipeline.config.ResolvedConfig` (`get`, `section`, `competition`,
+    Offers what stages use of `pipeline.engine.config.ResolvedConfig` (`get`, `section`, `competition`,
     `path`, `root`, `comp`, `submissions_dir`); anything outside the declaration raises
     `UndeclaredConfigRead`, so a test run of every stage proves its declaration complete. A unit of
     a stage sees a narrower view: the keys its own key hashes (`StageContext.map_units`).
@@ -129,7 +96,7 @@ class ConfigView:
         return self._config.path(value)
 
     def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str):
-        """A variant of the whole config (`pipeline.config.ResolvedConfig.variant_of`), unrestricted: a
+        """A variant of the whole config (`pipeline.engine.config.ResolvedConfig.variant_of`), unrestricted: a
         stage that reads a variant's results puts the variant's own fingerprints in its stamp."""
         return self._config.variant_of(name, overrides, target, where)
 

@@ -3,7 +3,7 @@
 Recipe: take the file the up-to-date `submit` stage wrote (its manifest names it, with the config
 fingerprint, split strategy and validation score) -> upload it through the kaggle client with a
 description that carries the fingerprint (a code competition, `competition.submission: code`:
-submit the kernel that runs the same source instead, `pipeline.code_submission`) -> record a `pending`
+submit the kernel that runs the same source instead, `pipeline.shipping.code_submission`) -> record a `pending`
 row in the ledger at once, of kind `csv` or `code` (an upload spends one of the day's submissions,
 so it is never forgotten) -> poll, bounded by `kaggle.poll_timeout_s` (`kernel.poll_timeout_s` for
 a code submission, which Kaggle reruns first) -> complete the row with the public score, or with
@@ -33,7 +33,7 @@ def upload(config, message: str | None = None, again: bool = False, say=print, s
     """Upload the current submission of `config`'s competition; its ledger row, completed if scored.
 
     `submit_kernel(config, source, description, say)` submits a code competition's kernel instead
-    (`pipeline.code_submission.submit`: it pushes one first when needed), returning (ref, what was submitted).
+    (`pipeline.shipping.code_submission.submit`: it pushes one first when needed), returning (ref, what was submitted).
     """
     manifest = Manifest.read(config.work_dir / "submit")
     if manifest is None:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.stage import StrictModel
+from pipeline.core.settings import StrictModel
 from pipeline.models.heads import HEAD_KINDS
 from pipeline.models.scratch import LADDER
 

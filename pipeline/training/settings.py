@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pipeline.core.stage import StrictModel
+from pipeline.core.settings import StrictModel
 
 
 class Phase(StrictModel):

@@ -1,6 +1,6 @@
 """Where the benchmarks in `bench/` write their JSON: `bench/results/` under the project root.
 
-The project root is `pipeline.config.project_root()` ($KP_ROOT, else the folder holding
+The project root is `pipeline.engine.config.project_root()` ($KP_ROOT, else the folder holding
 `configs/`), so a benchmark run on a throwaway project (the benches' smoke test) writes there and
 never over a real result.
 """
@@ -21,7 +21,7 @@ def write_result(name: str, result: Any) -> Path:
     Returns:
         The file written.
     """
-    from pipeline.config import project_root
+    from pipeline.engine.config import project_root
 
     out = project_root() / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.core.errors import PipelineError, RunStopped
-from pipeline.run_table import score_key
+from pipeline.experiments.run_table import score_key
 
 VARIANT_PREFIX = "sweep-"  # a trial's variant folder: sweep-NAME-N
 
@@ -63,7 +63,7 @@ class TrialSpec:
     def config(self, local_units: bool = False):
         """The trial's variant config (`work/COMP/_variants/sweep-NAME-N/`); `local_units`: its units run in
         this process whatever `compute` says (a trial that is itself a Ray task)."""
-        from pipeline.config import load_config, parse_assignment
+        from pipeline.engine.config import load_config, parse_assignment
 
         base = load_config(self.comp, self.root, list(self.extra_files), list(self.sets), shallow=True)
         overrides = dict(parse_assignment(f"{key}={raw}") for key, raw in self.overrides.items())

@@ -64,7 +64,7 @@ def push(config, source: str, say=print) -> dict:
     Raises:
         PipelineError: a push refused, or a run that failed (Kaggle's message and the end of its log).
     """
-    from pipeline.packaging import current_bundle, kernel_notebook, kernel_script, package
+    from pipeline.shipping.packaging import current_bundle, kernel_notebook, kernel_script, package
 
     settings, network = config.section("kernel"), _network(config)
     dataset_slug, kernel_slug = settings.names(config.comp)

@@ -5,7 +5,7 @@ The bundle (`work/COMP/package/`) holds every model the source stage averages (t
 finetune or bnretrain, each member of an ensemble, each fold model of cv), precompute's network
 settings and its weights file, the augmented test passes' transforms and seed when the models
 use test-time augmentation, the competition's submission format, and `kernel.py`, which runs
-`pipeline.kernel` (features of the test images, each model's averaged probabilities, their mean,
+`pipeline.shipping.kernel` (features of the test images, each model's averaged probabilities, their mean,
 `submission.csv`). `bundle.json` records the fingerprints of the source and the runs the models
 came from, and the bundle's size. It is written to a temporary folder renamed into place.
 
@@ -47,7 +47,7 @@ if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no netwo
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS), project],
                    check=True)
 
-from pipeline.kernel import main  # noqa: E402
+from pipeline.shipping.kernel import main  # noqa: E402
 
 status = main([str(BUNDLE), "--input", os.environ.get("KP_COMPETITION_INPUT", str(KAGGLE / "input" / "@SLUG@")),
                "--out", os.environ.get("KP_KERNEL_OUTPUT", str(KAGGLE / "working"))])

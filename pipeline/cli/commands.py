@@ -64,14 +64,14 @@ def _config_options(command):
 
 
 def _load(comp: str, extra_files, sets, shallow: bool = False):
-    from pipeline.config import load_config
+    from pipeline.engine.config import load_config
 
     return load_config(comp, extra_files=list(extra_files), sets=list(sets), shallow=shallow)
 
 
 def _run(comp, extra_files, sets, targets, force, upload=False, message=None) -> None:
     from pipeline import runner
-    from pipeline.status import format_table
+    from pipeline.engine.status import format_table
 
     config = _load(comp, extra_files, sets)
     if upload and "submit" not in config.stage_names:
@@ -109,7 +109,7 @@ class _PipelineGroup(click.Group):
     """Adds one command per registered stage, and turns PipelineError into a clean exit 2."""
 
     def list_commands(self, ctx):
-        from pipeline.registry import stage_names
+        from pipeline.engine.registry import stage_names
 
         stages = list(stage_names())
         return stages + sorted(set(super().list_commands(ctx)) - set(stages))
@@ -118,7 +118,7 @@ class _PipelineGroup(click.Group):
         command = super().get_command(ctx, name)
         if command is not None:
             return command
-        from pipeline.registry import stage_names, stage_summary
+        from pipeline.engine.registry import stage_names, stage_summary
 
         return _stage_command(name, stage_summary(name)) if name in stage_names() else None
 
@@ -202,7 +202,7 @@ def status(comp, extra_files, sets, as_json, verify):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.core.runs import store_sizes
     from pipeline.kaggle.ledger import ledger_path, read_ledger
-    from pipeline.status import STALE, check_settings, damaged_outputs, format_table, stage_statuses
+    from pipeline.engine.status import STALE, check_settings, damaged_outputs, format_table, stage_statuses
 
     config = _load(comp, extra_files, sets, shallow=True)
     statuses = stage_statuses(config)
@@ -255,8 +255,8 @@ def status(comp, extra_files, sets, as_json, verify):
 @_config_options
 def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
-    from pipeline.sweeps import finished, run_search, run_sweep, score_name_of
-    from pipeline.trials import Pruning
+    from pipeline.experiments.sweeps import finished, run_search, run_sweep, score_name_of
+    from pipeline.experiments.trials import Pruning
 
     say = lambda line: click.echo(f"[{comp}] {line}", err=True)  # noqa: E731
     if bool(grid) == bool(search):
@@ -293,8 +293,8 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
-    from pipeline.run_table import best_overlay, ranked, stored_runs
-    from pipeline.sweeps import draw_sweep, finished, sweeps
+    from pipeline.experiments.run_table import best_overlay, ranked, stored_runs
+    from pipeline.experiments.sweeps import draw_sweep, finished, sweeps
 
     config = _load(comp, extra_files, sets, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
@@ -346,7 +346,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 def package(comp, extra_files, sets, source, wheels):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
     from pipeline import runner
-    from pipeline.packaging import check_source, package as write_bundle
+    from pipeline.shipping.packaging import check_source, package as write_bundle
 
     config = _load(comp, extra_files, sets)
     source = source or config.get("submit.source")
@@ -374,8 +374,8 @@ def kernel_push(comp, extra_files, sets, source):
     """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
     wait for its run and download its output; a failed run ends with Kaggle's message and its log's end."""
     from pipeline import runner
-    from pipeline.code_submission import push
-    from pipeline.packaging import check_source
+    from pipeline.shipping.code_submission import push
+    from pipeline.shipping.packaging import check_source
 
     config = _load(comp, extra_files, sets)
     source = source or config.get("submit.source")
@@ -391,7 +391,7 @@ def kernel_push(comp, extra_files, sets, source):
 @_config_options
 def kernel_status(comp, extra_files, sets, wait):
     """How the last pushed kernel's run stands (its output downloaded once it has ended)."""
-    from pipeline.code_submission import follow, read_push
+    from pipeline.shipping.code_submission import follow, read_push
 
     config = _load(comp, extra_files, sets)
     pushed = read_push(config)
@@ -446,7 +446,7 @@ def show(comp, extra_files, sets, augmented, per_class):
 @_config_options
 def report(comp, extra_files, sets):
     """One self-contained HTML page of the run: stages, scores, plots, ladder, ledger."""
-    from pipeline.report import build_report
+    from pipeline.experiments.report import build_report
 
     click.echo(str(build_report(_load(comp, extra_files, sets, shallow=True))))
 
@@ -478,10 +478,10 @@ def backbones(write):
 def show_config(comp, extra_files, sets, write_defaults):
     """Print the merged config, each value with the file (or --set) that set it."""
     from pipeline.core.cache import flatten
-    from pipeline.config import project_root, source_of
+    from pipeline.engine.config import project_root, source_of
 
     if write_defaults:
-        from pipeline.config_reference import write_reference
+        from pipeline.engine.config_reference import write_reference
 
         changed = write_reference(project_root())
         click.echo("\n".join(f"wrote {path}" for path in changed) or "configs/defaults.yaml and "
@@ -545,7 +545,7 @@ def _echo_run_cache(config) -> None:
 
 
 def main() -> None:
-    from pipeline.terminal import quiet_tensorflow
+    from pipeline.cli.terminal import quiet_tensorflow
 
     quiet_tensorflow()
     cli(prog_name="kp")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.core.stage import Stage
 
-STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+STAGES_DIR = Path(__file__).resolve().parents[2] / "stages"
 
 
 def in_run_order(names, needs) -> list[str]:

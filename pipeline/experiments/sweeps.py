@@ -1,13 +1,13 @@
 """`kp sweep`: a grid of settings or an Optuna search, each trial an ordinary run on the run cache.
 
 A trial is the competition's config with its overrides (as `--set` gives them), run for the objective
-stage in its own variant folder (`pipeline.trials`), so it reuses every upstream result it shares with
+stage in its own variant folder (`pipeline.experiments.trials`), so it reuses every upstream result it shares with
 the trials before it (a sweep over head settings never recomputes features), and a trial that ran
 before is restored from the run cache instead of retrained: a killed sweep, rerun, computes only what
 was missing. The objective is a predicting stage's validation score, out of fold for cv
 (`val_log_loss`, or `val_accuracy` when the competition's metric is accuracy); no test row and no
 hidden label is read. A cv trial whose first folds are clearly worse than the best trial's stops
-early (`pipeline.trials.Pruning`). Trials run one at a time, or as Ray tasks with `compute.backend:
+early (`pipeline.experiments.trials.Pruning`). Trials run one at a time, or as Ray tasks with `compute.backend:
 ray`. Each ended trial is a line of `work/COMP/sweeps/NAME/trials.jsonl` with the command that reruns
 it alone; a search's Optuna study is `study.db` beside it.
 """
@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEP_PLOT, SWEEPS_FOLDER, TRIALS_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.sources import PREDICTING_STAGES
-from pipeline.run_table import score_key
-from pipeline.trials import Pruning, TrialSpec, best_folds, run_trials
+from pipeline.experiments.run_table import score_key
+from pipeline.experiments.trials import Pruning, TrialSpec, best_folds, run_trials
 
 
 def split_values(raw: str) -> list[str]:
@@ -101,7 +101,7 @@ def command_line(comp: str, extra_files, sets, stage: str) -> str:
 def _sweep_folder(comp, extra_files, sets, objective, name, asked: dict) -> tuple[Any, str, Path, dict]:
     """(the base config, the objective stage, the sweep's folder, what its `sweep.json` records: the base
     config's command-line parts, `asked` (the grid or space), the objective); `_holding` creates the folder."""
-    from pipeline.config import load_config
+    from pipeline.engine.config import load_config
 
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise PipelineError(f"--name {name!r}: a sweep's name is a folder name: letters, digits, _ . - only")
@@ -120,7 +120,7 @@ def _trial_sets(sets, overrides: dict[str, str]) -> list[str]:
 def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> None:
     """Validate the config of every trial before the first one runs: a misspelt key or a value out of
     range fails at once, naming the key, rather than after hours of trials."""
-    from pipeline.config import load_config
+    from pipeline.engine.config import load_config
 
     for overrides in trials:
         load_config(comp, extra_files=list(extra_files), shallow=True, sets=_trial_sets(sets, overrides))

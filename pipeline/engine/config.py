@@ -25,7 +25,7 @@ from pipeline.core.competition import Competition, network_size
 from pipeline.core.errors import PipelineError
 from pipeline.core.executor import Compute
 from pipeline.core.readers import read_text
-from pipeline.core.stage import StrictModel
+from pipeline.core.settings import StrictModel
 from pipeline.kaggle.api import Network
 from pipeline.models.backbones import CUTS, PREPROCESSING
 from pipeline.models.build import Model
@@ -157,7 +157,7 @@ class ResolvedConfig:
     @property
     def stage_names(self) -> list[str]:
         """The listed stages in the order they run: each after the stages it needs (`stages:` says which run)."""
-        from pipeline.registry import all_stages, in_run_order
+        from pipeline.engine.registry import all_stages, in_run_order
 
         stages = all_stages()
         return in_run_order(self.model.stages, lambda name: stages[name].needs_for(self))
@@ -179,14 +179,14 @@ class ResolvedConfig:
         return f"{self.comp}/{self.variant}" if self.variant else self.comp
 
     def fingerprint_of(self, stage: str) -> str:
-        """The fingerprint `stage`'s output must have under this config (`pipeline.status`)."""
-        from pipeline.status import expected_fingerprints
+        """The fingerprint `stage`'s output must have under this config (`pipeline.engine.status`)."""
+        from pipeline.engine.status import expected_fingerprints
 
         return expected_fingerprints(self)[stage]
 
     def bring_up_to_date(self, stage: str) -> Path:
         """Run `stage` and what it needs, as `kp STAGE` does; returns its output folder."""
-        from pipeline.runner import run
+        from pipeline.engine.runner import run
 
         run(self, [stage])
         return (self.work_dir / stage).resolve()
@@ -204,7 +204,7 @@ class ResolvedConfig:
             The variant's validated config.
         """
         from pipeline.core.runs import link_variant
-        from pipeline.registry import all_stages, with_needs
+        from pipeline.engine.registry import all_stages, with_needs
 
         values, provenance = copy.deepcopy(self.values), dict(self.provenance)
         for key, value in overrides.items():
@@ -234,7 +234,7 @@ def project_root() -> Path:
     for candidate in (here, *here.parents):
         if (candidate / "configs" / DEFAULTS_FILE).is_file():
             return candidate
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def known_competitions(root: Path) -> list[str]:
@@ -448,7 +448,7 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 def config_model() -> type[StrictModel]:
     """The pydantic model of a whole config: the fixed sections plus every stage's own section."""
-    from pipeline.registry import all_stages
+    from pipeline.engine.registry import all_stages
 
     fields: dict[str, Any] = {
         "competition": (Competition, ...),
@@ -537,7 +537,7 @@ def _model_in(annotation: Any) -> Any:
 
 
 def _check_stage_list(resolved: ResolvedConfig) -> None:
-    from pipeline.registry import all_stages
+    from pipeline.engine.registry import all_stages
 
     known = all_stages()
     source = resolved.provenance.get("stages", "config")

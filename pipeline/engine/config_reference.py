@@ -25,7 +25,7 @@ FIXED_SECTIONS = ("competition", "stages", "paths", "cache", "compute", "kaggle"
 
 def _sections() -> list[tuple[str, Any]]:
     """(name, pydantic field) of each top-level key: the fixed sections, then the stages' in run order."""
-    from pipeline.config import config_model
+    from pipeline.engine.config import config_model
 
     fields = config_model().model_fields
     stage_sections = [name for name in fields if name not in FIXED_SECTIONS]

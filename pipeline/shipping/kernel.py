@@ -1,6 +1,6 @@
 """What a code competition's kernel runs: a `kp package` bundle's models on the competition's test images.
 
-`python -m pipeline.kernel BUNDLE --input COMPETITION_FOLDER --out FOLDER` (the bundle's `kernel.py`
+`python -m pipeline.shipping.kernel BUNDLE --input COMPETITION_FOLDER --out FOLDER` (the bundle's `kernel.py`
 calls it with Kaggle's `/kaggle/input/...` and `/kaggle/working`): read the test ids from the
 competition's sample submission (a hidden test set has its own), compute their features with
 precompute's network built from the bundle (and the augmented test passes, each row seeded as the
@@ -74,7 +74,7 @@ def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     """The kernel's command line; returns the exit status (a `PipelineError` is one line on stderr, status 2)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.kernel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.shipping.kernel", description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path, help="the kp package folder")
     parser.add_argument("--input", type=Path, required=True, help="the competition's files (sample submission, test/)")
     parser.add_argument("--out", type=Path, required=True, help="where submission.csv goes")

@@ -4,7 +4,7 @@ The stage graph and each stage's state, its headline, run time and scores, its p
 curves, confusion matrix, top losses, ensemble members, augmentation preview), the most confused
 class pairs, the ensemble member, cv fold and blend source tables, each sweep's trials and figure, the ladder of validation scores across the
 predicting stages, the learning-rate range tests and `kp show` grids when they exist, and the
-ledger with its plot. Rendered with Jinja2 (`pipeline/templates/report.html.j2`, autoescaped);
+ledger with its plot. Rendered with Jinja2 (`pipeline/experiments/templates/report.html.j2`, autoescaped);
 images are embedded as data URIs, so the file opens anywhere with no network. Nothing here
 imports TensorFlow.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import (CONFUSION_PLOT, LEDGER_PLOT, LOSS_PLOT, LR_FIND_DIR, LR_FIND_PLOT, MEMBERS_PLOT,
                                      PREVIEW_PLOT, HTML_REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
-from pipeline.status import UP_TO_DATE, stage_statuses
+from pipeline.engine.status import UP_TO_DATE, stage_statuses
 
 PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)  # a stage's own plots, in order
 SCORES = ("val_log_loss", "val_accuracy", "val_log_loss_clipped", "val_accuracy_clipped")
@@ -79,7 +79,7 @@ def build_report(config) -> Path:
 
     from pipeline.core.cache import write_text_atomic
     from pipeline.kaggle.ledger import ledger_path, read_ledger
-    from pipeline.sweeps import draw_sweep, finished, score_name_of, sweeps
+    from pipeline.experiments.sweeps import draw_sweep, finished, score_name_of, sweeps
 
     statuses = stage_statuses(config)
     stages = [_stage_section(config, status) for status in statuses]
@@ -89,7 +89,7 @@ def build_report(config) -> Path:
     studies = [{"name": name, "trials": trials, "score": score_name_of(trials),
                 "plot": embedded(draw_sweep(config.work_dir, name, trials)) if finished(trials) else None}
                for name, trials in sweeps(config.work_dir).items() if trials]
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"),
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.experiments", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined)
     html = environment.get_template("report.html.j2").render(
