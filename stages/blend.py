@@ -6,8 +6,8 @@ source's own `set` applied. Its stage links live in `work/COMP/_variants/NAME/` 
 the competition's run cache, so what the variants share (the download, the split, one backbone's
 features) is computed once, and adding a source computes only what is new to it.
 
-Recipe: bring every source up to date (its stage and what that needs, as `kp` would) -> read their
-validation and test probabilities (the same rows, ids checked) -> cut the validation rows into
+Recipe: every source is a variant (`Stage.variants`) the engine brings up to date before the blend
+runs, its stage and what that needs, as `kp` would -> read their validation and test probabilities (the same rows, ids checked) -> cut the validation rows into
 folds: the split's folds when the sources predicted every training row out of fold (cv), else
 `folds` folds of whole groups -> blend each fold's rows with what `method` chose on the other folds'
 rows (cross-fitting: no reported row chooses its own weights), and the test rows with what it chose
@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Stage, StageContext, Variant
 from pipeline.evaluation.blending import METHODS
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.sources import PREDICTING_STAGES
@@ -79,8 +79,8 @@ class Settings(StrictModel):
         return self
 
 
-def variants(config) -> list[tuple[Source, Any]]:
-    """Each source with its variant config (`pipeline.engine.config.ResolvedConfig.variant_of`).
+def variants(config) -> list[Variant]:
+    """Each source as the variant the engine runs for it (`Stage.variants`).
 
     Args:
         config: a view of the competition's config that reads `blend` and `features`.
@@ -101,18 +101,12 @@ def variants(config) -> list[tuple[Source, Any]]:
         if shared:
             raise PipelineError(f"{where}.set: {shared[0]!r}: every source shares the competition's images, split and "
                                 "classes (its rows are blended row by row); change it for the whole competition")
+        if any(key.split(".")[0] == "paths" for key in source.set):
+            raise PipelineError(f"{where}.set: paths: a source lives in its competition's work folder; set paths for "
+                                "the whole competition")
         overrides.update(source.set)
-        variant = config.variant_of(source.label, overrides, source.stage, where)
-        if "blend" in variant.model.stages:
-            raise PipelineError(f"{where}: {source.stage} reads blend itself under these settings; a source "
-                                "must be a stage that predicts without the blend")
-        result.append((source, variant))
+        result.append(Variant(source.label, overrides, source.stage, where))
     return result
-
-
-def source_stamp(config, stamp) -> dict:
-    """Each source's fingerprint under its variant: whatever changes a source makes the blend stale."""
-    return {source.label: variant.fingerprint_of(source.stage) for source, variant in variants(config)}
 
 
 def run(ctx: StageContext) -> dict:
@@ -125,7 +119,7 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.predictions import Predictions, save_fold_test, save_predictions
 
     s = ctx.settings
-    sources = [(source.label, variant.bring_up_to_date(source.stage)) for source, variant in variants(ctx.config)]
+    sources = [(source.label, ctx.input(source.label)) for source in s.sources]
     loaded = _aligned(sources)
     first = loaded[0][1]
     labels = first.valid_labels
@@ -249,5 +243,5 @@ STAGE = Stage(
     reads=("features", *MISTAKES_READS),
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
-    source_stamp=source_stamp,
+    variants=variants,
 )

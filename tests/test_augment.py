@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from tests.helpers import REPO, make_statefarm_like, needs_shared_data, statefarm_like_config
 from tests.test_augment import AUGMENTED

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
@@ -155,3 +155,49 @@ def test_a_blend_teaches_each_folds_student_with_its_own_folds_blend(blend_run):
         record = json.loads((work / "_runs" / "pseudo-students" / row["key"] / "unit.json").read_text())
         assert record["taught"] == Teaching(teachers[row["fold"] - 1], np.ones(6, bool), 0.25).digest()
     assert m["teacher_val_log_loss"] == Manifest.read(work / "blend").metrics["val_log_loss"]
+
+
+def _tree(folder):
+    """Every path under `folder` (links not followed) with what it is: a link's target, a file's size and mtime."""
+    return {str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else
+            (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder" for p in folder.rglob("*")}
+
+
+def test_kp_status_writes_nothing_for_a_blend(blend_run, tmp_path):
+    """`kp status` only reads: no variant folder, link, lock or memo appears, on a run blend or a fresh one."""
+    from click.testing import CliRunner
+
+    from pipeline.cli.commands import cli
+
+    work = blend_run.work_dir
+    sets = [arg for s in BLEND for arg in ("--set", s)]
+    before = _tree(work.parent)
+    result = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets], catch_exceptions=False)
+    assert result.exit_code == 0 and "blend" in result.output
+    assert _tree(work.parent) == before
+    fresh = tmp_path / "fresh-work"
+    result = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets, "--set", f"paths.work={fresh}"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0 and "never run" in result.output and not fresh.exists()
+
+
+def test_kp_status_of_the_dogscats_blend_writes_nothing(project):
+    from click.testing import CliRunner
+
+    from pipeline.cli.commands import cli
+    from tests.helpers import COMPETITIONS
+
+    archive = COMPETITIONS / "dogs-vs-cats-redux-kernels-edition" / "dogs-vs-cats-redux-kernels-edition.zip"
+    if not archive.is_file():
+        pytest.skip(f"{archive}: the shared data is not here")
+    weights = archive.parents[2] / "weights"
+    sets = ["download.source=" + str(archive), "precompute.weights=" + str(weights / "efficientnet_lite2_imagenet_notop.keras")]
+    for name, file in (("lite1", "efficientnet_lite1_imagenet_notop.keras"), ("lite0", "efficientnet_lite0_imagenet_notop.keras"),
+                       ("mobilenetv2", "mobilenet_v2_1.0_224_no_top.h5")):
+        sets.append(f"features.{name}.weights={weights / file}")
+    before = _tree(project)
+    result = CliRunner().invoke(cli, ["status", "--comp", "dogscats", "--config", "configs/offline/dogscats.yaml",
+                                      "--config", "configs/offline/dogscats-blend.yaml",
+                                      *[arg for s in sets for arg in ("--set", s)]], catch_exceptions=False)
+    assert result.exit_code == 0 and "blend" in result.output, result.output
+    assert _tree(project) == before

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.data.arrays import ChunkedArrayWriter, load_array
 from pipeline.engine.config import load_config
 from pipeline.core import code_version

@@ -105,7 +105,7 @@ def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored
 
 def test_a_kernel_past_its_time_limit_or_without_a_submission_ends_with_one_message_and_no_ledger_row(code_server,
                                                                                                      tmp_path):
-    from pipeline import code_submission
+    from pipeline.shipping import code_submission
     from pipeline.kaggle import kernel_api
 
     server = code_server(kernel_timeout_s=2)
@@ -145,7 +145,8 @@ DOGSCATS_CV = ["stages=[download, split, precompute, cv, submit]", "split.strate
 def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle_server):
     """The acceptance run: dogs vs cats downloaded, cross-validated on Lite2 features, its bundle and kernel pushed
     through the real client; the kernel's public submission equals kp's to 1e-6, the hidden rerun is scored."""
-    from pipeline import code_submission, runner
+    from pipeline.engine import runner
+    from pipeline.shipping import code_submission
     from pipeline.kaggle import leaderboard
     from tests.helpers import COMPETITIONS, REPO
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.artifacts import TEMPORARY_MARK, TMP_PREFIX
 from pipeline.core.cache import Manifest

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError

@@ -7,7 +7,7 @@ import zipfile
 import pandas as pd
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.core.cache import Manifest
 from pipeline.engine.config import load_config
 from pipeline.data.index import INDEX_COLUMNS, read_index

@@ -463,7 +463,7 @@ DIGITS_CHEAP = ["finetune.phases=[{epochs: 1, lr: 0.001}]", "ensemble.n=1"]
 
 
 def _digits_cheap(root):
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.engine.config import load_config
 
     runner.run(load_config("digits", sets=DIGITS_CHEAP))

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.kaggle import leaderboard
 from pipeline.core.cache import Manifest
 from pipeline.engine.config import load_config

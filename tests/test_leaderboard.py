@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.kaggle import api as kaggle_api
 from pipeline.cli.commands import cli
 from pipeline.engine.config import load_config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.kaggle import leaderboard
 from pipeline.core.cache import Manifest
 from pipeline.engine.config import load_config

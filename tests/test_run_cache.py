@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.cli.commands import cli
 from pipeline.engine.config import known_competitions, load_config
 from pipeline.core.cache import Manifest

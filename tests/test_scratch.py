@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import png_size
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.training.augment import augmented_batches, build_augmenter
 from pipeline.core.cache import Manifest
 from pipeline.engine.config import load_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.data.features import load_split_features

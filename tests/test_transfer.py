@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.data.arrays import load_array
 from pipeline.core.cache import Manifest
 from pipeline.engine.config import load_config

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import runner
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.core.artifacts import BACKUP_JOURNAL, BACKUP_METADATA, MODEL_FILE
 from pipeline.core.cache import Manifest

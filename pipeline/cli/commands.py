@@ -70,7 +70,7 @@ def _load(comp: str, extra_files, sets, shallow: bool = False):
 
 
 def _run(comp, extra_files, sets, targets, force, upload=False, message=None) -> None:
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.engine.status import format_table
 
     config = _load(comp, extra_files, sets)
@@ -79,7 +79,7 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None) ->
     statuses = runner.run(config, targets, force=force)
     click.echo(format_table(statuses))
     if upload:
-        from pipeline import code_submission
+        from pipeline.shipping import code_submission
         from pipeline.kaggle import leaderboard
 
         leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
@@ -345,7 +345,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 @_config_options
 def package(comp, extra_files, sets, source, wheels):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.shipping.packaging import check_source, package as write_bundle
 
     config = _load(comp, extra_files, sets)
@@ -373,7 +373,7 @@ def kernel():
 def kernel_push(comp, extra_files, sets, source):
     """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
     wait for its run and download its output; a failed run ends with Kaggle's message and its log's end."""
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.shipping.code_submission import push
     from pipeline.shipping.packaging import check_source
 
@@ -410,7 +410,7 @@ def kernel_status(comp, extra_files, sets, wait):
 @_config_options
 def lr_find(comp, extra_files, sets, stage, steps, apply):
     """Learning-rate range test on a copy of the stage's model: suggested rates, lr_find.png."""
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.core.artifacts import LR_FIND_DIR
     from pipeline.training.lr_find import find_for_stage
 
@@ -433,7 +433,7 @@ def lr_find(comp, extra_files, sets, stage, steps, apply):
 @_config_options
 def show(comp, extra_files, sets, augmented, per_class):
     """A grid of training images with their labels (and augmented versions), written to a PNG."""
-    from pipeline import runner
+    from pipeline.engine import runner
     from pipeline.evaluation.gallery import show_training_images
 
     config = _load(comp, extra_files, sets)

@@ -1,4 +1,5 @@
-"""What a stage is: its declaration (`Stage`), its settings base class, and what it is handed at run time.
+"""What a stage is: its declaration (`Stage`, the `Variant`s it reads), the config as it may see it, and what it is
+handed at run time.
 
 A stage module in `stages/` defines a `Settings` model (its config section), a `run(ctx)` function
 (the recipe) and a module-level `STAGE = Stage(...)` that ties them together with the stage's
@@ -95,15 +96,27 @@ class ConfigView:
     def path(self, value) -> Path:
         return self._config.path(value)
 
-    def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str):
-        """A variant of the whole config (`pipeline.engine.config.ResolvedConfig.variant_of`), unrestricted: a
-        stage that reads a variant's results puts the variant's own fingerprints in its stamp."""
-        return self._config.variant_of(name, overrides, target, where)
-
     @property
     def submissions_dir(self) -> Path:
         self.check("paths.submissions")
         return self._config.submissions_dir
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant a stage reads: this competition under a few changed settings, run in its own folder
+    (`work/COMP/_variants/NAME/`) with the competition's run cache.
+
+    name: its folder, and the key of its output folder in the reading stage's `ctx.inputs`.
+    overrides: dotted key -> value, applied as `--set` would.
+    target: the stage of the variant whose output the reading stage reads.
+    where: what asked for it, for errors (`blend.sources[1]`).
+    """
+
+    name: str
+    overrides: dict[str, Any]
+    target: str
+    where: str
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,9 @@ class Stage:
         `source_stamp(config, stamp)` where `stamp(path)` is the configured file stamp (size and
         mtime, or sha256), so that replacing an input file makes the stage stale.
     extra_needs: upstream stages chosen by the config (submit reads the stage `submit.source` names).
+    variants: the variants it reads, as `variants(config)` -> a list of `Variant`: the engine folds
+        each variant's fingerprint into this stage's, brings each up to date before the stage runs,
+        and hands its target's output folder to the stage as `ctx.inputs[variant.name]`.
     recipes: the training recipes (`pipeline.training.recipes`) the stage runs under a config, as
         `recipes(config)`: their config keys (`Recipe.keys`) join the stage's and their modules
         (`Recipe.module`) its code, so a stage is stale when a recipe it uses changes, and only then.
@@ -146,6 +162,7 @@ class Stage:
     headline: Callable[[dict[str, Any]], str] = lambda metrics: ""
     source_stamp: Callable[[Any, Callable[[Path], dict]], dict[str, Any]] | None = None
     extra_needs: Callable[[Any], tuple[str, ...]] | None = None
+    variants: Callable[[Any], list[Variant]] | None = None
     recipes: Callable[[Any], tuple[Any, ...]] | None = None
     restore: Callable[["StageContext"], None] | None = None
     check: Callable[[Any, dict[str, dict]], None] | None = None
@@ -188,7 +205,8 @@ class StageContext:
     out: a fresh temporary folder; everything the stage writes goes here. It becomes the stored run
         `work/COMP/_runs/STAGE/FINGERPRINT/` (and `work/COMP/STAGE` points at it) only once `run`
         returns, so a crash never leaves an accepted artifact.
-    inputs: the current output folder of each upstream stage, by name.
+    inputs: the current output folder of each upstream stage, by name, and of each variant it reads
+        (`Stage.variants`), by the variant's name.
     cache_dir: a per-competition folder that survives reruns (downloaded archives live here).
     config_fingerprint: this stage's fingerprint (submissions carry it).
     fingerprint_inputs: what that fingerprint hashes (config values, upstream fingerprints, code).

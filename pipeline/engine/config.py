@@ -116,8 +116,9 @@ class FeatureSet(StrictModel):
 class ResolvedConfig:
     """The validated configuration of one competition, with where each value came from.
 
-    A variant (`variant_of`) is the same competition under a few changed settings, whose stage links
-    live in `work/COMP/_variants/NAME/` and whose run store is the competition's.
+    Data only: it runs nothing and writes nothing. A variant (`variant_of`) is the same competition under
+    a few changed settings, whose stage links live in `work/COMP/_variants/NAME/` and whose run store is
+    the competition's.
     """
 
     comp: str
@@ -178,24 +179,11 @@ class ResolvedConfig:
         """How log lines name it: `COMP`, or `COMP/VARIANT`."""
         return f"{self.comp}/{self.variant}" if self.variant else self.comp
 
-    def fingerprint_of(self, stage: str) -> str:
-        """The fingerprint `stage`'s output must have under this config (`pipeline.engine.status`)."""
-        from pipeline.engine.status import expected_fingerprints
-
-        return expected_fingerprints(self)[stage]
-
-    def bring_up_to_date(self, stage: str) -> Path:
-        """Run `stage` and what it needs, as `kp STAGE` does; returns its output folder."""
-        from pipeline.engine.runner import run
-
-        run(self, [stage])
-        return (self.work_dir / stage).resolve()
-
     def variant_of(self, name: str, overrides: dict[str, Any], target: str, where: str) -> "ResolvedConfig":
         """This config with `overrides` applied, listing only `target` and the stages it needs: a blend's source.
 
         Args:
-            name: the variant's folder name (`work/COMP/_variants/NAME/`, created with its links).
+            name: the variant's folder name (`work/COMP/_variants/NAME/`; the runner makes it).
             overrides: dotted key -> value, applied as `--set` would.
             target: the stage the variant is run for.
             where: what set the overrides, for errors (`blend.sources[1]`).
@@ -203,7 +191,6 @@ class ResolvedConfig:
         Returns:
             The variant's validated config.
         """
-        from pipeline.core.runs import link_variant
         from pipeline.engine.registry import all_stages, with_needs
 
         values, provenance = copy.deepcopy(self.values), dict(self.provenance)
@@ -217,7 +204,6 @@ class ResolvedConfig:
         wanted = with_needs([target], lambda stage: stages[stage].needs_for(resolved))
         resolved.model = model.model_copy(update={"stages": wanted})
         resolved.values["stages"] = wanted
-        link_variant(resolved.work_dir)
         return resolved
 
     @property

@@ -22,10 +22,11 @@ from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
 from pipeline.core.cache import Manifest, competition_lock, output_digests, output_problems, output_sizes, \
     sweep_partial, upstream_digests, write_text_atomic
 from pipeline.core.errors import PipelineError, RunStopped, describe_os_error
-from pipeline.core.runs import point, stage_store
+from pipeline.core.runs import link_variant, point, stage_store
 from pipeline.core.stage import Stage, StageContext
 from pipeline.engine.registry import all_stages, with_needs
 from pipeline.engine.status import UP_TO_DATE, StageStatus, check_settings, damaged_outputs, stage_statuses
+from pipeline.engine.variants import variant_configs
 
 
 def plan(config: ResolvedConfig, targets: list[str] | None) -> list[str]:
@@ -72,6 +73,8 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
     order = plan(config, targets)
     forced = {name: "forced" for name in (order if targets is None else targets)} if force else {}
     stages = all_stages()
+    if config.variant:  # its own folder, whose _runs and _cache are the competition's
+        link_variant(config.work_dir)
     with competition_lock(config.work_dir):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
@@ -93,6 +96,8 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
                 actions[name] = "restored"
                 continue
             why = forced.get(name) or "; ".join(status.reasons)
+            for variant, variant_config in variant_configs(config, stages[name]):
+                run(variant_config, [variant.target])
             _say(config, f"{name}: running ({why})")
             manifest = _guarded(config, stages[name], status)
             actions[name] = "ran"
@@ -101,13 +106,16 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
 
 
 def _context(config: ResolvedConfig, stage: Stage, status: StageStatus, out) -> StageContext:
+    inputs = {upstream: (config.work_dir / upstream).resolve() for upstream in stage.needs_for(config)}
+    for variant, variant_config in variant_configs(config, stage):
+        inputs[variant.name] = (variant_config.work_dir / variant.target).resolve()
     return StageContext(
         comp=config.comp,
         stage=stage,
         config=stage.view(config),
         settings=config.section(stage.section),
         out=out,
-        inputs={upstream: (config.work_dir / upstream).resolve() for upstream in stage.needs_for(config)},
+        inputs=inputs,
         cache_dir=config.work_dir / CACHE_FOLDER,
         work_dir=config.work_dir,
         config_fingerprint=status.fingerprint,

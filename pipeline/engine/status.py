@@ -1,8 +1,9 @@
-"""Which stages are up to date, stale (and why), restorable or missing, computed from the config alone.
+"""Which stages are up to date, stale (and why), restorable or missing: the fingerprints the config
+expects, against the manifests and the run cache on disk. It only reads: `kp status` writes nothing.
 
 Expected fingerprints are computed in stage order from the current config, each from its
-upstream's *expected* fingerprint, so a change upstream makes everything after it stale even
-before anything reruns. A stale stage whose expected fingerprint is already in the run cache is
+upstream's *expected* fingerprint (and the expected fingerprints of the variants it reads), so a
+change upstream makes everything after it stale even before anything reruns. A stale stage whose expected fingerprint is already in the run cache is
 `restorable`: the runner points at the stored run instead of recomputing it. Nothing here imports
 TensorFlow or pandas: `kp status` must answer in a second.
 """
@@ -20,6 +21,7 @@ from pipeline.core.code_version import code_hashes
 from pipeline.core.runs import last_action, stage_store
 from pipeline.core.stage import Stage
 from pipeline.engine.registry import all_stages
+from pipeline.engine.variants import variant_configs
 
 UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
 STAMP_MEMO = "stamps.json"
@@ -56,7 +58,8 @@ class StageStatus:
 
 def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprints: dict[str, str]) -> dict[str, Any]:
     """Everything a stage's output depends on, as plain JSON values: its declared config keys, its
-    upstream fingerprints, its code (file hashes) and its source stamp."""
+    upstream fingerprints, the fingerprints of the variants it reads, its code (file hashes) and its
+    source stamp."""
     memo = config.work_dir / CACHE_FOLDER / STAMP_MEMO
     mode = config.get("cache.stamp")
 
@@ -68,6 +71,8 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
         "code": code_hashes(*stage.code_modules(config)),
         "config": {key: config.get(key) for key in stage.keys_for(config)},
         "upstream": {name: upstream_fingerprints[name] for name in stage.needs_for(config)},
+        "variants": {request.name: expected_fingerprints(variant)[request.target]
+                     for request, variant in variant_configs(config, stage)},
         "stamp": stage.source_stamp(stage.view(config), stamp) if stage.source_stamp else {},
     }
 
@@ -160,6 +165,9 @@ def explain(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for name, fp in now["upstream"].items():
         if before.get("upstream", {}).get(name) != fp:
             reasons.append(f"upstream {name} changed")
+    for name, fp in now["variants"].items():
+        if before.get("variants", {}).get(name) != fp:
+            reasons.append(f"variant {name} changed")
     if before.get("stamp") != now["stamp"]:
         reasons.append(f"source changed: {before.get('stamp')} -> {now['stamp']}")
     return reasons

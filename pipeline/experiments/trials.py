@@ -129,7 +129,8 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
         (why, when it was), `fold_scores`, fingerprint, seconds, the stages that ran (rather than being
         restored or skipped), validation kind, the folds' spread.
     """
-    from pipeline import runner
+    from pipeline.engine import runner
+    from pipeline.engine.status import expected_fingerprints
     from pipeline.core.cache import Manifest
     from pipeline.core.executor import watching_units
 
@@ -153,7 +154,7 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
     except RunStopped as stop:
         pruned, actions[spec.stage] = str(stop), "stopped"  # it trained the folds it reported
     record: dict[str, Any] = {"trial": spec.number, "overrides": spec.overrides, "command": spec.command,
-                              "objective": spec.stage, score_name: None, "fingerprint": config.fingerprint_of(spec.stage),
+                              "objective": spec.stage, score_name: None, "fingerprint": expected_fingerprints(config)[spec.stage],
                               "seconds": round(time.perf_counter() - clock, 1),
                               "ran": [name for name, action in actions.items() if action in ("ran", "stopped")]}
     if pruned is not None:
@@ -197,7 +198,7 @@ def run_trials(base, next_trial: Callable[[], TrialSpec | None], finish: Callabl
         pruning: when to stop a cv trial early (None: never).
         say: prints a line.
     """
-    from pipeline import runner
+    from pipeline.engine import runner
 
     if base.compute.backend != "ray":
         while (spec := next_trial()) is not None:
