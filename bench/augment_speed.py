@@ -24,12 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.experiments.bench_results import write_result  # noqa: E402
-from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.data.augmentation import RowAugmenter  # noqa: E402
 from pipeline.data.features import label_indices  # noqa: E402
 from pipeline.data.index import read_index  # noqa: E402
+from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.engine.registry import all_stages  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 
 
 def throughput(config, paths, repeats: int) -> dict:

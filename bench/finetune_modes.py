@@ -23,11 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.experiments.bench_results import write_result  # noqa: E402
-from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.data.features import load_split_features  # noqa: E402
-from pipeline.evaluation.predictions import load_predictions  # noqa: E402
+from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.engine.registry import all_stages  # noqa: E402
+from pipeline.evaluation.predictions import load_predictions  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 from pipeline.training import fit  # noqa: E402
 
 

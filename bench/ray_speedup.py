@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.engine import runner  # noqa: E402
-from pipeline.experiments.bench_results import write_result  # noqa: E402
 from pipeline.engine.config import load_config  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 
 VARIANTS = {"local": ["compute.backend=local"],
             "ray, 1 CPU": ["compute.backend=ray", "compute.local_cpus=1"],

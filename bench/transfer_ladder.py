@@ -24,11 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.engine import runner  # noqa: E402
-from pipeline.experiments.bench_results import write_result  # noqa: E402
-from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.core.cache import Manifest  # noqa: E402
+from pipeline.engine import runner  # noqa: E402
+from pipeline.engine.config import load_config  # noqa: E402
 from pipeline.evaluation.scoring import score_file_on_test_set  # noqa: E402
+from pipeline.experiments.bench_results import write_result  # noqa: E402
 
 PLAIN = ["finetune.augmented=false", "finetune.tta=false", "bnretrain.augmented=false", "bnretrain.tta=false"]
 AUGMENTED = ["finetune.augmented=true", "finetune.tta=false", "bnretrain.augmented=true", "bnretrain.tta=false"]

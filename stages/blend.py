@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext, Variant
@@ -79,7 +80,7 @@ class Settings(StrictModel):
         return self
 
 
-def variants(config) -> list[Variant]:
+def variants(config: ConfigReader) -> list[Variant]:
     """Each source as the variant the engine runs for it (`Stage.variants`).
 
     Args:

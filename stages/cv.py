@@ -26,11 +26,11 @@ from pydantic import Field
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_table
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import NAMES, needs_of, steps_of
-from pipeline.core.readers import read_table
 
 FOLD_STRATEGIES = ("kfold", "group_kfold")
 

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, REPORT_FILE, SOLUTION_FILE
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext
@@ -246,7 +247,7 @@ def _counts(index) -> dict:
     }
 
 
-def _source_stamp(config, stamp) -> dict:
+def _source_stamp(config: ConfigReader, stamp) -> dict:
     """A local archive or folder's stamp (`cache.stamp`: size and mtime, or sha256): replacing it
     makes download stale."""
     source = config.get("download.source")

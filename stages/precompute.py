@@ -24,8 +24,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, SHARD_FILE, array_file, rows_file
-from pipeline.core.errors import PipelineError
 from pipeline.core.competition import network_size
+from pipeline.core.config_reader import ConfigReader
+from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext
 from pipeline.models.backbones import CUTS, FILE_BACKBONE, PREPROCESSING
@@ -149,7 +150,7 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
     return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
 
 
-def write_shard(config, inputs: dict, paths: list[str], out) -> dict:
+def write_shard(config: ConfigReader, inputs: dict, paths: list[str], out) -> dict:
     """One shard's feature rows into `out` (on a Ray worker): the images must be visible there.
     Returns its record: the network's name, row shape, image size, device and timing."""
     import socket
@@ -211,7 +212,7 @@ def _device_line(device: dict) -> str:
             f"{device['pixels']} pixels, batch {device['batch_size']}")
 
 
-def _weights_stamp(config, stamp) -> dict:
+def _weights_stamp(config: ConfigReader, stamp) -> dict:
     """A weights file's stamp (`cache.stamp`): replacing the file makes the features stale."""
     weights, preset = config.get("precompute.weights"), hub_preset(config.get("precompute.backbone"))
     folder = config.path(preset) if preset is not None else None

@@ -26,12 +26,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from pipeline.core.artifacts import PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_table
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import needs_of, steps_of
-from pipeline.core.readers import read_table
 
 TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth", "blend")
 STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
@@ -63,7 +64,7 @@ class Settings(StrictModel):
         return subsets
 
 
-def teacher_base(config, source: str) -> str:
+def teacher_base(config: ConfigReader, source: str) -> str:
     """The stage whose models made the teacher's predictions: smooth's source for smooth; cv for a blend
     (a blend of cross-validated sources teaches fold by fold, with its `fold_test_probs.npy`, and its
     students follow cv's recipe on this competition's own features)."""
@@ -71,13 +72,13 @@ def teacher_base(config, source: str) -> str:
     return "cv" if base == "blend" else base
 
 
-def student_recipe(config, source: str) -> str:
+def student_recipe(config: ConfigReader, source: str) -> str:
     """The recipe the teacher's models followed, which the student follows too."""
     base = teacher_base(config, source)
     return {"ensemble": config.get("ensemble.source"), "cv": config.get("cv.source")}.get(base, base)
 
 
-def student_steps(config) -> tuple:
+def student_steps(config: ConfigReader) -> tuple:
     """The recipes a student follows, from nothing."""
     return steps_of(student_recipe(config, config.section("pseudo").source), config)
 

@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 
-from pipeline.data.archive import extract_nested, extract_zip, list_members
 from pipeline.core.errors import PipelineError
+from pipeline.data.archive import extract_nested, extract_zip, list_members
 from tests.helpers import nested_zip
 
 

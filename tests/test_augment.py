@@ -16,8 +16,6 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import last_action
@@ -25,6 +23,8 @@ from pipeline.data.arrays import load_array
 from pipeline.data.augmentation import RowAugmenter
 from pipeline.data.features import load_split_features
 from pipeline.data.images import decode_resize
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.extractor import build_extractor
 from tests.helpers import REPO, make_statefarm_like, png_size, start_kp, statefarm_like_config, wait_for_partial

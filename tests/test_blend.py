@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
+from pipeline.engine.status import stage_statuses
 from pipeline.evaluation.blending import choose, cross_fit, hill_climb, simplex_weights
 from pipeline.evaluation.predictions import load_fold_test, load_predictions
-from pipeline.engine.status import stage_statuses
 from tests.test_cv import CV, _cross_validated
 
 FEATURES = "features={wide: {image_size: [48, 48]}, mobile: {backbone: MobileNetV2, alpha: 0.35, image_size: [32, 32]}}"

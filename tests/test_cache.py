@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.engine import runner
-from pipeline.data.arrays import ChunkedArrayWriter, load_array
-from pipeline.engine.config import load_config
 from pipeline.core import code_version
 from pipeline.core.cache import MANIFEST, Manifest, competition_lock, fingerprint, sweep_partial
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunStore
+from pipeline.data.arrays import ChunkedArrayWriter, load_array
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.engine.registry import all_stages
 from pipeline.engine.status import MISSING, STALE, UP_TO_DATE, explain, fingerprint_inputs, stage_statuses
 from tests.helpers import REPO, make_statefarm_like, start_kp, statefarm_like_config, wait_for_partial

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
-from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.kaggle.ledger import read_ledger
 from tests.helpers import needs_shared_data
@@ -105,8 +105,8 @@ def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored
 
 def test_a_kernel_past_its_time_limit_or_without_a_submission_ends_with_one_message_and_no_ledger_row(code_server,
                                                                                                      tmp_path):
-    from pipeline.shipping import code_submission
     from pipeline.kaggle import kernel_api
+    from pipeline.shipping import code_submission
 
     server = code_server(kernel_timeout_s=2)
     config = load_config("synth", sets=CODE)
@@ -146,8 +146,8 @@ def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle
     """The acceptance run: dogs vs cats downloaded, cross-validated on Lite2 features, its bundle and kernel pushed
     through the real client; the kernel's public submission equals kp's to 1e-6, the hidden rerun is scored."""
     from pipeline.engine import runner
-    from pipeline.shipping import code_submission
     from pipeline.kaggle import leaderboard
+    from pipeline.shipping import code_submission
     from tests.helpers import COMPETITIONS, REPO
 
     files = [project / "configs" / "offline" / "dogscats-kaggle.yaml"]

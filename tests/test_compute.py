@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.artifacts import TEMPORARY_MARK, TMP_PREFIX
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from tests.helpers import make_statefarm_like, statefarm_like_config
 

@@ -6,8 +6,8 @@ import re
 import pytest
 import yaml
 
-from pipeline.engine.config import config_model, load_config
 from pipeline.core.errors import PipelineError
+from pipeline.engine.config import config_model, load_config
 from tests.helpers import REPO, write_config
 
 

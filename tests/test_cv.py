@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import load_array
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from tests.helpers import make_statefarm_like, statefarm_like_config
 from tests.test_transfer import TINY_VGG

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.data.arrays import load_array
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.models.device import batch_for_memory, plan_device
 from tests.helpers import REPO, calibrated_mobilenetv2_weights, make_statefarm_like, statefarm_like_config
 

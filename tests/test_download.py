@@ -7,11 +7,11 @@ import zipfile
 import pandas as pd
 import pytest
 
-from pipeline.engine import runner
 from pipeline.core.cache import Manifest
-from pipeline.engine.config import load_config
-from pipeline.data.index import INDEX_COLUMNS, read_index
 from pipeline.core.errors import PipelineError
+from pipeline.data.index import INDEX_COLUMNS, read_index
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from tests.helpers import (COMPETITIONS, REPO, image_bytes, make_statefarm_like, needs_shared_data,
                             nested_zip, statefarm_like_config, write_config)
 

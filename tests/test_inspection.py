@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 from click.testing import CliRunner
 
-from pipeline.engine import runner
 from pipeline.cli.commands import cli
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.data.augmentation import RowAugmenter
 from pipeline.data.index import read_index
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.gallery import load_training_images, show_training_images
 from pipeline.evaluation.mistakes import most_confused, top_losses
 from pipeline.evaluation.predictions import load_predictions

@@ -5,13 +5,13 @@ import socket
 
 import pytest
 
-from pipeline.engine import runner
-from pipeline.kaggle import leaderboard
 from pipeline.core.cache import Manifest
-from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
-from pipeline.kaggle.ledger import read_ledger
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.scoring import score_file_on_test_set
+from pipeline.kaggle import leaderboard
+from pipeline.kaggle.ledger import read_ledger
 from tests.helpers import COMPETITIONS, needs_shared_data
 
 pytestmark = [needs_shared_data, pytest.mark.realdata]

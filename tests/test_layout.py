@@ -116,3 +116,20 @@ def test_make_offers_exactly_the_stages_that_exist():
                               capture_output=True, text=True).stdout
     match = re.search(r"^STAGES := (.*)$", database, re.M)
     assert tuple(match.group(1).split()) == stage_names()
+
+
+def test_both_configs_answer_to_the_one_config_face():
+    """Library code annotates `config: ConfigReader`; the engine's ResolvedConfig and a stage's ConfigView
+    each offer every member of it (checked on the classes: a view raises on an undeclared key by design)."""
+    import dataclasses
+    import typing
+
+    from pipeline.core.config_reader import ConfigReader
+    from pipeline.core.stage import ConfigView
+    from pipeline.engine.config import ResolvedConfig
+
+    members = {name for name in vars(ConfigReader) if not name.startswith("_")} | set(typing.get_type_hints(ConfigReader))
+    fields = {f.name for f in dataclasses.fields(ResolvedConfig)}
+    assert not [name for name in members if not hasattr(ResolvedConfig, name) and name not in fields]
+    view_attributes = {"comp", "root"}  # set in ConfigView.__init__
+    assert not [name for name in members if not hasattr(ConfigView, name) and name not in view_attributes]

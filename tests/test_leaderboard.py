@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline.engine import runner
-from pipeline.kaggle import api as kaggle_api
 from pipeline.cli.commands import cli
+from pipeline.engine import runner
 from pipeline.engine.config import load_config
-from pipeline.kaggle.local.server import KaggleLocalServer
+from pipeline.evaluation.scoring import competition_from_files, score_file_on_test_set
+from pipeline.kaggle import api as kaggle_api
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.kaggle.local.competitions import LocalCompetitions
-from pipeline.evaluation.scoring import competition_from_files, score_file_on_test_set
+from pipeline.kaggle.local.server import KaggleLocalServer
 from tests.helpers import REPO, png_size, serve_competition, serve_digits
 
 # digits, quick: one epoch of a small CNN, the finetune model submitted (no ensemble)

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
 from pipeline.engine.config import load_config
-from pipeline.models.heads import build_head
 from pipeline.engine.status import UP_TO_DATE, stage_statuses
+from pipeline.models.heads import build_head
 from pipeline.training.fit import make_optimizer
 from pipeline.training.lr_find import range_test
 from tests.helpers import make_statefarm_like, png_size, statefarm_like_config

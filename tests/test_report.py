@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
+from pipeline.engine.config import load_config
 from tests.helpers import make_statefarm_like, statefarm_like_config
 from tests.test_transfer import TINY_VGG
 

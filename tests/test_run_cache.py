@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from pipeline.engine import runner
 from pipeline.cli.commands import cli
-from pipeline.engine.config import known_competitions, load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import current_key, stage_store
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, UndeclaredConfigRead
+from pipeline.engine import runner
+from pipeline.engine.config import known_competitions, load_config
 from pipeline.engine.registry import all_stages
 from pipeline.engine.status import STALE, fingerprint_inputs, stage_statuses
 from tests.helpers import REPO, make_statefarm_like, statefarm_like_config

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import png_size
-from pipeline.engine import runner
-from pipeline.training.augment import augmented_batches, build_augmenter
 from pipeline.core.cache import Manifest
-from pipeline.engine.config import load_config
 from pipeline.data.features import load_split_features
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.scratch import LADDER, build_scratch_model
+from pipeline.training.augment import augmented_batches, build_augmenter
 from pipeline.training.fit import Phase, fit
+from tests.helpers import png_size
 
 QUICK = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "model.arch=cnn", "finetune.augment=null"]
 

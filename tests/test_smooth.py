@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.data.features import load_split_features
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.metrics import multiclass_log_loss
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.evaluation.smoothing import (cross_fitted, halves, neighbours, neighbours_within, size_matched_sets,

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.engine import runner
 from pipeline.core.cache import Manifest
-from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.splits import class_balance, group_kfold, group_split, kfold, random_split
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from tests.helpers import COMPETITIONS, make_statefarm_like, needs_shared_data, statefarm_like_config
 
 STATEFARM_ZIP = COMPETITIONS / "state-farm-distracted-driver-detection" / "state-farm-distracted-driver-detection.zip"

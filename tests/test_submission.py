@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.engine.config import load_config
 from pipeline.evaluation.metrics import (SCORE_NAMES, binary_log_loss, clip_probabilities, competition_score, evaluate,
                                          leaderboard_score_name, multiclass_log_loss)
 from pipeline.evaluation.scoring import score_submission

@@ -9,9 +9,9 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli.commands import cli
-from pipeline.engine.config import load_config
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
+from pipeline.engine.config import load_config
 from pipeline.experiments.sweeps import grid_trials, split_values
 from tests.test_cv import CV, _cross_validated
 

@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from pipeline.engine import runner
-from pipeline.data.arrays import load_array
 from pipeline.core.cache import Manifest
-from pipeline.engine.config import load_config
 from pipeline.core.errors import PipelineError
+from pipeline.data.arrays import load_array
 from pipeline.data.features import load_split_features
-from pipeline.models.heads import build_head, with_dropout
 from pipeline.data.images import decode_resize
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.plots import plot_confusion, plot_history
+from pipeline.models.heads import build_head, with_dropout
 from pipeline.training.fit import Phase, cosine_schedule, current_learning_rate, fit, make_optimizer
 from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.engine import runner
-from pipeline.engine.config import load_config
 from pipeline.core.artifacts import BACKUP_JOURNAL, BACKUP_METADATA, MODEL_FILE
 from pipeline.core.cache import Manifest
 from pipeline.core.errors import PipelineError
+from pipeline.engine import runner
+from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.unfreeze import backbone_blocks
 from pipeline.training.fit import Phase, fit

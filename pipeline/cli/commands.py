@@ -30,11 +30,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pipeline.core.errors import PipelineError, describe_os_error
 from pipeline.training.recipes import NAMES as RECIPE_NAMES
+
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
 DEFAULT_COMP = "digits"
 
@@ -79,8 +83,8 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None) ->
     statuses = runner.run(config, targets, force=force)
     click.echo(format_table(statuses))
     if upload:
-        from pipeline.shipping import code_submission
         from pipeline.kaggle import leaderboard
+        from pipeline.shipping import code_submission
 
         leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
                            submit_kernel=code_submission.submit)
@@ -95,7 +99,7 @@ def _upload_options(command):
                              "submissions/COMP/ledger.csv.")(command)
 
 
-def _echo_ledger(config, last: int | None = None) -> None:
+def _echo_ledger(config: ResolvedConfig, last: int | None = None) -> None:
     from pipeline.kaggle.ledger import format_ledger, ledger_path, read_ledger
 
     rows = read_ledger(ledger_path(config))
@@ -201,8 +205,8 @@ def ledger(comp, extra_files, sets, refresh):
 def status(comp, extra_files, sets, as_json, verify):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.core.runs import store_sizes
-    from pipeline.kaggle.ledger import ledger_path, read_ledger
     from pipeline.engine.status import STALE, check_settings, damaged_outputs, format_table, stage_statuses
+    from pipeline.kaggle.ledger import ledger_path, read_ledger
 
     config = _load(comp, extra_files, sets, shallow=True)
     statuses = stage_statuses(config)
@@ -410,8 +414,8 @@ def kernel_status(comp, extra_files, sets, wait):
 @_config_options
 def lr_find(comp, extra_files, sets, stage, steps, apply):
     """Learning-rate range test on a copy of the stage's model: suggested rates, lr_find.png."""
-    from pipeline.engine import runner
     from pipeline.core.artifacts import LR_FIND_DIR
+    from pipeline.engine import runner
     from pipeline.training.lr_find import find_for_stage
 
     config = _load(comp, extra_files, sets)
@@ -533,7 +537,7 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:,.1f} MB"
 
 
-def _echo_run_cache(config) -> None:
+def _echo_run_cache(config: ResolvedConfig) -> None:
     from pipeline.core.runs import store_sizes
 
     sizes = store_sizes(config.work_dir)

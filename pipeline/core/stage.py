@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.core.artifacts import RUNS_FOLDER
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.settings import StrictModel
 
 
@@ -42,13 +43,13 @@ class _SectionView:
 class ConfigView:
     """The config as one stage may see it: its own section and its declared `reads`, nothing else.
 
-    Offers what stages use of `pipeline.engine.config.ResolvedConfig` (`get`, `section`, `competition`,
-    `path`, `root`, `comp`, `submissions_dir`); anything outside the declaration raises
+    One of the two classes behind `pipeline.core.config_reader.ConfigReader` (`get`, `section`,
+    `competition`, `path`, `root`, `comp`, `work_dir`, `submissions_dir`); anything outside the declaration raises
     `UndeclaredConfigRead`, so a test run of every stage proves its declaration complete. A unit of
     a stage sees a narrower view: the keys its own key hashes (`StageContext.map_units`).
     """
 
-    def __init__(self, config, declared: tuple[str, ...], reader: str, declaration: str):
+    def __init__(self, config: ConfigReader, declared: tuple[str, ...], reader: str, declaration: str):
         """`reader` names who reads (`stage 'cv'`), `declaration` where the declaration lives, for the
         error (`STAGE.reads in stages.cv`)."""
         self._config, self.declared = config, tuple(declared)
@@ -95,6 +96,11 @@ class ConfigView:
 
     def path(self, value) -> Path:
         return self._config.path(value)
+
+    @property
+    def work_dir(self) -> Path:
+        """`work/COMP/`: where the stages' links are, readable undeclared (a folder, not a setting)."""
+        return self._config.work_dir
 
     @property
     def submissions_dir(self) -> Path:
@@ -171,28 +177,28 @@ class Stage:
         if not self.section:
             object.__setattr__(self, "section", self.name)
 
-    def recipes_for(self, config) -> tuple[Any, ...]:
+    def recipes_for(self, config: ConfigReader) -> tuple[Any, ...]:
         """The recipes this stage runs under `config` (none for a stage that trains nothing)."""
         return tuple(self.recipes(config)) if self.recipes else ()
 
-    def keys_for(self, config) -> tuple[str, ...]:
+    def keys_for(self, config: ConfigReader) -> tuple[str, ...]:
         """Every config key whose value goes into the fingerprint: its section, `reads`, then its recipes' keys."""
         keys = [self.section, *self.reads]
         for recipe in self.recipes_for(config):
             keys += [key for key in recipe.keys if key not in keys]
         return tuple(keys)
 
-    def code_modules(self, config) -> tuple[str, ...]:
+    def code_modules(self, config: ConfigReader) -> tuple[str, ...]:
         """The modules whose code (and what they import) computes this stage's output: its own and its recipes'."""
         return (self.run.__module__, *(recipe.module for recipe in self.recipes_for(config)))
 
-    def view(self, config) -> ConfigView:
+    def view(self, config: ConfigReader) -> ConfigView:
         """The config as this stage may read it."""
         if isinstance(config, ConfigView):
             return config
         return ConfigView(config, self.keys_for(config), f"stage {self.name!r}", f"STAGE.reads in {self.run.__module__}")
 
-    def needs_for(self, config) -> tuple[str, ...]:
+    def needs_for(self, config: ConfigReader) -> tuple[str, ...]:
         """Upstream stages under this config: `needs`, then whatever `extra_needs` adds."""
         extra = self.extra_needs(self.view(config)) if self.extra_needs else ()
         return self.needs + tuple(name for name in extra if name not in self.needs)

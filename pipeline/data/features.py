@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.artifacts import META_FILE, SPLIT_FILE, array_file, pass_file, rows_file
-from pipeline.data.arrays import ChunkedArrayWriter, load_array
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_table
+from pipeline.data.arrays import ChunkedArrayWriter, load_array
 
 
 def read_rows(folder: Path, subset: str) -> pd.DataFrame:

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.artifacts import INDEX_FILE, RAW_DIR, SPLIT_FILE
-from pipeline.data.features import check_same_ids, label_indices
 from pipeline.core.readers import read_table
+from pipeline.data.features import check_same_ids, label_indices
 
 
 @dataclass

@@ -17,13 +17,13 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from pipeline.engine.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
 from pipeline.core.cache import Manifest, competition_lock, output_digests, output_problems, output_sizes, \
     sweep_partial, upstream_digests, write_text_atomic
 from pipeline.core.errors import PipelineError, RunStopped, describe_os_error
 from pipeline.core.runs import link_variant, point, stage_store
 from pipeline.core.stage import Stage, StageContext
+from pipeline.engine.config import ResolvedConfig
 from pipeline.engine.registry import all_stages, with_needs
 from pipeline.engine.status import UP_TO_DATE, StageStatus, check_settings, damaged_outputs, stage_statuses
 from pipeline.engine.variants import variant_configs

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipeline.engine.config import ResolvedConfig
 from pipeline.core.artifacts import CACHE_FOLDER
 from pipeline.core.cache import Manifest, changed_outputs, changed_upstream, file_stamp, fingerprint, flatten, \
     output_problems, upstream_digests
 from pipeline.core.code_version import code_hashes
 from pipeline.core.runs import last_action, stage_store
 from pipeline.core.stage import Stage
+from pipeline.engine.config import ResolvedConfig
 from pipeline.engine.registry import all_stages
 from pipeline.engine.variants import variant_configs
 

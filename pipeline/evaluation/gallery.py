@@ -8,6 +8,7 @@ what augment computes for those rows. Reads the download stage's output (the cal
 to date). Imports TensorFlow for image files.
 """
 from __future__ import annotations
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.readers import read_table
 
 from pathlib import Path
@@ -28,7 +29,7 @@ def pick_rows(labels: list[str], classes: list[str], per_class: int, seed: int =
 IMAGE_READS = ("competition.image_size", "competition.channels", "download.layout", "download.label_column")
 
 
-def load_training_images(config, download_dir: Path, index, rows: list[int]) -> list[np.ndarray]:
+def load_training_images(config: ConfigReader, download_dir: Path, index, rows: list[int]) -> list[np.ndarray]:
     """The training rows `rows` (positions among the index's train rows) as uint8 images of
     `competition.image_size`, as precompute decodes them.
 
@@ -57,7 +58,7 @@ def load_training_images(config, download_dir: Path, index, rows: list[int]) -> 
             .astype(np.uint8) for path in chosen["path"]]
 
 
-def show_training_images(config, per_class: int = 4, augmented: bool = False, passes: int = 3,
+def show_training_images(config: ConfigReader, per_class: int = 4, augmented: bool = False, passes: int = 3,
                          say=print) -> tuple[Path, list[dict]]:
     """Write the grid into `work/COMP/show/` from the download stage's current output.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.artifacts import TOP_LOSSES_PLOT
+from pipeline.core.config_reader import ConfigReader
 from pipeline.evaluation.gallery import IMAGE_READS, load_training_images
 
 MISTAKES_READS = ("competition.classes", *IMAGE_READS)  # what `write_mistakes` reads of the config
@@ -36,7 +37,7 @@ def most_confused(labels: np.ndarray, predicted: np.ndarray, classes: list[str],
             for i, j in zip(*np.unravel_index(order, counts.shape)) if counts[i, j] > 0]
 
 
-def write_mistakes(config, download_dir: Path, predictions, out: Path, title: str, n: int = 12) -> dict:
+def write_mistakes(config: ConfigReader, download_dir: Path, predictions, out: Path, title: str, n: int = 12) -> dict:
     """`top_losses.png` in `out` and the metrics for the manifest.
 
     Args:

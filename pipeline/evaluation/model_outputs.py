@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.core.artifacts import (CONFUSION_PLOT, HISTORY_FILE, LOSS_PLOT, MODEL_FILE, PREDICTION_FILES,
                                      TOP_LOSSES_PLOT)
 from pipeline.core.cache import link_or_copy
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.readers import read_table
 
 TRAINED_FILES = (MODEL_FILE, HISTORY_FILE, *PREDICTION_FILES)  # what the training unit wrote
@@ -49,7 +50,7 @@ def draw_training(folder: Path, classes: list[str], heading: str, out: Path | No
                    out / CONFUSION_PLOT, heading)
 
 
-def write_model_outputs(config, unit_folder: Path, record: dict, out: Path, download_dir: Path, title: str) -> dict:
+def write_model_outputs(config: ConfigReader, unit_folder: Path, record: dict, out: Path, download_dir: Path, title: str) -> dict:
     """Link a trained model's files into `out`, draw its plots there, and write its worst mistakes.
 
     Args:

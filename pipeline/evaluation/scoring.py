@@ -14,10 +14,11 @@ import pandas as pd
 
 from pipeline.core.artifacts import SOLUTION_FILE
 from pipeline.core.competition import Competition
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_table
 from pipeline.data.features import label_indices
 from pipeline.evaluation.metrics import accuracy, binary_log_loss, multiclass_log_loss
-from pipeline.core.readers import read_table
 
 
 def competition_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Competition:
@@ -34,7 +35,7 @@ def competition_from_files(sample: pd.DataFrame, solution: pd.DataFrame) -> Comp
     return Competition.for_scoring(columns[0], columns, "accuracy", "multiclass", classes)
 
 
-def solution_file(config) -> Path:
+def solution_file(config: ConfigReader) -> Path:
     """Where a competition's hidden labels are: beside its local SLUG.zip (../shared/data layout), or
     written by the embedded digits source. For scoring servers and benchmarks only."""
     if config.get("download.source") == "sklearn-digits":
@@ -53,7 +54,7 @@ def read_submission(path: Path) -> pd.DataFrame:
         raise PipelineError(f"{path}: cannot read as CSV ({exc})") from None
 
 
-def score_file_on_test_set(config, submission_path: Path, solution_path: Path | None = None
+def score_file_on_test_set(config: ConfigReader, submission_path: Path, solution_path: Path | None = None
                            ) -> tuple[float, float | None]:
     """A submission file scored on the competition's hidden labels (`solution_path`, default
     `solution_file(config)`): (the leaderboard metric, the accuracy of its probabilities, or None

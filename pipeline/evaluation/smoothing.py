@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.evaluation.metrics import multiclass_log_loss
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.readers import read_table
+from pipeline.evaluation.metrics import multiclass_log_loss
 
 METRICS = ("cosine", "euclidean")
 
@@ -146,7 +147,7 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, near: Neighbours, ks: li
     return out, choices
 
 
-def smooth_predictions(config, inputs: dict, before, settings, where: str, fold_test: np.ndarray | None = None):
+def smooth_predictions(config: ConfigReader, inputs: dict, before, settings, where: str, fold_test: np.ndarray | None = None):
     """Smooth a predicting stage's valid and test probabilities with the `smooth` section's settings.
 
     The valid rows (the split's validation rows, or every training row out of fold) are smoothed

@@ -13,10 +13,14 @@ from __future__ import annotations
 import base64
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.artifacts import (CONFUSION_PLOT, LEDGER_PLOT, LOSS_PLOT, LR_FIND_DIR, LR_FIND_PLOT, MEMBERS_PLOT,
                                      PREVIEW_PLOT, HTML_REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
 from pipeline.engine.status import UP_TO_DATE, stage_statuses
+
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
 PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)  # a stage's own plots, in order
 SCORES = ("val_log_loss", "val_accuracy", "val_log_loss_clipped", "val_accuracy_clipped")
@@ -27,7 +31,7 @@ def embedded(path: Path) -> str | None:
     return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.is_file() else None
 
 
-def _stage_section(config, status) -> dict:
+def _stage_section(config: ResolvedConfig, status) -> dict:
     m = status.manifest
     metrics = m.metrics if m else {}
     folder = config.work_dir / status.name
@@ -66,7 +70,7 @@ def _ladder(stages: list[dict]) -> list[dict]:
     return rows
 
 
-def build_report(config) -> Path:
+def build_report(config: ResolvedConfig) -> Path:
     """Write `work/COMP/report.html` from what the work folder holds now; runs nothing.
 
     Args:
@@ -78,8 +82,8 @@ def build_report(config) -> Path:
     import jinja2
 
     from pipeline.core.cache import write_text_atomic
-    from pipeline.kaggle.ledger import ledger_path, read_ledger
     from pipeline.experiments.sweeps import draw_sweep, finished, score_name_of, sweeps
+    from pipeline.kaggle.ledger import ledger_path, read_ledger
 
     statuses = stage_statuses(config)
     stages = [_stage_section(config, status) for status in statuses]

@@ -10,21 +10,24 @@ ledger names the submit run; that run's manifest names the result it submitted).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import yaml
 
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.sources import PREDICTING_STAGES
 
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
-def score_key(config) -> str:
+
+def score_key(config: ResolvedConfig) -> str:
     """The validation score runs are compared on: `val_accuracy` when the competition's metric is
     accuracy (higher is better), else `val_log_loss` (lower is better)."""
     return "val_accuracy" if config.competition.metric == "accuracy" else "val_log_loss"
 
 
-def ranked(config, rows: list[dict]) -> list[dict]:
+def ranked(config: ResolvedConfig, rows: list[dict]) -> list[dict]:
     """`rows` best first by the competition's metric (ties keep their order; rows without the score last)."""
     name = score_key(config)
     sign = -1 if name == "val_accuracy" else 1
@@ -41,7 +44,7 @@ def flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def differences(config, used: dict[str, Any]) -> dict[str, Any]:
+def differences(config: ResolvedConfig, used: dict[str, Any]) -> dict[str, Any]:
     """The settings a run used (a manifest's `inputs.config`) that differ from `config`'s, as dotted keys."""
     changed = {}
     for key, value in used.items():
@@ -75,7 +78,7 @@ def settings_used(work_dir: Path, manifest) -> dict[str, Any]:
     return used
 
 
-def leaderboard_scores(config) -> dict[tuple[str, str], float]:
+def leaderboard_scores(config: ResolvedConfig) -> dict[tuple[str, str], float]:
     """{(stage, fingerprint): leaderboard score} for each stored result a scored upload was made from (the
     newest scored upload of it), joined through the ledger's submit fingerprint and that submit run's manifest."""
     from pipeline.core.cache import Manifest
@@ -96,7 +99,7 @@ def leaderboard_scores(config) -> dict[tuple[str, str], float]:
     return scores
 
 
-def stored_runs(config, stages: tuple[str, ...] | None = None) -> list[dict]:
+def stored_runs(config: ResolvedConfig, stages: tuple[str, ...] | None = None) -> list[dict]:
     """Every stored result of the predicting stages (`work/COMP/_runs/STAGE/`), newest first.
 
     Args:
@@ -128,7 +131,7 @@ def stored_runs(config, stages: tuple[str, ...] | None = None) -> list[dict]:
     return sorted(rows, key=lambda row: row["finished"], reverse=True)
 
 
-def best_overlay(config, rows: list[dict]) -> tuple[dict, str]:
+def best_overlay(config: ResolvedConfig, rows: list[dict]) -> tuple[dict, str]:
     """The best row by the competition's metric, and its differing settings as overlay YAML (for `--config`)."""
     if not rows:
         raise PipelineError(f"no stored runs to choose from in {config.work_dir}")

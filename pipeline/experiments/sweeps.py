@@ -20,7 +20,7 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -30,6 +30,9 @@ from pipeline.core.errors import PipelineError
 from pipeline.evaluation.sources import PREDICTING_STAGES
 from pipeline.experiments.run_table import score_key
 from pipeline.experiments.trials import Pruning, TrialSpec, best_folds, run_trials
+
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
 
 def split_values(raw: str) -> list[str]:
@@ -75,7 +78,7 @@ def grid_trials(grid: list[str]) -> list[dict[str, str]]:
     return [dict(zip([k for k, _ in axes], combination)) for combination in itertools.product(*[v for _, v in axes])]
 
 
-def objective_stage(config, asked: str | None) -> str:
+def objective_stage(config: ResolvedConfig, asked: str | None) -> str:
     """The stage whose validation score a sweep compares: `asked`, else cv when listed, else the last
     predicting stage the competition lists."""
     listed = [name for name in config.stage_names if name in PREDICTING_STAGES]

@@ -129,10 +129,10 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
         (why, when it was), `fold_scores`, fingerprint, seconds, the stages that ran (rather than being
         restored or skipped), validation kind, the folds' spread.
     """
-    from pipeline.engine import runner
-    from pipeline.engine.status import expected_fingerprints
     from pipeline.core.cache import Manifest
     from pipeline.core.executor import watching_units
+    from pipeline.engine import runner
+    from pipeline.engine.status import expected_fingerprints
 
     config = spec.config(local_units)
     score_name = score_key(config)

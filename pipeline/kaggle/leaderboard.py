@@ -15,10 +15,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.kaggle import api as kaggle_api
-from pipeline.core.cache import Manifest
-from pipeline.core.errors import PipelineError
 from pipeline.core.artifacts import LEDGER_PLOT
+from pipeline.core.cache import Manifest
+from pipeline.core.config_reader import ConfigReader
+from pipeline.core.errors import PipelineError
+from pipeline.kaggle import api as kaggle_api
 from pipeline.kaggle.ledger import ERROR, PENDING, ledger_path, plot_ledger, read_ledger, record, with_score
 
 
@@ -29,7 +30,7 @@ def describe(comp: str, meta: dict, message: str | None) -> str:
     return f"{message} [{produced}]" if message else produced
 
 
-def upload(config, message: str | None = None, again: bool = False, say=print, submit_kernel=None) -> dict:
+def upload(config: ConfigReader, message: str | None = None, again: bool = False, say=print, submit_kernel=None) -> dict:
     """Upload the current submission of `config`'s competition; its ledger row, completed if scored.
 
     `submit_kernel(config, source, description, say)` submits a code competition's kernel instead
@@ -87,7 +88,7 @@ def upload(config, message: str | None = None, again: bool = False, say=print, s
     return row
 
 
-def refresh(config, say=print) -> list[dict]:
+def refresh(config: ConfigReader, say=print) -> list[dict]:
     """Ask Kaggle again about every pending row of the ledger; the rows that changed."""
     changed = []
     for row in read_ledger(ledger_path(config)):
@@ -99,14 +100,14 @@ def refresh(config, say=print) -> list[dict]:
     return changed
 
 
-def draw(config) -> Path:
+def draw(config: ConfigReader) -> Path:
     """ledger.png beside ledger.csv."""
     path = ledger_path(config).with_name(LEDGER_PLOT)
     plot_ledger(read_ledger(ledger_path(config)), path, f"{config.comp}: validation vs leaderboard")
     return path
 
 
-def _complete(config, row: dict, state: kaggle_api.SubmissionState) -> dict:
+def _complete(config: ConfigReader, row: dict, state: kaggle_api.SubmissionState) -> dict:
     done = with_score(row, state.status, state.public_score, state.error)
     record(ledger_path(config), done)
     if done["status"] != PENDING:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.core.artifacts import LEDGER_FILE
 from pipeline.core.cache import write_text_atomic
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_rows
 from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
@@ -27,7 +28,7 @@ NUMERIC_COLUMNS = ("val_score", "lb_score", "difference", "ref")  # a number or 
 ADDED_COLUMNS = {"validation": "holdout", "kind": "csv"}
 
 
-def ledger_path(config) -> Path:
+def ledger_path(config: ConfigReader) -> Path:
     return config.submissions_dir / LEDGER_FILE
 
 

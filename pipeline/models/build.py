@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
 from pipeline.models.heads import HEAD_KINDS
@@ -53,7 +54,7 @@ def resolve_arch(arch: str, backbone: str) -> str:
     return arch
 
 
-def build_model(config, input_shape: tuple[int, ...], n_classes: int, warn=print):
+def build_model(config: ConfigReader, input_shape: tuple[int, ...], n_classes: int, warn=print):
     """The network of the config's `model` section for inputs of `input_shape`.
 
     Args:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.models.inference import Forward
 
 RANDOM_WEIGHTS_SEED = 0  # `weights: none`: the same random network in every run
@@ -54,7 +55,7 @@ class Extractor:
         return {**self.forward.plan.record(), "batch_size": self.forward.batch_size}
 
 
-def feature_size(config) -> tuple[int, int]:
+def feature_size(config: ConfigReader) -> tuple[int, int]:
     """(height, width) precompute feeds its network: `precompute.image_size`, else `competition.image_size`
     (a feature set of `features` may set its own, e.g. 260x260 for EfficientNet-Lite2)."""
     return tuple(config.get("precompute.image_size") or config.competition.image_size)

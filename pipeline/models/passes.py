@@ -13,12 +13,13 @@ import statistics
 from pathlib import Path
 
 from pipeline.core.artifacts import INDEX_FILE, META_FILE, RAW_DIR, array_file, rows_file
+from pipeline.core.config_reader import ConfigReader
 
 SUBSETS = ("train", "test")
 PASS_READS = ("augment.transforms", "precompute", "competition.image_size")  # what a pass reads of the config
 
 
-def write_pass(config, inputs: dict, subset: str, number: int, seed: tuple, out: Path) -> dict:
+def write_pass(config: ConfigReader, inputs: dict, subset: str, number: int, seed: tuple, out: Path) -> dict:
     """One augmented pass into `out` (here or on a Ray worker): the array; returns its record."""
     from tqdm import tqdm
 
@@ -30,7 +31,7 @@ def write_pass(config, inputs: dict, subset: str, number: int, seed: tuple, out:
                            tqdm(disable=True))}
 
 
-def pass_source(config, inputs: dict):
+def pass_source(config: ConfigReader, inputs: dict):
     """Where a pass's images come from: the image files, or precompute's pixels (`backbone: none`)."""
     return (PixelSource if config.get("precompute.backbone") == "none" else ImageSource)(config, inputs)
 
@@ -43,7 +44,7 @@ def _spread_rows(count: int, n: int) -> list[int]:
 class ImageSource:
     """Image files, decoded and augmented on the way into precompute's network."""
 
-    def __init__(self, config, inputs: dict):
+    def __init__(self, config: ConfigReader, inputs: dict):
         from pipeline.data.features import check_same_ids, read_rows
         from pipeline.data.index import read_index
 
@@ -93,7 +94,7 @@ class ImageSource:
 class PixelSource:
     """precompute's normalised pixels (`backbone: none`), augmented as 0..255 images."""
 
-    def __init__(self, config, inputs: dict):
+    def __init__(self, config: ConfigReader, inputs: dict):
         from pipeline.data.arrays import load_array
 
         meta = json.loads((inputs["precompute"] / META_FILE).read_text())

@@ -21,6 +21,7 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.artifacts import (KERNEL_DIR, KERNEL_NOTEBOOK, KERNEL_OUTPUT_DIR, KERNEL_SCRIPT, PACKAGE_DIR,
                                      PUSH_RECORD, SUBMISSION_FILE)
@@ -29,28 +30,31 @@ from pipeline.core.errors import PipelineError
 from pipeline.kaggle import kernel_api
 from pipeline.kaggle.api import Network
 
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
+
 LOG_TAIL_LINES = 20
 
 
-def _network(config) -> Network:
+def _network(config: ResolvedConfig) -> Network:
     return Network.of(config.kaggle)
 
 
-def _record_path(config) -> Path:
+def _record_path(config: ResolvedConfig) -> Path:
     return config.work_dir / PACKAGE_DIR / PUSH_RECORD
 
 
-def read_push(config) -> dict | None:
+def read_push(config: ResolvedConfig) -> dict | None:
     """What `kp kernel push` recorded last, or None."""
     path = _record_path(config)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_push(config, record: dict) -> None:
+def _write_push(config: ResolvedConfig, record: dict) -> None:
     write_text_atomic(_record_path(config), json.dumps(record, indent=2) + "\n")
 
 
-def push(config, source: str, say=print) -> dict:
+def push(config: ResolvedConfig, source: str, say=print) -> dict:
     """Push `source`'s bundle and kernel, wait for the kernel's run, download its output.
 
     Args:
@@ -104,7 +108,7 @@ def push(config, source: str, say=print) -> dict:
     return follow(config, pushed, wait=True, say=say)
 
 
-def follow(config, pushed: dict, wait: bool, say=print) -> dict:
+def follow(config: ResolvedConfig, pushed: dict, wait: bool, say=print) -> dict:
     """The pushed kernel's state now (`wait`: once its run has ended or `kernel.poll_timeout_s` has passed),
     recorded in `push.json`; its output downloaded once complete.
 
@@ -140,7 +144,7 @@ def follow(config, pushed: dict, wait: bool, say=print) -> dict:
     return pushed
 
 
-def submit(config, source: str, description: str, say=print) -> tuple[int, str]:
+def submit(config: ResolvedConfig, source: str, description: str, say=print) -> tuple[int, str]:
     """Submit the kernel that runs `source`'s current result (pushed first unless `push.json` says it ran to
     completion); (the submission's ref, `USER/KERNEL vN`)."""
     manifest = Manifest.read(config.work_dir / source)

@@ -20,10 +20,14 @@ import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.core.artifacts import (BUNDLE_DIR, BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
                                      KERNEL_SCRIPT, MODEL_FILE, PACKAGE_DIR, UNIT_FILE)
 from pipeline.core.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
 MODEL_SOURCES = ("finetune", "bnretrain", "ensemble", "cv")  # whose models read precompute's features
 PACKAGEABLE = (*MODEL_SOURCES, "smooth")  # smooth: of one of those, its test rows smoothed again in the kernel
@@ -56,7 +60,7 @@ if status:  # a notebook's cell must not call sys.exit(0)
 '''
 
 
-def kernel_script(config) -> str:
+def kernel_script(config: ResolvedConfig) -> str:
     """The kernel's code for `config`'s competition and the dataset `kp kernel push` attaches the bundle as."""
     dataset, _ = config.section("kernel").names(config.comp)
     return KERNEL_TEXT.replace("@SLUG@", config.competition.slug).replace("@DATASET@", dataset)
@@ -71,7 +75,7 @@ def kernel_notebook(script: str) -> str:
                        "nbformat": 4, "nbformat_minor": 5}, indent=1) + "\n"
 
 
-def current_bundle(config, source: str, wheels: str | None) -> tuple[Path, dict] | None:
+def current_bundle(config: ResolvedConfig, source: str, wheels: str | None) -> tuple[Path, dict] | None:
     """The bundle already written for `source`'s current result (with wheels for `wheels`), or None."""
     from pipeline.core.cache import Manifest
 
@@ -93,7 +97,7 @@ def check_source(source: str) -> None:
                             "(their models read precompute's features; smooth of one of them)")
 
 
-def _smoothing(config, source: str) -> dict | None:
+def _smoothing(config: ResolvedConfig, source: str) -> dict | None:
     """How the kernel smooths the test rows again: the k and weight the smooth run used (chosen on the
     validation rows when it tuned them), its metric and weighting; None for another source."""
     from pipeline.core.cache import Manifest
@@ -105,7 +109,7 @@ def _smoothing(config, source: str) -> dict | None:
             "distance_weighted": bool(config.get("smooth.distance_weighted"))}
 
 
-def model_folders(config, source: str) -> list[Path]:
+def model_folders(config: ResolvedConfig, source: str) -> list[Path]:
     """The folders of the models `source`'s test probabilities average, each holding `model.keras`.
 
     Raises:
@@ -137,7 +141,7 @@ def model_folders(config, source: str) -> list[Path]:
     return folders
 
 
-def _tta(config, folders: list[Path]) -> dict | None:
+def _tta(config: ResolvedConfig, folders: list[Path]) -> dict | None:
     """The augmented test passes the models average over (the augment section's), or None."""
     from pipeline.core.cache import Manifest
     from pipeline.core.executor import read_record
@@ -213,7 +217,7 @@ def write_wheels(folder: Path, python: str, say=print) -> dict:
     return {"python": python, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
 
 
-def package(config, source: str, wheels: str | None = None, say=print) -> tuple[Path, dict]:
+def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=print) -> tuple[Path, dict]:
     """Write the inference bundle of `source` to `work/COMP/package/` (replacing an older one).
 
     Args:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.training.recipes import collecting, say, train_steps
 
 SELECTION_DIR = "selection"  # inside a fold's unit: the model that chose the epochs
 
 
-def train_fold(config, inputs: dict[str, Path], steps: tuple, seed: int, f: int, g: int, held_out, selection,
+def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, seed: int, f: int, g: int, held_out, selection,
                rows: dict, title: str, out: Path, backup: Path | None = None) -> dict:
     """Fold f's model into `out` (here or on a Ray worker).
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.config_reader import ConfigReader
+
 
 @dataclass
 class RangeTest:
@@ -161,7 +163,7 @@ def plot_range_test(test: RangeTest, suggestions: dict[str, float], path, title:
     plt.close(fig)
 
 
-def find_for_stage(config, stage: str, inputs: dict, out: Path, steps: int = 200, apply: bool = False,
+def find_for_stage(config: ConfigReader, stage: str, inputs: dict, out: Path, steps: int = 200, apply: bool = False,
                    say=print) -> dict:
     """The range test on the real training rows of `stage` (finetune: a fresh model as finetune builds
     it; bnretrain: finetune's trained head with batchnorm inserted, as bnretrain starts; tune: the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe, load_steps, train_steps
 
@@ -34,17 +35,17 @@ def recipe(name: str) -> Recipe:
     return importlib.import_module(MODULES[name]).RECIPE
 
 
-def steps_of(name: str, config) -> tuple[Recipe, ...]:
+def steps_of(name: str, config: ConfigReader) -> tuple[Recipe, ...]:
     """The recipes a model trained from nothing by `name` follows, in order (`Recipe.steps`)."""
     return recipe(name).steps(config)
 
 
-def needs_of(steps: tuple[Recipe, ...], config) -> tuple[str, ...]:
+def needs_of(steps: tuple[Recipe, ...], config: ConfigReader) -> tuple[str, ...]:
     """The upstream stages `steps` read, in a stable order."""
     return tuple(dict.fromkeys(name for step in steps for name in step.needs_for(config)))
 
 
-def check_steps(steps: tuple[Recipe, ...], config) -> None:
+def check_steps(steps: tuple[Recipe, ...], config: ConfigReader) -> None:
     """Each step's own check: one clear error for a config that cannot run them."""
     for step in steps:
         step.check(config)
@@ -65,7 +66,7 @@ def collecting(warnings: list[str]):
     return warn
 
 
-def fit_step(config, inputs: dict[str, Path], step: Recipe, start: str | None, seed: int, title: str, out: Path,
+def fit_step(config: ConfigReader, inputs: dict[str, Path], step: Recipe, start: str | None, seed: int, title: str, out: Path,
              backup: Path | None = None) -> dict:
     """A unit: one step of `step` into `out`, starting from the model of the upstream stage `start`
     (None: from nothing), on the split's rows (the finetune, bnretrain and tune stages' model).
@@ -80,7 +81,7 @@ def fit_step(config, inputs: dict[str, Path], step: Recipe, start: str | None, s
     return {**record, "warnings": warnings}
 
 
-def train_unit(config, inputs: dict[str, Path], steps: tuple[Recipe, ...], seed: int, title: str, data, sides,
+def train_unit(config: ConfigReader, inputs: dict[str, Path], steps: tuple[Recipe, ...], seed: int, title: str, data, sides,
                stop_after, teaching, out: Path, backup: Path | None = None) -> dict:
     """A unit: a model trained from nothing by `steps` into `out` (`train_steps`): an ensemble member,
     a fold's model, a student. `data`: the steps' rows when the driver loaded them, else None (a Ray

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.artifacts import MEMBER_HEAD_DIR
+from pipeline.core.config_reader import ConfigReader
 
 
 class Recipe:
@@ -36,40 +37,40 @@ class Recipe:
         """The config keys its code reads: its section, then `reads`."""
         return (self.section, *self.reads)
 
-    def settings(self, config):
+    def settings(self, config: ConfigReader):
         """Its config section, typed (the pydantic model the owning stage declares)."""
         return config.section(self.section)
 
-    def resolved(self, config) -> "Recipe":
+    def resolved(self, config: ConfigReader) -> "Recipe":
         """The recipe that really trains under `config`: this one, or one it hands over to (the head
         recipe to the scratch recipe for a model on pixels)."""
         return self
 
-    def previous(self, config) -> "Recipe | None":
+    def previous(self, config: ConfigReader) -> "Recipe | None":
         """The recipe whose trained model this one starts from; None: it starts from nothing."""
         return None
 
-    def steps(self, config) -> tuple["Recipe", ...]:
+    def steps(self, config: ConfigReader) -> tuple["Recipe", ...]:
         """Every recipe a model trained from nothing by this one follows, in order, this one last."""
         before = self.previous(config)
         return (*(before.steps(config) if before else ()), self.resolved(config))
 
-    def uses_passes(self, config) -> bool:
+    def uses_passes(self, config: ConfigReader) -> bool:
         """Whether it reads augment's passes (so the stage running it needs `augment`)."""
         return False
 
-    def needs_for(self, config) -> tuple[str, ...]:
+    def needs_for(self, config: ConfigReader) -> tuple[str, ...]:
         """The upstream stages it reads under `config`."""
         return self.needs + (("augment",) if self.uses_passes(config) else ())
 
-    def check(self, config) -> None:
+    def check(self, config: ConfigReader) -> None:
         """Raise one clear `PipelineError` when the config cannot use this recipe."""
 
-    def data_key(self, config) -> tuple:
+    def data_key(self, config: ConfigReader) -> tuple:
         """Recipes whose `load` would return the same rows share one load (`load_steps`)."""
         return (self.name,)
 
-    def load(self, config, inputs: dict[str, Path], sides=None) -> Any:
+    def load(self, config: ConfigReader, inputs: dict[str, Path], sides=None) -> Any:
         """The rows it trains on and predicts.
 
         Args:
@@ -79,7 +80,7 @@ class Recipe:
         """
         raise NotImplementedError
 
-    def fit(self, config, data, start: Path | None, seed: int, out: Path, *, log, warn, title: str = "",
+    def fit(self, config: ConfigReader, data, start: Path | None, seed: int, out: Path, *, log, warn, title: str = "",
             stop_after: int | None = None, teaching=None, backup: Path | None = None, verbose: int = 0) -> dict:
         """One training step into `out`: `model.keras`, `history.csv`, the probabilities; no plot.
 
@@ -107,7 +108,7 @@ class Recipe:
         return arch
 
 
-def load_steps(config, steps: tuple[Recipe, ...], inputs: dict[str, Path], sides=None) -> dict[str, Any]:
+def load_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], sides=None) -> dict[str, Any]:
     """Each step's rows by recipe name, loaded once for steps that train on the same rows."""
     loaded, data = {}, {}
     for step in steps:
@@ -118,7 +119,7 @@ def load_steps(config, steps: tuple[Recipe, ...], inputs: dict[str, Path], sides
     return data
 
 
-def train_steps(config, steps: tuple[Recipe, ...], inputs: dict[str, Path], seed: int, out: Path, *, data=None,
+def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], seed: int, out: Path, *, data=None,
                 sides=None, stop_after: dict[str, int] | None = None, teaching=None, backup: Path | None = None,
                 log=print, warn=print, title: str = "") -> dict:
     """A model trained from nothing by `steps` (a recipe's `steps(config)`) into `out`; each earlier

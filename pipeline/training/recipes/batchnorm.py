@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from pipeline.core.artifacts import MODEL_FILE
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.models.saved import load_saved_model
 from pipeline.training.recipes.base import Recipe
@@ -31,17 +32,17 @@ class BatchnormRecipe(CachedRowsRecipe):
     section = "bnretrain"
     reads = ("model.arch", "precompute.backbone", "training.deterministic", "competition.classes")
 
-    def previous(self, config) -> Recipe:
+    def previous(self, config: ConfigReader) -> Recipe:
         return HEAD
 
-    def check(self, config) -> None:
+    def check(self, config: ConfigReader) -> None:
         """A from-scratch model has batchnorm already: one clear error."""
         if trains_pixels(config):
             raise PipelineError(f"bnretrain inserts batchnorm into a dense head on cached features, but model.arch "
                                 f"{model_arch(config)!r} is a from-scratch model that has it already: use finetune's "
                                 "recipe")
 
-    def with_batchnorm(self, config, start, data, log=print):
+    def with_batchnorm(self, config: ConfigReader, start, data, log=print):
         """The head of `start` with batchnorm inserted and dropout reset; (model, largest change of a validation probability)."""
         import keras
 
@@ -59,7 +60,7 @@ class BatchnormRecipe(CachedRowsRecipe):
             f"hidden layers; largest change of a validation probability {change:.1e}; dropout -> {s.dropout}")
         return model, change
 
-    def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
+    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
             backup=None, verbose=0) -> dict:
         import keras
 
@@ -90,7 +91,7 @@ class BatchnormRecipe(CachedRowsRecipe):
             **pseudo_rows,
         }
 
-    def range_test_setup(self, config, inputs, steps: int, warn=print):
+    def range_test_setup(self, config: ConfigReader, inputs, steps: int, warn=print):
         """What `kp lr-find --stage bnretrain` tests: finetune's trained head with batchnorm inserted."""
         from pipeline.models.batchnorm import with_batchnorm
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.training.recipes.base import Recipe
 
-def load_training_data(config, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None):
+def load_training_data(config: ConfigReader, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None):
     """The split's rows of precompute's arrays (`pipeline.data.features.SplitFeatures`), with augment's
     passes when `augmented` / `tta` ask for them.
 
@@ -58,27 +59,27 @@ class CachedRowsRecipe(Recipe):
 
     needs = ("precompute", "split")
 
-    def uses_passes(self, config) -> bool:
+    def uses_passes(self, config: ConfigReader) -> bool:
         s = self.settings(config)
         return s.augmented or s.tta
 
-    def data_key(self, config) -> tuple:
+    def data_key(self, config: ConfigReader) -> tuple:
         s = self.settings(config)
         return ("features", s.augmented, s.tta)
 
-    def load(self, config, inputs, sides=None):
+    def load(self, config: ConfigReader, inputs, sides=None):
         s = self.settings(config)
         return load_training_data(config, inputs, s.augmented, s.tta, sides)
 
 
-def model_arch(config) -> str:
+def model_arch(config: ConfigReader) -> str:
     """The network `model.arch` names, `auto` resolved against `precompute.backbone` (`resolve_arch`)."""
     from pipeline.models.build import resolve_arch
 
     return resolve_arch(config.get("model.arch"), config.get("precompute.backbone"))
 
 
-def trains_pixels(config) -> bool:
+def trains_pixels(config: ConfigReader) -> bool:
     """Whether the model is a from-scratch ladder model on pixels."""
     from pipeline.models.scratch import LADDER
 
@@ -92,26 +93,26 @@ class HeadRecipe(CachedRowsRecipe):
     section = "finetune"
     reads = ("model", "precompute.backbone", "precompute.weights", "training.deterministic", "competition.classes")
 
-    def resolved(self, config) -> Recipe:
+    def resolved(self, config: ConfigReader) -> Recipe:
         """This recipe, or for a from-scratch model on pixels the scratch recipe."""
         from pipeline.training.recipes import recipe
 
         return recipe("scratch") if trains_pixels(config) else self
 
-    def batches(self, config, data, seed: int):
+    def batches(self, config: ConfigReader, data, seed: int):
         """What `fit` trains on: the cached rows as arrays (a head never augments them on the fly)."""
         if self.settings(config).augment:
             raise PipelineError("finetune.augment augments pixels, but this model trains on cached conv features "
                                 "(precompute.backbone is not none); set finetune.augment: null")
         return data.x_train, data.y_train
 
-    def build(self, config, data, warn=print):
+    def build(self, config: ConfigReader, data, warn=print):
         """A fresh network for `data`'s rows: (model, arch)."""
         from pipeline.models.build import build_model
 
         return build_model(config, data.x_train.shape[1:], len(data.classes), warn)
 
-    def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
+    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
             backup=None, verbose=0) -> dict:
         import keras
 
@@ -160,7 +161,7 @@ class HeadRecipe(CachedRowsRecipe):
             **pseudo_rows,
         }
 
-    def range_test_setup(self, config, inputs, steps: int, warn=print):
+    def range_test_setup(self, config: ConfigReader, inputs, steps: int, warn=print):
         """What `kp lr-find` tests: (model, training rows x, y, None, None, row count)."""
         s = self.settings(config)
         data = load_training_data(config, inputs, s.augmented, tta=False)

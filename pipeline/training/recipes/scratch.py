@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.config_reader import ConfigReader
 from pipeline.training.recipes.base import Recipe
 from pipeline.training.recipes.head import HeadRecipe
 
@@ -21,10 +22,10 @@ class ScratchRecipe(HeadRecipe):
     section = "finetune"
     reads = ("model", "precompute.backbone", "training.deterministic", "competition.classes")
 
-    def resolved(self, config) -> Recipe:
+    def resolved(self, config: ConfigReader) -> Recipe:
         return self
 
-    def batches(self, config, data, seed: int):
+    def batches(self, config: ConfigReader, data, seed: int):
         """The training rows, augmented on the fly when `finetune.augment` is set."""
         from pipeline.training.augment import augmented_batches, build_augmenter
 

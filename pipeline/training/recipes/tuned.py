@@ -20,23 +20,24 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.artifacts import MODEL_FILE
+from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
-from pipeline.models.saved import load_saved_model
 from pipeline.data.image_rows import ImageRows, SplitImages
+from pipeline.models.saved import load_saved_model
 from pipeline.training.recipes import HEAD_RECIPES, recipe
 from pipeline.training.recipes.base import Recipe
 
 TRAINING_DRAWS = 2  # augment draws subset 0 (train) and 1 (test) passes; tune's training draws are stream 2
 
 
-def image_size(config) -> tuple[int, int]:
+def image_size(config: ConfigReader) -> tuple[int, int]:
     """(height, width) the tune stage feeds its backbone: `tune.image_size`, else precompute's size."""
     from pipeline.models.extractor import feature_size
 
     return tuple(config.get("tune.image_size") or feature_size(config))
 
 
-def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
+def build_tuned_model(config: ConfigReader, head_dir: Path, precision: str = "float32"):
     """The trained head of `head_dir` on the `precompute` backbone, top blocks unfrozen.
 
     Args:
@@ -71,7 +72,7 @@ def build_tuned_model(config, head_dir: Path, precision: str = "float32"):
     return model, backbone, features.preprocess, unfrozen
 
 
-def training_augmenter(config, seed: int):
+def training_augmenter(config: ConfigReader, seed: int):
     """Augment's transforms drawn afresh for every (epoch, image) of tune's training with `seed`, or None."""
     from pipeline.data.augmentation import RowAugmenter
 
@@ -79,7 +80,7 @@ def training_augmenter(config, seed: int):
     return RowAugmenter(transforms, (seed, TRAINING_DRAWS)) if config.get("tune.augment") and transforms else None
 
 
-def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int, log=print,
+def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int, log=print,
                verbose: int = 2, stop_after: int | None = None) -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
@@ -152,7 +153,7 @@ def tune_model(config, images: SplitImages, head_dir: Path, out_dir: Path, backu
             "device": {**plan.record(), "replicas": replicas}}
 
 
-def predict_split(config, model, images: SplitImages, preprocess, plan):
+def predict_split(config: ConfigReader, model, images: SplitImages, preprocess, plan):
     """The validation and test probabilities, with `tune.tta` averaged over the clean images and
     augment's first `augment.test_passes` passes (validation rows: their training passes, as augment draws them).
 
@@ -210,19 +211,19 @@ class TuneRecipe(Recipe):
     needs = ("download", "split")
     teachable = False
 
-    def previous(self, config) -> Recipe:
+    def previous(self, config: ConfigReader) -> Recipe:
         return recipe(config.section("tune").source)
 
-    def check(self, config) -> None:
+    def check(self, config: ConfigReader) -> None:
         if config.section("tune").source not in HEAD_RECIPES:
             raise PipelineError(f"tune.source must be a recipe that trains a head ({', '.join(HEAD_RECIPES)})")
 
-    def load(self, config, inputs, sides=None):
+    def load(self, config: ConfigReader, inputs, sides=None):
         from pipeline.data.image_rows import load_split_images
 
         return load_split_images(inputs["download"], inputs["split"], config.competition.classes, sides)
 
-    def fit(self, config, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
+    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
             backup=None, verbose=0) -> dict:
         if teaching is not None:
             raise PipelineError("the tune recipe trains on labelled images only: it cannot train a pseudo-labelled "
@@ -234,7 +235,7 @@ class TuneRecipe(Recipe):
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"
 
-    def range_test_setup(self, config, inputs: dict[str, Path], steps: int, warn=print):
+    def range_test_setup(self, config: ConfigReader, inputs: dict[str, Path], steps: int, warn=print):
         """What `kp lr-find --stage tune` tests: the model tune starts from and its training batches,
         streamed as tune streams them, with the backbone's rate factors."""
         from pipeline.data.image_rows import load_split_images
