@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
-    from pipeline.training.cross_validation import train_fold
+    from pipeline.training.cross_validation import Fold, train_fold
     from pipeline.training.recipes import check_steps
 
     s = ctx.settings
@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> dict:
                 "held_out": sorted(ids[held_out])}
         items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
                               {"source": s.source, "seed": s.seed, "rows": rows},
-                              (steps, s.seed, f, g, held_out, selection, rows, f"{ctx.comp} fold {f + 1}")))
+                              (steps, Fold(f, g, held_out, selection, rows), s.seed, f"{ctx.comp} fold {f + 1}")))
     # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
     units = ctx.map_units("folds", train_fold, items, "cv folds", recipes=steps, upstream=needs_of(steps, ctx.config),
                           keyed_by_item=("split",), resumable=True)

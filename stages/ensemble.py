@@ -40,14 +40,14 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.mistakes import write_mistakes
     from pipeline.evaluation.plots import plot_members
     from pipeline.evaluation.predictions import Predictions, load_predictions, save_predictions
-    from pipeline.training.recipes import check_steps, load_steps, train_unit
+    from pipeline.training.recipes import TrainingRun, check_steps, load_steps, train_unit
 
     s = ctx.settings
     steps = steps_of(s.source, ctx.config)
     check_steps(steps, ctx.config)
     data = None if ctx.on_ray else load_steps(ctx.config, steps, ctx.inputs)  # Ray workers load their own
     items = [UnitItem(f"member {i + 1}/{s.n} (seed {s.seed + i})", {"seed": s.seed + i},
-                      (steps, s.seed + i, f"{ctx.comp} member {i + 1}", data, None, None, None))
+                      (steps, data, None, TrainingRun(s.seed + i, f"{ctx.comp} member {i + 1}")))
              for i in range(s.n)]
     units = ctx.map_units("members", train_unit, items, "ensemble members", recipes=steps,
                           upstream=needs_of(steps, ctx.config), resumable=True)

@@ -96,7 +96,7 @@ def run(ctx: StageContext) -> dict:
                                                  save_predictions, validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
     from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
-    from pipeline.training.recipes import check_steps, train_unit
+    from pipeline.training.recipes import TrainingRun, check_steps, train_unit
 
     s = ctx.settings
     teacher_dir = ctx.input(s.source)
@@ -123,7 +123,7 @@ def run(ctx: StageContext) -> dict:
         keep = confident_rows(teacher.test_probs, s.threshold)
         teaching = Teaching(teacher.test_probs, keep, s.weight)
         [unit] = students([UnitItem("the student", {"seed": s.seed, "taught": teaching.digest()},
-                                    (steps, s.seed, f"{ctx.comp} student", None, None, None, teaching))])
+                                    (steps, None, None, TrainingRun(s.seed, f"{ctx.comp} student", teaching=teaching)))])
         (ctx.out / STUDENT_DIR).mkdir()
         for name in TRAINED_FILES:
             link_or_copy(unit.folder / name, ctx.out / STUDENT_DIR / name)
@@ -151,8 +151,8 @@ def run(ctx: StageContext) -> dict:
             items.append(UnitItem(
                 f"fold {f + 1}/{n_folds} student ({chosen[f + 1]} epochs, taught by fold {f + 1}'s teacher)",
                 {"seed": s.seed, "fold": f, "rows": rows, "epochs": chosen[f + 1], "taught": teaching.digest()},
-                (steps, s.seed, f"{ctx.comp} fold {f + 1} student", None, (~held_out, held_out), chosen[f + 1],
-                 teaching)))
+                (steps, None, (~held_out, held_out),
+                 TrainingRun(s.seed, f"{ctx.comp} fold {f + 1} student", epochs=chosen[f + 1], teaching=teaching))))
         units = students(items, keyed_by_item=("split",))
         oof = np.zeros_like(teacher.valid_probs)
         fold_test, taught = [], []

@@ -118,9 +118,9 @@ def test_many_steps_per_call_train_a_head_to_the_same_weights(monkeypatch, tmp_p
         keras.utils.set_random_seed(1)
         model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, activation="relu"),
                                   keras.layers.Dropout(0.5), keras.layers.Dense(3, activation="softmax")])
-        history, best, _ = fitting.fit(model, (x, y), (x[:60], y[:60]), phases=[fitting.Phase(3, 0.01)],
-                                       schedule="phases", optimizer="adam", momentum=0.9, batch_size=16,
-                                       out_dir=tmp_path, verbose=0)
+        history, best, _ = fitting.fit(model, (x, y), (x[:60], y[:60]), fitting.FitOptions(
+            phases=[fitting.Phase(3, 0.01)], schedule="phases", optimizer="adam", momentum=0.9, batch_size=16,
+            out_dir=tmp_path, verbose=0))
         assert model.steps_per_execution == steps
         return model.get_weights(), history["val_loss"], best
 
@@ -138,7 +138,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from pathlib import Path
 from pipeline.models.device import DevicePlan, replicas_scope
-from pipeline.training.fit import Phase, fit
+from pipeline.training.fit import FitOptions, Phase, fit
 plan = DevicePlan("/CPU:0", "CPU", "float32", False, "float32", 16)
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(256, 8)).astype("float32"), rng.integers(0, 2, 256)
@@ -146,8 +146,8 @@ with replicas_scope(plan, "CPU") as replicas:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"),
                               keras.layers.Dense(2, activation="softmax")])
-    fit(model, (x, y), (x, y), phases=[Phase(2, 0.05)], schedule="phases", optimizer="sgd", momentum=0.9,
-        batch_size=32, out_dir=Path(sys.argv[2]), verbose=0, rate_factors={model.layers[0].kernel.path: 0.5})
+    fit(model, (x, y), (x, y), FitOptions(phases=[Phase(2, 0.05)], schedule="phases", optimizer="sgd", momentum=0.9,
+        batch_size=32, out_dir=Path(sys.argv[2]), verbose=0, rate_factors={model.layers[0].kernel.path: 0.5}))
 print(replicas, float(model.evaluate(x, y, verbose=0)[0]))
 """
 

@@ -15,7 +15,7 @@ from pipeline.engine.config import load_config
 from pipeline.engine.status import UP_TO_DATE, stage_statuses
 from pipeline.models.heads import build_head
 from pipeline.training.fit import make_optimizer
-from pipeline.training.lr_find import range_test
+from pipeline.training.lr_find import Ramp, range_test
 from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 from tests.test_transfer import TINY_VGG
 
@@ -36,7 +36,7 @@ def test_the_suggestion_is_within_10x_of_the_best_rate_found_by_training_at_each
     x, y = _problem()
     model = _head()
     before = [w.copy() for w in model.get_weights()]
-    test = range_test(model, x, y, optimizer="adam", steps=200, batch_size=32)
+    test = range_test(model, x, y, optimizer="adam", ramp=Ramp(steps=200), batch_size=32)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # a copy was trained
     assert test.diverged and len(test.rates) < 200 and test.rates[0] == 1e-7
     # the rate that really trains best: one epoch at each, scored on held-out rows

@@ -18,7 +18,7 @@ from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_fold_test, load_predictions
 from pipeline.evaluation.smoothing import neighbours, smooth
 from pipeline.models.heads import build_head
-from pipeline.training.fit import Phase, fit
+from pipeline.training.fit import FitOptions, Phase, fit
 from pipeline.training.pseudo import PseudoLabels, Teaching, check_unlabeled, mixed_batches, pseudo_share
 from tests.helpers import make_statefarm_like, statefarm_like_config
 from tests.test_cv import CV, _cross_validated
@@ -81,8 +81,8 @@ def _train(x, y, x_valid, y_valid, pseudo=None, weight=0.5):
     model = build_head((x.shape[1],), 2, "pool", [8], [0.0])
     train = (x, y) if pseudo is None else mixed_batches(x, y, pseudo, 16, weight, seed=0)
     with tempfile.TemporaryDirectory() as folder:
-        fit(model, train, (x_valid, y_valid), phases=[Phase(30, 0.01)], schedule="phases", optimizer="adam",
-            momentum=0.0, batch_size=16, out_dir=Path(folder), verbose=0, soft_targets=pseudo is not None)
+        fit(model, train, (x_valid, y_valid), FitOptions(phases=[Phase(30, 0.01)], schedule="phases", optimizer="adam",
+            momentum=0.0, batch_size=16, out_dir=Path(folder), verbose=0, soft_targets=pseudo is not None))
     return model
 
 

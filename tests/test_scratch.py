@@ -17,7 +17,7 @@ from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.scratch import LADDER, build_scratch_model
 from pipeline.training.augment import augmented_batches, build_augmenter
-from pipeline.training.fit import Phase, fit
+from pipeline.training.fit import FitOptions, Phase, fit
 from tests.helpers import png_size
 
 QUICK = ["finetune.phases=[{epochs: 1, lr: 0.003}]", "model.arch=cnn", "finetune.augment=null"]
@@ -53,8 +53,8 @@ def test_each_ladder_step_builds_trains_and_beats_chance(project, arch, tmp_path
     keras.utils.set_random_seed(0)
     model = build_scratch_model(arch, (8, 8, 1), 10, [64], [0.5], conv_dropout=0.25)
     train = (data.x_train[:400], data.y_train[:400])
-    history, _, _ = fit(model, train, (data.x_valid, data.y_valid), phases=[Phase(1, 0.003)], schedule="phases",
-                        optimizer="adam", momentum=0.0, batch_size=16, out_dir=tmp_path, verbose=0)
+    history, _, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(phases=[Phase(1, 0.003)], schedule="phases",
+                        optimizer="adam", momentum=0.0, batch_size=16, out_dir=tmp_path, verbose=0))
     assert history["val_accuracy"][0] > 0.3, history  # chance is 0.1
     kinds = {type(layer).__name__ for layer in model.layers}
     assert ("Conv2D" in kinds) == arch.startswith("cnn")

@@ -19,7 +19,7 @@ from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.evaluation.plots import plot_confusion, plot_history
 from pipeline.models.heads import build_head, with_dropout
-from pipeline.training.fit import Phase, cosine_schedule, current_learning_rate, fit, make_optimizer
+from pipeline.training.fit import FitOptions, Phase, cosine_schedule, current_learning_rate, fit, make_optimizer
 from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 
 TINY_VGG = [
@@ -130,9 +130,9 @@ def _weights_per_epoch(model, phases, schedule="phases", warmup_epochs=0):
     import tempfile
     from pathlib import Path
     with tempfile.TemporaryDirectory() as folder:
-        history, _, _ = fit(model, (x, y), (x, y), phases=phases, schedule=schedule, optimizer="sgd",
+        history, _, _ = fit(model, (x, y), (x, y), FitOptions(phases=phases, schedule=schedule, optimizer="sgd",
                             momentum=0.0, batch_size=16, out_dir=Path(folder), verbose=0,
-                            warmup_epochs=warmup_epochs, extra_callbacks=[Snapshot()])
+                            warmup_epochs=warmup_epochs, callbacks=[Snapshot()]))
     return snapshots, history
 
 
@@ -262,7 +262,7 @@ def test_bnretrain_refuses_a_from_scratch_model(project):
 def test_label_smoothing_trains_on_smoothed_targets_and_chooses_the_epoch_on_plain_log_loss(tmp_path):
     import keras
 
-    from pipeline.training.fit import Phase, fit, smoothed_sparse_crossentropy
+    from pipeline.training.fit import FitOptions, Phase, fit, smoothed_sparse_crossentropy
 
     y = np.array([0, 2, 1, 2])
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3], [0.2, 0.2, 0.6]], dtype="float32")
@@ -274,9 +274,9 @@ def test_label_smoothing_trains_on_smoothed_targets_and_chooses_the_epoch_on_pla
     labels = (x[:, 0] > 0).astype("int64")
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
-    history, best, best_loss = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), phases=[Phase(6, 0.05)],
+    history, best, best_loss = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), FitOptions(phases=[Phase(6, 0.05)],
                                    schedule="phases", optimizer="adam", momentum=0.9, batch_size=16, out_dir=tmp_path,
-                                   verbose=0, label_smoothing=0.2)
+                                   verbose=0, label_smoothing=0.2))
     assert best == int(np.argmin(history["val_log_loss"])) and best_loss == min(history["val_log_loss"])
     assert all(s > p for s, p in zip(history["val_loss"], history["val_log_loss"]))  # smoothing costs on confident rows
 
@@ -284,7 +284,7 @@ def test_label_smoothing_trains_on_smoothed_targets_and_chooses_the_epoch_on_pla
 def test_ema_writes_the_moving_average_into_the_model_at_every_epoch_end(tmp_path):
     import keras
 
-    from pipeline.training.fit import Phase, fit
+    from pipeline.training.fit import FitOptions, Phase, fit
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 8)).astype("float32")
@@ -293,9 +293,9 @@ def test_ema_writes_the_moving_average_into_the_model_at_every_epoch_end(tmp_pat
     def trained(ema):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
-        history, _, _ = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), phases=[Phase(1, 0.05)],
+        history, _, _ = fit(model, (x[:64], labels[:64]), (x[64:], labels[64:]), FitOptions(phases=[Phase(1, 0.05)],
                             schedule="phases", optimizer="sgd", momentum=0.0, batch_size=16, out_dir=tmp_path, verbose=0,
-                            ema=ema)
+                            ema=ema))
         return model, history
 
     plain, _ = trained(None)
@@ -337,7 +337,7 @@ def test_image_mixup_cutmix_and_gradient_accumulation_train_on_soft_targets(tmp_
     import keras
     import tensorflow as tf
 
-    from pipeline.training.fit import Phase, fit
+    from pipeline.training.fit import FitOptions, Phase, fit
     from pipeline.training.mixup import image_mixer
 
     rng = np.random.default_rng(0)
@@ -354,8 +354,8 @@ def test_image_mixup_cutmix_and_gradient_accumulation_train_on_soft_targets(tmp_
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.GlobalAveragePooling2D(),
                               keras.layers.Dense(3, activation="softmax")])
-    history, _, _ = fit(model, train, valid, phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
-                        batch_size=8, out_dir=tmp_path, verbose=0, steps_per_epoch=3, soft_targets=True, accumulate=3)
+    history, _, _ = fit(model, train, valid, FitOptions(phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
+                        batch_size=8, out_dir=tmp_path, verbose=0, steps_per_epoch=3, soft_targets=True, accumulate=3))
     assert model.optimizer.gradient_accumulation_steps == 3 and int(model.optimizer.iterations) == 2  # 6 steps, 2 updates
     expected = keras.losses.SparseCategoricalCrossentropy()(labels, model.predict(images, verbose=0))
     assert history["val_loss"][-1] == pytest.approx(float(expected), rel=1e-4)  # validation on the plain labels
@@ -366,7 +366,7 @@ def test_curves_go_to_tensorboard_beside_the_run_cache_entry_not_into_it(tmp_pat
     import tensorflow as tf
 
     from pipeline.core.runs import RunStore, curves_dir
-    from pipeline.training.fit import Phase, fit
+    from pipeline.training.fit import FitOptions, Phase, fit
 
     expected = tmp_path / "work" / "synth" / "_tensorboard" / "cv-folds" / "0123456789abcdef" / "selection"
     with RunStore(tmp_path / "work" / "synth" / "_runs" / "cv-folds").write("0123456789abcdef") as writing:
@@ -378,8 +378,8 @@ def test_curves_go_to_tensorboard_beside_the_run_cache_entry_not_into_it(tmp_pat
         y = (x[:, 0] > 0).astype("int64")
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-        fit(model, (x, y), (x, y), phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
-            batch_size=16, out_dir=entry, verbose=0, curves=True)
+        fit(model, (x, y), (x, y), FitOptions(phases=[Phase(2, 0.01)], schedule="phases", optimizer="adam", momentum=0.9,
+            batch_size=16, out_dir=entry, verbose=0, curves=True))
         assert not [p for p in entry.rglob("*") if "tfevents" in p.name]  # the entry's bytes stay the run's own
     events = [p for p in expected.rglob("*") if "tfevents" in p.name]
     tags = {value.tag for path in events for record in tf.data.TFRecordDataset(str(path))

@@ -21,7 +21,7 @@ from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
 from pipeline.models.unfreeze import backbone_blocks
-from pipeline.training.fit import Phase, fit
+from pipeline.training.fit import FitOptions, Phase, fit
 from tests.helpers import calibrated_mobilenetv2_weights, make_statefarm_like, start_kp, statefarm_like_config
 
 AUGMENT = """
@@ -150,8 +150,8 @@ def test_discriminative_rates_reach_the_optimizer(tmp_path):
         model.set_weights(initial)
         start = model.get_layer("low").get_weights()[0].copy()
         factors = {v.path: factor for v in model.get_layer("low").trainable_variables}
-        fit(model, (x, y), (x, y), phases=[Phase(1, 0.1)], schedule="phases", optimizer="sgd", momentum=0.0,
-            batch_size=32, out_dir=tmp_path, verbose=0, rate_factors=factors)
+        fit(model, (x, y), (x, y), FitOptions(phases=[Phase(1, 0.1)], schedule="phases", optimizer="sgd", momentum=0.0,
+            batch_size=32, out_dir=tmp_path, verbose=0, rate_factors=factors))
         moves[factor] = model.get_layer("low").get_weights()[0] - start
     assert np.abs(moves[0.0]).max() == 0 and np.abs(moves[1.0]).max() > 1e-4
     np.testing.assert_allclose(moves[0.5], moves[1.0] / 2, rtol=1e-4, atol=1e-8)

@@ -80,7 +80,7 @@ MEMBER_HEAD_DIR = "head"            # a model trained in steps: the previous ste
 MEMBERS_PLOT = "members.png"
 TOP_LOSSES_PLOT = "top_losses.png"  # every predicting stage: the validation rows with the highest loss
 
-# a training run that survives being killed (pipeline.training.resumable), e.g. work/COMP/_cache/tune-model-backup/KEY/
+# a training run that survives being killed (pipeline.training.epochs), e.g. work/COMP/_cache/tune-model-backup/KEY/
 BACKUP_FOLDER = "{stage}-backup"    # in CACHE_FOLDER: one folder per fingerprint, removed once the stage succeeds
 BACKUP_METADATA = "training_metadata.json"  # Keras' BackupAndRestore: the epoch the backup holds
 BACKUP_JOURNAL = "journal.json"     # every finished epoch's logs

@@ -5,10 +5,9 @@ silently did nothing in its Keras. Here Keras' own mechanisms own the rate: `pha
 `LearningRateScheduler` that assigns the optimizer's learning-rate variable at each epoch, and
 `cosine` is a `keras.optimizers.schedules.CosineDecay` (with optional linear warmup) evaluated by
 the optimizer at every step. Either way `history.csv`'s `learning_rate` column is read back from
-the optimizer, so it is what the updates really used. The best epoch by validation loss is kept
-by `EarlyStopping(restore_best_weights=True)` with a patience that never stops training early,
-or, for a run that must survive being killed (`backup_dir`), by
-`pipeline.training.resumable.ResumableTraining` around Keras' `BackupAndRestore`.
+the optimizer, so it is what the updates really used. Every epoch and the best one by validation
+loss are kept one way, `pipeline.training.epochs.EpochKeeper`: in memory, or for a run that must
+survive being killed (`FitOptions.backup_dir`) on disk around Keras' `BackupAndRestore`.
 Discriminative learning rates (the tune stage: backbone layers slower than the head) are an
 optimizer whose update of each variable uses the schedule's rate times that variable's factor,
 so the one schedule drives every group. A head on cached arrays runs `STEPS_PER_EXECUTION` steps
@@ -167,41 +166,69 @@ def _steps_per_execution(arrays: bool) -> int:
     return STEPS_PER_EXECUTION if arrays and not tf.distribute.has_strategy() else 1
 
 
-def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: str,
-        momentum: float, batch_size: int, out_dir: Path, verbose: int = 2, warmup_epochs: int = 0,
-        extra_callbacks=(), stop_after: int | None = None, soft_targets: bool = False,
-        rate_factors: dict[str, float] | None = None, steps_per_epoch: int | None = None,
-        backup_dir: Path | None = None, label_smoothing: float = 0.0, ema: float | None = None,
-        accumulate: int | None = None, curves: bool = False):
+@dataclass(frozen=True)
+class FitOptions:
+    """How `fit` trains: the schedule, the optimizer, the batches, and what it keeps and writes.
+
+    phases: `phases` schedule: each phase's rate for its epochs; `cosine`: exactly one phase, its
+        epochs and peak rate.
+    schedule: phases | cosine.
+    optimizer, momentum: see `make_optimizer`.
+    batch_size: rows per step of array rows (streamed batches come batched).
+    out_dir: where history.csv goes.
+    verbose: Keras' fit verbosity.
+    warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
+    callbacks: more Keras callbacks, run after the schedule's.
+    stop_after: train only the first this many epochs of the schedule (the schedule itself is
+        unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
+    soft_targets: `train` yields probability rows (pseudo-labels, mixup) instead of class indices:
+        categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
+    rate_factors: discriminative learning rates, see `make_optimizer`.
+    steps_per_epoch: batches per epoch of a `train` whose length tf.data cannot tell.
+    backup_dir: make the run resumable: every finished epoch is backed up there (weights,
+        optimizer state, history, the best epoch's weights), and a run that finds a backup
+        continues after its last epoch (`train` must then start at that epoch, see
+        `pipeline.training.epochs.resumed_epoch`). The backup stays until the caller removes it.
+    label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
+        the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
+        on the smoothed loss.
+    ema: keep Keras' moving average of the weights with this momentum, written into the model at
+        the end of every epoch (so the validation loss and the kept epoch are the average's); None: off.
+    accumulate: update the weights every this many steps with the mean of their gradients (Keras'
+        `gradient_accumulation_steps`: a larger batch than memory holds); None: every step.
+    curves: also write TensorBoard event files (loss, accuracy, learning rate per epoch) to
+        `pipeline.core.runs.curves_dir(out_dir)`, outside the run cache's entry.
+    """
+
+    phases: list[Phase]
+    schedule: str
+    optimizer: str
+    momentum: float
+    batch_size: int
+    out_dir: Path
+    verbose: int = 2
+    warmup_epochs: int = 0
+    callbacks: tuple = ()
+    stop_after: int | None = None
+    soft_targets: bool = False
+    rate_factors: dict[str, float] | None = None
+    steps_per_epoch: int | None = None
+    backup_dir: Path | None = None
+    label_smoothing: float = 0.0
+    ema: float | None = None
+    accumulate: int | None = None
+    curves: bool = False
+
+
+def fit(model, train, valid, options: FitOptions):
     """Compile and train `model`; keeps the best epoch by validation loss; writes history.csv.
 
     Args:
         train: (x, y) arrays, shuffled each epoch, a keras PyDataset of batches (augmentation), or a
-            tf.data Dataset of (x, y) batches (with `steps_per_epoch` when its length is unknown).
-        valid: (x, y) arrays or a tf.data Dataset of batches; None with `stop_after` (nothing is
-            selected on any rows).
-        phases: `phases` schedule: each phase's rate for its epochs; `cosine`: exactly one phase,
-            its epochs and peak rate.
-        warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
-        stop_after: train only the first this many epochs of the schedule (the schedule itself is
-            unchanged) and keep the last one: an epoch count chosen elsewhere, without these rows.
-        soft_targets: `train` yields probability rows (pseudo-labels, mixup) instead of class indices:
-            categorical cross-entropy, and `valid`'s class indices are compared as one-hot rows.
-        rate_factors: discriminative learning rates, see `make_optimizer`.
-        steps_per_epoch: batches per epoch of a `train` whose length tf.data cannot tell.
-        label_smoothing: train against targets smoothed by this much ((1 - s) one-hot + s / classes);
-            the best epoch is then chosen on the validation rows' plain log loss (`val_log_loss`), not
-            on the smoothed loss.
-        curves: also write TensorBoard event files (loss, accuracy, learning rate per epoch) to
-            `pipeline.core.runs.curves_dir(out_dir)`, outside the run cache's entry.
-        accumulate: update the weights every this many steps with the mean of their gradients (Keras'
-            `gradient_accumulation_steps`: a larger batch than memory holds); None: every step.
-        ema: keep Keras' moving average of the weights with this momentum, written into the model at
-            the end of every epoch (so the validation loss and the kept epoch are the average's); None: off.
-        backup_dir: make the run resumable: every finished epoch is backed up there (weights,
-            optimizer state, history, the best epoch's weights), and a run that finds a backup
-            continues after its last epoch (`train` must then start at that epoch, see
-            `pipeline.training.resumable.resumed_epoch`). The backup stays until the caller removes it.
+            tf.data Dataset of (x, y) batches (with `options.steps_per_epoch` when its length is unknown).
+        valid: (x, y) arrays or a tf.data Dataset of batches; None with `options.stop_after` (nothing
+            is selected on any rows).
+        options: how it trains (`FitOptions`).
 
     Returns:
         (history dict, best epoch index, best validation loss; with `stop_after` the last epoch and None).
@@ -209,21 +236,24 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
     import keras
     import tensorflow as tf
 
+    from pipeline.training.epochs import EpochKeeper
+
+    o = options
     arrays = isinstance(train, tuple)
-    steps = steps_per_epoch or (math.ceil(len(train[0]) / batch_size) if arrays else len(train))
-    rates = epoch_learning_rates(phases)
+    steps = o.steps_per_epoch or (math.ceil(len(train[0]) / o.batch_size) if arrays else len(train))
+    rates = epoch_learning_rates(o.phases)
     epochs = len(rates)
-    if schedule == "cosine":
-        if len(phases) != 1:
-            raise ValueError(f"schedule cosine takes exactly one phase (its epochs and peak lr), got {len(phases)}")
-        learning_rate = cosine_schedule(phases[0].lr, epochs, steps, warmup_epochs)
+    if o.schedule == "cosine":
+        if len(o.phases) != 1:
+            raise ValueError(f"schedule cosine takes exactly one phase (its epochs and peak lr), got {len(o.phases)}")
+        learning_rate = cosine_schedule(o.phases[0].lr, epochs, steps, o.warmup_epochs)
         scheduling = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: logs.__setitem__("learning_rate", current_learning_rate(model.optimizer)))
     else:
         learning_rate = rates[0]
         scheduling = keras.callbacks.LearningRateScheduler(lambda epoch: rates[min(epoch, epochs - 1)])
-    if soft_targets:
-        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing \
+    if o.soft_targets:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=o.label_smoothing) if o.label_smoothing \
             else "categorical_crossentropy"
         log_loss = keras.metrics.CategoricalCrossentropy
         if isinstance(valid, tuple):
@@ -232,42 +262,33 @@ def fit(model, train, valid, *, phases: list[Phase], schedule: str, optimizer: s
             classes = model.output_shape[-1]
             valid = valid.map(lambda images, labels: (images, tf.one_hot(labels, classes)))
     else:
-        loss = smoothed_sparse_crossentropy()(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
+        loss = smoothed_sparse_crossentropy()(o.label_smoothing) if o.label_smoothing \
+            else "sparse_categorical_crossentropy"
         log_loss = keras.metrics.SparseCategoricalCrossentropy
     # with smoothed targets the loss is not the log loss: the best epoch is chosen on the plain one
-    metrics = ["accuracy", log_loss(name="log_loss")] if label_smoothing else ["accuracy"]
-    monitor = "val_log_loss" if label_smoothing else "val_loss"
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, rate_factors, ema, steps, accumulate), loss=loss,
-                  metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
-    log_dir = curves_dir(out_dir) if curves else None
+    metrics = ["accuracy", log_loss(name="log_loss")] if o.label_smoothing else ["accuracy"]
+    monitor = "val_log_loss" if o.label_smoothing else "val_loss"
+    model.compile(optimizer=make_optimizer(o.optimizer, learning_rate, o.momentum, o.rate_factors, o.ema, steps,
+                                           o.accumulate),
+                  loss=loss, metrics=metrics, steps_per_execution=_steps_per_execution(arrays))
+    callbacks = [scheduling, *o.callbacks]
+    log_dir = curves_dir(o.out_dir) if o.curves else None
     if log_dir is not None:
         from pipeline.training.curves import epoch_curves
 
-        extra_callbacks = (*extra_callbacks, epoch_curves(log_dir))
-    run_epochs = epochs if stop_after is None else min(stop_after, epochs)
-    valid = valid if stop_after is None else None
-    if backup_dir is not None:
-        from pipeline.training.resumable import ResumableTraining
-
-        keeper = ResumableTraining(backup_dir, select_best=stop_after is None, monitor=monitor)
-        callbacks = [scheduling, *extra_callbacks, keeper]
-    elif stop_after is not None:
-        keeper, callbacks = None, [scheduling, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
-    else:
-        keeper = keras.callbacks.EarlyStopping(monitor=monitor, patience=epochs + 1, restore_best_weights=True)
-        callbacks = [scheduling, keeper, *extra_callbacks, keras.callbacks.CSVLogger(str(out_dir / HISTORY_FILE))]
+        callbacks.append(epoch_curves(log_dir))
+    run_epochs = epochs if o.stop_after is None else min(o.stop_after, epochs)
+    valid = valid if o.stop_after is None else None
+    keeper = EpochKeeper(o.backup_dir, select_best=o.stop_after is None, monitor=monitor)
+    callbacks.append(keeper)
     if arrays:
-        history = model.fit(train[0], train[1], validation_data=valid, batch_size=batch_size, epochs=run_epochs,
-                            shuffle=True, callbacks=callbacks, verbose=verbose)
+        model.fit(train[0], train[1], validation_data=valid, batch_size=o.batch_size, epochs=run_epochs,
+                  shuffle=True, callbacks=callbacks, verbose=o.verbose)
     else:
         # a keras PyDataset's batch order is shuffled by fit; a tf.data stream comes shuffled (and Keras warns
         # that it ignores shuffle=True there)
-        history = model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=steps_per_epoch,
-                            callbacks=callbacks, verbose=verbose, shuffle=not isinstance(train, tf.data.Dataset))
-    if backup_dir is not None:
-        keeper.write_history(out_dir / HISTORY_FILE)
-        best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch
-        return keeper.history, best_epoch, keeper.best
-    if stop_after is not None:
-        return history.history, run_epochs - 1, None
-    return history.history, keeper.best_epoch, keeper.best
+        model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=o.steps_per_epoch,
+                  callbacks=callbacks, verbose=o.verbose, shuffle=not isinstance(train, tf.data.Dataset))
+    keeper.write_history(o.out_dir / HISTORY_FILE)
+    best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch
+    return keeper.history, best_epoch, keeper.best

@@ -19,6 +19,23 @@ import numpy as np
 from pipeline.core.config_reader import ConfigReader
 
 
+@dataclass(frozen=True)
+class Ramp:
+    """How the range test raises the rate and when it stops.
+
+    start, end: the first and the largest rate tried; the rate grows by (end / start) ** (1 / steps).
+    steps: batches at most (passes over the rows repeat, reshuffled).
+    beta: smoothing of the loss (0.98 as fastai).
+    diverge: stop when the smoothed loss exceeds this times its minimum (or is not finite).
+    """
+
+    start: float = 1e-7
+    end: float = 10.0
+    steps: int = 200
+    beta: float = 0.98
+    diverge: float = 4.0
+
+
 @dataclass
 class RangeTest:
     """What the range test saw: one entry per batch trained."""
@@ -48,9 +65,8 @@ class RangeTest:
                 "minimum_over_10": float(rates[lowest] / 10)}
 
 
-def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str = "adam", start: float = 1e-7,
-               end: float = 10.0, steps: int = 200, batch_size: int = 64, beta: float = 0.98,
-               diverge: float = 4.0, seed: int = 0, loss: str = "sparse_categorical_crossentropy",
+def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str = "adam", ramp: Ramp = Ramp(),
+               batch_size: int = 64, seed: int = 0, loss: str = "sparse_categorical_crossentropy",
                batches=None, rate_factors: dict[str, float] | None = None) -> RangeTest:
     """Run the range test on a copy of `model` (its weights and optimizer state stay as they are).
 
@@ -61,11 +77,8 @@ def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str
         rate_factors: discriminative rates (`pipeline.training.fit.make_optimizer`): the tested rate
             times each named variable's factor.
         optimizer: adam | sgd | rmsprop (`pipeline.training.fit.make_optimizer`).
-        start, end: the first and the largest rate tried; the rate grows by (end / start) ** (1 / steps).
-        steps: batches at most (passes over the rows repeat, reshuffled).
+        ramp: the rates tried, the batches at most, the smoothing and when to stop (`Ramp`).
         batch_size: rows per batch.
-        beta: smoothing of the loss (0.98 as fastai).
-        diverge: stop when the smoothed loss exceeds this times its minimum (or is not finite).
         seed: the batch order.
 
     Returns:
@@ -78,10 +91,10 @@ def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str
     trial = keras.models.clone_model(model)
     trial.set_weights(model.get_weights())
     # one step per call, so every batch's own loss reaches the callback (steps_per_execution=1)
-    trial.compile(optimizer=make_optimizer(optimizer, start, rate_factors=rate_factors), loss=loss)
+    trial.compile(optimizer=make_optimizer(optimizer, ramp.start, rate_factors=rate_factors), loss=loss)
     if batches is None:
         batches = _shuffled_batches(x, y, batch_size, seed)
-    recorder = _RangeRecorder(start, end, steps, beta, diverge)
+    recorder = _RangeRecorder(ramp)
 
     class RangeTestCallback(keras.callbacks.Callback):
         """The range test as a callback on one `fit`, as fastai's `LRFinder` is."""
@@ -93,7 +106,7 @@ def range_test(model, x: np.ndarray | None, y: np.ndarray | None, optimizer: str
             if recorder.record(batch, float(logs["loss"])):
                 self.model.stop_training = True
 
-    trial.fit(_forever(batches), epochs=1, steps_per_epoch=steps, callbacks=[RangeTestCallback()], shuffle=False,
+    trial.fit(_forever(batches), epochs=1, steps_per_epoch=ramp.steps, callbacks=[RangeTestCallback()], shuffle=False,
               verbose=0)
     return recorder.result
 
@@ -109,9 +122,9 @@ class _RangeRecorder:
     batch's own loss (Keras logs the epoch's running mean; batch k's loss is k * mean_k - (k - 1) *
     mean_(k-1)), smoothed; `record` says when the smoothed loss has diverged."""
 
-    def __init__(self, start: float, end: float, steps: int, beta: float, diverge: float):
-        self.start, self.factor = start, (end / start) ** (1 / max(1, steps - 1))
-        self.beta, self.diverge = beta, diverge
+    def __init__(self, ramp: Ramp):
+        self.start, self.factor = ramp.start, (ramp.end / ramp.start) ** (1 / max(1, ramp.steps - 1))
+        self.beta, self.diverge = ramp.beta, ramp.diverge
         self.result, self.average, self.best, self.mean = RangeTest(), 0.0, math.inf, 0.0
 
     def rate(self, batch: int) -> float:
@@ -202,8 +215,8 @@ def find_for_stage(config: ConfigReader, stage: str, inputs: dict, out: Path, st
     model, x, y, batches, factors, rows = step.range_test_setup(config, inputs, steps, warn=say)
     say(f"range test for {stage}: {rows:,} training rows, {s.optimizer}, batch {s.batch_size}, "
         f"at most {steps} batches")
-    test = range_test(model, x, y, optimizer=s.optimizer, steps=steps, batch_size=s.batch_size, batches=batches,
-                      rate_factors=factors)
+    test = range_test(model, x, y, optimizer=s.optimizer, ramp=Ramp(steps=steps), batch_size=s.batch_size,
+                      batches=batches, rate_factors=factors)
     suggestions = test.suggestions()
     out.mkdir(parents=True, exist_ok=True)
     stepped = hasattr(s, "phases")  # a list of phases (finetune, bnretrain), or one peak rate (tune)

@@ -12,11 +12,12 @@ recipes it runs (`Stage.recipes`), so editing one recipe makes stale only the st
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
-from pipeline.training.recipes.base import Recipe, load_steps, train_steps
+from pipeline.training.recipes.base import Recipe, TrainingRun, load_steps, train_steps
 
 MODULES = {
     "finetune": "pipeline.training.recipes.head",
@@ -76,22 +77,23 @@ def fit_step(config: ConfigReader, inputs: dict[str, Path], step: Recipe, start:
     """
     warnings: list[str] = []
     data = step.load(config, inputs)
-    record = step.fit(config, data, inputs[start] if start else None, seed, out, log=say, warn=collecting(warnings),
-                      title=title, backup=backup, verbose=2)
+    run = TrainingRun(seed, title, backup=backup, log=say, warn=collecting(warnings), verbose=2)
+    record = step.fit(config, data, inputs[start] if start else None, out, run)
     return {**record, "warnings": warnings}
 
 
-def train_unit(config: ConfigReader, inputs: dict[str, Path], steps: tuple[Recipe, ...], seed: int, title: str, data, sides,
-               stop_after, teaching, out: Path, backup: Path | None = None) -> dict:
-    """A unit: a model trained from nothing by `steps` into `out` (`train_steps`): an ensemble member,
-    a fold's model, a student. `data`: the steps' rows when the driver loaded them, else None (a Ray
-    worker loads its own)."""
+def train_unit(config: ConfigReader, inputs: dict[str, Path], steps: tuple[Recipe, ...], data, sides, run: TrainingRun,
+               out: Path, backup: Path | None = None) -> dict:
+    """A unit: a model trained from nothing by `steps` into `out` (`train_steps`): an ensemble member, a
+    student. `data`: the steps' rows when the driver loaded them, else None (a Ray worker loads its own);
+    `sides`: (train, valid) row masks instead of the split's sides; `run`: its seed, title, epochs and
+    teaching (its log and warn are the unit's)."""
     warnings: list[str] = []
-    record = train_steps(config, steps, inputs, seed, out, data=data, sides=sides, stop_after=stop_after,
-                         teaching=teaching, backup=backup, log=say, warn=collecting(warnings), title=title)
-    taught = {"taught": teaching.digest()} if teaching is not None else {}
+    run = replace(run, backup=backup, log=say, warn=collecting(warnings))
+    record = train_steps(config, steps, inputs, out, run, data=data, sides=sides)
+    taught = {"taught": run.teaching.digest()} if run.teaching is not None else {}
     return {**record, **taught, "warnings": warnings}
 
 
-__all__ = ["HEAD_RECIPES", "MODULES", "NAMES", "Recipe", "check_steps", "collecting", "fit_step", "load_steps",
+__all__ = ["HEAD_RECIPES", "MODULES", "NAMES", "Recipe", "TrainingRun", "check_steps", "collecting", "fit_step", "load_steps",
            "needs_of", "recipe", "say", "steps_of", "train_steps", "train_unit"]

@@ -11,11 +11,41 @@ and records; they draw nothing (the stages draw, so a plot's edit retrains nothi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.core.artifacts import MEMBER_HEAD_DIR
 from pipeline.core.config_reader import ConfigReader
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """How one model is trained, beside its recipes' settings and rows: what `Recipe.fit` and
+    `train_steps` are asked to do.
+
+    seed: weight initialisation, shuffling, dropout and augmentation draws (every step's).
+    title: names the model in messages.
+    epochs: epochs per recipe name to train exactly, keeping the last and never looking at the
+        validation rows (epochs chosen elsewhere); None: each step keeps its best epoch by validation loss.
+    teaching: pseudo-labels every step trains on too (`teachable` recipes only).
+    backup: a folder outside the model's where a resumable recipe backs up its epochs (the last step's).
+    log, warn: print progress / a warning.
+    verbose: Keras' fit verbosity.
+    """
+
+    seed: int
+    title: str = ""
+    epochs: dict[str, int] | None = None
+    teaching: Any = None
+    backup: Path | None = None
+    log: Callable[[str], None] = print
+    warn: Callable[[str], None] = print
+    verbose: int = 0
+
+    def stop_after(self, recipe_name: str) -> int | None:
+        """The epochs recipe `recipe_name` trains exactly, or None: keep its best epoch."""
+        return (self.epochs or {}).get(recipe_name)
 
 
 class Recipe:
@@ -80,23 +110,15 @@ class Recipe:
         """
         raise NotImplementedError
 
-    def fit(self, config: ConfigReader, data, start: Path | None, seed: int, out: Path, *, log, warn, title: str = "",
-            stop_after: int | None = None, teaching=None, backup: Path | None = None, verbose: int = 0) -> dict:
+    def fit(self, config: ConfigReader, data, start: Path | None, out: Path, run: TrainingRun) -> dict:
         """One training step into `out`: `model.keras`, `history.csv`, the probabilities; no plot.
 
         Args:
             config: a config view that declares `keys`.
             data: what `load` returned.
             start: the folder of the model it starts from (`previous`'s), or None.
-            seed: weight initialisation, shuffling, dropout and augmentation draws.
             out: where its files go.
-            log, warn: print progress / a warning.
-            title: names the model in messages.
-            stop_after: train exactly this many epochs and keep the last, never looking at the
-                validation rows; None: keep the best epoch by validation loss.
-            teaching: pseudo-labels to train on too (`teachable` recipes only).
-            backup: a folder outside `out` where a resumable recipe backs up its epochs.
-            verbose: Keras' fit verbosity.
+            run: its seed, title, epochs (`run.stop_after(self.name)`), teaching, backup, log and warn.
 
         Returns:
             Its record: validation scores, best epoch (1-based), epochs, timing, `arch`.
@@ -119,9 +141,8 @@ def load_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str
     return data
 
 
-def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], seed: int, out: Path, *, data=None,
-                sides=None, stop_after: dict[str, int] | None = None, teaching=None, backup: Path | None = None,
-                log=print, warn=print, title: str = "") -> dict:
+def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], out: Path, run: TrainingRun, *,
+                data=None, sides=None) -> dict:
     """A model trained from nothing by `steps` (a recipe's `steps(config)`) into `out`; each earlier
     step's model is kept in the next one's `head/` folder (bnretrain's finetune head in `out/head/`).
 
@@ -129,12 +150,10 @@ def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[st
         config: a config view that declares every step's keys.
         steps: the recipes in order.
         inputs: upstream output folders by stage name.
-        seed: the model's seed (every step's).
+        out: where the last step's files go.
+        run: how the model is trained (its backup is the last step's).
         data: each step's rows by recipe name (`load_steps`); None: loaded here.
         sides: (train, valid) row masks instead of the split's sides.
-        stop_after: epochs per recipe name (see `Recipe.fit`); None: best epochs by validation loss.
-        teaching: pseudo-labels every step trains on.
-        backup: where the last step backs up its epochs (a resumable recipe).
 
     Returns:
         The last step's record, with `best_epochs` (1-based, by recipe name), the earlier steps'
@@ -143,7 +162,7 @@ def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[st
     from pipeline.core.errors import PipelineError
 
     *before, last = steps
-    if teaching is not None and not last.teachable:
+    if run.teaching is not None and not last.teachable:
         raise PipelineError(f"the {last.name} recipe cannot train on pseudo-labels: choose a teacher whose models "
                             "follow finetune's or bnretrain's recipe")
     data = data if data is not None else load_steps(config, steps, inputs, sides)
@@ -151,10 +170,8 @@ def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[st
     if before:
         start = out / MEMBER_HEAD_DIR
         start.mkdir()
-        earlier = train_steps(config, tuple(before), inputs, seed, start, data=data, sides=sides,
-                              stop_after=stop_after, teaching=teaching, log=log, warn=warn, title=title)
-    record = last.fit(config, data[last.name], start, seed, out, log=log, warn=warn, title=title,
-                      stop_after=(stop_after or {}).get(last.name), teaching=teaching, backup=backup)
+        earlier = train_steps(config, tuple(before), inputs, start, replace(run, backup=None), data=data, sides=sides)
+    record = last.fit(config, data[last.name], start, out, run)
     result = {**record, "best_epochs": {**earlier["best_epochs"], last.name: record["best_epoch"]}}
     if before:
         result.update({"arch": last.arch_after(earlier["arch"]),

@@ -18,7 +18,7 @@ from pipeline.core.artifacts import MODEL_FILE
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.models.saved import load_saved_model
-from pipeline.training.recipes.base import Recipe
+from pipeline.training.recipes.base import Recipe, TrainingRun
 from pipeline.training.recipes.head import RECIPE as HEAD
 from pipeline.training.recipes.head import CachedRowsRecipe, load_training_data, model_arch, taught, trains_pixels
 
@@ -60,25 +60,24 @@ class BatchnormRecipe(CachedRowsRecipe):
             f"hidden layers; largest change of a validation probability {change:.1e}; dropout -> {s.dropout}")
         return model, change
 
-    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
-            backup=None, verbose=0) -> dict:
+    def fit(self, config: ConfigReader, data, start, out, run: TrainingRun) -> dict:
         import keras
 
-        from pipeline.training.fit import Phase, fit
+        from pipeline.training.fit import FitOptions, Phase, fit
         from pipeline.training.record import finish, set_determinism
 
         self.check(config)
-        s = self.settings(config)
-        model, change = self.with_batchnorm(config, start, data, log)
+        s, seed = self.settings(config), run.seed
+        model, change = self.with_batchnorm(config, start, data, run.log)
         set_determinism(config.get("training.deterministic"))
         keras.utils.set_random_seed(seed)
-        train, pseudo_rows = taught((data.x_train, data.y_train), data, teaching, s.batch_size, seed, log)
+        train, pseudo_rows = taught((data.x_train, data.y_train), data, run.teaching, s.batch_size, seed, run.log)
         began = time.perf_counter()
-        history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid),
-                                     phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases",
-                                     optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size, out_dir=out,
-                                     verbose=verbose, stop_after=stop_after, soft_targets=teaching is not None,
-                                     curves=config.compute.tensorboard)
+        history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(
+            phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases", optimizer=s.optimizer,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose,
+            stop_after=run.stop_after(self.name), soft_targets=run.teaching is not None,
+            curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),

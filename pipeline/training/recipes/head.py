@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
-from pipeline.training.recipes.base import Recipe
+from pipeline.training.recipes.base import Recipe, TrainingRun
 
 def load_training_data(config: ConfigReader, inputs: dict[str, Path], augmented: bool, tta: bool, sides=None):
     """The split's rows of precompute's arrays (`pipeline.data.features.SplitFeatures`), with augment's
@@ -112,20 +112,19 @@ class HeadRecipe(CachedRowsRecipe):
 
         return build_model(config, data.x_train.shape[1:], len(data.classes), warn)
 
-    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
-            backup=None, verbose=0) -> dict:
+    def fit(self, config: ConfigReader, data, start, out, run: TrainingRun) -> dict:
         import keras
 
-        from pipeline.training.fit import Phase, fit
+        from pipeline.training.fit import FitOptions, Phase, fit
         from pipeline.training.record import finish, set_determinism
 
-        s = self.settings(config)
+        s, seed, teaching = self.settings(config), run.seed, run.teaching
         set_determinism(config.get("training.deterministic"))
         keras.utils.set_random_seed(seed)
-        model, arch = self.build(config, data, warn)
+        model, arch = self.build(config, data, run.warn)
         passes = f" (clean + {data.train_passes} augmented passes)" if data.train_passes else ""
-        log(f"{title} {arch}: {model.count_params():,} parameters, {len(data.x_train):,} train{passes} / "
-            f"{len(data.x_valid):,} valid rows of {data.x_train.shape[1:]}, seed {seed}".strip())
+        run.log(f"{run.title} {arch}: {model.count_params():,} parameters, {len(data.x_train):,} train{passes} / "
+                f"{len(data.x_valid):,} valid rows of {data.x_train.shape[1:]}, seed {seed}".strip())
         if s.augment and teaching is not None:
             raise PipelineError("pseudo-labelling trains on cached rows; it cannot be combined with "
                                 "finetune.augment (augmentation on the fly): set finetune.augment: null")
@@ -137,14 +136,14 @@ class HeadRecipe(CachedRowsRecipe):
                 raise PipelineError("finetune.mixup mixes the cached rows of each batch; it cannot be combined with "
                                     "pseudo-labels or finetune.augment (augmentation on the fly)")
             train = mixed_rows(*train, len(data.classes), s.batch_size, s.mixup, seed)
-        train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, log)
+        train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, run.log)
         began = time.perf_counter()
-        history, best_epoch, _ = fit(
-            model, train, (data.x_valid, data.y_valid), phases=[Phase(p.epochs, p.lr) for p in s.phases],
-            schedule=s.schedule, optimizer=s.optimizer, momentum=s.momentum, batch_size=s.batch_size,
-            out_dir=out, verbose=verbose, warmup_epochs=s.warmup_epochs, stop_after=stop_after,
+        history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(
+            phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule=s.schedule, optimizer=s.optimizer,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose,
+            warmup_epochs=s.warmup_epochs, stop_after=run.stop_after(self.name),
             soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema,
-            curves=config.compute.tensorboard)
+            curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began
         return {
             **finish(model, data, history, best_epoch, out),

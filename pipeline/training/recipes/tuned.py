@@ -8,7 +8,7 @@ recipe) and unfreezes the top `tune.unfreeze` blocks, batchnorm kept in inferenc
 augmented on the fly (`pipeline.data.image_stream`, augment's `transforms`), with one warmup +
 cosine schedule whose rate the backbone's variables take times `tune.backbone_lr_mult`
 (discriminative rates, `pipeline.training.fit.make_optimizer`); every epoch is backed up so a
-killed run resumes (`pipeline.training.resumable`); the best epoch by validation loss is kept. Then
+killed run resumes (`pipeline.training.epochs`); the best epoch by validation loss is kept. Then
 it predicts the validation and test images, with `tune.tta` also augment's test passes of them
 (drawn exactly as augment draws them) and averages. Imports Keras inside the functions.
 """
@@ -25,7 +25,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.image_rows import ImageRows, SplitImages
 from pipeline.models.saved import load_saved_model
 from pipeline.training.recipes import HEAD_RECIPES, recipe
-from pipeline.training.recipes.base import Recipe
+from pipeline.training.recipes.base import Recipe, TrainingRun
 
 TRAINING_DRAWS = 2  # augment draws subset 0 (train) and 1 (test) passes; tune's training draws are stream 2
 
@@ -105,10 +105,10 @@ def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_di
     from pipeline.data.image_stream import labelled_batches, training_stream
     from pipeline.models.device import plan_device, replicas_scope
     from pipeline.models.unfreeze import backbone_rate_factors
-    from pipeline.training.fit import Phase, fit
+    from pipeline.training.fit import FitOptions, Phase, fit
     from pipeline.training.mixup import image_mixer
     from pipeline.training.record import record, set_determinism
-    from pipeline.training.resumable import resumed_epoch
+    from pipeline.training.epochs import resumed_epoch
 
     s = config.section("tune")
     size = image_size(config)
@@ -132,12 +132,11 @@ def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_di
             f"{plan.description}, {plan.precision}, {replicas} replica(s)"
             + (f"; resuming at epoch {start + 1}" if start else ""))
         began = time.perf_counter()
-        history, best_epoch, _ = fit(
-            model, train, labelled_batches(images.valid, size, s.batch_size, preprocess),
+        history, best_epoch, _ = fit(model, train, labelled_batches(images.valid, size, s.batch_size, preprocess), FitOptions(
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
             steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after, soft_targets=mix is not None,
-            accumulate=s.gradient_accumulation_steps, curves=config.compute.tensorboard)
+            accumulate=s.gradient_accumulation_steps, curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began
     model.save(out_dir / MODEL_FILE)
     predictions, valid_each = predict_split(config, model, images, preprocess, plan)
@@ -223,14 +222,13 @@ class TuneRecipe(Recipe):
 
         return load_split_images(inputs["download"], inputs["split"], config.competition.classes, sides)
 
-    def fit(self, config: ConfigReader, data, start, seed, out, *, log, warn, title="", stop_after=None, teaching=None,
-            backup=None, verbose=0) -> dict:
-        if teaching is not None:
+    def fit(self, config: ConfigReader, data, start, out, run: TrainingRun) -> dict:
+        if run.teaching is not None:
             raise PipelineError("the tune recipe trains on labelled images only: it cannot train a pseudo-labelled "
                                 "student")
-        if backup is None:
+        if run.backup is None:
             raise ValueError("the tune recipe backs up every epoch: it needs a backup folder")
-        return tune_model(config, data, start, out, backup, seed, log, verbose, stop_after)
+        return tune_model(config, data, start, out, run.backup, run.seed, run.log, run.verbose, run.stop_after(self.name))
 
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"

@@ -1,12 +1,16 @@
-"""A `fit` that survives being killed: Keras' `BackupAndRestore`, plus the history and best epoch it forgets.
+"""The one way a `fit` keeps its epochs: every epoch's logs, the best one by validation loss and its weights,
+and, given a backup folder, all of it on disk so that a killed run resumes (`EpochKeeper`).
 
-`BackupAndRestore` saves the weights, the optimizer's state and the epoch reached after every epoch,
-and a new `fit` that finds them continues from there. What it does not keep is everything other
+Without a backup folder the best epoch's weights are kept in memory (as Keras' `EarlyStopping(
+restore_best_weights=True)` keeps them) and put back at the end. With one, it is Keras'
+`BackupAndRestore` plus the history and best epoch that callback forgets. `BackupAndRestore` saves
+the weights, the optimizer's state and the epoch reached after every epoch, and a new `fit` that
+finds them continues from there. What it does not keep is everything other
 callbacks hold in memory: the history of the epochs before the kill, and which epoch was best by
 validation loss (and its weights; `EarlyStopping(restore_best_weights=True)` forgets both); nor the
 state of the model's random seed generators (dropout's), so the resumed epochs would draw other
 dropout masks than an uninterrupted run.
-`ResumableTraining` wraps it and keeps those in the same folder, in an order that stays consistent
+`EpochKeeper` wraps it and keeps those in the same folder, in an order that stays consistent
 whichever instant the process dies at:
 
 1. a new best epoch's weights go to `best-EPOCH.weights.h5` (a new file);
@@ -38,11 +42,12 @@ def resumed_epoch(backup_dir: Path) -> int:
     return int(json.loads(path.read_text())["epoch"]) if path.is_file() else 0
 
 
-class ResumableTraining(keras.callbacks.Callback):
-    """`BackupAndRestore` with the journal of every epoch and the best epoch's weights.
+class EpochKeeper(keras.callbacks.Callback):
+    """Every epoch's logs and the best epoch's weights, in memory or (resumable) in a backup folder.
 
     Args:
-        backup_dir: the run's backup folder (created when the first epoch ends).
+        backup_dir: the run's backup folder (created when the first epoch ends), where
+            `BackupAndRestore` and the journal live; None: nothing on disk, no resuming.
         select_best: keep the weights of the epoch with the lowest `monitor` and put them back at
             the end; False: keep the last epoch's.
         monitor: the validation log entry that chooses the best epoch (`val_loss`).
@@ -51,12 +56,14 @@ class ResumableTraining(keras.callbacks.Callback):
     (0-based, None without `select_best`), `best` (its validation loss), `resumed_at`.
     """
 
-    def __init__(self, backup_dir: Path, select_best: bool = True, monitor: str = "val_loss"):
+    def __init__(self, backup_dir: Path | None = None, select_best: bool = True, monitor: str = "val_loss"):
         super().__init__()
-        self.dir = Path(backup_dir)
+        self.dir = None if backup_dir is None else Path(backup_dir)
         self.select_best = select_best
         self.monitor = monitor
-        self.backup = keras.callbacks.BackupAndRestore(str(self.dir), delete_checkpoint=False)
+        self.backup = None if self.dir is None else keras.callbacks.BackupAndRestore(str(self.dir),
+                                                                                     delete_checkpoint=False)
+        self.best_weights: list | None = None  # in memory, without a backup folder
         self.rows: list[dict] = []
         self.best_epoch: int | None = None
         self.best: float | None = None
@@ -64,9 +71,13 @@ class ResumableTraining(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        self.backup.set_model(model)
+        if self.backup is not None:
+            self.backup.set_model(model)
 
     def on_train_begin(self, logs=None):
+        if self.backup is None:
+            self.rows, self.best_epoch, self.best, self.best_weights = [], None, None, None
+            return
         self.backup.on_train_begin(logs)
         self.resumed_at = resumed_epoch(self.dir)
         journal = self.dir / BACKUP_JOURNAL
@@ -96,8 +107,13 @@ class ResumableTraining(keras.callbacks.Callback):
         return True
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch, "logs": {key: float(value) for key, value in (logs or {}).items()},
-               "seed_states": [[int(x) for x in keras.ops.convert_to_numpy(v)] for v in self._seed_states()]}
+        row = {"epoch": epoch, "logs": {key: float(value) for key, value in (logs or {}).items()}}
+        if self.backup is None:
+            self.rows.append(row)
+            if self._consider(row):
+                self.best_weights = self.model.get_weights()
+            return
+        row["seed_states"] = [[int(x) for x in keras.ops.convert_to_numpy(v)] for v in self._seed_states()]
         self.rows.append(row)
         self.dir.mkdir(parents=True, exist_ok=True)
         if self._consider(row):
@@ -109,7 +125,9 @@ class ResumableTraining(keras.callbacks.Callback):
                 old.unlink()
 
     def on_train_end(self, logs=None):
-        if self.best_epoch is not None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        elif self.best_epoch is not None:
             self.model.load_weights(self.dir / best_weights_file(self.best_epoch))
 
     @property
