@@ -27,19 +27,19 @@ from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext, Variant
+from pipeline.core.stage import Predicts, Stage, StageContext, Variant
 from pipeline.evaluation.blending import METHODS
 from pipeline.evaluation.mistakes import MISTAKES_READS
-from pipeline.evaluation.sources import PREDICTING_STAGES
 
-SOURCES = tuple(s for s in PREDICTING_STAGES if s != "blend")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# what every source shares with the competition (its rows are blended row by row), so no source's `set` changes
+SHARED_SECTIONS = ("download", "split", "competition", "blend", "paths")
 
 
 class Source(StrictModel):
     """One entry of `blend.sources`: a predicting stage under a feature set and other changed settings."""
 
-    stage: Literal[SOURCES] = Field(description="the predicting stage whose predictions are blended")
+    stage: str = Field(description="the predicting stage whose predictions are blended (not blend itself)")
     features: str | None = Field(None, description="a feature set of `features` (null: precompute as configured)")
     set: dict[str, Any] = Field({}, description="other settings changed for this source, dotted key -> value")
     name: str | None = Field(None, description=(
@@ -98,13 +98,11 @@ def variants(config: ConfigReader) -> list[Variant]:
                 raise PipelineError(f"{where}.features: no feature set {source.features!r} in `features` "
                                     f"(declared: {', '.join(declared) or 'none'})")
             overrides.update(config.section("features")[source.features].overrides())
-        shared = [key for key in source.set if key.split(".")[0] in ("download", "split", "competition", "blend")]
+        shared = [key for key in source.set if key.split(".")[0] in SHARED_SECTIONS]
         if shared:
-            raise PipelineError(f"{where}.set: {shared[0]!r}: every source shares the competition's images, split and "
-                                "classes (its rows are blended row by row); change it for the whole competition")
-        if any(key.split(".")[0] == "paths" for key in source.set):
-            raise PipelineError(f"{where}.set: paths: a source lives in its competition's work folder; set paths for "
-                                "the whole competition")
+            raise PipelineError(f"{where}.set: {shared[0]!r}: every source shares the competition's images, split, "
+                                "classes and work folder (its rows are blended row by row); change it for the whole "
+                                "competition")
         overrides.update(source.set)
         result.append(Variant(source.label, overrides, source.stage, where))
     return result
@@ -245,4 +243,6 @@ STAGE = Stage(
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
     variants=variants,
+    predicts=Predicts(source=lambda config: "cv"),  # its cross-validated sources' fold models teach fold by fold
+    reads_predictions=lambda s: {f"blend.sources[{i}].stage": source.stage for i, source in enumerate(s.sources)},
 )

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS
@@ -77,4 +77,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: recipe("bnretrain").needs_for(config),
     recipes=lambda config: (recipe("bnretrain"),),
+    predicts=Predicts(recipe=lambda config: "bnretrain", packaged=True),
 )

@@ -28,7 +28,7 @@ from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, SPLIT_FILE
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_table
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import NAMES, needs_of, steps_of
 
@@ -129,4 +129,6 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of(config.section("cv").source, config), config),
     recipes=lambda config: steps_of(config.section("cv").source, config),
+    predicts=Predicts(models=("folds", "fold_runs"), recipe=lambda config: config.get("cv.source"), out_of_fold=True,
+                      packaged=True),
 )

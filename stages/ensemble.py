@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.core.artifacts import MEMBERS_PLOT, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import NAMES, needs_of, steps_of
 
@@ -93,4 +93,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of(config.section("ensemble").source, config), config),
     recipes=lambda config: steps_of(config.section("ensemble").source, config),
+    predicts=Predicts(models=("members", "members"), recipe=lambda config: config.get("ensemble.source"), packaged=True),
 )

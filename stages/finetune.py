@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS, passes_text
 from pipeline.training.fit import OPTIMIZERS, SCHEDULES
@@ -84,4 +84,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of("finetune", config), config),
     recipes=lambda config: steps_of("finetune", config),
+    predicts=Predicts(recipe=lambda config: "finetune", packaged=True),
 )

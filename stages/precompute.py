@@ -112,7 +112,6 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
     """`compute.backend: ray`: each shard of `compute.shard_size` images (whole batches, in index order)
     is a unit computed by a Ray task; the driver stitches the shards into the memory-mapped arrays
     (the same bytes as one pass: the batches are the same) and then drops them."""
-    import shutil
     import time
 
     import numpy as np
@@ -145,8 +144,9 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
         share = seconds * counts[subset] / max(len(index), 1)  # the shards of both subsets ran together: wall time by images
         timings[subset] = {"images": counts[subset], "seconds": round(share, 2), "shards": len(arrays),
                            "images_per_s": round(len(index) / max(seconds, 1e-9), 1)}
+    shards = ctx.units("shards")
     for unit in units:
-        shutil.rmtree(unit.folder, ignore_errors=True)  # stitched: the stage's arrays hold them now
+        shards.remove(unit.key)  # stitched: the stage's arrays hold them now
     return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
 
 

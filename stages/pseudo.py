@@ -30,20 +30,19 @@ from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_table
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import needs_of, steps_of
 
-TEACHERS = ("finetune", "bnretrain", "ensemble", "cv", "smooth", "blend")
 STUDENT_DIR = "student"  # holdout: the student's model, history, plots and own predictions
 
 
 class Settings(StrictModel):
     """The `pseudo` section: a student trained on the training rows + the test rows with a teacher's probabilities as soft labels."""
 
-    source: Literal[TEACHERS] = Field("smooth", description=(
-        "the teacher: finetune | bnretrain | ensemble | cv | smooth | blend (the student follows its models' "
-        "recipe; a blend's students follow cv's, fold by fold)"))
+    source: str = Field("smooth", description=(
+        "the teacher, a predicting stage: finetune | bnretrain | ensemble | cv | smooth | blend (the student follows "
+        "its models' recipe; a blend's students follow cv's, fold by fold)"))
     weight: float = Field(0.25, gt=0, lt=1, description=(
         "share of every batch drawn from the pseudo-labelled test rows (the course: 1/4 to 1/3)"))
     threshold: float | None = Field(None, ge=0, le=1, description=(
@@ -65,17 +64,20 @@ class Settings(StrictModel):
 
 
 def teacher_base(config: ConfigReader, source: str) -> str:
-    """The stage whose models made the teacher's predictions: smooth's source for smooth; cv for a blend
-    (a blend of cross-validated sources teaches fold by fold, with its `fold_test_probs.npy`, and its
-    students follow cv's recipe on this competition's own features)."""
-    base = config.section("smooth").source if source == "smooth" else source
-    return "cv" if base == "blend" else base
+    """The stage whose models made the teacher's predictions (`Predicts.base`): smooth's source for smooth;
+    cv for a blend (a blend of cross-validated sources teaches fold by fold, with its `fold_test_probs.npy`,
+    and its students follow cv's recipe on this competition's own features)."""
+    return config.predicts(source).base(config, config.predicts, source)
 
 
 def student_recipe(config: ConfigReader, source: str) -> str:
     """The recipe the teacher's models followed, which the student follows too."""
     base = teacher_base(config, source)
-    return {"ensemble": config.get("ensemble.source"), "cv": config.get("cv.source")}.get(base, base)
+    role = config.predicts(base)
+    if role.recipe is None:
+        raise PipelineError(f"pseudo.source: {source}'s predictions come from {base}, which trains no model a student "
+                            "could follow")
+    return role.recipe(config)
 
 
 def student_steps(config: ConfigReader) -> tuple:
@@ -107,7 +109,8 @@ def run(ctx: StageContext) -> dict:
     check_steps(steps, ctx.config)
     split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     ids = split["id"].to_numpy()
-    if list(teacher.test_ids) != read_rows(ctx.input("precompute"), "test")["id"].tolist():
+    test_ids = read_rows(ctx.input("precompute"), "test")["id"].tolist()
+    if list(teacher.test_ids) != test_ids:
         raise PipelineError(f"{teacher_dir}: its test rows are not precompute's test rows, in order; rerun it")
 
     def students(items, keyed_by_item=()):
@@ -139,7 +142,7 @@ def run(ctx: StageContext) -> dict:
         folds = split["fold"].to_numpy()
         n_folds = int(folds.max()) + 1
         teachers = load_fold_test(teacher_dir, len(teacher.test_ids), n_folds)
-        chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input("cv")).metrics["fold_runs"]}
+        chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input(teacher_base(ctx.config, s.source))).metrics["fold_runs"]}
         labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], ctx.config.competition.classes)
         items, teachings = [], []
         for f in range(n_folds):
@@ -203,8 +206,9 @@ STAGE = Stage(
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: tuple(dict.fromkeys(
-        (config.section("pseudo").source,
-         *(("cv",) if teacher_base(config, config.section("pseudo").source) == "cv" else ()),
+        (config.section("pseudo").source, teacher_base(config, config.section("pseudo").source),
          *needs_of(student_steps(config), config)))),
     recipes=student_steps,
+    predicts=Predicts(models=("students", "students")),
+    reads_predictions=lambda s: {"pseudo.source": s.source},
 )

@@ -26,12 +26,10 @@ from pydantic import Field
 
 from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.smoothing import METRICS
-from pipeline.evaluation.sources import PREDICTING_STAGES
 
-SOURCES = tuple(s for s in PREDICTING_STAGES if s not in ("smooth", "pseudo"))  # pseudo smooths its own (`pseudo.smooth`)
 
 
 class Grid(StrictModel):
@@ -42,9 +40,9 @@ class Grid(StrictModel):
 class Settings(StrictModel):
     """The `smooth` section: blend each test row's probabilities with its nearest test rows' (validation rows alike)."""
 
-    source: Literal[SOURCES] = Field("ensemble", description=(
-        "the stage whose predictions are smoothed: finetune | bnretrain | tune | ensemble | cv (pseudo: "
-        "pseudo.smooth)"))
+    source: str = Field("ensemble", description=(
+        "the predicting stage whose predictions are smoothed: finetune | bnretrain | tune | ensemble | cv | blend "
+        "(a pseudo student's own: pseudo.smooth)"))
     k: int = Field(5, ge=1, description="neighbours per row (never itself; test rows only among test rows)")
     weight: float = Field(0.5, ge=0, le=1, description=(
         "p' = (1 - weight) p + weight * the neighbours' mean p (0: unchanged)"))
@@ -93,4 +91,6 @@ STAGE = Stage(
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: (config.section("smooth").source,),
+    predicts=Predicts(source=lambda config: config.section("smooth").source, smooths=True, packaged=True),
+    reads_predictions=lambda s: {"smooth.source": s.source},
 )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -24,7 +23,6 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json, read_table
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Stage, StageContext
-from pipeline.evaluation.sources import PREDICTING_STAGES
 
 
 
@@ -34,9 +32,9 @@ SUBMISSIONS_ARTIFACTS = (LEDGER_FILE, LEDGER_PLOT)  # what else lives in submiss
 class Settings(StrictModel):
     """The `submit` section: the submission file."""
 
-    source: Literal[PREDICTING_STAGES] = Field("finetune", description=(
-        "the stage whose test predictions are submitted: finetune | bnretrain | tune | ensemble | cv | smooth | "
-        "pseudo"))
+    source: str = Field("finetune", description=(
+        "the predicting stage whose test predictions are submitted: finetune | bnretrain | tune | ensemble | cv | "
+        "smooth | pseudo | blend"))
     name: str = Field("{comp}-{source}-{fingerprint}", description=(
         "file name without extension ({comp}, {source}, {fingerprint})"))
     gzip: bool = Field(False, description="write NAME.csv.gz instead of NAME.csv")
@@ -159,4 +157,5 @@ STAGE = Stage(
     outs=(SUBMISSION_FILE, SUBMISSION_META),
     headline=_headline,
     restore=publish,
+    reads_predictions=lambda s: {"submit.source": s.source},
 )

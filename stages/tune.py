@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.competition import network_size
 from pipeline.core.settings import StrictModel
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.evaluation.model_outputs import MODEL_OUTPUTS
 from pipeline.training.fit import OPTIMIZERS
@@ -112,4 +112,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: (config.section("tune").source, *recipe("tune").needs_for(config)),
     recipes=lambda config: (recipe("tune"),),
+    predicts=Predicts(recipe=lambda config: "tune"),
 )

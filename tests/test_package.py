@@ -65,7 +65,7 @@ def test_a_packaged_model_averages_the_same_test_passes_and_smooths_as_the_smoot
 def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
     warm_project("cv", _cross_validated)
     blend = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "blend"])
-    assert blend.exit_code == 2 and "only finetune, bnretrain, ensemble, cv, smooth can be packaged so far" in blend.output
+    assert blend.exit_code == 2 and "only cv, ensemble, finetune, bnretrain, smooth can be packaged so far" in blend.output
 
 
 @pytest.mark.slow  # 69 s (2026-12-04): 0.5 GB of wheels, a fresh venv installing them with no index

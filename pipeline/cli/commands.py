@@ -354,7 +354,7 @@ def package(comp, extra_files, sets, source, wheels):
 
     config = _load(comp, extra_files, sets)
     source = source or config.get("submit.source")
-    check_source(source)
+    check_source(config, source)
     runner.run(config, [source])
     folder, record = write_bundle(config, source, wheels, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
     click.echo(f"{folder}: {len(record['models'])} models of {source} ({record['validation']['kind']} "
@@ -383,7 +383,7 @@ def kernel_push(comp, extra_files, sets, source):
 
     config = _load(comp, extra_files, sets)
     source = source or config.get("submit.source")
-    check_source(source)
+    check_source(config, source)
     runner.run(config, [source])
     pushed = push(config, source, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
     click.echo(f"{pushed['kernel']} version {pushed['version']}: {pushed['status']} (runs {source} "

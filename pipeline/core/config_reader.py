@@ -44,3 +44,6 @@ class ConfigReader(Protocol):
     @property
     def submissions_dir(self) -> Path:
         """`submissions/COMP/`."""
+
+    def predicts(self, stage: str) -> Any:
+        """Stage `stage`'s role as a predicting stage (`pipeline.core.stage.Predicts`), or None."""

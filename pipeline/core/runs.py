@@ -107,6 +107,10 @@ class RunStore:
             found.append(Entry(folder.name, folder, size, marker.stat().st_mtime))
         return sorted(found, key=lambda e: e.used, reverse=True)
 
+    def remove(self, key: str) -> None:
+        """Delete entry `key` (what a stage that keeps its units' contents elsewhere does once it has them)."""
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
     def prune(self, keep_last: int, protect: set[str] = frozenset()) -> list[Entry]:
         """Delete all but the `keep_last` most recently used entries (never those in `protect`)."""
         removed = []
@@ -159,6 +163,16 @@ def stage_store(work_dir: Path, stage: str) -> RunStore:
     return RunStore(runs_root(work_dir) / stage)
 
 
+def unit_store_name(stage: str, kind: str) -> str:
+    """The name of the store of `stage`'s units of `kind`: `STAGE-KIND` (`_runs/ensemble-members/`)."""
+    return f"{stage}-{kind}"
+
+
+def unit_store(work_dir: Path, stage: str, kind: str, used: list[str] | None = None) -> RunStore:
+    """The stored units of `kind` of `stage` (`_runs/STAGE-KIND/`); `used` as `RunStore` takes it."""
+    return RunStore(runs_root(work_dir) / unit_store_name(stage, kind), used)
+
+
 def current_key(work_dir: Path, stage: str) -> str | None:
     """The fingerprint the stage's link points at (None: no link)."""
     link = work_dir / stage
@@ -209,7 +223,7 @@ def adopt_legacy_folder(work_dir: Path, stage: str) -> None:
 def unit_stores(work_dir: Path, stage: str) -> list[RunStore]:
     """The unit stores of `stage` (`_runs/STAGE-KIND/`)."""
     root = runs_root(work_dir)
-    return [RunStore(p) for p in sorted(root.glob(f"{stage}-*")) if p.is_dir()] if root.is_dir() else []
+    return [RunStore(p) for p in sorted(root.glob(unit_store_name(stage, "*"))) if p.is_dir()] if root.is_dir() else []
 
 
 def remove_stage(work_dir: Path, stage: str) -> list[Path]:

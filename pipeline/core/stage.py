@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.core.artifacts import RUNS_FOLDER
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.settings import StrictModel
 
@@ -107,6 +106,42 @@ class ConfigView:
         self.check("paths.submissions")
         return self._config.submissions_dir
 
+    def predicts(self, stage: str) -> Predicts | None:
+        """Stage `stage`'s role as a predicting stage (a declaration in code, not a setting: readable undeclared)."""
+        return self._config.predicts(stage)
+
+
+@dataclass(frozen=True)
+class Predicts:
+    """A predicting stage's role: its output is a predictions folder (`pipeline.evaluation.predictions`)
+    that smooth, blend, pseudo and submit read, `kp runs` lists and `kp package` ships. Code asks a
+    stage's role (`ConfigReader.predicts`) instead of comparing its name.
+
+    models: (the unit kind whose stored units are its models, the metrics list naming them by `key`),
+        e.g. ensemble's ("members", "members"); None: its model is in its own folder, or it has none.
+    recipe: the recipe its models follow under a config (`ensemble.source`); None: it trains none itself.
+    source: the predicting stage whose models make its predictions under a config (smooth's
+        `smooth.source`; a blend's cv, whose fold models its cross-validated sources are); None: its own.
+    smooths: it smooths its source's test rows over their neighbours (a kernel smooths them again).
+    out_of_fold: its models predict every training row out of fold (a sweep's default objective).
+    packaged: `kp package` ships its models (they read precompute's features).
+    """
+
+    models: tuple[str, str] | None = None
+    recipe: Callable[[Any], str] | None = None
+    source: Callable[[Any], str] | None = None
+    smooths: bool = False
+    out_of_fold: bool = False
+    packaged: bool = False
+
+    def base(self, config: ConfigReader, predicts: Callable[[str], "Predicts"], name: str) -> str:
+        """The stage whose own models make `name`'s predictions (this role's), following `source` back."""
+        role = self
+        while role.source is not None:
+            name = role.source(config)
+            role = predicts(name)
+        return name
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -144,6 +179,10 @@ class Stage:
         `source_stamp(config, stamp)` where `stamp(path)` is the configured file stamp (size and
         mtime, or sha256), so that replacing an input file makes the stage stale.
     extra_needs: upstream stages chosen by the config (submit reads the stage `submit.source` names).
+    predicts: its role when its output is a predictions folder (`Predicts`); None: it predicts nothing.
+    reads_predictions: the settings of its section that name a predicting stage it reads, as
+        `reads_predictions(settings)` -> {dotted key: stage name}; the engine checks each one names a
+        predicting stage (from the registry) that does not read this stage itself.
     variants: the variants it reads, as `variants(config)` -> a list of `Variant`: the engine folds
         each variant's fingerprint into this stage's, brings each up to date before the stage runs,
         and hands its target's output folder to the stage as `ctx.inputs[variant.name]`.
@@ -169,6 +208,8 @@ class Stage:
     source_stamp: Callable[[Any, Callable[[Path], dict]], dict[str, Any]] | None = None
     extra_needs: Callable[[Any], tuple[str, ...]] | None = None
     variants: Callable[[Any], list[Variant]] | None = None
+    predicts: Predicts | None = None
+    reads_predictions: Callable[[Any], dict[str, str]] | None = None
     recipes: Callable[[Any], tuple[Any, ...]] | None = None
     restore: Callable[["StageContext"], None] | None = None
     check: Callable[[Any, dict[str, dict]], None] | None = None
@@ -245,10 +286,10 @@ class StageContext:
     def units(self, kind: str):
         """The run store of this stage's cached units of `kind` (`work/COMP/_runs/STAGE-KIND/`),
         e.g. ensemble members: each unit is keyed by its own fingerprint and written atomically."""
-        from pipeline.core.runs import RunStore
+        from pipeline.core.runs import unit_store, unit_store_name
 
-        name = f"{self.stage.name}-{kind}"
-        return RunStore(self.work_dir / RUNS_FOLDER / name, used=self.units_used.setdefault(name, []))
+        used = self.units_used.setdefault(unit_store_name(self.stage.name, kind), [])
+        return unit_store(self.work_dir, self.stage.name, kind, used)
 
     @property
     def on_ray(self) -> bool:
@@ -292,9 +333,11 @@ class StageContext:
         from pipeline.core.cache import fingerprint
         from pipeline.core.code_version import code_hashes
         from pipeline.core.executor import Unit, UnitResult, read_record
+        from pipeline.core.runs import unit_store_name
 
         declared = tuple(dict.fromkeys([*(key for recipe in recipes for key in recipe.keys), *reads]))
-        view = self.config.narrowed(declared, f"a unit of {self.stage.name}-{kind}",
+        store_name = unit_store_name(self.stage.name, kind)
+        view = self.config.narrowed(declared, f"a unit of {store_name}",
                                     "its recipes' keys (`Recipe.reads`) or the `reads` of map_units")
         names = tuple(self.inputs) if upstream is None else tuple(upstream)
         shared = {"kind": kind, "function": f"{function.__module__}.{function.__qualname__}",
@@ -306,7 +349,7 @@ class StageContext:
         units = []
         for item in items:
             key = fingerprint({**shared, "item": item.key})
-            backup = (self.cache_dir / BACKUP_FOLDER.format(stage=f"{self.stage.name}-{kind}") / key
+            backup = (self.cache_dir / BACKUP_FOLDER.format(stage=store_name) / key
                       if resumable else None)
             extra = {"backup": backup} if resumable else {}
             units.append(Unit(key, item.label, functools.partial(function, view, inputs, *item.args, **extra), backup))

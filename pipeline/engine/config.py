@@ -204,11 +204,18 @@ class ResolvedConfig:
         wanted = with_needs([target], lambda stage: stages[stage].needs_for(resolved))
         resolved.model = model.model_copy(update={"stages": wanted})
         resolved.values["stages"] = wanted
+        _check_predictions_read(resolved, where)
         return resolved
 
     @property
     def submissions_dir(self) -> Path:
         return self.path(self.model.paths.submissions) / self.comp
+
+    def predicts(self, stage: str):
+        """Stage `stage`'s role as a predicting stage (`pipeline.core.stage.Predicts`), or None."""
+        from pipeline.engine.registry import all_stages
+
+        return all_stages()[stage].predicts
 
 
 def project_root() -> Path:
@@ -281,6 +288,7 @@ def load_config(
         provenance=provenance,
         files=files,
     )
+    _check_predictions_read(resolved)
     _check_stage_list(resolved)
     return resolved
 
@@ -541,3 +549,22 @@ def _check_stage_list(resolved: ResolvedConfig) -> None:
         if missing:
             raise PipelineError(f"{source}: stages: {name!r} needs {', '.join(map(repr, missing))}, which is not "
                                 f"listed; got {listed}")
+
+
+def _check_predictions_read(resolved: ResolvedConfig, where: str = "") -> None:
+    """Every setting that names a predicting stage (`Stage.reads_predictions`) names one, other than its own
+    stage and than a stage that reads it: the list of predicting stages comes from the registry."""
+    from pipeline.engine.registry import all_stages, predicting_stages, with_needs
+
+    known, predicting = all_stages(), predicting_stages()
+    for stage in known.values():
+        if stage.reads_predictions is None or stage.name not in resolved.model.stages:
+            continue
+        for key, name in stage.reads_predictions(resolved.section(stage.section)).items():
+            source = (f"{where}: " if where else "") + source_of(key.partition("[")[0], resolved.provenance)
+            if name not in predicting:
+                raise PipelineError(f"{source}: {key}: {name!r} is not a predicting stage{_did_you_mean(name, list(predicting))}; "
+                                    f"one of {', '.join(predicting)}")
+            if name == stage.name or stage.name in with_needs([name], lambda n: known[n].needs_for(resolved)):
+                raise PipelineError(f"{source}: {key}: {name!r} reads {stage.name} itself; {stage.name} must read "
+                                    "a stage that predicts without it")

@@ -95,3 +95,8 @@ def all_stages() -> dict[str, Stage]:
         if unknown:
             raise RuntimeError(f"stage {stage.name!r} needs unknown stage(s) {unknown}")
     return {name: found[name] for name in in_run_order(found, lambda name: found[name].needs)}
+
+
+def predicting_stages() -> tuple[str, ...]:
+    """The stages whose output is a predictions folder (those that declare `Stage.predicts`), in run order."""
+    return tuple(name for name, stage in all_stages().items() if stage.predicts is not None)

@@ -32,7 +32,9 @@ def embedded(path: Path) -> str | None:
 
 
 def _stage_section(config: ResolvedConfig, status) -> dict:
-    m = status.manifest
+    from pipeline.engine.registry import all_stages
+
+    stage, m = all_stages()[status.name], status.manifest
     metrics = m.metrics if m else {}
     folder = config.work_dir / status.name
     return {
@@ -49,8 +51,9 @@ def _stage_section(config: ResolvedConfig, status) -> dict:
         "plots": [(name, uri) for name in PLOTS if (uri := embedded(folder / name))],
         "most_confused": metrics.get("most_confused", []),
         "members": metrics.get("members", []),
+        "predicts": stage.predicts is not None,
         "blend_sources": [{"name": name, "weight": metrics.get("weights", {}).get(name, 0.0), **scores}
-                          for name, scores in metrics.get("sources", {}).items()] if status.name == "blend" else [],
+                          for name, scores in metrics.get("sources", {}).items()] if stage.variants else [],
         "folds": metrics.get("fold_runs") or [row for row in metrics.get("students", []) if row.get("fold")],
         "warnings": m.warnings if m else [],
     }
@@ -61,7 +64,7 @@ def _ladder(stages: list[dict]) -> list[dict]:
     rows, previous = [], None
     for stage in stages:
         loss = stage["scores"].get("val_log_loss")
-        if loss is None or stage["name"] == "submit":
+        if loss is None or not stage["predicts"]:
             continue
         rows.append({"stage": stage["name"], "validation": stage["validation"], "val_log_loss": loss,
                      "val_accuracy": stage["scores"].get("val_accuracy"),

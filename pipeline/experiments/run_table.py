@@ -15,7 +15,6 @@ from typing import Any, TYPE_CHECKING
 import yaml
 
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.sources import PREDICTING_STAGES
 
 if TYPE_CHECKING:
     from pipeline.engine.config import ResolvedConfig
@@ -113,9 +112,10 @@ def stored_runs(config: ResolvedConfig, stages: tuple[str, ...] | None = None) -
     """
     from pipeline.core.cache import Manifest
     from pipeline.core.runs import current_key, stage_store
+    from pipeline.engine.registry import predicting_stages
 
     rows, leaderboard = [], leaderboard_scores(config)
-    for stage in stages or PREDICTING_STAGES:
+    for stage in stages or predicting_stages():
         current = current_key(config.work_dir, stage)
         for entry in stage_store(config.work_dir, stage).entries():
             manifest = Manifest.read(entry.path)

@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEP_PLOT, SWEEPS_FOLDER, TRIALS_FILE
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.sources import PREDICTING_STAGES
 from pipeline.experiments.run_table import score_key
 from pipeline.experiments.trials import Pruning, TrialSpec, best_folds, run_trials
 
@@ -79,16 +78,20 @@ def grid_trials(grid: list[str]) -> list[dict[str, str]]:
 
 
 def objective_stage(config: ResolvedConfig, asked: str | None) -> str:
-    """The stage whose validation score a sweep compares: `asked`, else cv when listed, else the last
-    predicting stage the competition lists."""
-    listed = [name for name in config.stage_names if name in PREDICTING_STAGES]
+    """The stage whose validation score a sweep compares: `asked`, else the first listed stage whose models
+    predict every training row out of fold (`Predicts.out_of_fold`: cv), else the last predicting stage the
+    competition lists."""
+    from pipeline.engine.registry import predicting_stages
+
+    listed = [name for name in config.stage_names if config.predicts(name) is not None]
     if asked is not None:
         if asked not in listed:
             raise PipelineError(f"--objective {asked}: not a predicting stage of {config.comp!r} (its: {listed})")
         return asked
     if not listed:
-        raise PipelineError(f"{config.comp!r} lists no predicting stage ({', '.join(PREDICTING_STAGES)}) to sweep")
-    return "cv" if "cv" in listed else listed[-1]
+        raise PipelineError(f"{config.comp!r} lists no predicting stage ({', '.join(predicting_stages())}) to sweep")
+    out_of_fold = [name for name in listed if config.predicts(name).out_of_fold]
+    return out_of_fold[0] if out_of_fold else listed[-1]
 
 
 def command_line(comp: str, extra_files, sets, stage: str) -> str:

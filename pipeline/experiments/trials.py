@@ -131,6 +131,7 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
     """
     from pipeline.core.cache import Manifest
     from pipeline.core.executor import watching_units
+    from pipeline.core.runs import unit_store_name
     from pipeline.engine import runner
     from pipeline.engine.status import expected_fingerprints
 
@@ -139,8 +140,11 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
     total = int(config.get("split.folds"))
     folds: dict[int, float] = {}
 
+    models = config.predicts(spec.stage).models  # (kind, metrics list) of a stage whose models are units
+    folds_store = unit_store_name(spec.stage, models[0]) if models else None
+
     def watch(store_name: str, unit, record: dict) -> None:
-        if store_name != f"{spec.stage}-folds" or "fold" not in record:
+        if store_name != folds_store or "fold" not in record:
             return
         folds[int(record["fold"])] = float(record[score_name])
         reason = prune_reason(score_name, folds, best, total, pruning)

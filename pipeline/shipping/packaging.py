@@ -29,9 +29,6 @@ from pipeline.core.errors import PipelineError
 if TYPE_CHECKING:
     from pipeline.engine.config import ResolvedConfig
 
-MODEL_SOURCES = ("finetune", "bnretrain", "ensemble", "cv")  # whose models read precompute's features
-PACKAGEABLE = (*MODEL_SOURCES, "smooth")  # smooth: of one of those, its test rows smoothed again in the kernel
-UNIT_STORES = {"ensemble": ("members", "members"), "cv": ("folds", "fold_runs")}  # stage: (unit kind, metrics list)
 
 KERNEL_TEXT = '''"""A code competition's kernel: a kp bundle's models on the competition's test images, offline."""
 import importlib.util
@@ -90,10 +87,19 @@ def current_bundle(config: ResolvedConfig, source: str, wheels: str | None) -> t
     return folder, record
 
 
-def check_source(source: str) -> None:
+def packageable(config: ResolvedConfig) -> tuple[str, ...]:
+    """The predicting stages whose models `kp package` ships (`Predicts.packaged`: their models read
+    precompute's features; smooth of one of them, its test rows smoothed again in the kernel)."""
+    from pipeline.engine.registry import predicting_stages
+
+    return tuple(name for name in predicting_stages() if config.predicts(name).packaged)
+
+
+def check_source(config: ResolvedConfig, source: str) -> None:
     """One clear error for a source stage whose models cannot be packaged yet."""
-    if source not in PACKAGEABLE:
-        raise PipelineError(f"kp package --source {source}: only {', '.join(PACKAGEABLE)} can be packaged so far "
+    shipped = packageable(config)
+    if source not in shipped:
+        raise PipelineError(f"kp package --source {source}: only {', '.join(shipped)} can be packaged so far "
                             "(their models read precompute's features; smooth of one of them)")
 
 
@@ -102,7 +108,7 @@ def _smoothing(config: ResolvedConfig, source: str) -> dict | None:
     validation rows when it tuned them), its metric and weighting; None for another source."""
     from pipeline.core.cache import Manifest
 
-    if source != "smooth":
+    if not config.predicts(source).smooths:
         return None
     metrics = Manifest.read(config.work_dir / source).metrics
     return {"k": int(metrics["k"]), "weight": float(metrics["weight"]), "metric": config.get("smooth.metric"),
@@ -116,22 +122,24 @@ def model_folders(config: ResolvedConfig, source: str) -> list[Path]:
         PipelineError: the source is not packaged yet, has no current result, or lacks a model.
     """
     from pipeline.core.cache import Manifest
-    from pipeline.core.runs import stage_store
+    from pipeline.core.runs import unit_store
 
-    check_source(source)
-    if source == "smooth":
-        inner = config.get("smooth.source")
-        if inner not in MODEL_SOURCES:
-            raise PipelineError(f"kp package: smooth.source is {inner}; a smoothed source can be packaged when it is "
-                                f"one of {', '.join(MODEL_SOURCES)}")
+    check_source(config, source)
+    role = config.predicts(source)
+    if role.source is not None:  # smooth: the models of the stage it smooths
+        inner = role.source(config)
+        modelled = [name for name in packageable(config) if config.predicts(name).source is None]
+        if inner not in modelled:
+            raise PipelineError(f"kp package: {source}'s source is {inner}; {source} can be packaged when it is "
+                                f"one of {', '.join(modelled)}")
         return model_folders(config, inner)
     folder = (config.work_dir / source).resolve()
     manifest = Manifest.read(folder)
     if manifest is None:
         raise PipelineError(f"{config.work_dir / source}: no finished {source} run to package; run kp {source} first")
-    if source in UNIT_STORES:
-        kind, listed = UNIT_STORES[source]
-        store = stage_store(config.work_dir, f"{source}-{kind}")
+    if role.models is not None:
+        kind, listed = role.models
+        store = unit_store(config.work_dir, source, kind)
         folders = [store.path(run["key"]) for run in manifest.metrics[listed]]
     else:
         folders = [folder]

@@ -214,7 +214,7 @@ class TuneRecipe(Recipe):
         return recipe(config.section("tune").source)
 
     def check(self, config: ConfigReader) -> None:
-        if config.section("tune").source not in HEAD_RECIPES:
+        if self.settings(config).source not in HEAD_RECIPES:
             raise PipelineError(f"tune.source must be a recipe that trains a head ({', '.join(HEAD_RECIPES)})")
 
     def load(self, config: ConfigReader, inputs, sides=None):
