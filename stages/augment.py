@@ -71,7 +71,7 @@ class Settings(StrictModel):
 def run(ctx: StageContext) -> dict:
     from pipeline.core.cache import link_or_copy
     from pipeline.core.executor import UnitItem
-    from pipeline.data.augmentation import RowAugmenter
+    from pipeline.data.augmentation import RowAugmenter, pass_seed
     from pipeline.evaluation.plots import plot_augmentations
     from pipeline.models.passes import PASS_READS, SUBSETS, pass_source, write_pass
 
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> dict:
     for subset, count in zip(SUBSETS, (s.passes, s.test_passes)):
         shutil.copyfile(ctx.input("precompute") / rows_file(subset), ctx.out / rows_file(subset))
         for number in range(1, count + 1):
-            seed = (s.seed, SUBSETS.index(subset), number)
+            seed = pass_seed(s.seed, subset, number)
             items.append(UnitItem(f"{subset} pass {number}/{count}", {"subset": subset, "pass": number, "seed": seed},
                                   (subset, number, seed)))
     units = ctx.map_units("passes", write_pass, items, "augmented passes", reads=PASS_READS)
@@ -93,7 +93,7 @@ def run(ctx: StageContext) -> dict:
 
     source = pass_source(ctx.config, ctx.inputs)
     rows, originals = source.preview_images(PREVIEW_IMAGES)
-    versions = [[RowAugmenter(s.transforms, (s.seed, 0, n))(image, row) for n in range(1, PREVIEW_PASSES + 1)]
+    versions = [[RowAugmenter(s.transforms, pass_seed(s.seed, "train", n))(image, row) for n in range(1, PREVIEW_PASSES + 1)]
                 for row, image in zip(rows, originals)]
     plot_augmentations(originals, versions, ctx.out / PREVIEW_PLOT,
                        title=f"{ctx.comp}: training rows {', '.join(map(str, rows))} and their versions in "

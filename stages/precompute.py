@@ -118,6 +118,7 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
 
     from pipeline.core.executor import UnitItem
     from pipeline.data.arrays import ChunkedArrayWriter, load_array
+    from pipeline.models.extractor import write_shard
 
     s = ctx.settings
     shard = -(-ctx.config.compute.shard_size // s.batch_size) * s.batch_size
@@ -148,23 +149,6 @@ def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
     for unit in units:
         shards.remove(unit.key)  # stitched: the stage's arrays hold them now
     return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
-
-
-def write_shard(config: ConfigReader, inputs: dict, paths: list[str], out) -> dict:
-    """One shard's feature rows into `out` (on a Ray worker): the images must be visible there.
-    Returns its record: the network's name, row shape, image size, device and timing."""
-    import socket
-    from pathlib import Path
-
-    from pipeline.models.extractor import build_extractor, feature_size
-
-    if paths and not Path(paths[0]).is_file():
-        raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
-                            "folder must be on a filesystem every Ray worker shares, at the same path")
-    extractor = build_extractor(config.section("precompute"), config.root, feature_size(config), config.compute)  # this worker's own device
-    timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
-    return {"name": extractor.name, "shape": list(extractor.row_shape), "size": list(extractor.size),
-            "device": extractor.device(), **timing}
 
 
 def _cache_pixels(ctx: StageContext) -> dict:

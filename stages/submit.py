@@ -67,7 +67,7 @@ def taken_by(name: str) -> str | None:
 
 
 def run(ctx: StageContext) -> dict:
-    from pipeline.evaluation.metrics import evaluate, leaderboard_score_name
+    from pipeline.evaluation.metrics import evaluate, score_for
     from pipeline.evaluation.predictions import load_predictions, validation_kind
     from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
 
@@ -103,7 +103,7 @@ def run(ctx: StageContext) -> dict:
         "split_strategy": ctx.config.get("split.strategy"),
         "validation": validation_kind(ctx.input(s.source)),
         "metric": competition.metric,
-        "score_name": leaderboard_score_name(competition.metric),
+        "score_name": score_for(competition.metric).submitted,
         **scores,
         "clip": list(competition.clip),
         "rows": len(frame),

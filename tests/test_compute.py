@@ -110,7 +110,7 @@ def test_precompute_in_shards_on_ray_writes_the_same_arrays_as_one_pass(synth):
 
 
 def test_a_worker_that_cannot_see_the_images_says_so(tmp_path):
-    from stages.precompute import write_shard
+    from pipeline.models.extractor import write_shard
 
     with pytest.raises(PipelineError, match=r"cannot see the images \(/nowhere/img_1.jpg\): the work folder must be "
                                             r"on a filesystem every Ray worker shares"):

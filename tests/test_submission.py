@@ -9,7 +9,7 @@ from sklearn.metrics import log_loss
 from pipeline.core.errors import PipelineError
 from pipeline.engine.config import load_config
 from pipeline.evaluation.metrics import (SCORE_NAMES, binary_log_loss, clip_probabilities, competition_score, evaluate,
-                                         leaderboard_score_name, multiclass_log_loss)
+                                         multiclass_log_loss, score_for)
 from pipeline.evaluation.scoring import score_submission
 from pipeline.evaluation.submission import in_sample_order, submission_frame, validate_submission
 from tests.helpers import REPO
@@ -115,5 +115,5 @@ def test_evaluate_names_every_score_once_and_clips_as_submitted():
     clipped = np.clip(probs[:, 1], *dogscats.clip)  # binary: P(dog) alone, as the submission holds it
     assert scores["val_log_loss_clipped"] == pytest.approx(log_loss(labels, np.c_[1 - clipped, clipped]), abs=1e-5)
     assert scores["val_log_loss_clipped"] < scores["val_log_loss"]  # clipping caps the confident miss
-    assert leaderboard_score_name(dogscats.metric) == "val_log_loss_clipped"
-    assert leaderboard_score_name("accuracy") == "val_accuracy" and statefarm.metric == "log_loss"
+    assert score_for(dogscats.metric).submitted == "val_log_loss_clipped"
+    assert score_for("accuracy").submitted == "val_accuracy" and statefarm.metric == "log_loss"

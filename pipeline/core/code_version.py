@@ -4,8 +4,11 @@ A stage's code is its own module plus every library module it imports, directly 
 library modules (found by reading the `import` statements, function-level ones included, without
 importing anything), plus the modules of the recipes it runs (`Stage.recipes`: found by name at run
 time, so no import statement names them). A unit's code is its function's module and its recipes'
-modules alike, which draw nothing: editing a plot or a headline reruns a stage, never its units. The engine (`pipeline/*.py`) and `pipeline.core` are the cache's own machinery
-and are left out: they decide when a stage runs, not what it writes. Each file is hashed (sha256 of
+modules alike: editing a plot or a headline reruns a stage but not its units where its unit function
+lives outside the stage's module (ensemble members, cv folds, pseudo students, augment's passes,
+precompute's shards: `pipeline/training`, `pipeline/models`). The engine, experiments, shipping and
+cli folders and `pipeline.core` are the cache's own machinery and are left out: they decide when a
+stage runs, not what it writes. Each file is hashed (sha256 of
 its bytes); editing one makes every stage that uses it stale, and `kp status` names the file.
 """
 from __future__ import annotations

@@ -62,6 +62,16 @@ def transform_problem(spec: TransformSpec) -> str | None:
     return None
 
 
+PASS_SUBSETS = ("train", "test")  # a pass's seed holds its subset's position here
+
+
+def pass_seed(seed: int, subset: str, number: int) -> tuple[int, int, int]:
+    """The seed of augmented pass `number` (1-based; 0 is the clean images) of `subset` (train | test)
+    under `augment.seed`: what augment's passes, tune's test-time passes, the preview and a kernel's
+    passes all draw from, so a row's version is the same wherever it is drawn."""
+    return (int(seed), PASS_SUBSETS.index(subset), int(number))
+
+
 def row_seed(seed: tuple[int, ...], row: int) -> int:
     """The albumentations seed of one row: a function of the pass's seed and the row number only."""
     return int(np.random.SeedSequence([*seed, row]).generate_state(1)[0] >> 1)

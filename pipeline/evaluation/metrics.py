@@ -6,6 +6,8 @@ wrong answer costs up to 34.5 nats, so submissions clip further (`competition.cl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 KAGGLE_EPS = 1e-15
@@ -71,6 +73,34 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray, competition=None, cl
     return {name: round(float(value), 5) for name, value in scores.items()}
 
 
-def leaderboard_score_name(metric: str) -> str:
-    """Which of `SCORE_NAMES` the leaderboard's metric corresponds to (as submitted: clipped)."""
-    return "val_accuracy" if metric == "accuracy" else "val_log_loss_clipped"
+@dataclass(frozen=True)
+class Score:
+    """What a competition's metric means for our own scores: the one place that maps a metric to score
+    names and says which way is better.
+
+    name: the validation score runs are compared on (sweeps, `kp runs`): every predicting stage has it.
+    submitted: the score of the probabilities as submitted (clipped), what the leaderboard's compares with.
+    higher_is_better: accuracy; log loss is lower.
+    """
+
+    name: str
+    submitted: str
+    higher_is_better: bool
+
+    def loss(self, value: float) -> float:
+        """`value` as a loss (lower is better): log loss itself, the error rate for accuracy."""
+        return 1.0 - value if self.higher_is_better else value
+
+
+LOG_LOSS = Score("val_log_loss", "val_log_loss_clipped", higher_is_better=False)
+ACCURACY = Score("val_accuracy", "val_accuracy", higher_is_better=True)
+
+
+def score_for(metric: str) -> Score:
+    """The `Score` of a competition's metric (`competition.metric`: log_loss or accuracy)."""
+    return ACCURACY if metric == "accuracy" else LOG_LOSS
+
+
+def score_named(name: str) -> Score:
+    """The `Score` one of whose names is `name` (`val_log_loss`, `val_log_loss_clipped`, `val_accuracy`)."""
+    return next(score for score in (LOG_LOSS, ACCURACY) if name in (score.name, score.submitted))

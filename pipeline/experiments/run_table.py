@@ -21,16 +21,19 @@ if TYPE_CHECKING:
 
 
 def score_key(config: ResolvedConfig) -> str:
-    """The validation score runs are compared on: `val_accuracy` when the competition's metric is
-    accuracy (higher is better), else `val_log_loss` (lower is better)."""
-    return "val_accuracy" if config.competition.metric == "accuracy" else "val_log_loss"
+    """The validation score runs are compared on (`pipeline.evaluation.metrics.Score.name`)."""
+    from pipeline.evaluation.metrics import score_for
+
+    return score_for(config.competition.metric).name
 
 
 def ranked(config: ResolvedConfig, rows: list[dict]) -> list[dict]:
     """`rows` best first by the competition's metric (ties keep their order; rows without the score last)."""
+    from pipeline.evaluation.metrics import score_named
+
     name = score_key(config)
-    sign = -1 if name == "val_accuracy" else 1
-    return sorted(rows, key=lambda row: (row.get(name) is None, sign * (row.get(name) or 0)))
+    score = score_named(name)
+    return sorted(rows, key=lambda row: (row.get(name) is None, score.loss(row.get(name) or 0)))
 
 
 def flatten(value: Any, prefix: str) -> dict[str, Any]:

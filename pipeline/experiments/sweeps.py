@@ -271,16 +271,19 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     import optuna
     from optuna.trial import TrialState
 
+    from pipeline.evaluation.metrics import score_named
+
     space = read_space(space_file)
     _check_overrides(comp, extra_files, sets, [{key: value for key, value in zip(space, corner)} for corner in
                                                itertools.product(*(_extremes(axis) for axis in space.values()))][:64])
     asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
     base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, asked)
     score_name = score_key(base)
+    direction = "maximize" if score_named(score_name).higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _holding(base, folder, described, say):
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
-                                    load_if_exists=True, direction="maximize" if score_name == "val_accuracy" else "minimize",
+                                    load_if_exists=True, direction=direction,
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # a killed search's
             study.tell(stale.number, state=TrialState.FAIL)
@@ -331,7 +334,9 @@ def sweeps(work_dir: Path) -> dict[str, list[dict]]:
 
 def score_name_of(trials: list[dict]) -> str:
     """The score a sweep's trials carry: `val_log_loss` or `val_accuracy`."""
-    return next(key for key in ("val_log_loss", "val_accuracy") if trials and key in trials[0])
+    from pipeline.evaluation.metrics import ACCURACY, LOG_LOSS
+
+    return next(key for key in (LOG_LOSS.name, ACCURACY.name) if trials and key in trials[0])
 
 
 def finished(trials: list[dict]) -> list[dict]:

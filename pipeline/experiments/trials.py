@@ -75,7 +75,9 @@ class TrialSpec:
 
 def fold_loss(score_name: str, value: float) -> float:
     """A fold's score as a loss (lower is better): log loss itself, or the error rate for accuracy."""
-    return value if score_name == "val_log_loss" else 1.0 - value
+    from pipeline.evaluation.metrics import score_named
+
+    return score_named(score_name).loss(value)
 
 
 def prune_reason(score_name: str, folds: dict[int, float], best: dict[int, float], total: int,

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.artifacts import SHARD_FILE
 from pipeline.core.config_reader import ConfigReader
+from pipeline.core.errors import PipelineError
 from pipeline.models.inference import Forward
 
 RANDOM_WEIGHTS_SEED = 0  # `weights: none`: the same random network in every run
@@ -94,3 +96,18 @@ def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -
         size=(height, width),
         dtype=settings.dtype,
     )
+
+
+def write_shard(config: ConfigReader, inputs: dict, paths: list[str], out: Path) -> dict:
+    """A unit of precompute: one shard's feature rows into `out` (here or on a Ray worker, whose images
+    must be visible there). Returns its record: the network's name, row shape, image size, device and timing."""
+    import socket
+
+    if paths and not Path(paths[0]).is_file():
+        raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
+                            "folder must be on a filesystem every Ray worker shares, at the same path")
+    extractor = build_extractor(config.section("precompute"), config.root, feature_size(config),
+                                config.compute)  # this worker's own device
+    timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
+    return {"name": extractor.name, "shape": list(extractor.row_shape), "size": list(extractor.size),
+            "device": extractor.device(), **timing}

@@ -26,8 +26,6 @@ from pipeline.core.errors import PipelineError
 if TYPE_CHECKING:
     import numpy as np
 
-TEST_SUBSET = 1  # the augment stage's seeds are (seed, subset, pass): 0 for train, 1 for test
-
 
 def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
     """The bundle's test probabilities for `images`, in order.
@@ -44,7 +42,7 @@ def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
     import numpy as np
 
     from pipeline.data.arrays import load_array
-    from pipeline.data.augmentation import RowAugmenter
+    from pipeline.data.augmentation import RowAugmenter, pass_seed
     from pipeline.evaluation.smoothing import neighbours, smooth
     from pipeline.models.extractor import build_extractor
     from pipeline.models.inference import predict_averaged
@@ -56,7 +54,7 @@ def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="kp-kernel-") as scratch:
         versions = []
         for number in range(0, (tta["passes"] if tta else 0) + 1):
-            augment = RowAugmenter(tta["transforms"], (tta["seed"], TEST_SUBSET, number)) if number else None
+            augment = RowAugmenter(tta["transforms"], pass_seed(tta["seed"], "test", number)) if number else None
             out = Path(scratch) / f"test_{number}.npy"
             timing = extractor.write(images, out, augment=augment)
             say(f"features of {len(images)} test images{f' (test pass {number})' if number else ''}: "

@@ -19,6 +19,11 @@ from pipeline.core.artifacts import MEMBER_HEAD_DIR
 from pipeline.core.config_reader import ConfigReader
 
 
+def printed(message: str) -> None:
+    """Print a line: `TrainingRun`'s default log and warn (a module function, so a run pickles for Ray)."""
+    print(message)
+
+
 @dataclass(frozen=True)
 class TrainingRun:
     """How one model is trained, beside its recipes' settings and rows: what `Recipe.fit` and
@@ -39,8 +44,8 @@ class TrainingRun:
     epochs: dict[str, int] | None = None
     teaching: Any = None
     backup: Path | None = None
-    log: Callable[[str], None] = print
-    warn: Callable[[str], None] = print
+    log: Callable[[str], None] = printed
+    warn: Callable[[str], None] = printed
     verbose: int = 0
 
     def stop_after(self, recipe_name: str) -> int | None:

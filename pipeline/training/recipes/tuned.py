@@ -162,7 +162,7 @@ def predict_split(config: ConfigReader, model, images: SplitImages, preprocess, 
     Returns:
         (`Predictions`, the validation probabilities of each version, clean first).
     """
-    from pipeline.data.augmentation import RowAugmenter
+    from pipeline.data.augmentation import RowAugmenter, pass_seed
     from pipeline.evaluation.predictions import Predictions
     from pipeline.models.inference import Forward
 
@@ -172,11 +172,11 @@ def predict_split(config: ConfigReader, model, images: SplitImages, preprocess, 
 
     forward = Forward(model, plan, preprocess)
 
-    def versions(rows: ImageRows, subset: int) -> list[np.ndarray]:
-        augmenters = [None] + [RowAugmenter(transforms, (seed, subset, k)) for k in range(1, passes + 1)]
+    def versions(rows: ImageRows, subset: str) -> list[np.ndarray]:
+        augmenters = [None] + [RowAugmenter(transforms, pass_seed(seed, subset, k)) for k in range(1, passes + 1)]
         return [predict_images(forward, rows, image_size(config), a) for a in augmenters]
 
-    valid_each, test_each = versions(images.valid, 0), versions(images.test, 1)
+    valid_each, test_each = versions(images.valid, "train"), versions(images.test, "test")
     mean = lambda each: np.mean(each, axis=0, dtype=np.float64).astype(np.float32)  # noqa: E731
     return (Predictions(images.valid.ids, images.valid.labels, mean(valid_each), images.test.ids, mean(test_each)),
             valid_each)
