@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--vary", choices=("deterministic", "steps"), default="deterministic")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from pipeline.training.recipes import recipe
+    from pipeline.training.recipes import TrainingRun, recipe
 
     if args.vary == "deterministic":
         variants = {mode: (load_config(args.comp, extra_files=args.config,
@@ -58,8 +58,8 @@ def main() -> None:
             fit.STEPS_PER_EXECUTION = steps
             with tempfile.TemporaryDirectory() as folder:
                 view = all_stages()["finetune"].view(config)
-                metrics = recipe("finetune").resolved(view).fit(view, data, None, 0, Path(folder),
-                                                                log=lambda _: None, warn=lambda _: None)
+                quiet = TrainingRun(0, log=lambda _: None, warn=lambda _: None)
+                metrics = recipe("finetune").resolved(view).fit(view, data, None, Path(folder), quiet)
                 probs = load_predictions(Path(folder)).valid_probs
             seconds[name].append(metrics["seconds_per_epoch"])
             digests[name].add(hashlib.sha256(probs.tobytes()).hexdigest())

@@ -64,10 +64,14 @@ class Settings(StrictModel):
 
 
 def teacher_base(config: ConfigReader, source: str) -> str:
-    """The stage whose models made the teacher's predictions (`Predicts.base`): smooth's source for smooth;
-    cv for a blend (a blend of cross-validated sources teaches fold by fold, with its `fold_test_probs.npy`,
-    and its students follow cv's recipe on this competition's own features)."""
-    return config.predicts(source).base(config, config.predicts, source)
+    """The stage whose models made the teacher's predictions, following each role's `Predicts.source` back:
+    smooth's source for smooth; cv for a blend (a blend of cross-validated sources teaches fold by fold, with
+    its `fold_test_probs.npy`, and its students follow cv's recipe on this competition's own features)."""
+    role = config.predicts(source)
+    while role.source is not None:
+        source = role.source(config)
+        role = config.predicts(source)
+    return source
 
 
 def student_recipe(config: ConfigReader, source: str) -> str:

@@ -158,6 +158,23 @@ def test_stage_list_is_checked(project):
     assert "'split' needs 'download', which is not listed" in _error(comp="digits", sets=["stages=[split]"])
 
 
+def test_settings_that_name_a_predicting_stage_are_checked_against_the_registry(project):
+    from pipeline.engine.registry import all_stages, predicting_stages
+
+    declared = {name for name, stage in all_stages().items() if stage.predicts is not None}
+    assert set(predicting_stages()) == declared >= {"finetune", "bnretrain", "tune", "ensemble", "cv", "smooth",
+                                                     "pseudo", "blend"}
+    assert not {"download", "split", "precompute", "augment", "submit"} & declared
+    message = _error(comp="digits", sets=["submit.source=precompute"])
+    assert "submit.source: 'precompute' is not a predicting stage; one of" in message and "ensemble" in message
+    assert "(did you mean 'ensemble'?)" in _error(comp="digits", sets=["submit.source=ensembel"])
+    loop = ["stages=[download, precompute, split, finetune, smooth, pseudo, submit]", "smooth.source=pseudo",
+            "pseudo.source=smooth"]
+    assert "--set pseudo.source=smooth: pseudo.source: 'smooth' reads pseudo itself" in _error(comp="digits", sets=loop)
+    assert "'blend' reads blend itself" in _error(comp="digits", sets=[
+        "stages=[download, split, blend, submit]", "blend.sources=[{stage: blend}, {stage: cv}]"])
+
+
 def test_stages_run_in_the_order_their_needs_give_whatever_the_listing(project):
     listed = load_config("digits", sets=["stages=[submit, ensemble, finetune, precompute, split, download]"])
     order = listed.stage_names

@@ -133,3 +133,72 @@ def test_both_configs_answer_to_the_one_config_face():
     assert not [name for name in members if not hasattr(ResolvedConfig, name) and name not in fields]
     view_attributes = {"comp", "root"}  # set in ConfigView.__init__
     assert not [name for name in members if not hasattr(ConfigView, name) and name not in view_attributes]
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every pipeline or stages module `path` imports, function-level imports and `from X import module` included."""
+    modules, found = _modules(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def test_no_import_cycle_among_the_modules():
+    """No two modules of pipeline/ and stages/ import each other, directly or around a loop (a config that
+    ran the runner made one: config -> runner -> status -> config)."""
+    modules = _modules()
+    graph = {module: _all_imports(path) - {module} for module, path in modules.items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_top_floor_of_pipeline_holds_no_purpose_of_its_own():
+    """pipeline/ is folders by purpose (docs/layout.md); at most three modules stay loose on its top floor."""
+    loose = sorted(p.name for p in (REPO / "pipeline").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(loose) <= 3, f"loose modules on pipeline/'s top floor: {loose}; give each a folder by purpose"
+
+
+def test_every_config_parameter_is_typed():
+    """A parameter named `config` says which face it takes: `ConfigReader` below the engine, `ResolvedConfig` above."""
+    untyped = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                untyped += [f"{path.relative_to(REPO)}:{node.lineno}" for a in arguments
+                            if a.arg == "config" and a.annotation is None]
+    assert not untyped, "annotate these config parameters:\n" + "\n".join(untyped)

@@ -18,7 +18,7 @@ from pipeline.data.images import decode_resize
 from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.evaluation.plots import plot_confusion, plot_history
-from pipeline.models.heads import build_head, with_dropout
+from pipeline.models.heads import build_head
 from pipeline.training.fit import FitOptions, Phase, cosine_schedule, current_learning_rate, fit, make_optimizer
 from tests.helpers import make_statefarm_like, png_size, statefarm_like_config
 
@@ -98,6 +98,21 @@ def test_misaligned_split_is_refused(tiny_vgg_run):
     split.sample(frac=1, random_state=0).to_csv(shuffled / "split.csv", index=False)
     with pytest.raises(PipelineError, match="disagree at row .* not aligned with the rows"):
         load_split_features(work / "precompute", shuffled, ["c0", "c1", "c2"])
+
+
+def with_dropout(model, rates: dict[str, float] | float):
+    """The same model with new dropout rates and the very same weights (no rescaling: inverted dropout)."""
+    import keras
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "Dropout":
+            name = layer["config"]["name"]
+            new = rates if isinstance(rates, float) else rates.get(name, layer["config"]["rate"])
+            layer["config"]["rate"] = float(new)
+    rebuilt = keras.Model.from_config(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def test_changing_dropout_keeps_inference_outputs_identical():

@@ -134,14 +134,6 @@ class Predicts:
     out_of_fold: bool = False
     packaged: bool = False
 
-    def base(self, config: ConfigReader, predicts: Callable[[str], "Predicts"], name: str) -> str:
-        """The stage whose own models make `name`'s predictions (this role's), following `source` back."""
-        role = self
-        while role.source is not None:
-            name = role.source(config)
-            role = predicts(name)
-        return name
-
 
 @dataclass(frozen=True)
 class Variant:

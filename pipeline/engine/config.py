@@ -557,14 +557,15 @@ def _check_predictions_read(resolved: ResolvedConfig, where: str = "") -> None:
     from pipeline.engine.registry import all_stages, predicting_stages, with_needs
 
     known, predicting = all_stages(), predicting_stages()
-    for stage in known.values():
-        if stage.reads_predictions is None or stage.name not in resolved.model.stages:
-            continue
-        for key, name in stage.reads_predictions(resolved.section(stage.section)).items():
+    named = {stage.name: stage.reads_predictions(resolved.section(stage.section)) for stage in known.values()
+             if stage.reads_predictions is not None and stage.name in resolved.model.stages}
+    reads = {name: {*stage.needs, *named.get(name, {}).values()} for name, stage in known.items()}
+    for stage, settings in named.items():
+        for key, name in settings.items():
             source = (f"{where}: " if where else "") + source_of(key.partition("[")[0], resolved.provenance)
             if name not in predicting:
-                raise PipelineError(f"{source}: {key}: {name!r} is not a predicting stage{_did_you_mean(name, list(predicting))}; "
-                                    f"one of {', '.join(predicting)}")
-            if name == stage.name or stage.name in with_needs([name], lambda n: known[n].needs_for(resolved)):
-                raise PipelineError(f"{source}: {key}: {name!r} reads {stage.name} itself; {stage.name} must read "
-                                    "a stage that predicts without it")
+                raise PipelineError(f"{source}: {key}: {name!r} is not a predicting stage"
+                                    f"{_did_you_mean(name, list(predicting))}; one of {', '.join(predicting)}")
+            if stage in with_needs([name], lambda n: reads.get(n, ())):
+                raise PipelineError(f"{source}: {key}: {name!r} reads {stage} itself; {stage} must read a stage "
+                                    "that predicts without it")

@@ -5,8 +5,9 @@ Dense 4096, Dropout, Dense n), which can start from VGG16's own ImageNet fc1/fc2
 is a global-average-pool head with configurable hidden layers for the other backbones.
 
 Keras' Dropout is inverted: kept units are scaled by 1/(1 - rate) while training and nothing is
-scaled at inference. So a model whose dropout rates change keeps its weights as they are
-(`with_dropout`); the course halved them, which changed every prediction. Imports Keras.
+scaled at inference. So a model whose dropout rates change keeps its weights as they are (as
+bnretrain's batchnorm insertion does; tests/test_transfer.py checks it); the course halved them,
+which changed every prediction. Imports Keras.
 """
 from __future__ import annotations
 
@@ -58,18 +59,3 @@ def copy_dense_weights(source, target, names: list[str]) -> list[str]:
             dst.set_weights(src.get_weights())
             copied.append(name)
     return copied
-
-
-def with_dropout(model, rates: dict[str, float] | float):
-    """The same model with new dropout rates and the very same weights (no rescaling: inverted dropout)."""
-    import keras
-
-    config = model.get_config()
-    for layer in config["layers"]:
-        if layer["class_name"] == "Dropout":
-            name = layer["config"]["name"]
-            new = rates if isinstance(rates, float) else rates.get(name, layer["config"]["rate"])
-            layer["config"]["rate"] = float(new)
-    rebuilt = keras.Model.from_config(config)
-    rebuilt.set_weights(model.get_weights())
-    return rebuilt
