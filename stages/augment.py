@@ -93,7 +93,8 @@ def run(ctx: StageContext) -> dict:
 
     source = pass_source(ctx.config, ctx.inputs)
     rows, originals = source.preview_images(PREVIEW_IMAGES)
-    versions = [[RowAugmenter(s.transforms, pass_seed(s.seed, "train", n))(image, row) for n in range(1, PREVIEW_PASSES + 1)]
+    versions = [[RowAugmenter(s.transforms, pass_seed(s.seed, "train", n))(image, row)
+                 for n in range(1, PREVIEW_PASSES + 1)]
                 for row, image in zip(rows, originals)]
     plot_augmentations(originals, versions, ctx.out / PREVIEW_PLOT,
                        title=f"{ctx.comp}: training rows {', '.join(map(str, rows))} and their versions in "

@@ -7,14 +7,14 @@ the competition's run cache, so what the variants share (the download, the split
 features) is computed once, and adding a source computes only what is new to it.
 
 Recipe: every source is a variant (`Stage.variants`) the engine brings up to date before the blend
-runs, its stage and what that needs, as `kp` would -> read their validation and test probabilities (the same rows, ids checked) -> cut the validation rows into
-folds: the split's folds when the sources predicted every training row out of fold (cv), else
-`folds` folds of whole groups -> blend each fold's rows with what `method` chose on the other folds'
-rows (cross-fitting: no reported row chooses its own weights), and the test rows with what it chose
-on all rows; each fold model's test probabilities (cv's `fold_test_probs.npy`) with what was
-chosen without that fold, for `pseudo`'s students -> the manifest and `kp status`: each source's
-score, the weights, and the blend's gain over the best source. The methods are
-`pipeline.evaluation.blending`.
+runs, its stage and what that needs, as `kp` would -> read their validation and test probabilities
+(the same rows, ids checked) -> cut the validation rows into folds: the split's folds when the
+sources predicted every training row out of fold (cv), else `folds` folds of whole groups -> blend
+each fold's rows with what `method` chose on the other folds' rows (cross-fitting: no reported row
+chooses its own weights), and the test rows with what it chose on all rows; each fold model's test
+probabilities (cv's `fold_test_probs.npy`) with what was chosen without that fold, for `pseudo`'s
+students -> the manifest and `kp status`: each source's score, the weights, and the blend's gain
+over the best source. The methods are `pipeline.evaluation.blending`.
 """
 from __future__ import annotations
 

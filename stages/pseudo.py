@@ -130,7 +130,8 @@ def run(ctx: StageContext) -> dict:
         keep = confident_rows(teacher.test_probs, s.threshold)
         teaching = Teaching(teacher.test_probs, keep, s.weight)
         [unit] = students([UnitItem("the student", {"seed": s.seed, "taught": teaching.digest()},
-                                    (steps, None, None, TrainingRun(s.seed, f"{ctx.comp} student", teaching=teaching)))])
+                                    (steps, None, None,
+                                     TrainingRun(s.seed, f"{ctx.comp} student", teaching=teaching)))])
         (ctx.out / STUDENT_DIR).mkdir()
         for name in TRAINED_FILES:
             link_or_copy(unit.folder / name, ctx.out / STUDENT_DIR / name)
@@ -146,7 +147,8 @@ def run(ctx: StageContext) -> dict:
         folds = split["fold"].to_numpy()
         n_folds = int(folds.max()) + 1
         teachers = load_fold_test(teacher_dir, len(teacher.test_ids), n_folds)
-        chosen = {run["fold"]: run["chosen_epochs"] for run in Manifest.read(ctx.input(teacher_base(ctx.config, s.source))).metrics["fold_runs"]}
+        fold_runs = Manifest.read(ctx.input(teacher_base(ctx.config, s.source))).metrics["fold_runs"]
+        chosen = {run["fold"]: run["chosen_epochs"] for run in fold_runs}
         labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], ctx.config.competition.classes)
         items, teachings = [], []
         for f in range(n_folds):

@@ -1,11 +1,13 @@
 """Which stages are up to date, stale (and why), restorable or missing: the fingerprints the config
-expects, against the manifests and the run cache on disk. It only reads: `kp status` writes nothing.
+expects, against the manifests and the run cache on disk. It reads only (no variant folder, link or
+lock), except that `cache.stamp: content` remembers each input file's hash in `_cache/stamps.json`.
 
 Expected fingerprints are computed in stage order from the current config, each from its
 upstream's *expected* fingerprint (and the expected fingerprints of the variants it reads), so a
-change upstream makes everything after it stale even before anything reruns. A stale stage whose expected fingerprint is already in the run cache is
-`restorable`: the runner points at the stored run instead of recomputing it. Nothing here imports
-TensorFlow or pandas: `kp status` must answer in a second.
+change upstream makes everything after it stale even before anything reruns. A stale stage whose
+expected fingerprint is already in the run cache is `restorable`: the runner points at the stored
+run instead of recomputing it. Nothing here imports TensorFlow or pandas: `kp status` must answer
+in a second.
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def draw_training(folder: Path, classes: list[str], heading: str, out: Path | No
                    out / CONFUSION_PLOT, heading)
 
 
-def write_model_outputs(config: ConfigReader, unit_folder: Path, record: dict, out: Path, download_dir: Path, title: str) -> dict:
+def write_model_outputs(config: ConfigReader, unit_folder: Path, record: dict, out: Path, download_dir: Path,
+                        title: str) -> dict:
     """Link a trained model's files into `out`, draw its plots there, and write its worst mistakes.
 
     Args:

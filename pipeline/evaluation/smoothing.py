@@ -147,7 +147,8 @@ def cross_fitted(probs: np.ndarray, labels: np.ndarray, near: Neighbours, ks: li
     return out, choices
 
 
-def smooth_predictions(config: ConfigReader, inputs: dict, before, settings, where: str, fold_test: np.ndarray | None = None):
+def smooth_predictions(config: ConfigReader, inputs: dict, before, settings, where: str,
+                       fold_test: np.ndarray | None = None):
     """Smooth a predicting stage's valid and test probabilities with the `smooth` section's settings.
 
     The valid rows (the split's validation rows, or every training row out of fold) are smoothed

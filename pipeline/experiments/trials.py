@@ -160,7 +160,8 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
     except RunStopped as stop:
         pruned, actions[spec.stage] = str(stop), "stopped"  # it trained the folds it reported
     record: dict[str, Any] = {"trial": spec.number, "overrides": spec.overrides, "command": spec.command,
-                              "objective": spec.stage, score_name: None, "fingerprint": expected_fingerprints(config)[spec.stage],
+                              "objective": spec.stage, score_name: None,
+                              "fingerprint": expected_fingerprints(config)[spec.stage],
                               "seconds": round(time.perf_counter() - clock, 1),
                               "ran": [name for name, action in actions.items() if action in ("ran", "stopped")]}
     if pruned is not None:

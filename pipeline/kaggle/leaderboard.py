@@ -30,7 +30,8 @@ def describe(comp: str, meta: dict, message: str | None) -> str:
     return f"{message} [{produced}]" if message else produced
 
 
-def upload(config: ConfigReader, message: str | None = None, again: bool = False, say=print, submit_kernel=None) -> dict:
+def upload(config: ConfigReader, message: str | None = None, again: bool = False, say=print,
+           submit_kernel=None) -> dict:
     """Upload the current submission of `config`'s competition; its ledger row, completed if scored.
 
     `submit_kernel(config, source, description, say)` submits a code competition's kernel instead

@@ -33,8 +33,8 @@ class Fold:
     rows: dict
 
 
-def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold: Fold, seed: int, title: str, out: Path,
-               backup: Path | None = None) -> dict:
+def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold: Fold, seed: int, title: str,
+               out: Path, backup: Path | None = None) -> dict:
     """Fold f's model into `out` (here or on a Ray worker).
 
     Args:
@@ -60,5 +60,6 @@ def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold
                         TrainingRun(seed, title, epochs=chosen["best_epochs"], backup=backup and backup / "final",
                                     log=say, warn=warn),
                         sides=(~fold.held_out, fold.held_out))
-    return {**final, "fold": fold.number + 1, "selection_fold": fold.chooser + 1, "chosen_epochs": chosen["best_epochs"],
-            "rows": fold.rows, "selection_val_log_loss": chosen["val_log_loss"], "warnings": warnings}
+    return {**final, "fold": fold.number + 1, "selection_fold": fold.chooser + 1,
+            "chosen_epochs": chosen["best_epochs"], "rows": fold.rows, "selection_val_log_loss": chosen["val_log_loss"],
+            "warnings": warnings}

@@ -67,8 +67,8 @@ def collecting(warnings: list[str]):
     return warn
 
 
-def fit_step(config: ConfigReader, inputs: dict[str, Path], step: Recipe, start: str | None, seed: int, title: str, out: Path,
-             backup: Path | None = None) -> dict:
+def fit_step(config: ConfigReader, inputs: dict[str, Path], step: Recipe, start: str | None, seed: int, title: str,
+             out: Path, backup: Path | None = None) -> dict:
     """A unit: one step of `step` into `out`, starting from the model of the upstream stage `start`
     (None: from nothing), on the split's rows (the finetune, bnretrain and tune stages' model).
 
@@ -95,5 +95,5 @@ def train_unit(config: ConfigReader, inputs: dict[str, Path], steps: tuple[Recip
     return {**record, **taught, "warnings": warnings}
 
 
-__all__ = ["HEAD_RECIPES", "MODULES", "NAMES", "Recipe", "TrainingRun", "check_steps", "collecting", "fit_step", "load_steps",
-           "needs_of", "recipe", "say", "steps_of", "train_steps", "train_unit"]
+__all__ = ["HEAD_RECIPES", "MODULES", "NAMES", "Recipe", "TrainingRun", "check_steps", "collecting", "fit_step",
+           "load_steps", "needs_of", "recipe", "say", "steps_of", "train_steps", "train_unit"]

@@ -146,8 +146,8 @@ def load_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str
     return data
 
 
-def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], out: Path, run: TrainingRun, *,
-                data=None, sides=None) -> dict:
+def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], out: Path, run: TrainingRun,
+                *, data=None, sides=None) -> dict:
     """A model trained from nothing by `steps` (a recipe's `steps(config)`) into `out`; each earlier
     step's model is kept in the next one's `head/` folder (bnretrain's finetune head in `out/head/`).
 

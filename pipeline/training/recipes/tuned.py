@@ -80,8 +80,8 @@ def training_augmenter(config: ConfigReader, seed: int):
     return RowAugmenter(transforms, (seed, TRAINING_DRAWS)) if config.get("tune.augment") and transforms else None
 
 
-def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int, log=print,
-               verbose: int = 2, stop_after: int | None = None) -> dict:
+def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int,
+               log=print, verbose: int = 2, stop_after: int | None = None) -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
     Args:
@@ -132,7 +132,8 @@ def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_di
             f"{plan.description}, {plan.precision}, {replicas} replica(s)"
             + (f"; resuming at epoch {start + 1}" if start else ""))
         began = time.perf_counter()
-        history, best_epoch, _ = fit(model, train, labelled_batches(images.valid, size, s.batch_size, preprocess), FitOptions(
+        valid = labelled_batches(images.valid, size, s.batch_size, preprocess)
+        history, best_epoch, _ = fit(model, train, valid, FitOptions(
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
             steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after, soft_targets=mix is not None,
@@ -228,7 +229,8 @@ class TuneRecipe(Recipe):
                                 "student")
         if run.backup is None:
             raise ValueError("the tune recipe backs up every epoch: it needs a backup folder")
-        return tune_model(config, data, start, out, run.backup, run.seed, run.log, run.verbose, run.stop_after(self.name))
+        return tune_model(config, data, start, out, run.backup, run.seed, run.log, run.verbose,
+                          run.stop_after(self.name))
 
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"
