@@ -106,3 +106,30 @@ def test_help_reads_the_stage_list_without_importing_stages_or_pydantic():
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "LOADED []" in done.stdout, done.stdout + done.stderr
     assert all(name in done.stdout for name in ("download", "split", "precompute", "finetune", "ensemble", "submit"))
+
+
+def test_a_second_run_names_the_run_that_holds_the_lock_and_waits_for_it_with_wait(project):
+    """`kp split` while another process holds digits' lock stops at once, naming its process, command and how
+    long it has held it; `kp split --wait` starts once that process lets go."""
+    import time
+
+    work = project / "work" / "digits"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom pipeline.core.cache import "
+         "competition_lock\nwith competition_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
+         "    time.sleep(4)\n", str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = CliRunner().invoke(cli, ["split", "--comp", "digits", *CHEAP])
+        assert refused.exit_code == 2
+        assert f"another kp run holds this competition's lock: process {holder.pid} (`kp {work}`), for " in refused.output
+        assert "--wait" in refused.output
+        started = time.monotonic()
+        waited = CliRunner().invoke(cli, ["split", "--comp", "digits", "--wait", *CHEAP])
+        assert waited.exit_code == 0, waited.output
+        assert holder.poll() is not None and time.monotonic() - started > 1  # it ran once the holder had gone
+        assert "waiting: another kp run holds this competition's lock" in waited.output
+        assert (work / "split" / "split.csv").is_file()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -25,6 +25,7 @@ exit status 2 (Ctrl-C: 130).
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -65,6 +66,19 @@ def _config_options(command):
         help="Competition: the name of a file in configs/.",
     )(command)
     return command
+
+
+def _wait_option(command):
+    """`--wait`: a command that takes the competition's lock waits for another kp run to let go of it
+    (`cache.wait`), instead of stopping at once and naming it. Put above `_config_options`."""
+    @functools.wraps(command)
+    def waiting(*args, wait: bool = False, **kwargs):
+        if wait:
+            kwargs["sets"] = (*kwargs["sets"], "cache.wait=true")
+        return command(*args, **kwargs)
+
+    return click.option("--wait", is_flag=True, help=(
+        "If another kp run holds this competition's lock, wait for it to finish instead of stopping."))(waiting)
 
 
 def _load(comp: str, extra_files, sets, shallow: bool = False):
@@ -142,6 +156,7 @@ class _PipelineGroup(click.Group):
 
 def _stage_command(name: str, doc: str) -> click.Command:
     @click.option("--force", is_flag=True, help="Rerun this stage even if it is up to date.")
+    @_wait_option
     @_config_options
     def command(comp, extra_files, sets, force):
         _run(comp, extra_files, sets, [name], force)
@@ -162,6 +177,7 @@ def cli():
 @cli.command("submit", short_help="submit: write the submission file; --upload sends it to Kaggle.")
 @click.option("--force", is_flag=True, help="Rewrite the submission even if up to date (and upload it again).")
 @_upload_options
+@_wait_option
 @_config_options
 def submit_command(comp, extra_files, sets, force, upload, message):
     """submit: write the submission file exactly as sample_submission.csv asks; with --upload, send it to Kaggle
@@ -172,6 +188,7 @@ def submit_command(comp, extra_files, sets, force, upload, message):
 @cli.command("all")
 @click.option("--force", is_flag=True, help="Rerun every stage, up to date or not.")
 @_upload_options
+@_wait_option
 @_config_options
 def all_command(comp, extra_files, sets, force, upload, message):
     """Run every stage the competition lists, skipping the up-to-date ones."""
@@ -256,6 +273,7 @@ def status(comp, extra_files, sets, as_json, verify):
 @click.option("--prune-margin", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="How much worse (relative; the error rate for accuracy) the mean of those folds must be, each "
                    "fold being worse too.")
+@_wait_option
 @_config_options
 def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
@@ -346,6 +364,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 @click.option("--wheels", default=None, metavar="PYTHON",
               help="Also bundle the wheels that install kp offline for this CPython version (e.g. 3.11; about 0.5 GB "
                    "with TensorFlow for the CPU, which a kernel with its own TensorFlow does not install).")
+@_wait_option
 @_config_options
 def package(comp, extra_files, sets, source, wheels):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
@@ -373,6 +392,7 @@ def kernel():
 @kernel.command("push")
 @click.option("--source", default=None, metavar="STAGE",
               help="The predicting stage whose models the kernel runs (default: submit.source).")
+@_wait_option
 @_config_options
 def kernel_push(comp, extra_files, sets, source):
     """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
@@ -411,6 +431,7 @@ def kernel_status(comp, extra_files, sets, wait):
               help="Whose training the range test imitates: its recipe's model, rows, optimizer and batch size.")
 @click.option("--steps", type=click.IntRange(10, 10000), default=200, show_default=True, help="Batches at most.")
 @click.option("--apply", is_flag=True, help="Also write the suggestion as a config overlay to pass with --config.")
+@_wait_option
 @_config_options
 def lr_find(comp, extra_files, sets, stage, steps, apply):
     """Learning-rate range test on a copy of the stage's model: suggested rates, lr_find.png."""
@@ -500,6 +521,7 @@ def show_config(comp, extra_files, sets, write_defaults):
 @click.option("--stage", "stage_names", multiple=True, help="Only this stage's outputs (repeatable).")
 @click.option("--keep-last", type=click.IntRange(min=0), default=None, metavar="N",
               help="Keep each stage's current result and its N most recently used stored runs; delete older ones.")
+@_wait_option
 @_config_options
 def clean(comp, extra_files, sets, stage_names, keep_last):
     """Delete a competition's outputs (work/COMP), only the given stages', or only old stored runs."""
@@ -515,7 +537,7 @@ def clean(comp, extra_files, sets, stage_names, keep_last):
         click.echo(f"{work}: nothing to clean")
         return
     before = sum(size for _, size in store_sizes(work).values())
-    with competition_lock(work):
+    with competition_lock(work, wait=config.get("cache.wait")):
         sweep_partial(work)
         if keep_last is not None:
             for name in stage_names or config.stage_names:

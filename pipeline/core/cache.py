@@ -338,18 +338,56 @@ def claim_work_folder(work_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def competition_lock(work_dir: Path) -> Iterator[None]:
-    """One writer per competition at a time: a second `kp` run fails at once instead of racing. The
-    folder is claimed first (`claim_work_folder`): kp never locks, writes or deletes in a user's folder."""
+def competition_lock(work_dir: Path, wait: bool = False, poll_s: float = 0.5) -> Iterator[None]:
+    """One writer per competition at a time: a second `kp` run stops at once (or, with `wait`, waits)
+    instead of racing, naming the run that holds the lock. The folder is claimed first
+    (`claim_work_folder`): kp never locks, writes or deletes in a user's folder.
+
+    Args:
+        work_dir: the competition's (or a variant's) work folder.
+        wait: wait until the other run lets go (saying once who holds it), instead of stopping.
+        poll_s: seconds between two tries while waiting.
+    """
+    import sys
+    import time
+
     claim_work_folder(work_dir)
-    with open(work_dir / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError(
-                f"{work_dir}: another kp run holds this competition's lock; wait for it to finish"
-            ) from None
+    path = work_dir / LOCK_FILE
+    with open(path, "a+") as handle:  # never truncated before it is ours: it names the holder
+        said = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = lock_holder(path)
+                if not wait:
+                    raise PipelineError(f"{work_dir}: {holder}; wait for it to finish, or rerun with --wait to "
+                                        "start as soon as it does") from None
+                if not said:
+                    print(f"waiting: {holder}", file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(poll_s)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "command": " ".join(["kp", *sys.argv[1:]]),
+                                 "since": time.time()}) + "\n")
+        handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the competition's lock file `path`, as a sentence: its process, command and for how long."""
+    import time
+
+    try:
+        holder = json.loads(path.read_text())
+        held = max(0, int(time.time() - float(holder["since"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another kp run holds this competition's lock"
+    minutes, seconds = divmod(held, 60)
+    return (f"another kp run holds this competition's lock: process {holder.get('pid')} "
+            f"(`{holder.get('command')}`), for {f'{minutes} min ' if minutes else ''}{seconds} s")

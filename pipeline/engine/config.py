@@ -43,7 +43,8 @@ class Paths(StrictModel):
 
 
 class Cache(StrictModel):
-    """The `cache` section: how the cache notices a changed input file; in no fingerprint.
+    """The `cache` section: how the cache notices a changed input file, and whether a second run waits for
+    the competition's lock; in no fingerprint.
 
     It stamps input files outside the config (source archives, weights files); the stamp is in the
     fingerprint, this choice is not."""
@@ -51,6 +52,8 @@ class Cache(StrictModel):
     stamp: Literal[STAMP_MODES] = Field("mtime", description=(
         "mtime: size + modification time (cheap) | content: sha256 (a copied file is the same; a same-size edit "
         "is not)"))
+    wait: bool = Field(False, description=(
+        "when another kp run holds the competition's lock: wait for it (--wait) | false: stop at once, naming it"))
 
 
 class Kaggle(StrictModel):

@@ -75,7 +75,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
     stages = all_stages()
     if config.variant:  # its own folder, whose _runs and _cache are the competition's
         link_variant(config.work_dir)
-    with competition_lock(config.work_dir):
+    with competition_lock(config.work_dir, wait=config.get("cache.wait")):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
         before = stage_statuses(config)

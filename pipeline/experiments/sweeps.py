@@ -145,7 +145,7 @@ def _holding(base, folder: Path, described: dict, say):
     then the sweep's folder with `sweep.json`, what was asked."""
     from pipeline.core.cache import competition_lock, sweep_partial, write_text_atomic
 
-    with competition_lock(base.work_dir):  # claims work/COMP first: kp writes only in folders it made
+    with competition_lock(base.work_dir, wait=base.get("cache.wait")):  # claims work/COMP first: kp writes only in folders it made
         for leftover in sweep_partial(base.work_dir):
             say(f"removed {leftover.relative_to(base.work_dir)} left by an interrupted run")
         folder.mkdir(parents=True, exist_ok=True)
