@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -133,3 +134,24 @@ def test_a_second_run_names_the_run_that_holds_the_lock_and_waits_for_it_with_wa
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_status_and_submit_act_on_the_settings_of_the_last_run(project):
+    """After `kp all --set ...`, a plain `kp status` reads the settings that ran (saying so) and finds every
+    stage up to date; --as-configured compares with the files; `kp submit --upload` on settings whose stages
+    are stale stops before anything trains or uploads, naming the stage and the command that brings it up to date."""
+    ran = ["--set", "stages=[download, split]", "--set", "split.fraction=0.25"]
+    assert kp("all", "--comp", "digits", *ran).exit_code == 0
+    result = CliRunner().invoke(cli, ["status", "--comp", "digits"])
+    assert result.exit_code == 0
+    assert "settings of the last run: --set 'stages=[download, split]' --set split.fraction=0.25" in result.output
+    assert "split     up to date" in result.output and not re.search(r"^\w+ +(stale|missing)", result.output, re.M)
+    configured = kp("status", "--comp", "digits", "--as-configured").output
+    assert "settings of the last run" not in configured and "split.fraction: 0.25 -> 0.2" in configured
+    refused = CliRunner().invoke(cli, ["submit", "--comp", "digits", "--upload", "--set", "submit.source=finetune",
+                                       "--set", "stages=[download, split, precompute, finetune, submit]"])
+    assert refused.exit_code == 2
+    assert "kp submit --upload uploads what ran and trains nothing: precompute is missing (never run)" in refused.output
+    assert ("bring it up to date first: kp all --comp digits --set submit.source=finetune --set 'stages=[download, "
+            "split, precompute, finetune, submit]'") in refused.output
+    assert not (project / "work" / "digits" / "finetune").exists()

@@ -87,11 +87,45 @@ def _load(comp: str, extra_files, sets, shallow: bool = False):
     return load_config(comp, extra_files=list(extra_files), sets=list(sets), shallow=shallow)
 
 
-def _run(comp, extra_files, sets, targets, force, upload=False, message=None) -> None:
-    from pipeline.engine import runner
+def _settled(comp, extra_files, sets, as_configured: bool, shallow: bool = False):
+    """The config a command acts on: its own settings, else (none but `paths.*`) those of the last run in the
+    work folder (`pipeline.engine.last_run`), said in one line; `as_configured`: the config files alone.
+
+    Returns:
+        (the config, the config files and the `--set`s it was loaded with).
+    """
+    from pipeline.core.artifacts import LAST_RUN_FILE
+    from pipeline.engine import last_run
+
+    config = _load(comp, extra_files, sets, shallow)
+    record = None if as_configured or last_run.own_settings(extra_files, sets) else last_run.recalled(config.work_dir)
+    if record is None:
+        return config, extra_files, sets
+    click.echo(f"[{comp}] settings of the last run: {last_run.described(record)} (--as-configured: the config "
+               "files alone)", err=True)
+    files, recalled_sets = record["config"], (*record["set"], *sets)
+    try:
+        return _load(comp, files, recalled_sets, shallow), files, recalled_sets
+    except PipelineError as exc:
+        raise PipelineError(f"{config.work_dir / LAST_RUN_FILE}: the settings of the last run no longer load ({exc}); "
+                            "pass --as-configured to use the config files alone") from None
+
+
+def _as_configured_option(command):
+    return click.option("--as-configured", is_flag=True, help=(
+        "Use the config files (and this command's --set) alone, not the settings the last run in the work "
+        "folder ran with."))(command)
+
+
+def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
+         config: ResolvedConfig | None = None) -> None:
+    """Run `targets` (None: every listed stage) under the given settings, remembered as the last run's;
+    `config`: already loaded from them."""
+    from pipeline.engine import last_run, runner
     from pipeline.engine.status import format_table
 
-    config = _load(comp, extra_files, sets)
+    config = config or _load(comp, extra_files, sets)
+    last_run.remember(config.work_dir, extra_files, sets)
     if upload and "submit" not in config.stage_names:
         raise PipelineError(f"--upload: {comp!r} has no submit stage in its stage list {config.stage_names}")
     statuses = runner.run(config, targets, force=force)
@@ -177,12 +211,37 @@ def cli():
 @cli.command("submit", short_help="submit: write the submission file; --upload sends it to Kaggle.")
 @click.option("--force", is_flag=True, help="Rewrite the submission even if up to date (and upload it again).")
 @_upload_options
+@_as_configured_option
 @_wait_option
 @_config_options
-def submit_command(comp, extra_files, sets, force, upload, message):
+def submit_command(comp, extra_files, sets, force, upload, message, as_configured):
     """submit: write the submission file exactly as sample_submission.csv asks; with --upload, send it to Kaggle
-    and record its public score next to its validation score. Runs what it needs first, unless up to date."""
-    _run(comp, extra_files, sets, ["submit"], force, upload, message)
+    and record its public score next to its validation score. Runs what it needs first, unless up to date;
+    with --upload it trains nothing: a stage it reads that is stale stops it, saying how to bring it up to date.
+    Given no settings, it acts on those of the last run in the work folder."""
+    config, extra_files, sets = _settled(comp, extra_files, sets, as_configured)
+    if upload:
+        _check_uploaded_as_run(config, extra_files, sets)
+    _run(comp, extra_files, sets, ["submit"], force, upload, message, config)
+
+
+def _check_uploaded_as_run(config: ResolvedConfig, extra_files, sets) -> None:
+    """`kp submit --upload` uploads what ran: every stage the submission reads is up to date (or restorable
+    from the run cache), or one PipelineError naming them and the command that brings them up to date."""
+    import shlex
+
+    from pipeline.engine import runner
+    from pipeline.engine.registry import all_stages
+    from pipeline.engine.status import UP_TO_DATE, stage_statuses
+
+    statuses = {s.name: s for s in stage_statuses(config)}
+    reads = runner.plan(config, list(all_stages()["submit"].needs_for(config)))
+    behind = [statuses[name] for name in reads if statuses[name].state != UP_TO_DATE and not statuses[name].restorable]
+    if behind:
+        why = "; ".join(f"{s.name} is {s.state} ({'; '.join(s.reasons)})" for s in behind)
+        flags = shlex.join([*(a for f in extra_files for a in ("--config", f)), *(a for s in sets for a in ("--set", s))])
+        raise PipelineError(f"kp submit --upload uploads what ran and trains nothing: {why}; bring it up to date "
+                            f"first: kp all --comp {config.comp} {flags}".rstrip())
 
 
 @cli.command("all")
@@ -218,14 +277,15 @@ def ledger(comp, extra_files, sets, refresh):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: every stage with its metrics.")
 @click.option("--verify", is_flag=True, help=(
     "Also read every output and compare it with the content digest its run recorded (exit status 1 if any differs)."))
+@_as_configured_option
 @_config_options
-def status(comp, extra_files, sets, as_json, verify):
+def status(comp, extra_files, sets, as_json, verify, as_configured):
     """Each stage: up to date / stale (with the reason) / missing, when it ran, its result."""
     from pipeline.core.runs import store_sizes
     from pipeline.engine.status import STALE, check_settings, damaged_outputs, format_table, stage_statuses
     from pipeline.kaggle.ledger import ledger_path, read_ledger
 
-    config = _load(comp, extra_files, sets, shallow=True)
+    config, _, _ = _settled(comp, extra_files, sets, as_configured, shallow=True)
     statuses = stage_statuses(config)
     check_settings(config, statuses, config.stage_names)
     damaged = damaged_outputs(config, statuses) if verify else {}
@@ -310,15 +370,16 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, 
 @click.option("--sweep", "sweep_name", default=None, metavar="NAME",
               help="Only the runs of this sweep's trials (work/COMP/sweeps/NAME/).")
 @click.option("--plot", is_flag=True, help="With --sweep: draw the score against each setting it varied (sweep.png).")
+@_as_configured_option
 @_config_options
-def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot):
+def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot, as_configured):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
     from pipeline.experiments.run_table import best_overlay, ranked, stored_runs
     from pipeline.experiments.sweeps import draw_sweep, finished, sweeps
 
-    config = _load(comp, extra_files, sets, shallow=True)
+    config, _, _ = _settled(comp, extra_files, sets, as_configured, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
     if sweep_name is not None:
         found = sweeps(config.work_dir)
@@ -364,14 +425,15 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 @click.option("--wheels", default=None, metavar="PYTHON",
               help="Also bundle the wheels that install kp offline for this CPython version (e.g. 3.11; about 0.5 GB "
                    "with TensorFlow for the CPU, which a kernel with its own TensorFlow does not install).")
+@_as_configured_option
 @_wait_option
 @_config_options
-def package(comp, extra_files, sets, source, wheels):
+def package(comp, extra_files, sets, source, wheels, as_configured):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
     from pipeline.engine import runner
     from pipeline.shipping.packaging import check_source, package as write_bundle
 
-    config = _load(comp, extra_files, sets)
+    config, _, _ = _settled(comp, extra_files, sets, as_configured)
     source = source or config.get("submit.source")
     check_source(config, source)
     runner.run(config, [source])
@@ -392,16 +454,17 @@ def kernel():
 @kernel.command("push")
 @click.option("--source", default=None, metavar="STAGE",
               help="The predicting stage whose models the kernel runs (default: submit.source).")
+@_as_configured_option
 @_wait_option
 @_config_options
-def kernel_push(comp, extra_files, sets, source):
+def kernel_push(comp, extra_files, sets, source, as_configured):
     """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
     wait for its run and download its output; a failed run ends with Kaggle's message and its log's end."""
     from pipeline.engine import runner
     from pipeline.shipping.code_submission import push
     from pipeline.shipping.packaging import check_source
 
-    config = _load(comp, extra_files, sets)
+    config, _, _ = _settled(comp, extra_files, sets, as_configured)
     source = source or config.get("submit.source")
     check_source(config, source)
     runner.run(config, [source])
@@ -468,12 +531,14 @@ def show(comp, extra_files, sets, augmented, per_class):
 
 
 @cli.command()
+@_as_configured_option
 @_config_options
-def report(comp, extra_files, sets):
+def report(comp, extra_files, sets, as_configured):
     """One self-contained HTML page of the run: stages, scores, plots, ladder, ledger."""
     from pipeline.experiments.report import build_report
 
-    click.echo(str(build_report(_load(comp, extra_files, sets, shallow=True))))
+    config, _, _ = _settled(comp, extra_files, sets, as_configured, shallow=True)
+    click.echo(str(build_report(config)))
 
 
 @cli.command()

@@ -20,6 +20,7 @@ STUDY_FILE = "study.db"             # a search's Optuna study (SQLite), so --tri
 CURVES_FOLDER = "_tensorboard"      # work/COMP/_tensorboard/STORE/KEY/: each training's TensorBoard event files
 VARIANTS_FOLDER = "_variants"       # work/COMP/_variants/NAME/: a blend source's stage links (its _runs, _cache: COMP's)
 LOCK_FILE = ".lock"                 # one kp run per competition at a time
+LAST_RUN_FILE = "last-run.json"     # work/COMP/: the settings the last kp run there ran with
 WORK_MARKER = ".kp-work"            # in every competition work folder kp created: kp deletes nothing unmarked
 TMP_PREFIX = ".tmp-"                # a folder or file being written; swept after a crash (if named by kp)
 OLD_PREFIX = ".old-"                # a replaced entry during its swap; put back or swept after a crash
