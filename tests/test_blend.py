@@ -175,10 +175,14 @@ def test_kp_status_writes_nothing_for_a_blend(blend_run, tmp_path):
     result = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets], catch_exceptions=False)
     assert result.exit_code == 0 and "blend" in result.output
     assert _tree(work.parent) == before
-    fresh = tmp_path / "fresh-work"
-    result = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets, "--set", f"paths.work={fresh}"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0 and "never run" in result.output and not fresh.exists()
+    for stamp in ("mtime", "content"):  # content stamps hash the input files: status keeps no memo of them
+        fresh = tmp_path / f"fresh-work-{stamp}"
+        result = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets, "--set", f"paths.work={fresh}",
+                                          "--set", f"cache.stamp={stamp}"], catch_exceptions=False)
+        assert result.exit_code == 0 and "never run" in result.output and not fresh.exists()
+    content = CliRunner().invoke(cli, ["status", "--comp", "synth", *sets, "--set", "cache.stamp=content"],
+                                 catch_exceptions=False)
+    assert content.exit_code == 0 and _tree(work.parent) == before
 
 
 def test_kp_status_of_the_dogscats_blend_writes_nothing(project):

@@ -32,7 +32,7 @@ from pipeline.core.errors import PipelineError
 STAMP_MODES = ("mtime", "content")
 
 
-def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None) -> dict[str, Any]:
+def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None, remember: bool = True) -> dict[str, Any]:
     """A change detector for an input that lives outside the config (a source archive, a weights file).
 
     Args:
@@ -42,6 +42,7 @@ def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None) -> dic
         memo: a JSON file remembering sha256 per file version (path, inode, size, mtime and ctime in ns;
             ctime changes with every write and cannot be set back), so `content` hashes a file
             once per version rather than at every `kp status`.
+        remember: write what `content` hashed into `memo` (False: read it only, as `kp status` does).
 
     Returns:
         A small JSON-able dict that goes into the fingerprint.
@@ -49,7 +50,7 @@ def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None) -> dic
     if not path.exists():
         return {"missing": True}
     if mode == "content":
-        return {"sha256": _content_hash(path, memo)}
+        return {"sha256": _content_hash(path, memo, remember)}
     if path.is_file():
         st = path.stat()
         return {"size": st.st_size, "mtime": int(st.st_mtime)}
@@ -58,9 +59,10 @@ def file_stamp(path: Path, mode: str = "mtime", memo: Path | None = None) -> dic
             "mtime": int(max((s.st_mtime for s in files), default=0))}
 
 
-def _content_hash(path: Path, memo: Path | None) -> str:
+def _content_hash(path: Path, memo: Path | None, remember: bool = True) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     known = _read_json(memo) if memo else {}
+    hashed = len(known)
     digest = hashlib.sha256()
     for file in files:
         st = file.stat()
@@ -72,7 +74,7 @@ def _content_hash(path: Path, memo: Path | None) -> str:
                     h.update(chunk)
             known[key] = h.hexdigest()
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{known[key]}".encode())
-    if memo:
+    if memo and remember and len(known) > hashed:
         write_text_atomic(memo, json.dumps(known))
     return digest.hexdigest()[:16]
 

@@ -78,7 +78,7 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
     with competition_lock(config.work_dir, wait=config.get("cache.wait")):
         for leftover in sweep_partial(config.work_dir):
             _say(config, f"removed {leftover.relative_to(config.work_dir)} left by an interrupted run")
-        before = stage_statuses(config)
+        before = stage_statuses(config, remember_stamps=True)
         check_settings(config, before, order)
         if force:  # a forced run first reads what it builds on: damaged outputs are rewritten, not trained on
             builds_on = [s for s in before if s.name in order and s.name not in forced]

@@ -1,6 +1,6 @@
 """Which stages are up to date, stale (and why), restorable or missing: the fingerprints the config
-expects, against the manifests and the run cache on disk. It reads only (no variant folder, link or
-lock), except that `cache.stamp: content` remembers each input file's hash in `_cache/stamps.json`.
+expects, against the manifests and the run cache on disk. It only reads: no variant folder, link,
+lock or stamp memo is written (a run keeps `cache.stamp: content`'s hashes in `_cache/stamps.json`).
 
 Expected fingerprints are computed in stage order from the current config, each from its
 upstream's *expected* fingerprint (and the expected fingerprints of the variants it reads), so a
@@ -58,15 +58,17 @@ class StageStatus:
         }
 
 
-def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprints: dict[str, str]) -> dict[str, Any]:
+def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprints: dict[str, str],
+                       remember_stamps: bool = False) -> dict[str, Any]:
     """Everything a stage's output depends on, as plain JSON values: its declared config keys, its
     upstream fingerprints, the fingerprints of the variants it reads, its code (file hashes) and its
-    source stamp."""
+    source stamp. `remember_stamps`: keep the content stamps' hashes in `_cache/stamps.json` (a run does;
+    `kp status` reads only)."""
     memo = config.work_dir / CACHE_FOLDER / STAMP_MEMO
     mode = config.get("cache.stamp")
 
     def stamp(path):
-        return file_stamp(path, mode, memo if mode == "content" else None)
+        return file_stamp(path, mode, memo if mode == "content" else None, remember_stamps)
 
     return {
         "stage": stage.name,
@@ -79,11 +81,12 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
     }
 
 
-def stage_statuses(config: ResolvedConfig) -> list[StageStatus]:
+def stage_statuses(config: ResolvedConfig, remember_stamps: bool = False) -> list[StageStatus]:
     """The status of every stage the competition lists, in order. Outputs are checked by size only,
     which takes no time; `damaged_outputs` reads their bytes."""
     stages = all_stages()
-    return [_status(config, stages[name], fp, inputs) for name, (fp, inputs) in _expected(config).items()]
+    return [_status(config, stages[name], fp, inputs)
+            for name, (fp, inputs) in _expected(config, remember_stamps).items()]
 
 
 def expected_fingerprints(config: ResolvedConfig) -> dict[str, str]:
@@ -91,10 +94,10 @@ def expected_fingerprints(config: ResolvedConfig) -> dict[str, str]:
     return {name: fp for name, (fp, _) in _expected(config).items()}
 
 
-def _expected(config: ResolvedConfig) -> dict[str, tuple[str, dict]]:
+def _expected(config: ResolvedConfig, remember_stamps: bool = False) -> dict[str, tuple[str, dict]]:
     stages, expected, result = all_stages(), {}, {}
     for name in config.stage_names:
-        inputs = fingerprint_inputs(stages[name], config, expected)
+        inputs = fingerprint_inputs(stages[name], config, expected, remember_stamps)
         expected[name] = fingerprint(inputs)
         result[name] = (expected[name], inputs)
     return result
