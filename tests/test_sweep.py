@@ -139,6 +139,31 @@ def test_the_pruning_rule_stops_only_a_trial_worse_on_each_fold_by_the_margin():
     assert best_folds("val_log_loss", records) == {1: 0.4}  # a stopped trial is never the best
 
 
+def test_an_optuna_study_drives_the_same_rule_through_its_pruner():
+    """FoldPruner: the study prunes a trial that reports folds each worse than the best completed trial's,
+    by the rule's margin, once two are in; the judge a search gives a trial reports each fold once."""
+    import optuna
+
+    from pipeline.experiments.pruning import FoldPruner, study_judge
+    from pipeline.experiments.trials import Pruning
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = FoldPruner("val_log_loss", 4, Pruning(after=2, margin=0.05))
+    study = optuna.create_study(direction="minimize", pruner=pruner)
+    for scores in ({1: 0.50, 2: 0.40, 3: 0.60, 4: 0.55}, {1: 0.70, 2: 0.70, 3: 0.70, 4: 0.70}):
+        done = study.ask()
+        for fold, score in scores.items():
+            done.report(score, fold)
+        study.tell(done, sum(scores.values()) / 4)
+    worse, close = study.ask(), study.ask()
+    judge = study_judge(worse, pruner)
+    assert judge({1: 0.60}) is None  # one fold is not enough
+    why = judge({1: 0.60, 2: 0.45})
+    assert why.startswith("stopped after 2 of 4 folds") and "against the best trial's 0.4500" in why
+    assert judge.reported == {1, 2}
+    assert study_judge(close, pruner)({1: 0.51, 2: 0.41}) is None  # within the margin of the best (not the worst)
+
+
 GOOD, BAD = "[{epochs: 2, lr: 0.001}, {epochs: 1, lr: 0.0001}]", "[{epochs: 3, lr: 3.0}]"  # base's; diverging
 
 

@@ -262,8 +262,10 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
 
     The study lives in `work/COMP/sweeps/NAME/study.db` (Optuna's RDB storage), so rerunning with a
     larger `n_trials` adds trials to the same study, and a killed search keeps its finished ones (the
-    trial it was running is marked failed and run again under a new number). A stopped trial is
-    Optuna's PRUNED, with each fold's score as its intermediate values, and counts towards `n_trials`.
+    trial it was running is marked failed and run again under a new number). With `pruning`, the study's
+    pruner (`pipeline.experiments.pruning.FoldPruner`) decides when a trial run here stops: the trial
+    reports each fold's score as an intermediate value as it comes. A stopped trial is Optuna's PRUNED,
+    with each fold's score as its intermediate values, and counts towards `n_trials`.
 
     Returns:
         (the sweep's folder, its finished and stopped trials as `run_trial` records them).
@@ -272,6 +274,7 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     from optuna.trial import TrialState
 
     from pipeline.evaluation.metrics import score_named
+    from pipeline.experiments.pruning import FoldPruner, study_judge
 
     space = read_space(space_file)
     _check_overrides(comp, extra_files, sets, [{key: value for key, value in zip(space, corner)} for corner in
@@ -282,8 +285,9 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     direction = "maximize" if score_named(score_name).higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _holding(base, folder, described, say):
+        pruner = FoldPruner(score_name, int(base.get("split.folds")), pruning) if pruning else None
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
-                                    load_if_exists=True, direction=direction,
+                                    load_if_exists=True, direction=direction, pruner=pruner,
                                     sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True))
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # a killed search's
             study.tell(stale.number, state=TrialState.FAIL)
@@ -292,6 +296,7 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
             return [t.user_attrs["record"] for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))]
 
         running: dict[int, Any] = {}
+        judges: dict[int, Any] = {}
         remaining = n_trials - len(ended())
 
         def next_trial():
@@ -302,13 +307,17 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
             trial = study.ask()
             overrides = {key: suggest(trial, key, axis) for key, axis in space.items()}
             running[trial.number + 1] = trial
+            if pruner is not None:
+                judges[trial.number + 1] = study_judge(trial, pruner)
             return _spec(base, extra_files, sets, folder, stage, trial.number + 1, overrides)
 
         def finish(spec, record):
             trial = running.pop(spec.number)
+            reported = getattr(judges.pop(spec.number, None), "reported", set())
             trial.set_user_attr("record", record)
             for fold, value in record["fold_scores"].items():
-                trial.report(value, int(fold))
+                if int(fold) not in reported:  # a trial run here reported its folds as they came
+                    trial.report(value, int(fold))
             if record.get("pruned"):
                 study.tell(trial, state=TrialState.PRUNED)
             else:
@@ -317,7 +326,8 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
 
         if remaining <= 0:
             say(f"{len(ended())} trials already ended (>= --trials {n_trials}): nothing to run")
-        run_trials(base, next_trial, finish, lambda: best_folds(score_name, ended()), pruning, say)
+        run_trials(base, next_trial, finish, lambda: best_folds(score_name, ended()), pruning, say,
+                   judge_of=lambda spec: judges.get(spec.number))
         done = ended()
         _write_trials(folder, done)
     return folder, done

@@ -116,7 +116,7 @@ def best_folds(score_name: str, records) -> dict[int, float]:
 
 
 def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, say=print,
-              local_units: bool = False) -> dict:
+              local_units: bool = False, judge: Callable[[dict[int, float]], str | None] | None = None) -> dict:
     """One trial: its objective stage brought up to date in its variant folder, as `kp STAGE` would.
 
     Args:
@@ -125,6 +125,8 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
         pruning: when to stop a cv trial early (None: never).
         say: prints a line.
         local_units: run the trial's units in this process (it is a Ray task itself).
+        judge: `judge(fold scores so far)` -> why to stop the trial, or None (an Optuna search's study
+            through `pipeline.experiments.pruning.study_judge`); None: `prune_reason` against `best`.
 
     Returns:
         Its record: trial, overrides, command, objective, the score (None when stopped early), `pruned`
@@ -149,7 +151,7 @@ def run_trial(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None, 
         if store_name != folds_store or "fold" not in record:
             return
         folds[int(record["fold"])] = float(record[score_name])
-        reason = prune_reason(score_name, folds, best, total, pruning)
+        reason = judge(folds) if judge is not None else prune_reason(score_name, folds, best, total, pruning)
         if reason is not None:
             raise RunStopped(reason)
 
@@ -194,7 +196,8 @@ def _trial_task(spec: TrialSpec, best: dict[int, float], pruning: Pruning | None
 
 
 def run_trials(base, next_trial: Callable[[], TrialSpec | None], finish: Callable[[TrialSpec, dict], None],
-               best: Callable[[], dict[int, float]], pruning: Pruning | None, say=print) -> None:
+               best: Callable[[], dict[int, float]], pruning: Pruning | None, say=print,
+               judge_of: Callable[[TrialSpec], Callable] | None = None) -> None:
     """Run trials until `next_trial` has no more: one at a time, or as Ray tasks when `base.compute` says ray.
 
     Args:
@@ -204,13 +207,15 @@ def run_trials(base, next_trial: Callable[[], TrialSpec | None], finish: Callabl
         best: the best finished trial's fold scores now (`best_folds`), handed to each trial as it starts.
         pruning: when to stop a cv trial early (None: never).
         say: prints a line.
+        judge_of: each trial's judge when it runs here (`run_trial`'s `judge`: an Optuna search's study);
+            a trial on Ray applies `prune_reason` to `best` itself.
     """
     from pipeline.engine import runner
 
     if base.compute.backend != "ray":
         while (spec := next_trial()) is not None:
             say(f"trial {spec.number}: {spec.command}")
-            finish(spec, run_trial(spec, best(), pruning, say))
+            finish(spec, run_trial(spec, best(), pruning, say, judge=judge_of(spec) if judge_of else None))
         return
     from pipeline.core.executor import connect, failure_reason
 
