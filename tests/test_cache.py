@@ -112,7 +112,7 @@ def test_editing_the_head_recipe_makes_exactly_its_users_stale(project, tmp_path
                                          "model.arch=pool", "pseudo.source=cv", "smooth.source=cv"])
     before = _all_inputs(config)
     head = copy / "pipeline" / "training" / "recipes" / "head.py"
-    head.write_text(head.read_text() + "# edited\n")
+    head.write_text(head.read_text() + "EDITED = True\n")
     after = _all_inputs(config)
     by_code = {name for name in before if any(r.startswith("code changed") for r in explain(before[name], after[name]))}
     assert by_code == {"finetune", "bnretrain", "ensemble", "cv", "pseudo"}
@@ -277,7 +277,9 @@ def test_manifest_records_inputs_timing_sizes_and_metrics(project):
     runner.run(config)
     manifest = json.loads((config.work_dir / "split" / MANIFEST).read_text())
     assert manifest["inputs"]["config"]["split"]["fraction"] == 0.2
-    assert manifest["inputs"]["upstream"]["download"] == Manifest.read(config.work_dir / "download").fingerprint
+    download = Manifest.read(config.work_dir / "download")
+    assert manifest["inputs"]["upstream"]["download"] == "digest:" + download.digest  # what it read, by content
+    assert manifest["reads"]["download"] == download.fingerprint  # which stored run that was
     assert manifest["duration_s"] >= 0 and manifest["outputs"]["split.csv"] > 0
     assert manifest["metrics"]["n_valid"] == 300
 
@@ -298,3 +300,61 @@ def test_content_stamps_ignore_a_copy_but_see_a_same_size_edit(project, tmp_path
     archive.write_bytes(bytes(data))
     os.utime(archive, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert states(config)["download"][0] == STALE
+
+
+def test_an_upstream_rerun_that_writes_the_same_outputs_leaves_what_reads_it_up_to_date(project):
+    """Early cutoff: download's fingerprint changes (a setting that changes nothing here: the digits hold no bad
+    image), it reruns and writes the same index and images, and split is not run again."""
+    from pipeline.engine.status import format_table
+
+    runner.run(digits())
+    split_before = Manifest.read(digits().work_dir / "split")
+    changed = digits("download.bad_images=fail")
+    assert states(changed)["split"] == (STALE, ["upstream download changed"])  # not known before download reruns
+    actions = {}
+    runner.run(changed, actions=actions)
+    assert actions == {"download": "ran", "split": "skipped"}
+    assert Manifest.read(changed.work_dir / "split").started == split_before.started
+    now = {s.name: s for s in stage_statuses(changed)}
+    assert all(s.state == UP_TO_DATE for s in now.values()) and now["download"].same_outputs
+    assert "up to date (reran: same outputs)" in format_table(list(now.values()))
+
+
+def test_a_comment_changes_no_code_hash_and_a_statement_does(tmp_path, monkeypatch):
+    from pipeline.core.code_version import code_hashes
+
+    copy = _code_copy(tmp_path, monkeypatch)
+    before = code_hashes("stages.precompute")
+    stage = copy / "stages" / "precompute.py"
+    stage.write_text(stage.read_text().replace("\ndef run(", "\n# a comment, and a blank line\n\ndef run(", 1))
+    assert code_hashes("stages.precompute") == before
+    stage.write_text(stage.read_text() + "EDITED = True\n")
+    assert code_hashes("stages.precompute")["stages/precompute.py"] != before["stages/precompute.py"]
+
+
+def test_a_no_op_code_edit_reruns_no_feature_pass_and_keeps_the_submission(warm_project, tmp_path, monkeypatch):
+    """A new function in kaggle/api.py makes download rerun, which writes the same files: nothing after it runs
+    again (no pass over the images) and the submission keeps its bytes; a comment in stages/precompute.py changes
+    nothing; a real change to what precompute computes (pipeline/data/pixels.py) makes it stale."""
+    from pipeline.core.artifacts import SUBMISSION_FILE
+    from tests.test_faults import DIGITS_CHEAP, _digits_cheap
+
+    warm_project("digits-cheap", _digits_cheap)
+    config = load_config("digits", sets=DIGITS_CHEAP)
+    submission = (config.work_dir / "submit" / SUBMISSION_FILE).read_bytes()
+    copy = _code_copy(tmp_path, monkeypatch)
+    api = copy / "pipeline" / "kaggle" / "api.py"
+    api.write_text(api.read_text() + "\n\ndef a_helper_nothing_calls():\n    return None\n")
+    _edit(copy / "stages" / "precompute.py", "\ndef run(", "\n# a comment\ndef run(")
+    stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
+    assert stale["download"] == ["code changed: pipeline/kaggle/api.py"]
+    assert stale["precompute"] == ["upstream download changed"]  # known only once download has rerun
+    actions = {}
+    runner.run(config, actions=actions)
+    assert actions == {"download": "ran", "precompute": "skipped", "split": "skipped", "finetune": "skipped",
+                       "ensemble": "skipped", "submit": "skipped"}
+    assert (config.work_dir / "submit" / SUBMISSION_FILE).read_bytes() == submission
+    pixels = copy / "pipeline" / "data" / "pixels.py"
+    pixels.write_text(pixels.read_text() + "EDITED = True\n")
+    stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
+    assert stale["precompute"] == ["code changed: pipeline/data/pixels.py"] and "download" not in stale

@@ -127,6 +127,7 @@ class Manifest:
     digest: str = ""  # `output_digests`: what the run wrote for others to read, its plots left out
     contents: dict[str, str] = field(default_factory=dict)  # content digest per output (`output_digests`)
     upstream: dict[str, str] = field(default_factory=dict)  # each upstream stage's `digest` this run read
+    reads: dict[str, str] = field(default_factory=dict)  # each upstream (and variant) run it read, by fingerprint
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":
@@ -141,7 +142,7 @@ class Manifest:
     def _well_formed(self) -> bool:
         kinds = {"stage": str, "fingerprint": str, "inputs": dict, "started": str, "finished": str,
                  "duration_s": (int, float), "outputs": dict, "metrics": dict, "headline": str, "warnings": list,
-                 "units": dict, "digest": str, "contents": dict, "upstream": dict}
+                 "units": dict, "digest": str, "contents": dict, "upstream": dict, "reads": dict}
         return (all(isinstance(getattr(self, name), kind) and not isinstance(getattr(self, name), bool)
                     for name, kind in kinds.items())
                 and all(isinstance(size, int) for size in self.outputs.values())

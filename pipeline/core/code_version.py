@@ -8,8 +8,9 @@ modules alike: editing a plot or a headline reruns a stage but not its units whe
 lives outside the stage's module (ensemble members, cv folds, pseudo students, augment's passes,
 precompute's shards: `pipeline/training`, `pipeline/models`). The engine, experiments, shipping and
 cli folders and `pipeline.core` are the cache's own machinery and are left out: they decide when a
-stage runs, not what it writes. Each file is hashed (sha256 of
-its bytes); editing one makes every stage that uses it stale, and `kp status` names the file.
+stage runs, not what it writes. Each file is hashed (sha256 of its syntax tree: a comment or a
+re-wrapped line changes nothing); a real edit makes every stage that uses it stale, and `kp status`
+names the file.
 """
 from __future__ import annotations
 
@@ -38,16 +39,18 @@ def _counts(name: str) -> bool:
 
 @lru_cache(maxsize=None)
 def _file_facts(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...]]:
-    """(sha256 of the file, the modules it imports); cached per file version."""
-    data = path.read_bytes()
+    """(sha256 of the file's syntax tree, the modules it imports); cached per file version. The tree holds
+    what runs and not how it is written: a comment, a blank line or a line wrapped differently changes
+    no hash (docstrings are in the tree, and count)."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
     imported: list[str] = []
-    for node in ast.walk(ast.parse(data, filename=str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.append(node.module)
             imported += [f"{node.module}.{alias.name}" for alias in node.names]
-    return hashlib.sha256(data).hexdigest()[:12], tuple(imported)
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:12], tuple(imported)
 
 
 def _facts(path: Path) -> tuple[str, tuple[str, ...]]:

@@ -181,8 +181,9 @@ def current_key(work_dir: Path, stage: str) -> str | None:
     return None
 
 
-def point(work_dir: Path, stage: str, key: str, action: str) -> None:
-    """Make `work/STAGE` the stored run `key` (atomically) and record how (`ran` or `restored`)."""
+def point(work_dir: Path, stage: str, key: str, action: str, same_outputs: bool = False) -> None:
+    """Make `work/STAGE` the stored run `key` (atomically) and record how (`ran` or `restored`; a run that wrote
+    the same outputs as the run before it: `same_outputs`)."""
     link = work_dir / stage
     if link.exists() and not link.is_symlink():  # an output folder from before the run cache
         adopt_legacy_folder(work_dir, stage)
@@ -191,7 +192,7 @@ def point(work_dir: Path, stage: str, key: str, action: str) -> None:
     os.replace(tmp, link)
     store = stage_store(work_dir, stage)
     store.touch(key)
-    last = {"fingerprint": key, "action": action, "time": time.time()}
+    last = {"fingerprint": key, "action": action, "time": time.time(), **({"same_outputs": True} if same_outputs else {})}
     (store.root / LAST_FILE).write_text(json.dumps(last) + "\n")
 
 

@@ -84,25 +84,43 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
             builds_on = [s for s in before if s.name in order and s.name not in forced]
             for name, reasons in damaged_outputs(config, builds_on).items():
                 forced[name] = "; ".join(reasons)
-        for name in order:
-            status = {s.name: s for s in stage_statuses(config)}[name]
-            if status.state == UP_TO_DATE and name not in forced:
-                _say(config, f"{name}: up to date, skipped ({status.manifest.headline})")
-                actions[name] = "skipped"
+        for name in order:  # each stage's status asked as it comes: what it reads has just been brought up to date
+            stage, status = stages[name], _current(config, name)
+            action = _reused(config, stage, status, name in forced)
+            variants = variant_configs(config, stage) if action is None else []
+            if variants:  # the variants it reads first; then their outputs are known, and it may be up to date
+                for variant, variant_config in variants:
+                    run(variant_config, [variant.target])
+                status = _current(config, name)
+                action = _reused(config, stage, status, name in forced)
+            if action is not None:
+                actions[name] = action
                 continue
-            if status.restorable and name not in forced:
-                manifest = _restore(config, stages[name], status)
-                _say(config, f"{name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
-                actions[name] = "restored"
-                continue
-            why = forced.get(name) or "; ".join(status.reasons)
-            for variant, variant_config in variant_configs(config, stages[name]):
-                run(variant_config, [variant.target])
-            _say(config, f"{name}: running ({why})")
-            manifest = _guarded(config, stages[name], status)
+            _say(config, f"{name}: running ({forced.get(name) or '; '.join(status.reasons)})")
+            manifest = _guarded(config, stage, status)
             actions[name] = "ran"
-            _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}")
+            _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}"
+                 + ("  (the same outputs as its last run: what reads them stays up to date)"
+                    if _wrote_the_same(status, manifest) else ""))
     return stage_statuses(config)
+
+
+def _current(config: ResolvedConfig, name: str) -> StageStatus:
+    return {s.name: s for s in stage_statuses(config)}[name]
+
+
+def _reused(config: ResolvedConfig, stage: Stage, status: StageStatus, forced: bool) -> str | None:
+    """`skipped` (up to date) or `restored` (from the run cache), said; None: the stage has to run."""
+    if forced:
+        return None
+    if status.state == UP_TO_DATE:
+        _say(config, f"{stage.name}: up to date, skipped ({status.manifest.headline})")
+        return "skipped"
+    if status.restorable:
+        manifest = _restore(config, stage, status)
+        _say(config, f"{stage.name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
+        return "restored"
+    return None
 
 
 def _context(config: ResolvedConfig, stage: Stage, status: StageStatus, out) -> StageContext:
@@ -187,10 +205,16 @@ def _run_one(config: ResolvedConfig, stage: Stage, status: StageStatus) -> Manif
             digest=digest,
             contents=contents,
             upstream=upstream_digests(ctx.inputs),
+            reads={name: folder.name for name, folder in ctx.inputs.items()},  # the stored runs it read
         )
         manifest.write(tmp)
-    point(config.work_dir, stage.name, status.fingerprint, "ran")
+    point(config.work_dir, stage.name, status.fingerprint, "ran", same_outputs=_wrote_the_same(status, manifest))
     return manifest
+
+
+def _wrote_the_same(status: StageStatus, manifest: Manifest) -> bool:
+    """Whether a run wrote the same outputs (digest) as the run that was current before it."""
+    return status.manifest is not None and bool(manifest.digest) and manifest.digest == status.manifest.digest
 
 
 def _say(config: ResolvedConfig, message: str) -> None:

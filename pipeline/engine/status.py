@@ -2,12 +2,14 @@
 expects, against the manifests and the run cache on disk. It only reads: no variant folder, link,
 lock or stamp memo is written (a run keeps `cache.stamp: content`'s hashes in `_cache/stamps.json`).
 
-Expected fingerprints are computed in stage order from the current config, each from its
-upstream's *expected* fingerprint (and the expected fingerprints of the variants it reads), so a
-change upstream makes everything after it stale even before anything reruns. A stale stage whose
-expected fingerprint is already in the run cache is `restorable`: the runner points at the stored
-run instead of recomputing it. Nothing here imports TensorFlow or pandas: `kp status` must answer
-in a second.
+Early cutoff, as DVC, Bazel and Shake do: a stage's fingerprint holds the content of what it reads
+(its config keys, its code, its input files' stamps, and each upstream's outputs: their digest,
+`StageStatus.identity`), not the upstream's fingerprint. So an upstream that reruns and writes the
+same bytes leaves everything after it up to date. Statuses are computed in stage order: while an
+upstream is stale its outputs are not known yet, and what reads it is stale ("upstream X changed")
+until it has run; the runner asks again after each stage. A stale stage whose fingerprint is already
+in the run cache is `restorable`: the runner points at the stored run instead of recomputing it.
+Nothing here imports TensorFlow or pandas: `kp status` must answer in a second.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pipeline.engine.variants import variant_configs
 
 UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
 STAMP_MEMO = "stamps.json"
+DIGEST, PENDING = "digest:", "pending:"  # an upstream's identity: its outputs' digest, or (stale) what will run
 
 
 @dataclass
@@ -39,6 +42,8 @@ class StageStatus:
     manifest: Manifest | None
     restorable: bool = False  # stale, but a stored run with the expected fingerprint is intact
     restored: bool = False  # up to date because the last action restored a stored run
+    identity: str = ""  # what a stage reading it is keyed by: DIGEST + its outputs' digest, or PENDING + fp
+    same_outputs: bool = False  # up to date, and its last run wrote the same outputs as the run before it
 
     def as_dict(self) -> dict[str, Any]:
         m = self.manifest
@@ -49,6 +54,7 @@ class StageStatus:
             "fingerprint": self.fingerprint,
             "restorable": self.restorable,
             "restored": self.restored,
+            "same_outputs": self.same_outputs,
             "last_run": m.finished if m else None,
             "duration_s": m.duration_s if m else None,
             "headline": m.headline if m else "",
@@ -58,12 +64,12 @@ class StageStatus:
         }
 
 
-def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprints: dict[str, str],
+def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream: dict[str, str],
                        remember_stamps: bool = False) -> dict[str, Any]:
-    """Everything a stage's output depends on, as plain JSON values: its declared config keys, its
-    upstream fingerprints, the fingerprints of the variants it reads, its code (file hashes) and its
-    source stamp. `remember_stamps`: keep the content stamps' hashes in `_cache/stamps.json` (a run does;
-    `kp status` reads only)."""
+    """Everything a stage's output depends on, as plain JSON values: its declared config keys, what each
+    upstream stage holds for it (`upstream`: by name, `StageStatus.identity`), what the variants it reads
+    hold, its code (file hashes) and its source stamp. `remember_stamps`: keep the content stamps' hashes
+    in `_cache/stamps.json` (a run does; `kp status` reads only)."""
     memo = config.work_dir / CACHE_FOLDER / STAMP_MEMO
     mode = config.get("cache.stamp")
 
@@ -74,8 +80,8 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
         "stage": stage.name,
         "code": code_hashes(*stage.code_modules(config)),
         "config": {key: config.get(key) for key in stage.keys_for(config)},
-        "upstream": {name: upstream_fingerprints[name] for name in stage.needs_for(config)},
-        "variants": {request.name: expected_fingerprints(variant)[request.target]
+        "upstream": {name: upstream[name] for name in stage.needs_for(config)},
+        "variants": {request.name: _statuses(variant)[request.target].identity
                      for request, variant in variant_configs(config, stage)},
         "stamp": stage.source_stamp(stage.view(config), stamp) if stage.source_stamp else {},
     }
@@ -84,23 +90,24 @@ def fingerprint_inputs(stage: Stage, config: ResolvedConfig, upstream_fingerprin
 def stage_statuses(config: ResolvedConfig, remember_stamps: bool = False) -> list[StageStatus]:
     """The status of every stage the competition lists, in order. Outputs are checked by size only,
     which takes no time; `damaged_outputs` reads their bytes."""
-    stages = all_stages()
-    return [_status(config, stages[name], fp, inputs)
-            for name, (fp, inputs) in _expected(config, remember_stamps).items()]
+    return list(_statuses(config, remember_stamps).values())
 
 
 def expected_fingerprints(config: ResolvedConfig) -> dict[str, str]:
-    """{stage: the fingerprint its output must have under `config`} for every listed stage, in order."""
-    return {name: fp for name, (fp, _) in _expected(config).items()}
+    """{stage: the fingerprint its output must have under `config`, as things stand} for every listed
+    stage, in order (a stage after a stale one: until that one has run)."""
+    return {name: status.fingerprint for name, status in _statuses(config).items()}
 
 
-def _expected(config: ResolvedConfig, remember_stamps: bool = False) -> dict[str, tuple[str, dict]]:
-    stages, expected, result = all_stages(), {}, {}
+def _statuses(config: ResolvedConfig, remember_stamps: bool = False) -> dict[str, StageStatus]:
+    """Every listed stage's status in run order, each fingerprinted on its upstream statuses' identities."""
+    stages, found = all_stages(), {}
     for name in config.stage_names:
-        inputs = fingerprint_inputs(stages[name], config, expected, remember_stamps)
-        expected[name] = fingerprint(inputs)
-        result[name] = (expected[name], inputs)
-    return result
+        stage = stages[name]
+        upstream = {needed: found[needed].identity for needed in stage.needs_for(config)}
+        inputs = fingerprint_inputs(stage, config, upstream, remember_stamps)
+        found[name] = _status(config, stage, fingerprint(inputs), inputs)
+    return found
 
 
 def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> StageStatus:
@@ -111,18 +118,23 @@ def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> Stag
     stored = Manifest.read(store.path(fp)) if store.has(fp) else None
     restorable = stored is not None and stored.fingerprint == fp and not output_problems(
         store.path(fp), stage.outs, stored.outputs) and not changed_upstream(stored, upstream_now)
+    pending = PENDING + fp
     if manifest is None:
         reasons = ["never run" if not folder.exists() else "no manifest"]
-        return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable)
+        identity = DIGEST + (stored.digest or fp) if restorable else pending
+        return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable, identity=identity)
     if manifest.fingerprint == fp:
         problems = output_problems(folder, stage.outs, manifest.outputs) or changed_upstream(manifest, upstream_now)
         if problems:
-            return StageStatus(stage.name, STALE, problems, fp, inputs, manifest)
+            return StageStatus(stage.name, STALE, problems, fp, inputs, manifest, identity=pending)
         last = last_action(config.work_dir, stage.name)
-        restored = last.get("action") == "restored" and last.get("fingerprint") == fp
-        return StageStatus(stage.name, UP_TO_DATE, [], fp, inputs, manifest, restored=restored)
+        now = last.get("fingerprint") == fp
+        return StageStatus(stage.name, UP_TO_DATE, [], fp, inputs, manifest,
+                           restored=now and last.get("action") == "restored",
+                           identity=DIGEST + (manifest.digest or fp), same_outputs=now and bool(last.get("same_outputs")))
     reasons = explain(manifest.inputs, inputs) or ["fingerprint changed"]
-    return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable)
+    identity = DIGEST + (stored.digest or fp) if restorable else pending
+    return StageStatus(stage.name, STALE, reasons, fp, inputs, manifest, restorable, identity=identity)
 
 
 def check_settings(config: ResolvedConfig, statuses: list[StageStatus], names: list[str]) -> None:
@@ -167,12 +179,12 @@ def explain(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
             reasons.append(f"config {key} removed (was {old_cfg[key]!r})")
         elif old_cfg[key] != new_cfg[key]:
             reasons.append(f"config {key}: {old_cfg[key]!r} -> {new_cfg[key]!r}")
-    for name, fp in now["upstream"].items():
-        if before.get("upstream", {}).get(name) != fp:
-            reasons.append(f"upstream {name} changed")
-    for name, fp in now["variants"].items():
-        if before.get("variants", {}).get(name) != fp:
-            reasons.append(f"variant {name} changed")
+    for kind, key in (("upstream", "upstream"), ("variant", "variants")):
+        for name, identity in now[key].items():
+            was = before.get(key, {}).get(name)
+            if was != identity:  # rerun with other bytes, or not up to date yet (its outputs are not known)
+                rewritten = str(was).startswith(DIGEST) and identity.startswith(DIGEST)
+                reasons.append(f"{kind} {name} " + ("was rerun and its outputs changed" if rewritten else "changed"))
     if before.get("stamp") != now["stamp"]:
         reasons.append(f"source changed: {before.get('stamp')} -> {now['stamp']}")
     return reasons
@@ -185,7 +197,7 @@ def format_table(statuses: list[StageStatus]) -> str:
         m = s.manifest
         when = _short_time(m.finished) if m else "-"
         took = f"{m.duration_s:.1f}s" if m else "-"
-        state = s.state + (" (restored)" if s.restored else "")
+        state = s.state + (" (restored)" if s.restored else " (reran: same outputs)" if s.same_outputs else "")
         detail = m.headline if (m and s.state == UP_TO_DATE) else "; ".join(s.reasons)
         if s.restorable:
             detail += "  [restorable from the run cache]"

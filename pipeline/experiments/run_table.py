@@ -62,7 +62,7 @@ def differences(config: ResolvedConfig, used: dict[str, Any]) -> dict[str, Any]:
 
 def settings_used(work_dir: Path, manifest) -> dict[str, Any]:
     """The config values a stored run and the upstream runs it read used (its manifest's `inputs.config`, then
-    its upstream stages', found by their fingerprints in the run cache): what made the result."""
+    those of the runs it read, `Manifest.reads`, found in the run cache): what made the result."""
     from pipeline.core.cache import Manifest
     from pipeline.core.runs import stage_store
 
@@ -71,7 +71,7 @@ def settings_used(work_dir: Path, manifest) -> dict[str, Any]:
         current = waiting.pop()
         for key, value in current.inputs.get("config", {}).items():
             used.setdefault(key, value)
-        for stage, key in current.inputs.get("upstream", {}).items():
+        for stage, key in (current.reads or current.inputs.get("upstream", {})).items():
             if (stage, key) not in seen:
                 seen.add((stage, key))
                 upstream = Manifest.read(stage_store(work_dir, stage).path(key))
@@ -95,7 +95,7 @@ def leaderboard_scores(config: ResolvedConfig) -> dict[tuple[str, str], float]:
         if submitted is None:  # that submit run was cleaned away: nothing names its source's run any more
             continue
         source = submitted.metrics.get("source")
-        key = submitted.inputs.get("upstream", {}).get(source)
+        key = (submitted.reads or submitted.inputs.get("upstream", {})).get(source)
         if key is not None:
             scores[(source, key)] = float(row["lb_score"])
     return scores

@@ -268,7 +268,7 @@ def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=
         manifest = Manifest.read(config.work_dir / source)
         record = {
             "comp": config.comp, "source": source, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "fingerprints": {source: manifest.fingerprint, **manifest.inputs.get("upstream", {})},
+            "fingerprints": {source: manifest.fingerprint, **(manifest.reads or manifest.inputs.get("upstream", {}))},
             "validation": {"kind": manifest.metrics.get("validation", "holdout"),
                            "val_log_loss": manifest.metrics.get("val_log_loss")},
             "competition": config.competition.model_dump(mode="json"),
