@@ -358,3 +358,10 @@ def test_a_no_op_code_edit_reruns_no_feature_pass_and_keeps_the_submission(warm_
     pixels.write_text(pixels.read_text() + "EDITED = True\n")
     stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
     assert stale["precompute"] == ["code changed: pipeline/data/pixels.py"] and "download" not in stale
+
+
+def test_the_download_stage_hashes_no_submission_or_polling_code(project):
+    """A stage's code is what it runs: download reads pipeline/kaggle/api.py, not the submissions' code."""
+    code = {s.name: s.inputs["code"] for s in stage_statuses(load_config("digits"))}
+    assert "pipeline/kaggle/api.py" in code["download"]
+    assert not [name for stage in code.values() for name in stage if name == "pipeline/kaggle/submissions.py"]

@@ -20,7 +20,7 @@ from pipeline.cli.commands import cli
 from pipeline.engine import runner
 from pipeline.engine.config import load_config
 from pipeline.evaluation.scoring import competition_from_files, score_file_on_test_set
-from pipeline.kaggle import api as kaggle_api
+from pipeline.kaggle import submissions
 from pipeline.kaggle.ledger import read_ledger
 from pipeline.kaggle.local.competitions import LocalCompetitions
 from pipeline.kaggle.local.server import KaggleLocalServer
@@ -111,9 +111,9 @@ def test_server_scores_like_kaggle_and_rejects_malformed_files(kaggle_env, tmp_p
     with KaggleLocalServer(folder, log_dir=tmp_path / "log", scoring_delay_s=0.1) as server:
         for name, value in server.client_environment().items():
             kaggle_env.setenv(name, value)
-        refs = {name: kaggle_api.submit_file("three-classes", tmp_path / name, f"trying {name}")
+        refs = {name: submissions.submit_file("three-classes", tmp_path / name, f"trying {name}")
                 for name in ["good.csv", "good.csv.gz", *reasons]}
-        states = {name: kaggle_api.wait_for_score("three-classes", ref, 10, 0.1, say=lambda _: None)
+        states = {name: submissions.wait_for_score("three-classes", ref, 10, 0.1, say=lambda _: None)
                   for name, ref in refs.items()}
         listed = server.competitions.submissions("three-classes")
 

@@ -182,7 +182,7 @@ def test_the_local_server_answers_a_malformed_request_with_400_and_the_reason(tm
 
 def test_an_upload_to_a_server_that_never_answers_is_sent_once_and_ends(kaggle_env, tmp_path):
     from pipeline.core.errors import PipelineError
-    from pipeline.kaggle import api
+    from pipeline.kaggle import submissions
 
     submission = tmp_path / "submission.csv"
     submission.write_text("img,c0\na.jpg,1\n")
@@ -191,5 +191,5 @@ def test_an_upload_to_a_server_that_never_answers_is_sent_once_and_ends(kaggle_e
         kaggle_env.setenv("KAGGLE_LOCAL_ENDPOINT", url)
         with pytest.raises(PipelineError, match=f"kaggle submission of {submission} to '{SLUG}' failed: {url} did not "
                                                 "answer in time"):
-            api.submit_file(SLUG, submission, "x", Network(1, 0.5, 2, 0.1))
+            submissions.submit_file(SLUG, submission, "x", Network(1, 0.5, 2, 0.1))
     assert len(held) == 1  # the server may have taken it: never sent twice

@@ -8,6 +8,7 @@ section): the client sets none, so a server that accepts a connection and never 
 hold `kp download` forever. Reads (the download, listing submissions) are retried after a
 timeout; an upload is retried only when the connection was never made, so a submission is never
 sent twice, and the whole upload is bounded too (the client's own upload session has no timeout).
+Submitting and polling live in `pipeline.kaggle.submissions`, outside the download stage's code.
 What a call brings back is checked before it is kept: a download enters the cache only as a
 readable zip archive, and a cached one that no longer reads is fetched again.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,73 +256,6 @@ def bounded(call, seconds: float, what: str):
     if "error" in result:
         raise result["error"]
     return result["value"]
-
-
-# A submission's status, in the pipeline's words (the ledger's too); Kaggle's API says them in capitals.
-PENDING, COMPLETE, ERROR = "pending", "complete", "error"
-
-
-@dataclass(frozen=True)
-class SubmissionState:
-    """One submission as Kaggle lists it: status PENDING, COMPLETE or ERROR (the constants above)."""
-
-    ref: int
-    status: str
-    public_score: float | None
-    error: str | None
-
-
-def submit_file(slug: str, path: Path, description: str, network: Network = Network()) -> int:
-    """Upload `path` to competition `slug` with `description`; the submission's ref. Never retried
-    once the server may have received it (a submission counts against the day's limit)."""
-    api = client(network, repeatable=False)
-    seconds = network.worst_case_s() * 3 + path.stat().st_size / 50_000  # three calls, and 50 kB/s at worst
-    try:
-        response = bounded(lambda: api.competition_submit(str(path), description, slug, quiet=True), seconds,
-                            f"kaggle submission of {path} to {slug!r}")
-    except PipelineError:
-        raise
-    except Exception as exc:
-        raise PipelineError(f"kaggle submission of {path} to {slug!r} failed: {describe_error(exc, slug)}") from None
-    if response.message == api.COMPETITION_SUBMIT_UPLOAD_FAILED_MESSAGE or not response.ref:
-        raise PipelineError(f"kaggle submission of {path} to {slug!r} failed: the upload did not complete "
-                            f"({response.message or 'no submission ref returned'})")
-    return int(response.ref)
-
-
-def submission_state(slug: str, ref: int, network: Network = Network()) -> SubmissionState:
-    """Where submission `ref` of `slug` stands (it is among the newest 100)."""
-    api = client(network)
-    try:
-        listed = api.competition_submissions(slug, page_size=100) or []
-    except Exception as exc:
-        raise PipelineError(f"kaggle: listing the submissions of {slug!r} failed: {describe_error(exc, slug)}") from None
-    for item in listed:
-        if item is not None and int(item.ref) == int(ref):
-            status = (item.status.name if hasattr(item.status, "name") else str(item.status)).lower()
-            score = float(item.public_score) if status == COMPLETE and item.public_score else None
-            return SubmissionState(int(ref), status, score, item.error_description or None)
-    raise PipelineError(f"kaggle: submission {ref} is not among the newest {len(listed)} submissions to {slug!r}")
-
-
-def poll(ask, done, timeout_s: float, every_s: float, say, describe):
-    """Call `ask()` every `every_s` until `done(answer)` or `timeout_s` has passed; the last answer. Between
-    two calls `say`s `describe(answer, seconds waited so far)`, then when it asks again (the client waits for
-    nothing itself)."""
-    clock = time.monotonic()
-    while True:
-        answer = ask()
-        if done(answer) or time.monotonic() + every_s > clock + timeout_s:
-            return answer
-        say(f"{describe(answer, time.monotonic() - clock)}, asking again in {every_s:g}s")
-        time.sleep(every_s)
-
-
-def wait_for_score(slug: str, ref: int, timeout_s: float, every_s: float, say=print,
-                   network: Network = Network()) -> SubmissionState:
-    """Poll until submission `ref` is scored or rejected, or `timeout_s` has passed (then still PENDING)."""
-    return poll(lambda: submission_state(slug, ref, network), lambda state: state.status != PENDING, timeout_s,
-                every_s, say, lambda state, _: f"submission {ref}: {state.status}")
 
 
 def describe_error(exc: Exception, slug: str) -> str:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.kaggle.api import Network, bounded, client, describe_error, endpoint, poll, server_message
+from pipeline.kaggle.api import Network, bounded, client, describe_error, endpoint, server_message
+from pipeline.kaggle.submissions import poll
 
 DATASET_METADATA = "dataset-metadata.json"
 KERNEL_METADATA = "kernel-metadata.json"

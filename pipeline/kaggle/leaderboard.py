@@ -19,7 +19,8 @@ from pipeline.core.artifacts import LEDGER_PLOT
 from pipeline.core.cache import Manifest
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
-from pipeline.kaggle import api as kaggle_api
+from pipeline.kaggle import submissions
+from pipeline.kaggle.api import Network
 from pipeline.kaggle.ledger import ERROR, PENDING, ledger_path, plot_ledger, read_ledger, record, with_score
 
 
@@ -53,7 +54,7 @@ def upload(config: ConfigReader, message: str | None = None, again: bool = False
         return earlier[-1]
 
     slug, description = config.competition.slug, describe(config.comp, meta, message)
-    network = kaggle_api.Network.of(config.kaggle)
+    network = Network.of(config.kaggle)
     if code:
         if submit_kernel is None:
             raise PipelineError(f"{config.comp} is a code competition (competition.submission: code): its kernel is "
@@ -62,7 +63,7 @@ def upload(config: ConfigReader, message: str | None = None, again: bool = False
         timeout_s, every_s = config.get("kernel.poll_timeout_s"), config.get("kernel.poll_every_s")
     else:
         try:
-            ref = kaggle_api.submit_file(slug, path, description, network)
+            ref = submissions.submit_file(slug, path, description, network)
         except PipelineError as exc:
             raise PipelineError(f"{exc}; the submission stays at {path}") from None
         submitted, timeout_s, every_s = str(path), config.get("kaggle.poll_timeout_s"), config.get("kaggle.poll_every_s")
@@ -74,7 +75,7 @@ def upload(config: ConfigReader, message: str | None = None, again: bool = False
     record(ledger, row)
     say(f"{f'submitted kernel {submitted}' if code else f'uploaded {path.name}'} to {slug} (submission {ref}); "
         f"waiting up to {timeout_s:g}s for its score")
-    state = kaggle_api.wait_for_score(slug, ref, timeout_s, every_s, say, network)
+    state = submissions.wait_for_score(slug, ref, timeout_s, every_s, say, network)
     row = _complete(config, row, state)
     if row["status"] == ERROR:
         kept = "" if code else "The file stays on disk; "
@@ -94,7 +95,7 @@ def refresh(config: ConfigReader, say=print) -> list[dict]:
     changed = []
     for row in read_ledger(ledger_path(config)):
         if row["status"] == PENDING:
-            state = kaggle_api.submission_state(config.competition.slug, int(row["ref"]), kaggle_api.Network.of(config.kaggle))
+            state = submissions.submission_state(config.competition.slug, int(row["ref"]), Network.of(config.kaggle))
             if state.status != PENDING:
                 changed.append(_complete(config, row, state))
                 say(f"submission {row['ref']}: {changed[-1]['status']} {changed[-1]['lb_score'] or state.error}")
@@ -108,7 +109,7 @@ def draw(config: ConfigReader) -> Path:
     return path
 
 
-def _complete(config: ConfigReader, row: dict, state: kaggle_api.SubmissionState) -> dict:
+def _complete(config: ConfigReader, row: dict, state: submissions.SubmissionState) -> dict:
     done = with_score(row, state.status, state.public_score, state.error)
     record(ledger_path(config), done)
     if done["status"] != PENDING:

@@ -20,7 +20,7 @@ from pipeline.core.cache import write_text_atomic
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_rows
-from pipeline.kaggle.api import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
+from pipeline.kaggle.submissions import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
 COLUMNS = ["time", "file", "fingerprint", "split_strategy", "validation", "metric", "val_score", "lb_score",
            "difference", "status", "ref", "error", "description", "kind"]
 NUMERIC_COLUMNS = ("val_score", "lb_score", "difference", "ref")  # a number or empty
