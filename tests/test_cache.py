@@ -123,19 +123,39 @@ def test_editing_the_head_recipe_makes_exactly_its_users_stale(project, tmp_path
         assert explain(before[name], after[name]) == []
 
 
+def _unit_function_modules() -> set[str]:
+    """The modules of every function a stage hands to `map_units` as its units' function, read from the
+    source (the name's import in the calling module, or the calling module itself): derived, not listed."""
+    import ast
+
+    modules = set()
+    for path in [*(REPO / "stages").glob("*.py"), *(REPO / "pipeline").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        imported = {alias.asname or alias.name: node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
+        own = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "map_units" and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Name):
+                modules.add(imported.get(node.args[1].id, own))
+    return modules
+
+
 def test_editing_a_plot_reruns_stages_but_no_unit_they_hold(project, tmp_path, monkeypatch):
     """Units are keyed by the code their function and recipes reach, which draws nothing."""
     from pipeline.core.code_version import code_hashes
     from pipeline.training.recipes import MODULES
 
     copy = _code_copy(tmp_path, monkeypatch)
-    unit_modules = ("pipeline.training.recipes", "pipeline.training.cross_validation", "pipeline.models.passes",
-                    *MODULES.values())
+    unit_modules = (*_unit_function_modules(), *MODULES.values())
+    assert {"pipeline.training.recipes", "pipeline.training.cross_validation", "pipeline.models.passes",
+            "pipeline.models.extractor"} <= set(unit_modules)
     units_before = {module: code_hashes(module) for module in unit_modules}
     config = load_config("digits")
     before = _all_inputs(config)
     _edit(copy / "pipeline" / "evaluation" / "plots.py", 'dpi: int = 90', 'dpi: int = 91')
     _edit(copy / "stages" / "finetune.py", "val log loss", "validation log loss")
+    _edit(copy / "stages" / "precompute.py", "normalised by train mean", "normalised by the train mean")  # a headline
     assert {module: code_hashes(module) for module in unit_modules} == units_before
     after = _all_inputs(config)
     assert "stages/finetune.py" in explain(before["finetune"], after["finetune"])[0]
