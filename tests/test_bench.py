@@ -99,3 +99,16 @@ def test_transfer_measures_the_real_backbones(warm_project):
     root = warm_project("bench-digits", _digits)
     run_bench("transfer.py", "--vgg-images", "2", "--mobilenet-images", "8", "--repeats", "1")
     assert result(root, "transfer.json")["rows"]
+
+
+@pytest.mark.slow
+def test_scale_runs_every_stage_at_two_sizes_and_checks_its_limits(project):
+    """bench/scale.py on two tiny competitions (its seven kp processes each import TensorFlow: about a minute)."""
+    run_bench("scale.py", "--rows", "120,240", "--size", "64x48")
+    measured = result(project, "scale.json")
+    assert [row["n"] for row in measured["rows"]] == [120, 240]
+    for row in measured["rows"]:
+        assert set(row["stages"]) == {"download", "split", "precompute", "augment", "finetune", "smooth", "submit"}
+        assert all(stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0 for stage in row["stages"].values())
+        assert row["disk_mb"] >= 0
+    assert measured["limits"]["rss_limit_mb"] == 3000 and isinstance(measured["limits"]["rss_ok"], bool)
