@@ -118,7 +118,7 @@ def test_a_second_run_names_the_run_that_holds_the_lock_and_waits_for_it_with_wa
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom pipeline.core.cache import "
          "competition_lock\nwith competition_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n"
-         "    time.sleep(4)\n", str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+         "    time.sleep(2.5)\n", str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         refused = CliRunner().invoke(cli, ["split", "--comp", "digits", *CHEAP])
