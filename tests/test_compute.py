@@ -61,6 +61,7 @@ def test_ensemble_members_as_ray_tasks_equal_the_local_backend(synth):
     np.testing.assert_array_equal(p.test_probs, q.test_probs)
 
 
+@pytest.mark.slow  # 30 s: it starts the local Ray cluster and kills a worker; the default tier keeps Ray's equality tests
 def test_a_worker_killed_mid_unit_fails_that_unit_only_and_the_rerun_computes_just_it(synth):
     sets = [*TINY_ENSEMBLE, *RAY, "finetune.phases=[{epochs: 40, lr: 0.001}]"]
     config = load_config("synth", sets=[*sets, "compute.retries=0"])

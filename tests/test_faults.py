@@ -727,3 +727,34 @@ def test_a_latin1_byte_deep_in_a_table_is_named_by_its_own_line(tmp_path):
     table.write_bytes(b"id,label\n" + b"".join(b"%d,0\n" % i for i in range(5000)) + "caf\u00e9,1\n".encode("latin-1"))
     with pytest.raises(PipelineError, match=r"train.csv: not UTF-8 text \(byte 0xe9 on line 5002\)"):
         read_table(table)
+
+
+def test_a_no_op_code_edit_reruns_no_feature_pass_and_keeps_the_submission(warm_project, tmp_path, monkeypatch):
+    """A new function in kaggle/api.py makes download rerun, which writes the same files: nothing after it runs
+    again (no pass over the images) and the submission keeps its bytes; a comment in stages/precompute.py changes
+    nothing; a real change to what precompute computes (pipeline/data/pixels.py) makes it stale."""
+    from pipeline.core.artifacts import SUBMISSION_FILE
+    from pipeline.engine import runner
+    from pipeline.engine.config import load_config
+    from pipeline.engine.status import UP_TO_DATE, stage_statuses
+    from tests.test_cache import _code_copy, _edit
+
+    warm_project("digits-cheap", _digits_cheap)
+    config = load_config("digits", sets=DIGITS_CHEAP)
+    submission = (config.work_dir / "submit" / SUBMISSION_FILE).read_bytes()
+    copy = _code_copy(tmp_path, monkeypatch)
+    api = copy / "pipeline" / "kaggle" / "api.py"
+    api.write_text(api.read_text() + "\n\ndef a_helper_nothing_calls():\n    return None\n")
+    _edit(copy / "stages" / "precompute.py", "\ndef run(", "\n# a comment\ndef run(")
+    stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
+    assert stale["download"] == ["code changed: pipeline/kaggle/api.py"]
+    assert stale["precompute"] == ["upstream download changed"]  # known only once download has rerun
+    actions = {}
+    runner.run(config, actions=actions)
+    assert actions == {"download": "ran", "precompute": "skipped", "split": "skipped", "finetune": "skipped",
+                       "ensemble": "skipped", "submit": "skipped"}
+    assert (config.work_dir / "submit" / SUBMISSION_FILE).read_bytes() == submission
+    pixels = copy / "pipeline" / "data" / "pixels.py"
+    pixels.write_text(pixels.read_text() + "EDITED = True\n")
+    stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
+    assert stale["precompute"] == ["code changed: pipeline/data/pixels.py"] and "download" not in stale
