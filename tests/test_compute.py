@@ -142,6 +142,7 @@ def test_a_cluster_with_token_authentication_reached_without_its_token_is_one_cl
         subprocess.run([ray_cli, "stop", "--force"], env=head, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow  # 35 s; Ray against local stays in the default tier for precompute's shards
 def test_a_sweeps_trials_as_ray_tasks_score_as_on_the_local_backend(warm_project):
     import json
 
