@@ -146,6 +146,9 @@ def test_status_and_submit_act_on_the_settings_of_the_last_run(project):
     assert result.exit_code == 0
     assert "settings of the last run: --set 'stages=[download, split]' --set split.fraction=0.25" in result.output
     assert "split     up to date" in result.output and not re.search(r"^\w+ +(stale|missing)", result.output, re.M)
+    from pipeline.engine.last_run import own_settings
+
+    assert not own_settings([], ["paths.work=elsewhere", "cache.wait=true"])  # where, and --wait: no settings
     configured = kp("status", "--comp", "digits", "--as-configured").output
     assert "settings of the last run" not in configured and "split.fraction: 0.25 -> 0.2" in configured
     refused = CliRunner().invoke(cli, ["submit", "--comp", "digits", "--upload", "--set", "submit.source=finetune",

@@ -15,18 +15,21 @@ from pipeline.core.cache import claim_work_folder, write_text_atomic
 from pipeline.core.errors import PipelineError
 
 
+WHERE_AND_HOW = ("paths.", "cache.wait")  # keys that say where the work folder is and how to take its lock
+
+
 def own_settings(extra_files, sets) -> bool:
     """Whether a command was given settings of its own: a `--config`, or a `--set` of anything but `paths.*`
-    (those only say where the work folder is)."""
-    return bool(extra_files) or any(not s.strip().startswith("paths.") for s in sets)
+    and `cache.wait` (`--wait`), which say where the work folder is and how to wait for it."""
+    return bool(extra_files) or any(not s.strip().startswith(WHERE_AND_HOW) for s in sets)
 
 
 def remember(work_dir: Path, extra_files, sets) -> None:
     """Write what a run is about to run with into `work_dir` (claimed as kp's first): its config files as
-    absolute paths and its `--set`s but `paths.*`."""
+    absolute paths and its `--set`s but `paths.*` and `cache.wait`."""
     claim_work_folder(work_dir)
     record = {"config": [str(Path(f).resolve()) for f in extra_files],
-              "set": [s for s in sets if not s.strip().startswith("paths.")],
+              "set": [s for s in sets if not s.strip().startswith(WHERE_AND_HOW)],
               "command": shlex.join(["kp", *sys.argv[1:]]),
               "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_text_atomic(work_dir / LAST_RUN_FILE, json.dumps(record, indent=1) + "\n")
