@@ -228,9 +228,7 @@ def submit_command(comp, extra_files, sets, force, upload, message, as_configure
 def _check_uploaded_as_run(config: ResolvedConfig, extra_files, sets) -> None:
     """`kp submit --upload` uploads what ran: every stage the submission reads is up to date (or restorable
     from the run cache), or one PipelineError naming them and the command that brings them up to date."""
-    import shlex
-
-    from pipeline.engine import runner
+    from pipeline.engine import last_run, runner
     from pipeline.engine.registry import all_stages
     from pipeline.engine.status import UP_TO_DATE, stage_statuses
 
@@ -239,7 +237,7 @@ def _check_uploaded_as_run(config: ResolvedConfig, extra_files, sets) -> None:
     behind = [statuses[name] for name in reads if statuses[name].state != UP_TO_DATE and not statuses[name].restorable]
     if behind:
         why = "; ".join(f"{s.name} is {s.state} ({'; '.join(s.reasons)})" for s in behind)
-        flags = shlex.join([*(a for f in extra_files for a in ("--config", f)), *(a for s in sets for a in ("--set", s))])
+        flags = last_run.described({"config": list(extra_files), "set": list(sets)})
         raise PipelineError(f"kp submit --upload uploads what ran and trains nothing: {why}; bring it up to date "
                             f"first: kp all --comp {config.comp} {flags}".rstrip())
 

@@ -1,11 +1,12 @@
 """The artifact cache: fingerprints, manifests, atomic writes, crash leftovers and the competition lock.
 
-A stage's fingerprint hashes the config values it declares (`Stage.keys_for`), its upstream stages'
-fingerprints, its code (`pipeline.core.code_version`) and any source stamp (a source archive's or
-weights file's size and mtime, or its sha256). Each finished run lives in the run cache
-(`pipeline.core.runs`) with `manifest.json`; a run whose manifest's fingerprint differs from the
-one the current config gives, whose declared outputs are missing or changed size, or whose
-upstream was rerun and wrote different bytes (`Manifest.upstream`), is not up to date. The manifest
+A stage's fingerprint hashes the config values it declares (`Stage.keys_for`), the digest of what
+its upstream stages wrote (`output_digests`: early cutoff, `pipeline.engine.status`), its code
+(`pipeline.core.code_version`) and any source stamp (a source archive's or weights file's size and
+mtime, or its sha256). Each finished run lives in the run cache (`pipeline.core.runs`) with
+`manifest.json`; a run whose manifest's fingerprint differs from the one the current config and
+upstream outputs give (an upstream rerun that wrote different bytes changes it), or whose declared
+outputs are missing or changed size, is not up to date. The manifest
 also keeps a content digest per output: `kp status --verify` and every `--force` run compare them,
 which finds a file changed in place at the same size. Everything is written under a temporary
 name and renamed into place when complete, so a crash or a SIGKILL leaves at most `.tmp-*` /
@@ -20,6 +21,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,17 +221,10 @@ def changed_outputs(folder: Path, manifest: "Manifest") -> list[str]:
 
 
 def upstream_digests(inputs: dict[str, Path]) -> dict[str, str]:
-    """The `digest` of each upstream stage's current result (the folders a run reads), for its
-    manifest: when an upstream is rerun and writes different bytes, this run is stale."""
+    """The `digest` of each upstream stage's current result (the folders a run reads): what a run's
+    manifest records it read (`Manifest.upstream`), and what its units are keyed by."""
     manifests = {name: Manifest.read(folder) for name, folder in inputs.items()}
     return {name: m.digest for name, m in manifests.items() if m is not None and m.digest}
-
-
-def changed_upstream(manifest: "Manifest", now: dict[str, str]) -> list[str]:
-    """Why a run no longer matches what its upstream stages hold now (`upstream_digests`), e.g. after
-    `kp precompute --force` wrote different features under the same settings."""
-    return [f"upstream {name} was rerun and its outputs changed" for name, digest in sorted(manifest.upstream.items())
-            if name in now and now[name] != digest]
 
 
 def output_problems(folder: Path, outs: tuple[str, ...], recorded: dict[str, int] | None) -> list[str]:
@@ -351,9 +347,6 @@ def competition_lock(work_dir: Path, wait: bool = False, poll_s: float = 0.5) ->
         wait: wait until the other run lets go (saying once who holds it), instead of stopping.
         poll_s: seconds between two tries while waiting.
     """
-    import sys
-    import time
-
     claim_work_folder(work_dir)
     path = work_dir / LOCK_FILE
     with open(path, "a+") as handle:  # never truncated before it is ours: it names the holder
@@ -384,8 +377,6 @@ def competition_lock(work_dir: Path, wait: bool = False, poll_s: float = 0.5) ->
 
 def lock_holder(path: Path) -> str:
     """Who holds the competition's lock file `path`, as a sentence: its process, command and for how long."""
-    import time
-
     try:
         holder = json.loads(path.read_text())
         held = max(0, int(time.time() - float(holder["since"])))

@@ -18,8 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.core.artifacts import CACHE_FOLDER
-from pipeline.core.cache import Manifest, changed_outputs, changed_upstream, file_stamp, fingerprint, flatten, \
-    output_problems, upstream_digests
+from pipeline.core.cache import Manifest, changed_outputs, file_stamp, fingerprint, flatten, output_problems
 from pipeline.core.code_version import code_hashes
 from pipeline.core.runs import last_action, stage_store
 from pipeline.core.stage import Stage
@@ -113,18 +112,17 @@ def _statuses(config: ResolvedConfig, remember_stamps: bool = False) -> dict[str
 def _status(config: ResolvedConfig, stage: Stage, fp: str, inputs: dict) -> StageStatus:
     folder = config.work_dir / stage.name
     manifest = Manifest.read(folder)
-    upstream_now = upstream_digests({name: config.work_dir / name for name in stage.needs_for(config)})
     store = stage_store(config.work_dir, stage.name)
     stored = Manifest.read(store.path(fp)) if store.has(fp) else None
     restorable = stored is not None and stored.fingerprint == fp and not output_problems(
-        store.path(fp), stage.outs, stored.outputs) and not changed_upstream(stored, upstream_now)
+        store.path(fp), stage.outs, stored.outputs)
     pending = PENDING + fp
     if manifest is None:
         reasons = ["never run" if not folder.exists() else "no manifest"]
         identity = DIGEST + (stored.digest or fp) if restorable else pending
         return StageStatus(stage.name, MISSING, reasons, fp, inputs, None, restorable, identity=identity)
     if manifest.fingerprint == fp:
-        problems = output_problems(folder, stage.outs, manifest.outputs) or changed_upstream(manifest, upstream_now)
+        problems = output_problems(folder, stage.outs, manifest.outputs)
         if problems:
             return StageStatus(stage.name, STALE, problems, fp, inputs, manifest, identity=pending)
         last = last_action(config.work_dir, stage.name)
