@@ -4,17 +4,21 @@ With `backbone: none` (from-scratch models, e.g. MNIST) it caches the images the
 normalised by the mean and standard deviation of the training rows only (stored in `meta.json`
 and applied unchanged to the test rows).
 
-Recipe: build the backbone (`precompute.backbone`, `weights`, cut at `cut`) -> stream the training
-images, then the test images, in index order through a parallel decoder into a compiled forward
-pass -> write the features chunk by chunk into `train.npy` / `test.npy` (memory-mapped; `dtype`
-float16 halves the disk) with `train_rows.csv` / `test_rows.csv` (id, label) aligned row for row.
+Recipe: cut the training images, then the test images, in index order into shards of
+`compute.shard_size` (whole batches) -> for each subset, restore its feature array from the run
+cache when one was computed from the same images (download's content digest), settings and
+shard code -> else compute each missing shard (a unit: build the backbone `precompute.backbone`,
+`weights`, cut at `cut`; stream the images through a parallel decoder into a compiled forward
+pass; here, or as Ray tasks with `compute.backend: ray`) and stitch the shards in order into one
+memory-mapped array (`dtype` float16 halves the disk) -> link it as `train.npy` / `test.npy`
+beside `train_rows.csv` / `test_rows.csv` (id, label), aligned row for row.
 
 The forward pass runs as the `compute` section's device plan says (`pipeline.models.device`: on a
 GPU mixed precision, XLA, uint8 pixels; `meta.json` records the plan). Dense heads then train on
 these arrays in seconds instead of pushing every image through the conv base every epoch. The
-split is not an input: changing it never recomputes features. With `compute.backend: ray` the
-images go out in shards of `compute.shard_size` (whole batches, index order), each a Ray task,
-and the driver stitches the shards' rows into the same arrays.
+split is not an input: changing it never recomputes features; nor does an edit of this module,
+whose units are keyed by `pipeline.models.extractor`'s code. A killed run keeps the shards it
+finished, and the shards are dropped once stitched (the features unit holds their rows).
 """
 from __future__ import annotations
 
@@ -72,8 +76,10 @@ class Settings(StrictModel):
 
 
 def run(ctx: StageContext) -> dict:
+    from pipeline.core.cache import fingerprint
+    from pipeline.core.executor import UnitItem
     from pipeline.data.index import read_index
-    from pipeline.models.extractor import build_extractor, feature_size
+    from pipeline.models.extractor import write_shard
 
     s = ctx.settings
     if s.backbone == "none":
@@ -85,19 +91,76 @@ def run(ctx: StageContext) -> dict:
         )
     index = read_index(ctx.input("download") / INDEX_FILE)
     raw = ctx.input("download") / RAW_DIR
-    if ctx.on_ray:
-        return _precompute_in_shards(ctx, index, raw)
-    extractor = build_extractor(s, ctx.config.root, feature_size(ctx.config), ctx.config.compute)
-    ctx.log(f"{extractor.name} cut at {s.cut}: {extractor.row_shape} per image, {s.dtype}; "
-            f"{_device_line(extractor.device())}")
-
-    timings = {}
+    shard = -(-ctx.config.compute.shard_size // s.batch_size) * s.batch_size
+    items, counts, weights = [], {}, fingerprint(ctx.fingerprint_inputs.get("stamp", {}))
     for subset in SUBSETS:
         rows = index[index.subset == subset]
         rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
-        timings[subset] = extractor.write([raw / p for p in rows["path"]], ctx.out / array_file(subset),
-                                          progress=ctx.progress(total=len(rows), desc=f"{subset} features"))
-    return _write_meta(ctx, extractor.name, extractor.row_shape, extractor.size, timings, extractor.device())
+        paths = [str(raw / p) for p in rows["path"]]
+        counts[subset] = len(paths)
+        items += [UnitItem(f"{subset} rows {start:,}-{min(start + shard, len(paths)) - 1:,}",
+                           {"subset": subset, "rows": [start, start + shard]}, (paths[start:start + shard], weights))
+                  for start in range(0, len(paths), shard)]
+    keyed = {"reads": ("precompute", "competition.image_size"), "upstream": ("download",)}
+    shards = ctx.plan_units("shards", write_shard, items, **keyed)
+    wholes = ctx.plan_units("features", write_shard, [UnitItem(subset, {"subset": subset}) for subset in SUBSETS],
+                            **keyed)  # keyed as one shard of the whole subset: compute.shard_size is in no key
+    records = {}
+    for subset in sorted(SUBSETS, key=lambda name: not counts[name]):  # an empty subset takes the other's shape
+        own = [unit for unit, item in zip(shards, items) if item.key["subset"] == subset]
+        whole = wholes[SUBSETS.index(subset)].key
+        records[subset] = _subset_features(ctx, subset, whole, own, counts[subset], next(iter(records.values()), None))
+    first = records[SUBSETS[0]] if counts[SUBSETS[0]] else records[SUBSETS[1]]
+    ctx.log(f"{first['name']} cut at {s.cut}: {tuple(first['shape'])} per image, {s.dtype}; "
+            f"{_device_line(first['device'])}")
+    timings = {subset: {k: records[subset][k] for k in ("images", "seconds", "images_per_s", "shards", "reused")}
+               for subset in SUBSETS}
+    return _write_meta(ctx, first["name"], first["shape"], first["size"], timings, first["device"])
+
+
+def _subset_features(ctx: StageContext, subset: str, key: str, shards: list, count: int, like: dict | None) -> dict:
+    """One subset's feature array, the unit `key` of `precompute-features`, keyed as its shards are (by
+    the images' content, precompute's settings and the shard function's code, never by this stage's
+    own code or the shard size): restored when stored, else its missing shards are computed (units of
+    `precompute-shards`, here or on Ray; a killed run keeps those it finished), stitched in order
+    into the unit (the same bytes as one pass: the batches are the same) and then dropped. The
+    stage's array is a hard link to the unit's. Returns the unit's record."""
+    import numpy as np
+
+    from pipeline.core.artifacts import UNIT_FILE
+    from pipeline.core.cache import link_or_copy
+    from pipeline.core.executor import read_record
+    from pipeline.data.arrays import ChunkedArrayWriter, load_array
+
+    features = ctx.units("features")
+    if features.has(key):
+        features.touch(key)
+        ctx.log(f"{subset} features ({count:,} images): reused from {features.path(key)}")
+        record = {**read_record(features.path(key)), "reused": True}
+    else:
+        computed = ctx.compute_units("shards", shards, f"{subset} feature shards")
+        parts = ctx.gather_units("shards", shards, set(computed))
+        base = parts[0].record if parts else like
+        if base is None:
+            raise PipelineError("precompute: the index has no image in either subset; rerun download")
+        with features.write(key) as folder:
+            with ChunkedArrayWriter(folder / array_file(subset), count, tuple(base["shape"]), ctx.settings.dtype) as writer:
+                for part in parts:
+                    array = load_array(part.folder / SHARD_FILE)
+                    for first in range(0, len(array), 4096):
+                        writer.append(np.asarray(array[first:first + 4096]))
+                    del array
+            seconds = sum(part.record["seconds"] for part in parts)
+            record = {**{k: base[k] for k in ("name", "shape", "size", "device")}, "images": count,
+                      "seconds": round(seconds, 2), "images_per_s": round(count / max(seconds, 1e-9), 1),
+                      "shards": len(parts)}
+            (folder / UNIT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        store = ctx.units("shards")
+        for part in parts:
+            store.remove(part.key)  # stitched: the features unit holds them now
+        record = {**record, "reused": False}
+    link_or_copy(features.path(key) / array_file(subset), ctx.out / array_file(subset))
+    return record
 
 
 def _write_meta(ctx: StageContext, name: str, row_shape, size, timings: dict, device: dict) -> dict:
@@ -106,49 +169,6 @@ def _write_meta(ctx: StageContext, name: str, row_shape, size, timings: dict, de
             "dtype": s.dtype, "input_size": list(size), "timings": timings, "device": device}
     (ctx.out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def _precompute_in_shards(ctx: StageContext, index, raw) -> dict:
-    """`compute.backend: ray`: each shard of `compute.shard_size` images (whole batches, in index order)
-    is a unit computed by a Ray task; the driver stitches the shards into the memory-mapped arrays
-    (the same bytes as one pass: the batches are the same) and then drops them."""
-    import time
-
-    import numpy as np
-
-    from pipeline.core.executor import UnitItem
-    from pipeline.data.arrays import ChunkedArrayWriter, load_array
-    from pipeline.models.extractor import write_shard
-
-    s = ctx.settings
-    shard = -(-ctx.config.compute.shard_size // s.batch_size) * s.batch_size
-    items, counts = [], {}
-    for subset in SUBSETS:
-        rows = index[index.subset == subset]
-        rows[["id", "label"]].to_csv(ctx.out / rows_file(subset), index=False)
-        paths = [str(raw / p) for p in rows["path"]]
-        counts[subset] = len(paths)
-        items += [UnitItem(f"{subset} rows {start:,}-{min(start + shard, len(paths)) - 1:,}",
-                           {"subset": subset, "rows": [start, start + shard]}, (paths[start:start + shard],))
-                  for start in range(0, len(paths), shard)]
-    began = time.perf_counter()
-    units = ctx.map_units("shards", write_shard, items, "feature shards",
-                          reads=("precompute", "competition.image_size"), upstream=("download",))
-    seconds = time.perf_counter() - began
-    record, timings = units[0].record, {}
-    for subset in SUBSETS:
-        arrays = [load_array(unit.folder / SHARD_FILE) for unit, item in zip(units, items) if item.key["subset"] == subset]
-        with ChunkedArrayWriter(ctx.out / array_file(subset), counts[subset], tuple(record["shape"]), s.dtype) as writer:
-            for array in arrays:
-                for first in range(0, len(array), 4096):
-                    writer.append(np.asarray(array[first:first + 4096]))
-        share = seconds * counts[subset] / max(len(index), 1)  # the shards of both subsets ran together: wall time by images
-        timings[subset] = {"images": counts[subset], "seconds": round(share, 2), "shards": len(arrays),
-                           "images_per_s": round(len(index) / max(seconds, 1e-9), 1)}
-    shards = ctx.units("shards")
-    for unit in units:
-        shards.remove(unit.key)  # stitched: the stage's arrays hold them now
-    return _write_meta(ctx, record["name"], record["shape"], record["size"], timings, record["device"])
 
 
 def _cache_pixels(ctx: StageContext) -> dict:
@@ -212,7 +232,8 @@ def _headline(m: dict) -> str:
     rate = (t["train"]["images"] + t["test"]["images"]) / max(t["train"]["seconds"] + t["test"]["seconds"], 1e-9)
     device = m.get("device")
     where = f" ({device['description'].split(',')[0]}, {device['precision']})" if device else ""
-    return f"{m['backbone']} {m['cut']} {tuple(m['shape'])} {m['dtype']}, {rate:.0f} img/s{where}"
+    reused = " (features reused)" if all(t[subset].get("reused") for subset in SUBSETS) else ""
+    return f"{m['backbone']} {m['cut']} {tuple(m['shape'])} {m['dtype']}, {rate:.0f} img/s{where}{reused}"
 
 
 STAGE = Stage(

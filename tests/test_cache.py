@@ -124,7 +124,7 @@ def test_editing_the_head_recipe_makes_exactly_its_users_stale(project, tmp_path
 
 
 def _unit_function_modules() -> set[str]:
-    """The modules of every function a stage hands to `map_units` as its units' function, read from the
+    """The modules of every function a stage hands to `map_units` / `plan_units` as its units' function, read from the
     source (the name's import in the calling module, or the calling module itself): derived, not listed."""
     import ast
 
@@ -135,7 +135,8 @@ def _unit_function_modules() -> set[str]:
                     if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
         own = ".".join(path.relative_to(REPO).with_suffix("").parts)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "map_units" and len(node.args) > 1 \
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("map_units", "plan_units") \
+                    and len(node.args) > 1 \
                     and isinstance(node.args[1], ast.Name):
                 modules.add(imported.get(node.args[1].id, own))
     return modules
@@ -162,19 +163,25 @@ def test_editing_a_plot_reruns_stages_but_no_unit_they_hold(project, tmp_path, m
     assert "pipeline/evaluation/plots.py" in explain(before["ensemble"], after["ensemble"])[0]
 
 
-def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_forward_pass(warm_project, tmp_path,
-                                                                                          monkeypatch):
+def _every_unit_sets() -> list[str]:
+    """The synthetic competition through every stage with units: precompute's features, augment's passes,
+    finetune, bnretrain and ensemble members."""
     from tests.test_augment import AUGMENTED
 
-    sets = [s.replace("augment, finetune, submit", "augment, finetune, bnretrain, ensemble, submit") for s in AUGMENTED] + [
+    return [s.replace("augment, finetune, submit", "augment, finetune, bnretrain, ensemble, submit") for s in AUGMENTED] + [
         "finetune.augmented=true", "ensemble.n=2", "ensemble.source=bnretrain", "submit.source=ensemble"]
 
-    def build(root):
-        archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
-        statefarm_like_config(root, archive)
-        runner.run(load_config("synth", sets=sets))
 
-    warm_project("every-unit", build)
+def _every_unit(root):
+    archive = make_statefarm_like(root.parent / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(root, archive)
+    runner.run(load_config("synth", sets=_every_unit_sets()))
+
+
+def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_forward_pass(warm_project, tmp_path,
+                                                                                          monkeypatch):
+    sets = _every_unit_sets()
+    warm_project("every-unit", _every_unit)
     config = load_config("synth", sets=sets)
     before = {s.name: s.manifest for s in stage_statuses(config)}
     copy = _code_copy(tmp_path, monkeypatch)
@@ -192,6 +199,39 @@ def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_for
     assert after["ensemble"].metrics["trained"] == 0  # every member reused
     for name in drawing:  # each reran (its plots drawn again) in seconds
         assert after[name].finished >= before[name].finished and after[name].fingerprint != before[name].fingerprint
+
+
+def test_precompute_restores_its_features_unless_what_computes_them_changed(warm_project, tmp_path, monkeypatch):
+    """precompute's features are units keyed by the images' content, its settings and the shard function's
+    code: an edit of the stage's own module reruns it without a forward pass (same bytes, nothing after it
+    runs), so does a forced run with another shard size; an edit of the extractor computes them again."""
+    sets = _every_unit_sets()
+    warm_project("every-unit", _every_unit)
+    config = load_config("synth", sets=sets)
+    folder = config.work_dir / "precompute"
+    arrays = {subset: (folder / f"{subset}.npy").read_bytes() for subset in ("train", "test")}
+    copy = _code_copy(tmp_path, monkeypatch)
+    _edit(copy / "stages" / "precompute.py", '" (features reused)"', '" (features restored)"')  # its headline (hashed)
+    assert states(config)["precompute"] == (STALE, ["code changed: stages/precompute.py"])
+    actions = {}
+    runner.run(config, actions=actions)
+    assert actions["precompute"] == "ran" and {actions[name] for name in actions if name != "precompute"} == {"skipped"}
+    timings = Manifest.read(folder).metrics["timings"]
+    assert timings["train"]["reused"] and timings["test"]["reused"]
+    assert {subset: (folder / f"{subset}.npy").read_bytes() for subset in arrays} == arrays
+    assert Manifest.read(folder).headline.endswith("(features reused)")
+
+    runner.run(load_config("synth", sets=[*sets, "compute.shard_size=16"]), ["precompute"], force=True)
+    assert Manifest.read(folder).metrics["timings"]["train"]["reused"]  # where and in what pieces: in no key
+
+    extractor = copy / "pipeline" / "models" / "extractor.py"
+    extractor.write_text(extractor.read_text() + "EDITED = True\n")
+    assert states(config)["precompute"] == (STALE, ["code changed: pipeline/models/extractor.py"])
+    runner.run(load_config("synth", sets=[*sets, "compute.shard_size=16"]), ["precompute"])
+    timings = Manifest.read(folder).metrics["timings"]
+    assert not timings["train"]["reused"] and (timings["train"]["shards"], timings["test"]["shards"]) == (3, 1)
+    assert {subset: (folder / f"{subset}.npy").read_bytes() for subset in arrays} == arrays  # 48 rows in 3 shards
+    assert not list((config.work_dir / "_runs" / "precompute-shards").glob("*/shard.npy"))  # stitched, then dropped
 
 
 def test_failed_stage_leaves_previous_output_untouched(project):

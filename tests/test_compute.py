@@ -115,7 +115,7 @@ def test_a_worker_that_cannot_see_the_images_says_so(tmp_path):
 
     with pytest.raises(PipelineError, match=r"cannot see the images \(/nowhere/img_1.jpg\): the work folder must be "
                                             r"on a filesystem every Ray worker shares"):
-        write_shard(None, {}, ["/nowhere/img_1.jpg"], tmp_path)
+        write_shard(None, {}, ["/nowhere/img_1.jpg"], "", tmp_path)
 
 
 @pytest.mark.slow

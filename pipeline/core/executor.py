@@ -58,7 +58,8 @@ class Compute(StrictModel):
         "ray: GPUs per unit (a fraction lets several small trainings share one GPU)"))
     retries: int = Field(2, ge=0, description="ray: a unit whose worker died or that raised is retried this many times")
     shard_size: int = Field(4096, ge=1, description=(
-        "ray: precompute's images per task (rounded up to whole batches; the arrays are the same)"))
+        "precompute's images per unit, here or a Ray task (rounded up to whole batches; the arrays are the same; "
+        "a killed run keeps the shards it finished)"))
     # How a frozen network's forward pass runs, wherever the unit is (`pipeline.models.device`):
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
         "auto: the first GPU TensorFlow sees, else the CPU | cpu | gpu (an error without one)"))

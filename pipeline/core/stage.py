@@ -294,6 +294,21 @@ class StageContext:
         """Compute (or reuse) one unit of `kind` per item and return them stored, in order: the fan-out
         and gather every stage with units shares (here, or as Ray tasks as `compute` says).
 
+        Args: those of `plan_units`, and `desc`: the progress bar's text.
+
+        Returns:
+            One `pipeline.core.executor.UnitResult` per item.
+        """
+        units = self.plan_units(kind, function, items, recipes, reads, upstream, keyed_by_item, resumable)
+        return self.gather_units(kind, units, set(self.compute_units(kind, units, desc)))
+
+    def plan_units(self, kind: str, function: Callable[..., dict], items: list, recipes=(),
+                   reads: tuple[str, ...] = (), upstream: tuple[str, ...] | None = None,
+                   keyed_by_item: tuple[str, ...] = (), resumable: bool = False) -> list:
+        """The units of `kind`, one per item, keyed but not computed (`map_units` computes them; a
+        stage that keeps something built from several units, e.g. precompute's stitched arrays, keys
+        it by theirs and computes them only when it is missing).
+
         Each unit's key is derived here from exactly what the unit is handed: the config keys its
         recipes and `reads` declare (the unit sees only those: reading another raises), what the
         `upstream` stages it is given wrote for it to read (their manifests' `digest`, which leaves
@@ -306,7 +321,6 @@ class StageContext:
                 (plus `backup=` when `resumable`); it writes its files into `out` and returns its
                 record (`unit.json`; its `warnings`, a list of lines, go to the stage's manifest).
             items: `pipeline.core.executor.UnitItem`s.
-            desc: the progress bar's text.
             recipes: the `Recipe`s the function runs (their keys and modules).
             reads: other config keys it reads.
             upstream: the upstream stages it reads (default: all of the stage's).
@@ -317,14 +331,14 @@ class StageContext:
                 (`work/COMP/_cache/STAGE-KIND-backup/KEY/`), kept until the unit is stored.
 
         Returns:
-            One `pipeline.core.executor.UnitResult` per item.
+            One `pipeline.core.executor.Unit` per item.
         """
         import functools
 
         from pipeline.core.artifacts import BACKUP_FOLDER
         from pipeline.core.cache import fingerprint
         from pipeline.core.code_version import code_hashes
-        from pipeline.core.executor import Unit, UnitResult, read_record
+        from pipeline.core.executor import Unit
         from pipeline.core.runs import unit_store_name
 
         declared = tuple(dict.fromkeys([*(key for recipe in recipes for key in recipe.keys), *reads]))
@@ -345,7 +359,13 @@ class StageContext:
                       if resumable else None)
             extra = {"backup": backup} if resumable else {}
             units.append(Unit(key, item.label, functools.partial(function, view, inputs, *item.args, **extra), backup))
-        computed = set(self.compute_units(kind, units, desc))
+        return units
+
+    def gather_units(self, kind: str, units: list, computed: set[str]) -> list:
+        """The stored `units` of `kind` as `pipeline.core.executor.UnitResult`s (their records read,
+        their warnings moved into the stage's manifest); `computed`: the keys this run computed."""
+        from pipeline.core.executor import UnitResult, read_record
+
         store, results = self.units(kind), []
         for unit in units:
             record = read_record(store.path(unit.key))

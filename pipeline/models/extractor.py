@@ -98,16 +98,36 @@ def build_extractor(settings, root: Path, size: tuple[int, int], compute=None) -
     )
 
 
-def write_shard(config: ConfigReader, inputs: dict, paths: list[str], out: Path) -> dict:
+def write_shard(config: ConfigReader, inputs: dict, paths: list[str], weights_stamp: str, out: Path) -> dict:
     """A unit of precompute: one shard's feature rows into `out` (here or on a Ray worker, whose images
-    must be visible there). Returns its record: the network's name, row shape, image size, device and timing."""
+    must be visible there). `weights_stamp` names the weights file's version (the stage's stamp of it):
+    the shards of one run share the network built for the first, a replaced file builds it anew.
+    Returns its record: the network's name, row shape, image size, device and timing."""
     import socket
+    import sys
+
+    from tqdm import tqdm
 
     if paths and not Path(paths[0]).is_file():
         raise PipelineError(f"this worker ({socket.gethostname()}) cannot see the images ({paths[0]}): the work "
                             "folder must be on a filesystem every Ray worker shares, at the same path")
-    extractor = build_extractor(config.section("precompute"), config.root, feature_size(config),
-                                config.compute)  # this worker's own device
-    timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE)
+    extractor = _process_extractor(config.section("precompute"), config.root, feature_size(config), config.compute,
+                                   weights_stamp)
+    with tqdm(total=len(paths), desc="images", unit="img", leave=False, file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:  # beside the shards' bar on a terminal; off on Ray workers
+        timing = extractor.write([Path(p) for p in paths], out / SHARD_FILE, progress=bar)
     return {"name": extractor.name, "shape": list(extractor.row_shape), "size": list(extractor.size),
             "device": extractor.device(), **timing}
+
+
+_BUILT: dict[str, Extractor] = {}  # this process's last extractor: a stage's shards share one network
+
+
+def _process_extractor(settings, root: Path, size: tuple[int, int], compute, weights_stamp: str) -> Extractor:
+    """`build_extractor`, built once per process for the same settings and weights (this process's own device)."""
+    key = "|".join((settings.model_dump_json(), str(root), str(size), compute.model_dump_json() if compute else "",
+                    weights_stamp))
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = build_extractor(settings, root, size, compute)
+    return _BUILT[key]
