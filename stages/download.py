@@ -82,7 +82,7 @@ def run(ctx: StageContext) -> dict:
 
 def _index(ctx: StageContext, raw: Path) -> dict:
     """Index the extracted files (`raw/`), check them against the config, write index.csv and report.json."""
-    from pipeline.data.index import index_images, index_pixels_csv
+    from pipeline.data.index import index_images, index_pixels_csv, unindexed_files
 
     download, competition = ctx.settings, ctx.config.competition
     if download.layout == "pixels_csv":
@@ -109,6 +109,15 @@ def _index(ctx: StageContext, raw: Path) -> dict:
 
     _check_classes(ctx, index, competition)
     _check_sample_submission(raw / download.sample_submission, competition)
+    if download.layout != "pixels_csv":
+        left = unindexed_files(raw, index, download)
+        if left:
+            ctx.warn(f"{len(left):,} files under {raw.name}/ are not in the index (not a training image of a class "
+                     f"under {download.train_dir}/, or a test image the sample submission does not list; extensions "
+                     f"{list(download.image_extensions)}); first: {left[:3]}")
+    per_class = index.loc[index.subset == "train", "label"].value_counts()
+    ctx.log("indexed: " + ", ".join(f"{name} {int(per_class.get(name, 0)):,}" for name in competition.classes)
+            + f" training images; {int((index.subset == 'test').sum()):,} test")
     index.to_csv(ctx.out / INDEX_FILE, index=False)
     metrics = _counts(index)
     metrics["bad_items"] = bad

@@ -168,3 +168,24 @@ def test_real_mini_competitions(project, comp, n_train, n_test, n_groups):
     assert index.id[index.subset == "test"].tolist() == pd.read_csv(
         config.work_dir / "download" / "raw" / "sample_submission.csv", dtype=str)[config.competition.id_column].tolist()
     assert COMPETITIONS.is_dir()
+
+
+def test_an_archive_written_on_windows_keeps_every_image_and_what_is_left_out_is_named(project, tmp_path, capsys):
+    """Windows zip tools name members `train\\cat.1.jpg`: the backslash is read as the separator (half of this
+    archive's images would otherwise land at the top level, unindexed); files the index leaves out are counted."""
+    train = {"train\\notes.txt": b"kept by hand"}
+    for i in range(6):
+        separator = "\\" if i % 2 else "/"
+        train[f"train{separator}cat.{i}.jpg"] = image_bytes(i)
+        train[f"train{separator}dog.{i}.jpg"] = image_bytes(10 + i)
+    test = {"test/1.jpg": image_bytes(30), "test/2.jpg": image_bytes(31), "test\\3.jpg": image_bytes(32)}
+    members = {"sample_submission.csv": b"id,label\n1,0.5\n2,0.5\n", "train.zip": nested_zip(train),
+               "test.zip": nested_zip(test)}
+    archive = tmp_path / "dogscats.zip"
+    archive.write_bytes(nested_zip(members))
+    config, index = _run("dogscats", sets=[f"download.source={archive}"])
+    assert index[index.subset == "train"].label.value_counts().to_dict() == {"cat": 6, "dog": 6}
+    assert index[index.subset == "test"].path.tolist() == ["test/1.jpg", "test/2.jpg"]
+    assert "indexed: cat 6, dog 6 training images; 2 test" in capsys.readouterr().err
+    assert any("2 files under raw/ are not in the index" in w and "'test/3.jpg', 'train/notes.txt'" in w
+               for w in Manifest.read(config.work_dir / "download").warnings)

@@ -1,5 +1,6 @@
 """Safe extraction of Kaggle archives: `SLUG.zip`, and the `train.zip`-style archives nested in it.
 
+Members are named with `/`, or with `\\` as Windows tools write them (read as the same separator).
 Every member is checked before anything is written: an absolute path, a `..` component, or a
 symbolic link would let an archive write outside its folder, and is refused. So is a zip bomb:
 the members to extract must declare no more bytes than the disk has free, no member above
@@ -73,8 +74,8 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
             members = [info for info in every if only is None or top_level(info.filename) in only]
             _check_sizes(name, members, root, max_ratio)
             for info in members:
-                target = root.joinpath(*PurePosixPath(info.filename).parts)
-                if info.is_dir():
+                target = root.joinpath(*member_path(info.filename).parts)
+                if info.filename.replace("\\", "/").endswith("/"):  # a folder entry
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,9 +92,16 @@ def extract_zip(archive: Path, dest: Path, only: list[str] | None = None, max_ra
     return count
 
 
+def member_path(member: str) -> PurePosixPath:
+    """A member's path inside its archive. Zip tools on Windows write `train\\cat.1.jpg`: a backslash is
+    the separator there (the zip format names `/` only, and no Kaggle file name holds a backslash), so
+    it is read as one; the traversal checks apply to the path this gives."""
+    return PurePosixPath(member.replace("\\", "/"))
+
+
 def top_level(member: str) -> str:
-    """`train/cat.1.jpg` -> `train`: the name `download.expected` lists it under."""
-    parts = PurePosixPath(member.replace("\\", "/")).parts
+    """`train/cat.1.jpg` (or `train\\cat.1.jpg`) -> `train`: the name `download.expected` lists it under."""
+    parts = member_path(member).parts
     return parts[0] if parts else ""
 
 
@@ -126,7 +134,7 @@ def _copy_at_most(src, out, declared: int, what: str) -> None:
 
 def _check_member(archive: str, info: zipfile.ZipInfo, root: Path) -> None:
     name = info.filename
-    pure = PurePosixPath(name.replace("\\", "/"))
+    pure = member_path(name)
     mode = info.external_attr >> 16
     problem = None
     if pure.is_absolute() or (pure.parts and pure.parts[0].endswith(":")):

@@ -124,6 +124,23 @@ def index_images(raw: Path, download, competition) -> tuple[pd.DataFrame, list[d
     return index, bad, turned
 
 
+def unindexed_files(raw: Path, index: pd.DataFrame, download) -> list[str]:
+    """Files the index leaves out that may be images someone expects in it: every file under the
+    training and test folders, and every file with an image extension anywhere under `raw`, that no
+    index row names (a stray extension, a class folder one level too deep, a test image missing from
+    the sample submission). The download stage says how many, so no image is lost without a word."""
+    extensions = tuple(e.lower() for e in download.image_extensions)
+    indexed = set(index["path"])
+    folders = [raw / download.train_dir, raw / download.test_dir]
+    left = []
+    for path in sorted(p for p in raw.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(raw))
+        if relative not in indexed and (path.suffix.lower() in extensions
+                                        or any(path.is_relative_to(folder) for folder in folders)):
+            left.append(relative)
+    return left
+
+
 def _image_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
 
