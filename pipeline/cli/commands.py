@@ -364,16 +364,19 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable rows.")
 @click.option("--best", is_flag=True, help="Print the best run's settings as an overlay for --config.")
 @click.option("--apply", "apply_to", default=None, type=click.Path(dir_okay=False), metavar="FILE",
-              help="With --best: also write the overlay to FILE.")
+              help="With --best: also write the overlay to FILE (a new file, or one an earlier --apply wrote).")
+@click.option("--force", is_flag=True, help="With --apply: replace FILE even if kp did not write it.")
 @click.option("--sweep", "sweep_name", default=None, metavar="NAME",
               help="Only the runs of this sweep's trials (work/COMP/sweeps/NAME/).")
 @click.option("--plot", is_flag=True, help="With --sweep: draw the score against each setting it varied (sweep.png).")
 @_as_configured_option
 @_config_options
-def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sweep_name, plot, as_configured):
+def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, force, sweep_name, plot,
+         as_configured):
     """Every stored run of the predicting stages: score, validation, the settings that differ from this config."""
     from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
+    from pipeline.core.ownership import check_replaceable, owned_text
     from pipeline.experiments.run_table import best_overlay, ranked, stored_runs
     from pipeline.experiments.sweeps import draw_sweep, finished, sweeps
 
@@ -399,9 +402,11 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
         rows = ranked(config, rows)
     if best or apply_to:
         _, overlay = best_overlay(config, rows)
+        if apply_to:  # checked before anything is printed: a refused write prints no overlay either
+            check_replaceable(Path(apply_to), "write the overlay to a new file, or pass --force to replace it", force)
         click.echo(overlay, nl=False)
         if apply_to:
-            write_text_atomic(Path(apply_to), overlay)
+            write_text_atomic(Path(apply_to), owned_text(overlay, "kp runs --best --apply"))
             click.echo(f"wrote {apply_to} (use it with --config {apply_to})", err=True)
         return
     if as_json:
@@ -423,10 +428,11 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, sw
 @click.option("--wheels", default=None, metavar="PYTHON",
               help="Also bundle the wheels that install kp offline for this CPython version (e.g. 3.11; about 0.5 GB "
                    "with TensorFlow for the CPU, which a kernel with its own TensorFlow does not install).")
+@click.option("--force", is_flag=True, help="Replace the package's folders even where files were added or edited there.")
 @_as_configured_option
 @_wait_option
 @_config_options
-def package(comp, extra_files, sets, source, wheels, as_configured):
+def package(comp, extra_files, sets, source, wheels, force, as_configured):
     """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
     from pipeline.engine import runner
     from pipeline.shipping.packaging import check_source, package as write_bundle
@@ -435,7 +441,8 @@ def package(comp, extra_files, sets, source, wheels, as_configured):
     source = source or config.get("submit.source")
     check_source(config, source)
     runner.run(config, [source])
-    folder, record = write_bundle(config, source, wheels, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    folder, record = write_bundle(config, source, wheels, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
+                                  force=force)
     click.echo(f"{folder}: {len(record['models'])} models of {source} ({record['validation']['kind']} "
                f"val_log_loss {record['validation']['val_log_loss']}), "
                f"{'TTA over ' + str(record['tta']['passes']) + ' test passes, ' if record['tta'] else ''}"
@@ -452,10 +459,11 @@ def kernel():
 @kernel.command("push")
 @click.option("--source", default=None, metavar="STAGE",
               help="The predicting stage whose models the kernel runs (default: submit.source).")
+@click.option("--force", is_flag=True, help="Replace the package's folders even where files were added or edited there.")
 @_as_configured_option
 @_wait_option
 @_config_options
-def kernel_push(comp, extra_files, sets, source, as_configured):
+def kernel_push(comp, extra_files, sets, source, force, as_configured):
     """Package the source (if its bundle is not current), push it as a dataset, push the kernel (no internet),
     wait for its run and download its output; a failed run ends with Kaggle's message and its log's end."""
     from pipeline.engine import runner
@@ -466,15 +474,16 @@ def kernel_push(comp, extra_files, sets, source, as_configured):
     source = source or config.get("submit.source")
     check_source(config, source)
     runner.run(config, [source])
-    pushed = push(config, source, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    pushed = push(config, source, say=lambda line: click.echo(f"[{comp}] {line}", err=True), force=force)
     click.echo(f"{pushed['kernel']} version {pushed['version']}: {pushed['status']} (runs {source} "
                f"{pushed['fingerprint'][:12]}); outputs: {', '.join(pushed.get('outputs', [])) or '-'}")
 
 
 @kernel.command("status")
 @click.option("--wait", is_flag=True, help="Wait until the run ends (at most kernel.poll_timeout_s).")
+@click.option("--force", is_flag=True, help="Replace the downloaded output even where files were added or edited there.")
 @_config_options
-def kernel_status(comp, extra_files, sets, wait):
+def kernel_status(comp, extra_files, sets, wait, force):
     """How the last pushed kernel's run stands (its output downloaded once it has ended)."""
     from pipeline.shipping.code_submission import follow, read_push
 
@@ -482,7 +491,7 @@ def kernel_status(comp, extra_files, sets, wait):
     pushed = read_push(config)
     if pushed is None:
         raise PipelineError(f"{comp}: no kernel pushed yet (kp kernel push --comp {comp})")
-    pushed = follow(config, pushed, wait, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    pushed = follow(config, pushed, wait, say=lambda line: click.echo(f"[{comp}] {line}", err=True), force=force)
     click.echo(f"{pushed['kernel']} version {pushed['version']}: {pushed['status']} (runs {pushed['source']} "
                f"{pushed['fingerprint'][:12]}, pushed {pushed['pushed']})")
 

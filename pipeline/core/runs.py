@@ -44,16 +44,30 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+def _write_entry(folder: Path, key: str, record_files: bool = False) -> None:
+    """The entry's record, written last (its presence says the entry is complete): its key, size and
+    when; with `record_files`, each file with its size and mtime (`pipeline.core.ownership`: what kp
+    made, for folders people open and may add to)."""
+    from pipeline.core.ownership import file_record
+
+    record = {"key": key, "size": folder_size(folder), "written": time.time()}
+    if record_files:
+        record["files"] = file_record(folder)
+    (folder / ENTRY_FILE).write_text(json.dumps(record) + "\n")
+
+
 class RunStore:
     """The stored runs of one stage (or units of one kind), each in `root/KEY/`.
 
     `used`, when given, collects every key asked for through `path` (a manifest lists the units a
-    run used, so that cleaning keeps them with the run).
+    run used, so that cleaning keeps them with the run). `record_files`: each entry's record lists
+    its files, so that one a person added to or edited is not replaced (`pipeline.core.ownership`).
     """
 
-    def __init__(self, root: Path, used: list[str] | None = None):
+    def __init__(self, root: Path, used: list[str] | None = None, record_files: bool = False):
         self.root = Path(root)
         self.used = used
+        self.record_files = record_files
 
     def path(self, key: str) -> Path:
         if self.used is not None and key not in self.used:
@@ -79,8 +93,7 @@ class RunStore:
         tmp.mkdir()
         try:
             yield tmp
-            (tmp / ENTRY_FILE).write_text(json.dumps({"key": key, "size": folder_size(tmp),
-                                                      "written": time.time()}) + "\n")
+            _write_entry(tmp, key, self.record_files)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -216,8 +229,7 @@ def adopt_legacy_folder(work_dir: Path, stage: str) -> None:
     if store.path(key).exists():
         shutil.rmtree(folder)
         return
-    (folder / ENTRY_FILE).write_text(json.dumps({"key": key, "size": folder_size(folder),
-                                                 "written": time.time()}) + "\n")
+    _write_entry(folder, key)
     os.rename(folder, store.path(key))
 
 

@@ -198,6 +198,9 @@ class ResolvedConfig:
 
         values, provenance = copy.deepcopy(self.values), dict(self.provenance)
         for key, value in overrides.items():
+            if key.split(".")[0].strip() == "paths":
+                raise PipelineError(f"{where}: {key!r}: a variant lives in the competition's work folder and writes "
+                                    "where it does; paths.* may not change for one variant")
             _set_dotted(values, key, value, where, provenance)
         values["stages"] = [target]
         model = _validate(values, provenance, f"{self.comp}/{name}", shallow=True)

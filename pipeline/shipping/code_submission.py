@@ -18,7 +18,6 @@ scores its `submission.csv`.
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from pipeline.core.artifacts import (KERNEL_DIR, KERNEL_NOTEBOOK, KERNEL_OUTPUT_
                                      PUSH_RECORD, SUBMISSION_FILE)
 from pipeline.core.cache import Manifest, write_text_atomic
 from pipeline.core.errors import PipelineError
+from pipeline.core.ownership import add_to_record, check_replaceable
 from pipeline.kaggle import kernel_api
 from pipeline.kaggle.api import Network
 
@@ -54,13 +54,15 @@ def _write_push(config: ResolvedConfig, record: dict) -> None:
     write_text_atomic(_record_path(config), json.dumps(record, indent=2) + "\n")
 
 
-def push(config: ResolvedConfig, source: str, say=print) -> dict:
+def push(config: ResolvedConfig, source: str, say=print, force: bool = False) -> dict:
     """Push `source`'s bundle and kernel, wait for the kernel's run, download its output.
 
     Args:
         config: the competition's resolved config (its source stage already up to date).
         source: the predicting stage the kernel reproduces.
         say: prints a line.
+        force: replace the package's bundle, kernel and output folders even where a person added to or
+            edited them (`pipeline.core.ownership`).
 
     Returns:
         The push record (`push.json`): kernel, version, dataset, source, fingerprint, status, output files.
@@ -68,11 +70,15 @@ def push(config: ResolvedConfig, source: str, say=print) -> dict:
     Raises:
         PipelineError: a push refused, or a run that failed (Kaggle's message and the end of its log).
     """
-    from pipeline.shipping.packaging import current_bundle, kernel_notebook, kernel_script, package
+    from pipeline.shipping.packaging import current_bundle, kernel_notebook, kernel_script, package, package_store
 
     settings, network = config.section("kernel"), _network(config)
     dataset_slug, kernel_slug = settings.names(config.comp)
-    bundle, record = current_bundle(config, source, settings.wheels) or package(config, source, settings.wheels, say)
+    bundle, record = (current_bundle(config, source, settings.wheels)
+                      or package(config, source, settings.wheels, say, force))
+    store = package_store(config)
+    check_replaceable(store.path(KERNEL_DIR), "kp writes the kernel folder whole: move them out of it (edit the "
+                      "kernel in kp, or push your own with the kaggle client), or pass --force", force)
     user = kernel_api.user(network)
     dataset, kernel = f"{user}/{dataset_slug}", f"{user}/{kernel_slug}"
     contents = {"dataset": dataset, "source": source, "fingerprint": record["fingerprints"][source],
@@ -83,38 +89,40 @@ def push(config: ResolvedConfig, source: str, say=print) -> dict:
     else:
         (bundle / kernel_api.DATASET_METADATA).write_text(json.dumps(
             {"title": dataset_slug, "id": dataset, "licenses": [{"name": "CC0-1.0"}]}, indent=2) + "\n")
+        add_to_record(bundle, kernel_api.DATASET_METADATA)
         note = f"kp {config.comp} {source} fp={record['fingerprints'][source][:12]}"
         how = kernel_api.push_dataset(bundle, dataset, note, network)
         say(f"dataset {dataset} {how} from {bundle} ({record['size_bytes'] / 1e6:.1f} MB)")
         kernel_api.wait_for_dataset(dataset, settings.poll_timeout_s, config.kaggle.poll_every_s, say, network)
 
-    folder = config.work_dir / PACKAGE_DIR / KERNEL_DIR
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     code_file = KERNEL_SCRIPT if settings.kind == "script" else KERNEL_NOTEBOOK
     script = kernel_script(config)
-    (folder / code_file).write_text(script if settings.kind == "script" else kernel_notebook(script))
-    (folder / kernel_api.KERNEL_METADATA).write_text(json.dumps({
-        "id": kernel, "title": kernel_slug, "code_file": code_file, "language": "python", "kernel_type": settings.kind,
-        "is_private": True, "enable_gpu": settings.enable_gpu, "enable_internet": False,
-        "dataset_sources": [dataset], "competition_sources": [config.competition.slug],
-        "kernel_sources": [], "model_sources": []}, indent=2) + "\n")
-    version = kernel_api.push_kernel(folder, network)
+    with store.write(KERNEL_DIR) as folder:
+        (folder / code_file).write_text(script if settings.kind == "script" else kernel_notebook(script))
+        (folder / kernel_api.KERNEL_METADATA).write_text(json.dumps({
+            "id": kernel, "title": kernel_slug, "code_file": code_file, "language": "python",
+            "kernel_type": settings.kind, "is_private": True, "enable_gpu": settings.enable_gpu,
+            "enable_internet": False, "dataset_sources": [dataset], "competition_sources": [config.competition.slug],
+            "kernel_sources": [], "model_sources": []}, indent=2) + "\n")
+    version = kernel_api.push_kernel(store.path(KERNEL_DIR), network)
     say(f"kernel {kernel} version {version} pushed (no internet{', GPU' if settings.enable_gpu else ''}); "
         f"waiting up to {settings.poll_timeout_s:g}s for its run")
     pushed = {"kernel": kernel, "version": version, **contents, "bundle_bytes": record["size_bytes"],
               "pushed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": kernel_api.QUEUED}
     _write_push(config, pushed)
-    return follow(config, pushed, wait=True, say=say)
+    return follow(config, pushed, wait=True, say=say, force=force)
 
 
-def follow(config: ResolvedConfig, pushed: dict, wait: bool, say=print) -> dict:
+def follow(config: ResolvedConfig, pushed: dict, wait: bool, say=print, force: bool = False) -> dict:
     """The pushed kernel's state now (`wait`: once its run has ended or `kernel.poll_timeout_s` has passed),
-    recorded in `push.json`; its output downloaded once complete.
+    recorded in `push.json`; its output downloaded once complete (into `package/output/`, replaced whole;
+    `force`: even where a person added to it).
 
     Raises:
         PipelineError: the run failed: Kaggle's message and the end of the kernel's log.
     """
+    from pipeline.shipping.packaging import package_store
+
     settings, network = config.section("kernel"), _network(config)
     kernel = pushed["kernel"]
     if wait:
@@ -123,9 +131,13 @@ def follow(config: ResolvedConfig, pushed: dict, wait: bool, say=print) -> dict:
         state = kernel_api.kernel_state(kernel, network)
     pushed = {**pushed, "status": state.status, "failure": state.failure}
     if state.ended:
-        out = config.work_dir / PACKAGE_DIR / KERNEL_OUTPUT_DIR
-        shutil.rmtree(out, ignore_errors=True)
-        files, log = kernel_api.kernel_output(kernel, out, network)
+        store = package_store(config)
+        check_replaceable(store.path(KERNEL_OUTPUT_DIR), "kp replaces the kernel's downloaded output whole: move "
+                          "them out of it, or pass --force", force)
+        with store.write(KERNEL_OUTPUT_DIR) as written:
+            files, log = kernel_api.kernel_output(kernel, written, network)
+        out = store.path(KERNEL_OUTPUT_DIR)
+        log = out / log.name
         pushed["outputs"] = sorted(p.name for p in files)
         if state.status == kernel_api.COMPLETE and SUBMISSION_FILE not in pushed["outputs"]:
             pushed = {**pushed, "status": kernel_api.ERROR, "failure": f"the run wrote no {SUBMISSION_FILE}"}

@@ -225,20 +225,33 @@ def write_wheels(folder: Path, python: str, say=print) -> dict:
     return {"python": python, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
 
 
-def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=print) -> tuple[Path, dict]:
-    """Write the inference bundle of `source` to `work/COMP/package/` (replacing an older one).
+def package_store(config: ResolvedConfig):
+    """`work/COMP/package/`: the bundle, kernel and output folders, each written whole (a temporary folder
+    renamed into place) with a record of its files (`pipeline.core.ownership`: a folder a person added
+    to or edited is not replaced)."""
+    from pipeline.core.runs import RunStore
+
+    return RunStore(config.work_dir / PACKAGE_DIR, record_files=True)
+
+
+def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=print,
+            force: bool = False) -> tuple[Path, dict]:
+    """Write the inference bundle of `source` to `work/COMP/package/bundle/` (replacing an older one kp
+    wrote; a bundle folder kp did not make, or one a person added to or edited, is refused).
 
     Args:
         config: the competition's resolved config.
         source: the predicting stage whose test probabilities the kernel must reproduce.
         wheels: also bundle the wheels to install kp offline, for this CPython version ("3.11"); None: none.
         say: prints a line.
+        force: replace the bundle folder whatever it holds.
 
     Returns:
         (the bundle's folder, its `bundle.json` record).
     """
     from pipeline.core.cache import Manifest
-    from pipeline.core.runs import RunStore, folder_size
+    from pipeline.core.ownership import check_replaceable
+    from pipeline.core.runs import folder_size
     from pipeline.models.backbones import resolve_weights
     from pipeline.models.extractor import feature_size
 
@@ -250,7 +263,9 @@ def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=
     if precompute["weights"] == "imagenet":
         raise PipelineError("kp package: precompute.weights is imagenet (Keras' download cache); a kernel has no "
                             "network, so give the weights as a file (precompute.weights: PATH)")
-    store = RunStore(config.work_dir / PACKAGE_DIR)  # a one-entry store: written whole, then renamed into place
+    store = package_store(config)
+    check_replaceable(store.path(BUNDLE_DIR), "kp writes the bundle whole: move them out of it, or pass --force to "
+                      "let kp delete them", force)
     with store.write(BUNDLE_DIR) as out:
         if precompute["weights"] != "none":
             path = Path(resolve_weights(precompute["weights"], config.root))  # a missing file: one clear error
