@@ -12,7 +12,7 @@ KP := $(VENV)/bin/kp
 STAGES := $(sort $(basename $(notdir $(wildcard stages/[a-z]*.py))))  # one target per stage module
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: all test test-all status clean bench kaggle-local browser tensorboard $(STAGES)
+.PHONY: all test test-all status clean bench kaggle-local browser sandbox tensorboard $(STAGES)
 
 all: $(VENV)/.installed
 	$(KP) all --comp $(COMP) $(ARGS)
@@ -26,10 +26,10 @@ status: $(VENV)/.installed
 clean: $(VENV)/.installed
 	$(KP) clean --comp $(COMP) $(ARGS)
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser sandbox
 	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
-test-all: $(VENV)/.installed browser
+test-all: $(VENV)/.installed browser sandbox
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # Headless Chromium from Debian's packages, for the tests marked `browser` (kp report rendered in a real
@@ -38,6 +38,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
 	  && echo "installed $$(chromium --version)"; } || echo "chromium could not be installed: the browser tests will skip"
+
+# bubblewrap from Debian's packages: the local Kaggle server's kernel sandbox (a private view of the machine, no
+# network, its own process namespace). Without it kernels run unconfined and the sandbox tests skip, saying so.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	  && echo "installed $$(bwrap --version)"; } || echo "bubblewrap could not be installed: kernels run unconfined"
 
 # TensorBoard over every training's curves (work/COMP/_tensorboard/STORE/KEY/), installed on first use: kp never needs it
 tensorboard: $(VENV)/.installed

@@ -173,3 +173,62 @@ def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle
     assert float(row["lb_score"]) == pytest.approx(kaggle_server.competitions.score_file(
         slug, rerun, kaggle_server.kernels.log_dir / "inputs" / slug / "hidden" / "solution.csv"), abs=1e-5)
     assert float(row["lb_score"]) < 0.2  # 200 unseen test images and 100 training images the folds learned from
+
+
+def test_a_probe_kernel_sees_only_its_inputs_writes_only_its_folder_and_leaves_no_process_behind(code_server,
+                                                                                                 tmp_path):
+    """Run as a code submission, a hostile kernel reaches neither the hidden labels (through its input's parent
+    or by absolute path) nor any other file; it writes only its working folder, as an unprivileged user; a
+    process it daemonises ends with it."""
+    import time
+
+    from pipeline.kaggle import kernel_api
+    from pipeline.kaggle.local.sandbox import confinement
+
+    if confinement():
+        pytest.skip(confinement())
+    server = code_server()
+    hidden = server.kernels.log_dir / "inputs" / SLUG / "hidden" / "solution.csv"
+    public = tmp_path / "served" / SLUG / "solution.csv"
+    folder = tmp_path / "probe-kernel"
+    folder.mkdir()
+    (folder / "kernel.py").write_text(textwrap.dedent(f"""
+        import json, os, subprocess, sys
+        from pathlib import Path
+        root = Path(os.environ["KP_KAGGLE_ROOT"])
+        seen = {{"uid": os.getuid()}}
+        for name, path in {{"parent": root / "input" / "{SLUG}" / ".." / ".." / "hidden" / "solution.csv",
+                            "hidden": Path("{hidden}"), "public": Path("{public}")}}.items():
+            try:
+                seen[name] = Path(path).read_text()[:20]
+            except OSError as exc:
+                seen[name] = type(exc).__name__
+        for name, path in {{"server": Path("{server.kernels.log_dir}") / "pwned.txt",
+                            "input": root / "input" / "{SLUG}" / "pwned.txt", "usr": Path("/usr/pwned.txt")}}.items():
+            try:
+                Path(path).write_text("x")
+                seen["wrote " + name] = True
+            except OSError as exc:
+                seen["wrote " + name] = type(exc).__name__
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); "
+                          "open('/kaggle/working/late.txt', 'w').write('still here')"], start_new_session=True)
+        (root / "working" / "probe.json").write_text(json.dumps(seen))
+        (root / "working" / "submission.csv").write_text((root / "input" / "{SLUG}" / "sample_submission.csv").read_text())
+    """))
+    (folder / "kernel-metadata.json").write_text(json.dumps({
+        "id": "pipeline-test/probe", "title": "probe", "code_file": "kernel.py", "language": "python",
+        "kernel_type": "script", "enable_internet": False, "competition_sources": [SLUG]}))
+    version = kernel_api.push_kernel(folder)
+    kernel_api.wait_for_kernel("pipeline-test/probe", 120, 0.2, lambda _: None)
+    kernel_api.submit_code(SLUG, "pipeline-test/probe", version, "submission.csv", "probe")
+    time.sleep(3)  # past the daemon's write
+    run = server.kernels.version("pipeline-test", "probe")
+    [rerun] = run.folder.glob("submission-*/working")
+    for working in (run.folder / "run" / "working", rerun):
+        seen = json.loads((working / "probe.json").read_text())
+        assert seen["uid"] == 65534
+        assert {seen[name] for name in ("parent", "hidden", "public")} == {"FileNotFoundError"}, seen
+        assert all(seen[f"wrote {name}"] in ("FileNotFoundError", "OSError", "PermissionError") for name in
+                   ("server", "input", "usr")), seen
+        assert not (working / "late.txt").exists()
+    assert hidden.is_file() and not (server.kernels.log_dir / "pwned.txt").exists()

@@ -46,7 +46,9 @@ def test_a_kernel_reads_its_inputs_writes_its_submission_and_reaches_no_network(
     finally:
         server.close()
     assert run.status == "complete" and run.isolated and run.outputs == ["submission.csv"], run.log
-    assert "network: [Errno 101] Network is unreachable" in run.log and "secret: None" in run.log
+    assert ("network: [Errno 101] Network is unreachable" in run.log  # unshare: no interface up
+            or "network: [Errno 111] Connection refused" in run.log)  # bwrap: its own loopback, nothing listening
+    assert "secret: None" in run.log
     assert (run.working / "submission.csv").read_text() == "id,label\n1,0.5\n"
     assert "network: reached" in open_run.log  # the same kernel with network: the check above can fail
 
@@ -63,3 +65,47 @@ def test_a_kernel_past_its_time_limit_is_stopped_and_one_without_a_submission_sa
     failing = run_kernel(_script(tmp_path, "raise SystemExit('no model here')\n"), {}, tmp_path / "failing",
                          timeout_s=60, isolate=isolate)
     assert failing.failure == "the kernel exited with status 1" and "no model here" in failing.log
+
+
+def test_past_the_time_limit_every_process_the_kernel_started_ends_with_it(tmp_path):
+    from pipeline.kaggle.local.sandbox import confinement
+
+    if confinement():
+        pytest.skip(confinement())
+    script = _script(tmp_path, """
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3); open('late.txt', 'w').write('x')"],
+                         start_new_session=True)
+        time.sleep(60)
+        """)
+    run = run_kernel(script, {}, tmp_path / "run", timeout_s=1)
+    assert run.confined and "time limit of 1 s" in run.failure
+    time.sleep(3.5)
+    assert not (run.working / "late.txt").exists()
+
+
+def test_the_log_and_the_working_folder_are_capped(tmp_path):
+    isolate = network_isolation()
+    loud = _script(tmp_path, """
+        import sys
+        for _ in range(200):
+            sys.stdout.write("x" * 10_000 + "\\n")
+        open("submission.csv", "w").write("id,label\\n")
+        """)
+    run = run_kernel(loud, {}, tmp_path / "loud", timeout_s=60, isolate=isolate, max_log_bytes=50_000)
+    assert run.status == "complete", run.failure
+    log = (tmp_path / "loud" / "kernel.log").read_bytes()
+    assert 50_000 <= len(log) < 50_200 and log.rstrip().endswith(b"the log was cut at 50,000 bytes; the kernel went on]")
+
+    big_file = _script(tmp_path, "open('submission.csv', 'wb').write(bytes(3_000_000))\n")
+    run = run_kernel(big_file, {}, tmp_path / "big", timeout_s=60, isolate=isolate, max_output_bytes=1_000_000)
+    assert run.failure == "the kernel exited with status 1" and "File too large" in run.log
+    many = _script(tmp_path, """
+        import time
+        for n in range(3):
+            open(f"part-{n}.bin", "wb").write(bytes(600_000))
+        time.sleep(30)
+        """)
+    run = run_kernel(many, {}, tmp_path / "many", timeout_s=60, isolate=isolate, max_output_bytes=1_000_000)
+    assert run.failure == "the kernel's working folder grew past 1,000,000 bytes and it was stopped"
+    assert run.seconds < 15

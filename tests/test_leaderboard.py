@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -245,7 +246,7 @@ def test_zipped_submissions_are_scored_and_a_restarted_server_keeps_its_log(tmp_
         zf.writestr("sub.csv", "id,label\n2,0.2\n1,0.6\n")
     competitions = LocalCompetitions(folder, tmp_path / "log", scoring_delay_s=0)
     token = competitions.start_upload("binary", archive.name, archive.stat().st_size)
-    competitions.uploads.receive(token, archive.read_bytes())
+    competitions.uploads.receive(token, io.BytesIO(archive.read_bytes()).read, archive.stat().st_size)
     first = competitions.create_submission("binary", token, "zipped")
     competitions.wait_for_scoring()
     assert first.status == "COMPLETE"
@@ -253,6 +254,60 @@ def test_zipped_submissions_are_scored_and_a_restarted_server_keeps_its_log(tmp_
     restarted = LocalCompetitions(folder, tmp_path / "log")
     assert [(s.ref, s.status) for s in restarted.submissions("binary")] == [(first.ref, "COMPLETE")]
     again = restarted.start_upload("binary", archive.name, archive.stat().st_size)
-    restarted.uploads.receive(again, archive.read_bytes())
+    restarted.uploads.receive(again, io.BytesIO(archive.read_bytes()).read, archive.stat().st_size)
     assert restarted.create_submission("binary", again, "again").ref == first.ref + 1
     restarted.wait_for_scoring()
+
+
+def test_the_server_answers_every_hostile_request_and_keeps_no_half_dataset(tmp_path):
+    """A name with NUL or 5,000 characters, a content length of 10^15, a body that stops short, a dataset
+    zip with `../` members: each gets an error reply with its reason (never a hung client), and no dataset
+    version is left behind."""
+    import http.client
+    import zipfile
+
+    server = KaggleLocalServer(serve_digits(tmp_path / "served"), log_dir=tmp_path / "server-log").start()
+    host, port = server.httpd.server_address[:2]
+
+    def call(method, path, body: bytes, headers=None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection.request(method, path, body, {"Authorization": "Basic eDp4", **(headers or {})})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read() or b"{}")
+
+    def start(name, length) -> tuple[int, dict]:
+        return call("POST", "/api/v1/blobs.BlobApiService/StartBlobUpload",
+                    json.dumps({"name": name, "contentLength": length}).encode())
+
+    try:
+        status, answer = start("a\x00b.zip", 10)
+        assert status == 400 and answer["message"] == ("invalid file name 'a\\x00b.zip': it holds a control character "
+                                                       "(NUL, newline...)")
+        status, answer = start("n" * 5000, 10)
+        assert status == 400 and "(5,000 characters): longer than 255 bytes" in answer["message"]
+        status, answer = start("ok.zip", 10**15)
+        assert status == 400 and "contentLength 1,000,000,000,000,000 is above this server's limit" in answer["message"]
+        status, answer = call("POST", "/api/v1/blobs.BlobApiService/StartBlobUpload", b"{}",
+                              {"Content-Length": str(10**15)})
+        assert status == 400 and "at most 16,777,216" in answer["message"]
+
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("../../escaped.txt", "out")
+        data = buffer.getvalue()
+        token = start("models.zip", len(data))[1]["token"]
+        with socket.create_connection((host, port), timeout=10) as cut:  # a body cut short: the client goes away
+            cut.sendall(f"PUT /upload/{token} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                        + data[:10])
+            cut.shutdown(socket.SHUT_WR)
+            reply = cut.makefile("rb").read().decode()
+        assert reply.startswith("HTTP/1.0 400") and "the upload ended after 10 of" in reply
+        token = start("models.zip", len(data))[1]["token"]
+        assert call("PUT", f"/upload/{token}", data)[0] == 200
+        status, answer = call("POST", "/api/v1/datasets.DatasetApiService/CreateDataset", json.dumps(
+            {"ownerSlug": "me", "slug": "models", "files": [{"token": token}]}).encode())
+        assert answer["status"] == "error" and "no version written" in answer["error"] and "'..'" in answer["error"]
+        assert server.kernels.dataset_versions("me", "models") == []
+        assert not list(tmp_path.rglob("escaped.txt"))
+    finally:
+        server.stop()

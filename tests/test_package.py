@@ -84,3 +84,15 @@ def test_a_bundle_with_wheels_installs_offline_in_a_fresh_venv_and_its_kernel_re
     assert run.returncode == 0, run.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "out" / "test_probs.npy"),
                                load_predictions(config.work_dir / "cv").test_probs, atol=1e-6, rtol=0)
+
+    from pipeline.kaggle.local.sandbox import confinement, run_kernel
+    if confinement() is None:  # the same kernel as the local server runs it: the venv read-only, kp installed beside it
+        kernel = tmp_path / "kernel.py"
+        kernel.write_text((bundle / "kernel.py").read_text())
+        inputs = {config.section("kernel").names(config.comp)[0]: bundle,
+                  config.competition.slug: config.work_dir / "download" / "raw"}
+        sandboxed = run_kernel(kernel, inputs, tmp_path / "sandboxed", timeout_s=900,
+                               python=str(tmp_path / "fresh" / "bin" / "python"))
+        assert sandboxed.status == "complete", sandboxed.log
+        np.testing.assert_allclose(np.load(sandboxed.working / "test_probs.npy"),
+                                   load_predictions(config.work_dir / "cv").test_probs, atol=1e-6, rtol=0)

@@ -199,24 +199,29 @@ def test_an_optuna_search_stores_its_study_prunes_a_worse_trial_and_raising_tria
     space.write_text(f"finetune.phases: {{choices: [{GOOD}, {BAD}]}}\n")
     runner = CliRunner()
     args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--seed", "6", "--name", "search"]
-    result = runner.invoke(cli, [*args, "--trials", "3"])  # seed 6 asks: good, good, bad
+    result = runner.invoke(cli, [*args, "--trials", "3"])  # two combinations: each once, in order
     assert result.exit_code == 0, result.output
+    assert "the space holds 2 combinations (0 ran before): running each once and stopping there" in result.output
     folder = root / "work" / "synth" / "sweeps" / "search"
     trials = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
-    assert [t["overrides"]["finetune.phases"] for t in trials] == [GOOD, GOOD, BAD]
-    assert [t["ran"] for t in trials] == [[], [], ["cv"]]  # the base's setting restored, not trained again
-    assert all(t["val_log_loss"] == Manifest.read(root / "work" / "synth" / "_runs" / "cv" / t["fingerprint"]).metrics[
-        "val_log_loss"] for t in trials[:2])
+    assert [t["overrides"]["finetune.phases"] for t in trials] == [GOOD, BAD]
+    assert [t["ran"] for t in trials] == [[], ["cv"]]  # the base's setting restored, not trained again
+    assert trials[0]["val_log_loss"] == Manifest.read(root / "work" / "synth" / "_runs" / "cv" /
+                                                      trials[0]["fingerprint"]).metrics["val_log_loss"]
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{folder / 'study.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     for trial in study.trials:  # each fold's score, reported at its fold number
         assert trial.intermediate_values == {int(f): v for f, v in trial.user_attrs["record"]["fold_scores"].items()}
-    assert len(study.trials[2].intermediate_values) == 2 and len(study.trials[0].intermediate_values) == 4
+    assert len(study.trials[1].intermediate_values) == 2 and len(study.trials[0].intermediate_values) == 4
+    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output  # the space is used up
 
-    more = runner.invoke(cli, [*args, "--trials", "4"])
+    space.write_text("kaggle.poll_every_s: {low: 1.0, high: 10.0}\n")  # continuous (and no stage reads it)
+    args[-1] = "open"
+    assert runner.invoke(cli, [*args, "--trials", "2"]).exit_code == 0
+    more = runner.invoke(cli, [*args, "--trials", "3"])
     assert more.exit_code == 0, more.output
-    assert len((folder / "trials.jsonl").read_text().splitlines()) == 4  # one more, the first three kept
-    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "4"]).output
+    assert len((folder.with_name("open") / "trials.jsonl").read_text().splitlines()) == 3  # one more, two kept
+    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "3"]).output
 
 
 def test_every_trials_settings_are_checked_before_the_first_trial_runs(project):
@@ -235,3 +240,43 @@ def test_every_trials_settings_are_checked_before_the_first_trial_runs(project):
     assert first.exit_code == 2 and "stage download failed" in first.output and str(missing) in first.output
     assert (project / "work" / "digits" / ".kp-work").is_file()
     assert (project / "work" / "digits" / "sweeps" / "first" / "sweep.json").is_file()
+
+
+def test_a_grid_past_the_trial_limit_is_refused_at_once_and_a_finite_space_stops_when_used_up(warm_project):
+    import time
+
+    root = warm_project("cv", _cross_validated)
+    runner = CliRunner()
+    hundred = ",".join(str(n) for n in range(1, 101))
+    started = time.monotonic()
+    big = runner.invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--grid", f"cv.seed={hundred}",
+                              "--grid", f"finetune.batch_size={hundred}"])
+    assert big.exit_code == 2 and "--grid: 100 x 100 = 10,000 combinations, more than sweep.max_trials=1,000" \
+        in big.output, big.output
+    assert time.monotonic() - started < 20  # refused before a trial's config is built
+
+    space = root / "space.yaml"  # three settings cv does not read: every trial restores the current cv
+    space.write_text("kaggle.poll_every_s: {choices: [1, 2, 3]}\n")
+    args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--name", "small"]
+    result = runner.invoke(cli, [*args, "--trials", "1000000000000"])
+    assert result.exit_code == 0, result.output
+    assert "the space holds 3 combinations (0 ran before): running each once and stopping there" in result.output
+    trials = [json.loads(line) for line in (root / "work" / "synth" / "sweeps" / "small" / "trials.jsonl").open()]
+    assert sorted(t["overrides"]["kaggle.poll_every_s"] for t in trials) == ["1", "2", "3"]
+    assert "nothing to run" in runner.invoke(cli, [*args, "--trials", "5"]).output
+    space.with_name("range.yaml").write_text("model.l2: {low: 0.0001, high: 0.01, log: true}\n")  # continuous
+    too_many = runner.invoke(cli, ["sweep", "--comp", "synth", *_options(CV), "--search",
+                                   str(space.with_name("range.yaml")), "--trials", "5000"])
+    assert too_many.exit_code == 2 and "--trials 5,000: more than sweep.max_trials=1,000" in too_many.output
+
+
+def test_a_space_with_a_log_range_from_zero_or_a_step_past_its_range_names_the_key(tmp_path):
+    from pipeline.experiments.sweeps import read_space
+
+    path = tmp_path / "space.yaml"
+    path.write_text("model.l2: {low: 0, high: 0.01, log: true}\n")
+    with pytest.raises(PipelineError, match=r"space.yaml: model.l2: .*log: true needs low above 0"):
+        read_space(path)
+    path.write_text("finetune.batch_size: {low: 8, high: 64, step: 128}\n")
+    with pytest.raises(PipelineError, match=r"finetune.batch_size: .*step 128 must be above 0 and at most high - low"):
+        read_space(path)

@@ -98,6 +98,14 @@ class Kernel(StrictModel):
         return dataset, kernel
 
 
+class Sweep(StrictModel):
+    """The `sweep` section: how far one `kp sweep` may go; in no fingerprint."""
+
+    max_trials: int = Field(1000, ge=1, description=(
+        "the most trials one kp sweep runs: a larger --grid is refused at once, naming its count; a larger "
+        "--trials too (raise it if you mean it)"))
+
+
 class FeatureSet(StrictModel):
     """One entry of the `features` section: a network's features, as changes to `precompute` (unset: precompute's)."""
 
@@ -459,6 +467,7 @@ def config_model() -> type[StrictModel]:
         "training": (Training, ...),
         "kaggle": (Kaggle, ...),
         "kernel": (Kernel, ...),
+        "sweep": (Sweep, ...),
         "cache": (Cache, ...),
         "compute": (Compute, ...),
         "features": (dict[str, FeatureSet], Field({}, description=(

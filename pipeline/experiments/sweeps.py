@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -57,15 +58,8 @@ def split_values(raw: str) -> list[str]:
     return values
 
 
-def grid_trials(grid: list[str]) -> list[dict[str, str]]:
-    """Every combination of `--grid key=v1,v2` options, as {key: raw value} in the order given.
-
-    Args:
-        grid: the `--grid` options.
-
-    Returns:
-        The trials, the last key varying fastest.
-    """
+def grid_axes(grid: list[str]) -> list[tuple[str, list[str]]]:
+    """The `--grid key=v1,v2` options as (key, raw values), in the order given."""
     axes = []
     for option in grid:
         key, sep, raw = option.partition("=")
@@ -74,6 +68,25 @@ def grid_trials(grid: list[str]) -> list[dict[str, str]]:
         if any(key.strip() == other for other, _ in axes):
             raise PipelineError(f"--grid {option}: {key.strip()!r} is given twice")
         axes.append((key.strip(), split_values(raw)))
+    return axes
+
+
+def grid_trials(grid: list[str], max_trials: int | None = None) -> list[dict[str, str]]:
+    """Every combination of `--grid key=v1,v2` options, as {key: raw value} in the order given.
+
+    Args:
+        grid: the `--grid` options.
+        max_trials: refuse a grid of more combinations than this (`sweep.max_trials`), before building them.
+
+    Returns:
+        The trials, the last key varying fastest.
+    """
+    axes = grid_axes(grid)
+    count = math.prod(len(values) for _, values in axes)
+    if max_trials is not None and count > max_trials:
+        raise PipelineError(f"--grid: {' x '.join(str(len(v)) for _, v in axes)} = {count:,} combinations, more than "
+                            f"sweep.max_trials={max_trials:,}; narrow the grid, search it (--search SPACE.yaml "
+                            f"--trials N), or raise sweep.max_trials if you mean it")
     return [dict(zip([k for k, _ in axes], combination)) for combination in itertools.product(*[v for _, v in axes])]
 
 
@@ -124,12 +137,20 @@ def _trial_sets(sets, overrides: dict[str, str]) -> list[str]:
 
 
 def _check_overrides(comp, extra_files, sets, trials: list[dict[str, str]]) -> None:
-    """Validate the config of every trial before the first one runs: a misspelt key or a value out of
-    range fails at once, naming the key, rather than after hours of trials."""
+    """Validate every value of every key before the first trial runs, each once, in the first trial's
+    company (its other settings): a misspelt key or a value out of range fails at once, naming the key,
+    rather than after hours of trials, and a grid of thousands costs a check per value, not per trial."""
     from pipeline.engine.config import load_config
 
+    if not trials:
+        return
+    first, checked = trials[0], set()
     for overrides in trials:
-        load_config(comp, extra_files=list(extra_files), shallow=True, sets=_trial_sets(sets, overrides))
+        for key, value in overrides.items():
+            if (key, value) not in checked:
+                checked.add((key, value))
+                load_config(comp, extra_files=list(extra_files), shallow=True,
+                            sets=_trial_sets(sets, {**first, key: value}))
 
 
 def _spec(base, extra_files, sets, folder: Path, stage: str, number: int, overrides: dict[str, str]) -> TrialSpec:
@@ -174,10 +195,10 @@ def run_sweep(comp: str, extra_files, sets, grid: list[str], objective: str | No
     Returns:
         (the sweep's folder, its trials as `run_trial` records them, in grid order).
     """
-    trials = grid_trials(grid)
+    base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
+    trials = grid_trials(grid, base.get("sweep.max_trials"))
     _check_overrides(comp, extra_files, sets, trials)
     combinations = iter(enumerate(trials, start=1))
-    base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, {"grid": sorted(grid)})
     records: dict[int, dict] = {}
 
     def next_trial():
@@ -212,7 +233,25 @@ class Axis(BaseModel):
             raise ValueError("choices is empty")
         if self.low is not None and self.high is not None and not self.low < self.high:
             raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"log: true needs low above 0 (a log scale has no {self.low})")
+        if self.step is not None and self.low is not None:
+            if self.step <= 0 or self.step > self.high - self.low:
+                raise ValueError(f"step {self.step} must be above 0 and at most high - low ({self.high - self.low})")
+            if self.log:
+                raise ValueError("give either step or log: true (Optuna takes no step on a log scale)")
         return self
+
+    def points(self) -> list | None:
+        """Every value this axis can take, as Optuna's trial params hold it; None for a continuous range."""
+        if self.choices is not None:
+            return [_yaml_text(c) for c in self.choices]
+        if all(isinstance(v, int) for v in (self.low, self.high)) and isinstance(self.step or 1, int):
+            return list(range(self.low, self.high + 1, self.step or 1))
+        if self.step is not None:
+            count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+            return [round(self.low + i * self.step, 12) for i in range(count)]
+        return None
 
 
 def read_space(path: Path) -> dict[str, Axis]:
@@ -281,6 +320,11 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
                                                itertools.product(*(_extremes(axis) for axis in space.values()))][:64])
     asked = {"search": {key: axis.model_dump(exclude_none=True) for key, axis in space.items()}, "seed": seed}
     base, stage, folder, described = _sweep_folder(comp, extra_files, sets, objective, name, asked)
+    per_axis = [axis.points() for axis in space.values()]
+    size = None if any(p is None for p in per_axis) else math.prod(len(p) for p in per_axis)
+    max_trials = base.get("sweep.max_trials")
+    if n_trials > max_trials and (size is None or size > max_trials):
+        raise PipelineError(f"--trials {n_trials:,}: more than sweep.max_trials={max_trials:,}; raise it if you mean it")
     score_name = score_key(base)
     direction = "maximize" if score_named(score_name).higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -298,6 +342,16 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
         running: dict[int, Any] = {}
         judges: dict[int, Any] = {}
         remaining = n_trials - len(ended())
+        if size is not None and n_trials >= size:  # the whole space: each combination once, then stop
+            done = {tuple(sorted(t.params.items())) for t in study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+            missing = [dict(zip(space, point)) for point in itertools.product(*per_axis)
+                       if tuple(sorted(zip(space, point))) not in done]
+            for params in missing:
+                study.enqueue_trial(params, skip_if_exists=True)
+            remaining = len(missing)
+            say(f"the space holds {size:,} combinations ({size - len(missing):,} ran before): running each once "
+                f"{'and stopping there, short of' if n_trials > size else 'for'} --trials {n_trials:,}")
 
         def next_trial():
             nonlocal remaining
@@ -325,7 +379,8 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
             _write_trials(folder, ended())
 
         if remaining <= 0:
-            say(f"{len(ended())} trials already ended (>= --trials {n_trials}): nothing to run")
+            say(f"{len(ended())} trials already ended (>= --trials {n_trials}, or every combination of the space): "
+                "nothing to run")
         run_trials(base, next_trial, finish, lambda: best_folds(score_name, ended()), pruning, say,
                    judge_of=lambda spec: judges.get(spec.number))
         done = ended()

@@ -35,6 +35,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from pathlib import Path
 
 KAGGLE = Path(os.environ.get("KP_KAGGLE_ROOT", "/kaggle"))  # a local sandbox gives its own root
@@ -45,8 +47,13 @@ WHEELS = BUNDLE / "wheels"
 if WHEELS.is_dir() and importlib.util.find_spec("pipeline") is None:  # no network: install from the bundle,
     # keeping the TensorFlow an image already has (Kaggle's), else TensorFlow for the CPU from the bundle too
     project = "kaggle-pipeline" if importlib.util.find_spec("tensorflow") else "kaggle-pipeline[cpu]"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS), project],
-                   check=True)
+    into = []
+    if not os.access(sysconfig.get_paths()["purelib"], os.W_OK):  # a read-only image (a sandbox): beside it
+        into = ["--target", tempfile.mkdtemp(prefix="kp-site-")]
+        sys.path.insert(0, into[1])
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-cache-dir", "--find-links", str(WHEELS),
+                    *into, project], check=True)
+    importlib.invalidate_caches()
 
 from pipeline.shipping.kernel import main  # noqa: E402
 

@@ -84,6 +84,10 @@ class Upload:
     complete: bool = False
 
 
+MAX_NAME_BYTES = 255  # a file name's longest on Linux filesystems
+MAX_UPLOAD_BYTES = 100 << 30  # Kaggle's limit on a dataset (a submission file is far smaller)
+
+
 class Uploads:
     """Uploads under `folder` (thread-safe)."""
 
@@ -94,31 +98,47 @@ class Uploads:
 
     def start(self, purpose: str, name: str, length) -> str:
         """A token for the upload of `name`, `length` bytes, for `purpose`; a 400 for a bad name or length."""
-        if not name or "/" in name or name.startswith("."):
-            raise CompetitionError(400, f"invalid file name {name!r}")
+        shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:60]!r}... ({len(str(name)):,} characters)"
+        if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\"):
+            raise CompetitionError(400, f"invalid file name {shown}: a plain file name, not a path")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise CompetitionError(400, f"invalid file name {shown}: it holds a control character (NUL, newline...)")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise CompetitionError(400, f"invalid file name {shown}: longer than {MAX_NAME_BYTES} bytes")
         try:
             length = int(length)
         except (TypeError, ValueError):
             raise CompetitionError(400, f"contentLength must be a whole number of bytes, got {length!r}") from None
         if length < 0:
             raise CompetitionError(400, f"contentLength must not be negative, got {length}")
+        if length > MAX_UPLOAD_BYTES:
+            raise CompetitionError(400, f"contentLength {length:,} is above this server's limit of "
+                                        f"{MAX_UPLOAD_BYTES:,} bytes per upload")
         token = uuid.uuid4().hex
         with self._lock:
             self._uploads[token] = Upload(purpose, name, length, self.folder / token / name)
         return token
 
-    def receive(self, token: str, data: bytes, probe: bool = False) -> bool:
-        """Store the bytes PUT for `token`; whether the upload is complete (a probe only asks)."""
+    def receive(self, token: str, read, length: int, probe: bool = False) -> bool:
+        """Store the `length` bytes PUT for `token`, read in chunks with `read(n)` (never held whole in
+        memory); whether the upload is complete (a probe only asks)."""
         with self._lock:
             upload = self._uploads.get(token)
         if upload is None:
             raise CompetitionError(404, "unknown or expired upload URL")
         if probe:
             return upload.complete
-        if len(data) != upload.length:
-            raise CompetitionError(400, f"received {len(data)} bytes, the upload announced {upload.length}")
+        if length != upload.length:
+            raise CompetitionError(400, f"received {length:,} bytes, the upload announced {upload.length:,}")
         upload.path.parent.mkdir(parents=True, exist_ok=True)
-        upload.path.write_bytes(data)
+        left = length
+        with open(upload.path, "wb") as out:
+            while left:
+                chunk = read(min(left, 1 << 20))
+                if not chunk:
+                    raise CompetitionError(400, f"the upload ended after {length - left:,} of {length:,} bytes")
+                out.write(chunk)
+                left -= len(chunk)
         upload.complete = True
         return True
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -25,7 +26,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.artifacts import SUBMISSION_FILE
+from pipeline.core.artifacts import SUBMISSION_FILE, TMP_PREFIX
+from pipeline.core.cache import temporary_name
+from pipeline.core.errors import PipelineError
 from pipeline.data.archive import extract_zip
 from pipeline.kaggle.local.competitions import CompetitionError, LocalCompetitions
 from pipeline.kaggle.local.inputs import HiddenTestError, hidden_input, public_input
@@ -113,7 +116,7 @@ class LocalKernels:
         refusal = "files must name completed uploads (StartBlobUpload, then the PUT)"
         if not files:
             raise CompetitionError(400, refusal)
-        with self._lock:  # checked, the uploads taken and the version's folder made as one step
+        with self._lock:  # checked, the uploads taken and the version written as one step
             versions = self.dataset_versions(owner, slug)
             if new and versions:
                 return 0, f'The requested slug "{slug}" is already in use by a dataset. Please choose another slug.'
@@ -123,13 +126,21 @@ class LocalKernels:
                        for f in files]
             number = (versions[-1] if versions else 0) + 1
             folder = self._dataset_dir(owner, slug) / str(number)
-            folder.mkdir(parents=True)
-        for upload in uploads:
-            if zipfile.is_zipfile(upload.path):  # decompressed into a folder of its name, as Kaggle does
-                extract_zip(upload.path, folder / Path(upload.name).stem)
-            else:
-                shutil.move(upload.path, folder / upload.name)
-            self.competitions.uploads.discard(upload)
+            partial = folder.parent / temporary_name(TMP_PREFIX, str(number))  # a version appears complete or not at all
+            try:
+                partial.mkdir(parents=True)
+                for upload in uploads:
+                    if zipfile.is_zipfile(upload.path):  # decompressed into a folder of its name, as Kaggle does
+                        extract_zip(upload.path, partial / Path(upload.name).stem, label=upload.name)
+                    else:
+                        shutil.move(upload.path, partial / upload.name)
+                os.replace(partial, folder)
+            except (PipelineError, OSError) as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                return 0, f"dataset {owner}/{slug}: no version written: {exc}"
+            finally:
+                for upload in uploads:
+                    self.competitions.uploads.discard(upload)
         return number, ""
 
     # -- kernels --------------------------------------------------------------------------------------------
@@ -193,7 +204,8 @@ class LocalKernels:
             run = KernelRun("error", 0.0, "", root / "working", self.isolate, f"the server could not run it: {exc}")
         root.mkdir(parents=True, exist_ok=True)
         (root / RUN_RECORD).write_text(json.dumps({
-            "status": run.status, "seconds": run.seconds, "isolated": run.isolated, "failure": run.failure,
+            "status": run.status, "seconds": run.seconds, "isolated": run.isolated, "confined": run.confined,
+            "failure": run.failure,
             "outputs": run.outputs, "inputs": {name: str(path) for name, path in inputs.items()}}, indent=2) + "\n")
         return run
 

@@ -33,7 +33,9 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.kaggle.local.competitions import CompetitionError, LocalCompetitions
 from pipeline.kaggle.local.kernels import DATASET_UPLOAD, LocalKernels
+from pipeline.kaggle.local.sandbox import confinement
 
+MAX_REQUEST_BYTES = 16 << 20  # an API call's JSON body (files go up through the upload URL)
 API = "/api/v1/"
 COMPETITIONS, BLOBS = "competitions.CompetitionApiService", "blobs.BlobApiService"
 DATASETS, KERNELS = "datasets.DatasetApiService", "kernels.KernelsApiService"
@@ -86,6 +88,8 @@ class KaggleLocalServer:
         server, competitions, kernels = self, self.competitions, self.kernels
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 300  # seconds a stalled client may hold a connection between two reads
+
             def log_message(self, fmt, *args):  # keep test output quiet
                 pass
 
@@ -107,6 +111,11 @@ class KaggleLocalServer:
             def do_POST(self):
                 path = urlparse(self.path).path
                 server.requests.append(f"POST {path}")
+                length = self.headers.get("Content-Length") or "0"
+                if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                    self.close_connection = True  # its body is not read
+                    return self._error(400, f"Content-Length {length[:40]!r}: a request body is a number of bytes, "
+                                            f"at most {MAX_REQUEST_BYTES:,}")
                 try:
                     body = json.loads(self._body() or b"{}")
                 except ValueError:
@@ -127,6 +136,8 @@ class KaggleLocalServer:
                     self._error(exc.status, str(exc))
                 except (TypeError, ValueError) as exc:  # a field of the wrong kind: the client's mistake, said so
                     self._error(400, f"bad request to {path}: {exc}")
+                except Exception as exc:  # the server's own failure still answers: a client never waits on it
+                    self._error(500, f"the local server failed on {path}: {type(exc).__name__}: {exc}")
 
             def _call(self, method: str, body: dict) -> None:
                 slug = body.get("competitionName", "")
@@ -195,10 +206,16 @@ class KaggleLocalServer:
                 if not path.startswith(UPLOAD_PREFIX):
                     return self._error(404, f"no such upload URL {path}")
                 probe = (self.headers.get("Content-Range") or "").startswith("bytes */")  # a resume's question
+                length = self.headers.get("Content-Length") or "0"
                 try:
-                    complete = competitions.uploads.receive(path[len(UPLOAD_PREFIX):], self._body(), probe)
+                    if not length.isdigit():
+                        raise CompetitionError(400, f"Content-Length {length!r} is not a number of bytes")
+                    complete = competitions.uploads.receive(path[len(UPLOAD_PREFIX):], self.rfile.read, int(length),
+                                                            probe)
                 except CompetitionError as exc:
                     return self._error(exc.status, str(exc))
+                except Exception as exc:  # the server's own failure still answers: a client never waits on it
+                    return self._error(500, f"the local server failed on {path}: {type(exc).__name__}: {exc}")
                 self._json(200 if complete else 308, {})
 
             def do_GET(self):
@@ -250,6 +267,9 @@ def main() -> None:
     print(f"# for the kaggle command line also: export HTTP_PROXY={server.url}")
     print(f"# serving {sorted(p.name for p in Path(args.data).iterdir() if p.is_dir())} on {server.url}; "
           f"submissions logged in {args.log}; Ctrl-C stops", flush=True)
+    unconfined = confinement()
+    if unconfined:
+        print(f"# {unconfined}", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
