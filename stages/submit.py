@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from pipeline.core.artifacts import INDEX_FILE, LEDGER_FILE, LEDGER_PLOT, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META
+from pipeline.core.artifacts import (INDEX_FILE, LEDGER_FILE, LEDGER_PLOT, RAW_DIR, SUBMISSION_FILE, SUBMISSION_META,
+                                     file_name_problem)
 from pipeline.core.cache import write_bytes_atomic
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_json, read_table
@@ -48,8 +49,9 @@ class Settings(StrictModel):
             name.format(comp="c", source="s", fingerprint="f")
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"may use only {{comp}}, {{source}} and {{fingerprint}} ({exc!r})") from None
-        if "/" in name or not name.strip():
-            raise ValueError("must be a plain file name without '/'")
+        problem = file_name_problem(name, room=len("-12345678.csv.gz"))  # a {fingerprint} and the extension
+        if problem:
+            raise ValueError(f"must be a plain file name: {problem}")
         taken = taken_by(name)
         if taken:
             raise ValueError(f"{name!r} would write over {taken} beside the submissions: choose another name")

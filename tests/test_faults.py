@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import zipfile
@@ -758,3 +759,57 @@ def test_a_no_op_code_edit_reruns_no_feature_pass_and_keeps_the_submission(warm_
     pixels.write_text(pixels.read_text() + "EDITED = True\n")
     stale = {s.name: s.reasons for s in stage_statuses(config) if s.state != UP_TO_DATE}
     assert stale["precompute"] == ["code changed: pipeline/data/pixels.py"] and "download" not in stale
+
+
+def test_config_values_python_cannot_hold_are_one_line_naming_where(project, tmp_path):
+    huge = "9" * 5000
+    one_line_error(kp("status", "--comp", "digits", "--set", f"split.seed={huge}"),
+                   "--set split.seed=9999", "(5,011 characters): a value YAML cannot turn into Python's (Exceeds the "
+                                            "limit (4300 digits) for integer string conversion")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("split:\n  fraction: 0.3\nnest: " + "[" * 3000 + "]" * 3000 + "\n")
+    one_line_error(kp("status", "--comp", "digits", "--config", str(deep)), f"{deep}: nested too deeply to read")
+    big = tmp_path / "big.yaml"
+    big.write_text("lists:\n" + "  - [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" * 60_000)  # 2 MB of plain lists, no alias
+    one_line_error(kp("status", "--comp", "digits", "--config", str(big)),
+                   f"{big}: 2,160,007 bytes, more than a config holds (1,048,576", "refused before it is read")
+    one_line_error(kp("status", "--comp", "digits", "--set", "features={lite: {nope: 1}}"),
+                   "features.lite.nope: unknown key; allowed keys here: alpha, backbone, cut, image_size, preprocess, "
+                   "weights")
+    named = tmp_path / "nul.yaml"
+    named.write_text('submit:\n  name: "a\\0b"\n')
+    one_line_error(kp("status", "--comp", "digits", "--config", str(named)),
+                   "submit.name: bad value 'a\\x00b'", "must be a plain file name: it holds a control character")
+
+
+def test_a_weights_path_that_is_a_folder_or_not_a_weights_file_is_named(tmp_path):
+    from pipeline.models.backbones import build_feature_model, resolve_weights
+
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(PipelineError, match=r"precompute.weights 'weights': .*/weights is a folder; give the weights "
+                                            r"file in it"):
+        resolve_weights("weights", tmp_path)
+    text = tmp_path / "mobilenet.keras"
+    text.write_text("not a model\n")
+    with pytest.raises(PipelineError, match=r"precompute.weights .*mobilenet.keras: not a .keras file Keras can read"):
+        build_feature_model("mobilenet", resolve_weights(str(text), tmp_path), (32, 32, 3), "pool", alpha=0.25)
+
+
+def test_a_file_where_the_training_curves_go_names_the_setting_that_turns_them_off(warm_project):
+    root = warm_project("digits-cheap", _digits_cheap)
+    curves = root / "work" / "digits" / "_tensorboard"
+    shutil.rmtree(curves, ignore_errors=True)
+    curves.write_text("a file where kp keeps its curves")
+    sets = [arg for s in DIGITS_CHEAP for arg in ("--set", s)] + ["--set", "finetune.phases=[{epochs: 1, lr: 0.002}]"]
+    one_line_error(kp("finetune", "--comp", "digits", *sets),  # a model not trained before: its curves go there
+                   f"{curves} is a file, in the way of the training curves' folder", "compute.tensorboard: false")
+    assert kp("finetune", "--comp", "digits", *sets, "--set", "compute.tensorboard=false").exit_code == 0
+
+
+def test_kp_outside_a_project_says_where_it_looked_instead_of_using_another(tmp_path, monkeypatch):
+    monkeypatch.delenv("KP_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    one_line_error(kp("status", "--comp", "digits"), f"no configs/defaults.yaml in {tmp_path.resolve()} or any folder "
+                                                     "above it: run kp inside a project folder")
+    monkeypatch.setenv("KP_ROOT", str(tmp_path))
+    one_line_error(kp("status", "--comp", "digits"), f"KP_ROOT={tmp_path.resolve()}: no configs/defaults.yaml there")

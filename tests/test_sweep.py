@@ -280,3 +280,34 @@ def test_a_space_with_a_log_range_from_zero_or_a_step_past_its_range_names_the_k
     path.write_text("finetune.batch_size: {low: 8, high: 64, step: 128}\n")
     with pytest.raises(PipelineError, match=r"finetune.batch_size: .*step 128 must be above 0 and at most high - low"):
         read_space(path)
+
+
+def test_a_damaged_study_or_trials_file_is_one_line_and_no_record_is_dropped(warm_project):
+    root = warm_project("cv", _cross_validated)
+    space = root / "space.yaml"
+    space.write_text("kaggle.poll_every_s: {low: 1.0, high: 10.0}\n")  # no stage reads it: each trial restores cv
+    runner = CliRunner()
+    args = ["sweep", "--comp", "synth", *_options(CV), "--search", str(space), "--name", "kept", "--trials", "2"]
+    assert runner.invoke(cli, args).exit_code == 0
+    other = ["sweep", "--comp", "synth", *_options(CV), "--grid", "kaggle.poll_every_s=3,4", "--name", "other"]
+    assert runner.invoke(cli, other).exit_code == 0
+    folder = root / "work" / "synth" / "sweeps" / "kept"
+    trials = (folder / "trials.jsonl").read_text()
+    study = (folder / "study.db").read_bytes()
+
+    for damage in (study[:len(study) // 3], b"not a database at all" * 50, b""):  # truncated, garbage, emptied
+        (folder / "study.db").write_bytes(damage)
+        result = runner.invoke(cli, [*args[:-1], "3"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"{folder / 'study.db'}: " in result.output and "to start this search afresh" in result.output
+        assert (folder / "trials.jsonl").read_text() == trials  # no record dropped
+
+    (folder / "trials.jsonl").write_text(trials + "{half a line\n")
+    runs = ["runs", "--comp", "synth", *_options(CV)]
+    result = runner.invoke(cli, [*runs, "--sweep", "kept"])
+    assert result.exit_code == 2 and f"{folder / 'trials.jsonl'}: line 3: not JSON" in result.output
+    assert runner.invoke(cli, [*runs, "--sweep", "other"]).exit_code == 0  # that sweep only: the other still reads
+    report = runner.invoke(cli, ["report", "--comp", "synth", *_options(CV)])
+    assert report.exit_code == 0, report.output
+    html = (root / "work" / "synth" / "report.html").read_text()
+    assert "left out: " in html and "line 3: not JSON" in html and "other: 2 trials" in html

@@ -378,16 +378,17 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, fo
     from pipeline.core.cache import write_text_atomic
     from pipeline.core.ownership import check_replaceable, owned_text
     from pipeline.experiments.run_table import best_overlay, ranked, stored_runs
-    from pipeline.experiments.sweeps import draw_sweep, finished, sweeps
+    from pipeline.experiments.sweeps import draw_sweep, finished, read_trials
 
     config, _, _ = _settled(comp, extra_files, sets, as_configured, shallow=True)
     rows = stored_runs(config, tuple(stage_names) or None)
     if sweep_name is not None:
-        found = sweeps(config.work_dir)
-        trials = found.get(sweep_name)
-        if trials is None:
+        folder = config.work_dir / SWEEPS_FOLDER / sweep_name
+        if not (folder / TRIALS_FILE).is_file():
+            found = sorted(p.parent.name for p in (config.work_dir / SWEEPS_FOLDER).glob(f"*/{TRIALS_FILE}"))
             raise PipelineError(f"--sweep {sweep_name}: no such sweep in {config.work_dir}; sweeps there: "
                                 f"{', '.join(found) or 'none'}")
+        trials = read_trials(folder)  # this sweep only: another's damaged file does not stop it
         keys = {(t["objective"], t["fingerprint"]) for t in finished(trials)}
         rows = [row for row in rows if (row["stage"], row["fingerprint"]) in keys]
         stopped = [str(t["trial"]) for t in trials if t.get("pruned")]

@@ -121,3 +121,20 @@ SUBMISSION_FILE = "submission.csv"  # in work/COMP/submit/; the copy in submissi
 SUBMISSION_META = "submission.json"  # what wrote it and its validation scores; copied as NAME.json
 LEDGER_FILE = "ledger.csv"          # submissions/COMP/ledger.csv: validation vs leaderboard per upload
 LEDGER_PLOT = "ledger.png"
+
+MAX_NAME_BYTES = 255  # the longest file name Linux filesystems take
+
+
+def file_name_problem(name: str, room: int = 0) -> str | None:
+    """Why `name` cannot be one file's name (None when it can): empty, a path (`/` or `\\`), `.` or `..`,
+    a control character (NUL, a newline), or longer than `MAX_NAME_BYTES` less `room` (an extension
+    added later)."""
+    if not isinstance(name, str) or not name.strip():
+        return "an empty name"
+    if any(c in name for c in "/\\") or name in (".", ".."):
+        return "a path, not a plain file name"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character (NUL, newline...)"
+    if len(name.encode()) > MAX_NAME_BYTES - room:
+        return f"longer than {MAX_NAME_BYTES - room} bytes"
+    return None

@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -233,15 +234,27 @@ class ResolvedConfig:
 
 
 def project_root() -> Path:
-    """The folder holding `configs/`: $KP_ROOT, else the nearest parent of the working directory
-    that has `configs/defaults.yaml`, else the checkout this package was installed from."""
+    """The folder holding `configs/`: $KP_ROOT, else the nearest parent of the working directory that
+    has `configs/defaults.yaml`.
+
+    Raises:
+        PipelineError: neither: kp never falls back to another project (the checkout it was installed
+            from) without a word; the message names where it looked and the checkout to `cd` to.
+    """
     if os.environ.get("KP_ROOT"):
-        return Path(os.environ["KP_ROOT"]).resolve()
+        root = Path(os.environ["KP_ROOT"]).resolve()
+        if not (root / "configs" / DEFAULTS_FILE).is_file():
+            raise PipelineError(f"KP_ROOT={root}: no configs/{DEFAULTS_FILE} there; point it at a kp project")
+        return root
     here = Path.cwd().resolve()
     for candidate in (here, *here.parents):
         if (candidate / "configs" / DEFAULTS_FILE).is_file():
             return candidate
-    return Path(__file__).resolve().parents[2]
+    installed = Path(__file__).resolve().parents[2]
+    hint = (f" (kp is installed from {installed}: cd there)" if (installed / "configs" / DEFAULTS_FILE).is_file()
+            else "")
+    raise PipelineError(f"no configs/{DEFAULTS_FILE} in {here} or any folder above it: run kp inside a project "
+                        f"folder{hint}, or set KP_ROOT to one")
 
 
 def known_competitions(root: Path) -> list[str]:
@@ -329,6 +342,7 @@ def _display(path: Path, root: Path) -> str:
 
 
 MAX_NODES = 100_000  # values in one config file once its aliases (*name) are expanded; the real ones hold < 1,000
+MAX_CONFIG_BYTES = 1 << 20  # a config file or --set value; the committed ones hold under 20,000 characters
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -372,18 +386,37 @@ def _expanded_size(node, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    """`text` as YAML, every way it can fail one PipelineError naming `where`: malformed YAML, a file
+    larger than `MAX_CONFIG_BYTES` (refused before it is parsed), nesting deeper than Python recurses,
+    a number of more digits than Python converts."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise PipelineError(f"{where}: {len(text):,} characters, more than a config holds ({MAX_CONFIG_BYTES:,}; the "
+                            "committed ones hold under 20,000): refused before it is read")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PipelineError(f"{at}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise PipelineError(f"{where}: nested too deeply to read (lists or mappings within each other hundreds of "
+                            "levels down); a config is a few levels deep") from None
+    except ValueError as exc:  # Python's own limits on a value, e.g. an integer of more than 4,300 digits
+        raise PipelineError(f"{where}: a value YAML cannot turn into Python's ({str(exc).split(';')[0]})") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise PipelineError(f"{path}: {size:,} bytes, more than a config holds ({MAX_CONFIG_BYTES:,}; the "
+                                "committed ones hold under 20,000): refused before it is read")
         text = read_text(path)
     except OSError as exc:
         raise PipelineError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PipelineError(f"{where}: malformed YAML: {problem}") from None
+    data = _load_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -414,12 +447,15 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise PipelineError(f"{source}: expected dotted.key=value")
+    shown = source if len(source) <= 120 else f"{source[:100]}... ({len(assignment):,} characters)"
     try:
-        return key, yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
-    except yaml.YAMLError as exc:
+        return key, _load_yaml(raw, shown) if raw.strip() else None
+    except PipelineError as exc:
+        if "malformed YAML" not in str(exc):
+            raise
         raise PipelineError(
-            f"{source}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
-            "quote a string that starts with {{, [ or a colon: key='{{id}}.jpg'"
+            f"{shown}: the value is not valid YAML ({str(exc).split('malformed YAML: ', 1)[1]}); "
+            "quote a string that starts with {, [ or a colon: key='{id}.jpg'"
         ) from None
 
 
@@ -522,15 +558,20 @@ def source_of(dotted: str, provenance: dict[str, str]) -> str:
 
 
 def _allowed_keys(model_cls: type, loc: list[str]) -> list[str]:
-    """The keys the model allows at `loc` (list indices, `phases.0`, step into the list's items)."""
+    """The keys the model allows at `loc` (list indices, `phases.0`, step into the list's items; a
+    mapping's own names, `features.lite2`, into its values)."""
     current: Any = model_cls
+    named = False  # the part after a mapping of names (`features`) is a name the user chose
     for part in loc:
-        if part.isdigit():
+        if part.isdigit() or named:
+            named = False
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
-        current = _model_in(fields[part].annotation) or fields[part].annotation
+        annotation = fields[part].annotation
+        named = typing.get_origin(annotation) is dict
+        current = _model_in(annotation) or annotation
     return sorted(getattr(current, "model_fields", {}))
 
 

@@ -93,9 +93,10 @@ def build_report(config: ResolvedConfig) -> Path:
     extras = [(f"{LR_FIND_DIR}/{path.parent.name}", embedded(path))
               for path in sorted((config.work_dir / LR_FIND_DIR).glob(f"*/{LR_FIND_PLOT}"))]
     extras += [(f"{SHOW_DIR}/{path.name}", embedded(path)) for path in sorted((config.work_dir / SHOW_DIR).glob("*.png"))]
+    damaged: list[str] = []  # a sweep whose file is damaged is left out, said in the report
     studies = [{"name": name, "trials": trials, "score": score_name_of(trials),
                 "plot": embedded(draw_sweep(config.work_dir, name, trials)) if finished(trials) else None}
-               for name, trials in sweeps(config.work_dir).items() if trials]
+               for name, trials in sweeps(config.work_dir, damaged).items() if trials]
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.experiments", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined)
@@ -107,6 +108,7 @@ def build_report(config: ResolvedConfig) -> Path:
         ladder=_ladder(stages),
         extras=extras,
         sweeps=studies,
+        damaged_sweeps=damaged,
         ledger=read_ledger(ledger_path(config)),
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipeline.core.artifacts import STUDY_FILE, SWEEP_FILE, SWEEP_PLOT, SWEEPS_FOLDER, TRIALS_FILE
 from pipeline.core.errors import PipelineError
+from pipeline.core.readers import read_text
 from pipeline.experiments.run_table import score_key
 from pipeline.experiments.trials import Pruning, TrialSpec, best_folds, run_trials
 
@@ -328,6 +329,7 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     score_name = score_key(base)
     direction = "maximize" if score_named(score_name).higher_is_better else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _check_study(folder)
     with _holding(base, folder, described, say):
         pruner = FoldPruner(score_name, int(base.get("split.folds")), pruning) if pruning else None
         study = optuna.create_study(study_name=folder.name, storage=f"sqlite:///{folder / STUDY_FILE}",
@@ -388,13 +390,78 @@ def run_search(comp: str, extra_files, sets, space_file: Path, n_trials: int, ob
     return folder, done
 
 
-def sweeps(work_dir: Path) -> dict[str, list[dict]]:
-    """{sweep name: its ended trials (finished or stopped early)} for every sweep of a competition, by name."""
+def read_trials(folder: Path) -> list[dict]:
+    """A sweep's ended trials (`trials.jsonl`; none when it has none yet).
+
+    Raises:
+        PipelineError: a line that is not a JSON object, named by its line, with what to do.
+    """
+    path = folder / TRIALS_FILE
+    if not path.is_file():
+        return []
+    trials = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            record, why = None, f"not JSON ({exc.msg})"
+        else:
+            why = "not a trial's record (a JSON object)"
+        if not isinstance(record, dict) or "overrides" not in record:
+            raise PipelineError(f"{path}: line {number}: {why}; restore the file, or delete that line (the trial's "
+                                "run stays in the run cache, and rerunning the sweep restores it)")
+        trials.append(record)
+    return trials
+
+
+def sweeps(work_dir: Path, problems: list[str] | None = None) -> dict[str, list[dict]]:
+    """{sweep name: its ended trials (finished or stopped early)} for every sweep of a competition, by name.
+
+    Args:
+        work_dir: the competition's work folder.
+        problems: where a damaged sweep's one-line message goes, that sweep left out (None: it raises).
+    """
     found = {}
-    for folder in sorted((work_dir / SWEEPS_FOLDER).glob(f"*/{TRIALS_FILE}")):
-        lines = folder.read_text().splitlines()
-        found[folder.parent.name] = [json.loads(line) for line in lines if line.strip()]
+    for path in sorted((work_dir / SWEEPS_FOLDER).glob(f"*/{TRIALS_FILE}")):
+        try:
+            found[path.parent.name] = read_trials(path.parent)
+        except PipelineError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
     return found
+
+
+def _check_study(folder: Path) -> None:
+    """A search's stored study is readable and holds every trial its `trials.jsonl` lists, before Optuna
+    opens it: a damaged `study.db` would end in a database traceback, and an emptied one would start a new
+    study and then rewrite `trials.jsonl` without the earlier trials.
+
+    Raises:
+        PipelineError: the file named, what is wrong, and what to do.
+    """
+    import sqlite3
+
+    path, listed = folder / STUDY_FILE, read_trials(folder)
+    afresh = (f"move {STUDY_FILE} and {TRIALS_FILE} out of {folder} (or give another --name) to start this search "
+              f"afresh; {TRIALS_FILE} keeps the finished trials' records")
+    if not path.exists():
+        if listed:
+            raise PipelineError(f"{path}: missing, while {TRIALS_FILE} lists {len(listed)} trials of this search; "
+                                f"{afresh}")
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            ended = db.execute("SELECT count(*) FROM trials JOIN studies ON trials.study_id = studies.study_id "
+                               "WHERE studies.study_name = ? AND trials.state IN ('COMPLETE', 'PRUNED')",
+                               (folder.name,)).fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise PipelineError(f"{path}: not a readable Optuna study ({exc}); {afresh}") from None
+    if ended < len(listed):
+        raise PipelineError(f"{path}: holds {ended} ended trials of study {folder.name!r}, while {TRIALS_FILE} lists "
+                            f"{len(listed)}: the study was emptied or replaced; {afresh}")
 
 
 def score_name_of(trials: list[dict]) -> str:

@@ -13,6 +13,7 @@ tests and CI) or a path to a weights file. Constructors are always called with k
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,9 @@ def resolve_weights(weights: str, root: Path) -> str | None:
         return None
     path = Path(weights).expanduser()
     path = path if path.is_absolute() else root / path
+    if path.is_dir():
+        raise PipelineError(f"precompute.weights {weights!r}: {path} is a folder; give the weights file in it (a .h5 "
+                            "or .weights.h5 file; a whole .keras model with precompute.backbone: file)")
     if not path.is_file():
         raise PipelineError(f"precompute.weights {weights!r}: no such file {path} (or use imagenet / none)")
     return str(path)
@@ -91,6 +95,10 @@ def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[i
         model = constructor(**options)
     except ValueError as exc:  # a weights file that does not fit the architecture, a bad alpha/size
         raise PipelineError(f"precompute: cannot build {app.name} with weights {weights!r}: {exc}") from None
+    except zipfile.BadZipFile:  # a `.keras` file Keras opens as a zip archive
+        raise PipelineError(f"precompute.weights {weights}: not a .keras file Keras can read (not a zip archive: "
+                            "truncated, or another kind of file); give a .h5 / .weights.h5 weights file or a whole "
+                            ".keras model") from None
     except OSError as exc:  # h5py's words for a damaged file carry no errno: "Unable to open file (truncated file ...)"
         if exc.errno is not None:
             raise

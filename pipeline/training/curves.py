@@ -12,9 +12,26 @@ from pathlib import Path
 
 
 def epoch_curves(log_dir: Path):
-    """A Keras callback writing every epoch's logs to `log_dir/train` and `log_dir/validation` (`val_*`)."""
+    """A Keras callback writing every epoch's logs to `log_dir/train` and `log_dir/validation` (`val_*`).
+
+    Raises:
+        PipelineError: the folder cannot be made (a file in its way, no permission), naming it and the
+            setting that turns the curves off.
+    """
     import keras
     import tensorflow as tf
+
+    from pipeline.core.errors import PipelineError
+
+    for side in ("train", "validation"):
+        try:
+            (log_dir / side).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            in_way = next((p for p in (log_dir / side, *(log_dir / side).parents) if p.exists() and not p.is_dir()),
+                          None)
+            what = f"{in_way} is a file, in the way of" if in_way else f"cannot make ({exc.strerror})"
+            raise PipelineError(f"{what} the training curves' folder {log_dir / side}: move it, or set "
+                                "compute.tensorboard: false") from None
 
     class EpochCurves(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):

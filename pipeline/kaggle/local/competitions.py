@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.core.artifacts import SOLUTION_FILE
+from pipeline.core.artifacts import SOLUTION_FILE, file_name_problem
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.scoring import competition_from_files, read_submission, score_submission
 
@@ -84,7 +84,6 @@ class Upload:
     complete: bool = False
 
 
-MAX_NAME_BYTES = 255  # a file name's longest on Linux filesystems
 MAX_UPLOAD_BYTES = 100 << 30  # Kaggle's limit on a dataset (a submission file is far smaller)
 
 
@@ -99,12 +98,9 @@ class Uploads:
     def start(self, purpose: str, name: str, length) -> str:
         """A token for the upload of `name`, `length` bytes, for `purpose`; a 400 for a bad name or length."""
         shown = repr(name) if len(str(name)) <= 80 else f"{str(name)[:60]!r}... ({len(str(name)):,} characters)"
-        if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\"):
-            raise CompetitionError(400, f"invalid file name {shown}: a plain file name, not a path")
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise CompetitionError(400, f"invalid file name {shown}: it holds a control character (NUL, newline...)")
-        if len(name.encode()) > MAX_NAME_BYTES:
-            raise CompetitionError(400, f"invalid file name {shown}: longer than {MAX_NAME_BYTES} bytes")
+        problem = file_name_problem(name) or ("a hidden name (starting with '.')" if name.startswith(".") else None)
+        if problem:
+            raise CompetitionError(400, f"invalid file name {shown}: {problem}")
         try:
             length = int(length)
         except (TypeError, ValueError):
