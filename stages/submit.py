@@ -122,14 +122,25 @@ def publish(ctx: StageContext) -> None:
     also what restoring a stored submit run does, so the file there is always the current one's."""
     meta = read_json(ctx.out / SUBMISSION_META)
     target = ctx.config.submissions_dir / Path(meta["file"]).name
+    record = target.with_name(target.name.split(".csv")[0] + ".json")
+    if target.exists() and not _published_by_kp(target, record):
+        raise PipelineError(f"{target}: kp did not write it (no {record.name} of kp's beside it): kp replaces only "
+                            "what it made; move it, or choose another submit.name")
     data = (ctx.out / SUBMISSION_FILE).read_bytes()
     if target.name.endswith(".gz"):
         import gzip
 
         data = gzip.compress(data, mtime=0)
     write_bytes_atomic(target, data)
-    write_bytes_atomic(target.with_name(target.name.split(".csv")[0] + ".json"),
-                       (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes_atomic(record, (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _published_by_kp(target: Path, record: Path) -> bool:
+    """Whether `target` is a submission kp published: its record beside it names it."""
+    try:
+        return Path(read_json(record).get("file", "")).name == target.name
+    except (OSError, PipelineError):
+        return False
 
 
 def _class_frequencies(ctx: StageContext):

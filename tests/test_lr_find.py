@@ -75,6 +75,11 @@ def test_kp_lr_find_writes_its_plot_and_overlay_and_leaves_the_stages_as_they_we
     unphased = [s for s in TINY_VGG if not s.startswith("finetune.phases")]
     with_overlay = load_config("synth", extra_files=[out / "overlay.yaml"], sets=unphased)
     assert with_overlay.section("finetune").phases[0].lr == first["lr"]
+    edited = "# my own rates\nfinetune:\n  phases: [{epochs: 3, lr: 0.01}]\n"
+    (out / "overlay.yaml").write_text(edited)  # the overlay edited by hand: the next --apply keeps it
+    again = CliRunner().invoke(cli, ["lr-find", "--comp", "synth", *sets, "--steps", "40", "--apply"])
+    assert again.exit_code == 2 and f"{out / 'overlay.yaml'}: kp did not write it" in again.output
+    assert (out / "overlay.yaml").read_text() == edited
 
     # bnretrain's recipe: finetune's trained head with batchnorm inserted, its own rate
     batchnorm = [s.replace("finetune, submit", "finetune, bnretrain, submit") for s in TINY_VGG]

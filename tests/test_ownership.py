@@ -87,3 +87,18 @@ def test_a_blend_source_or_sweep_trial_may_not_move_the_work_folder(warm_project
                    "'paths.work'", "paths.* may not change for one variant")
     assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
     assert (root / "work" / "synth").is_dir()
+
+
+def test_submit_replaces_only_a_submission_it_published(warm_project):
+    from tests.test_faults import DIGITS_CHEAP, _digits_cheap
+
+    root = warm_project("digits-cheap", _digits_cheap)
+    sets = [*_options(DIGITS_CHEAP), "--set", "submit.name=final"]
+    mine = root / "submissions" / "digits" / "final.csv"
+    mine.write_text("ImageId,Label\n1,7\n")  # a file of the user's, named as the submission would be
+    one_line_error(kp("submit", "--comp", "digits", *sets), f"{mine}: kp did not write it (no final.json of kp's "
+                                                             "beside it)", "choose another submit.name")
+    assert mine.read_text() == "ImageId,Label\n1,7\n"
+    mine.unlink()
+    assert kp("submit", "--comp", "digits", *sets).exit_code == 0
+    assert kp("submit", "--comp", "digits", *sets, "--force").exit_code == 0  # its own: replaced

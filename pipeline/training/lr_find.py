@@ -205,10 +205,13 @@ def find_for_stage(config: ConfigReader, stage: str, inputs: dict, out: Path, st
 
     from pipeline.core.artifacts import LR_FIND_OVERLAY, LR_FIND_PLOT, LR_FIND_RECORD
     from pipeline.core.cache import write_text_atomic
+    from pipeline.core.ownership import check_replaceable, owned_text
     from pipeline.training.recipes import recipe
     from pipeline.training.record import set_determinism
 
     s = config.section(stage)
+    if apply:  # before the range test: a file someone edited there is not replaced after minutes of work
+        check_replaceable(out / LR_FIND_OVERLAY, "move or rename it (kp lr-find --apply writes a fresh one there)")
     set_determinism(False)
     keras.utils.set_random_seed(s.seed)
     step = recipe(stage).resolved(config)  # the recipe the stage trains with under this config
@@ -228,11 +231,11 @@ def find_for_stage(config: ConfigReader, stage: str, inputs: dict, out: Path, st
     else:
         phases, setting, what = None, {"lr": float(f"{suggestions['minimum_over_10']:.3g}")}, f"{stage}'s peak rate"
     if apply:
-        write_text_atomic(out / LR_FIND_OVERLAY, (
+        write_text_atomic(out / LR_FIND_OVERLAY, owned_text(
             f"# kp lr-find --comp {config.comp} --stage {stage}: {what} set to the range test's\n"
             f"# minimum / 10 ({suggestions['minimum_over_10']:.3g}; steepest fall at {suggestions['steepest']:.3g})"
             + (", the others keep their ratio" if phases else "") + f".\n# Use: --config {out / LR_FIND_OVERLAY}\n"
-            + yaml.safe_dump({stage: setting}, default_flow_style=None, sort_keys=False)))
+            + yaml.safe_dump({stage: setting}, default_flow_style=None, sort_keys=False), "kp lr-find --apply"))
     plot_range_test(test, suggestions, out / LR_FIND_PLOT, f"{config.comp} {stage}: learning-rate range test")
     record = {"stage": stage, "optimizer": s.optimizer, "batch_size": s.batch_size, "current_lr": current,
               "suggestions": suggestions, "suggested_phases": phases, "batches": len(test.rates),

@@ -173,8 +173,10 @@ class LocalCompetitions:
     # -- the competition and its data files ------------------------------------------------------------
 
     def archive(self, slug: str) -> Path | None:
+        if not isinstance(slug, str) or file_name_problem(slug) or slug.startswith("."):
+            return None
         path = self.data_dir / slug / f"{slug}.zip"
-        return path if slug and "/" not in slug and ".." not in slug and path.is_file() else None
+        return path if path.is_file() else None
 
     def check_access(self, slug: str) -> Path:
         """The competition's archive; 404 for an unknown slug, 403 where its rules are not accepted."""

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.artifacts import SUBMISSION_FILE, TMP_PREFIX
+from pipeline.core.artifacts import SUBMISSION_FILE, TMP_PREFIX, file_name_problem
 from pipeline.core.cache import temporary_name
 from pipeline.core.errors import PipelineError
 from pipeline.data.archive import extract_zip
@@ -62,9 +62,10 @@ class KernelVersion:
 
 
 def _split_ref(ref: str, what: str) -> tuple[str, str]:
-    parts = (ref or "").split("/")
-    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
-        raise CompetitionError(400, f"{what} must be OWNER/SLUG, got {ref!r}")
+    parts = (ref or "").split("/") if isinstance(ref, str) else []
+    if len(parts) != 2 or any(file_name_problem(p) or p.startswith(".") for p in parts):
+        shown = repr(ref) if len(str(ref)) <= 80 else f"{str(ref)[:60]!r}... ({len(str(ref)):,} characters)"
+        raise CompetitionError(400, f"{what} must be OWNER/SLUG (two plain names), got {shown}")
     return parts[0], parts[1]
 
 

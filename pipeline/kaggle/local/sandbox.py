@@ -16,8 +16,8 @@ its own view of the machine, with no network, within a time limit and output cap
   said in the run's record).
 - Limits: at `timeout_s` the whole sandbox is killed and the run ends as an error saying so; the log
   keeps its first `max_log_bytes` (then one line saying it was cut, the rest drained unread); the
-  working folder may hold at most `max_output_bytes` (Kaggle's 20 GB by default; a larger file stops
-  with SIGXFSZ, a folder that grows past it ends the run as an error).
+  working folder and the scratch /tmp may hold at most `max_output_bytes` together (Kaggle's 20 GB
+  by default; a larger file stops with "File too large", folders that grow past it end the run).
 - The kernel's environment holds nothing of the caller's but `PATH`; `KP_KAGGLE_ROOT` names its root
   (`/kaggle` when confined, as on Kaggle).
 - Output: a kernel that exits 0 but writes no `submission.csv` is an error naming that; a kernel that
@@ -169,7 +169,7 @@ def run_kernel(script: Path, inputs: dict[str, Path], root: Path, timeout_s: flo
                                start_new_session=True, preexec_fn=lambda: _limit_file_size(max_output_bytes))
     logger = threading.Thread(target=_keep_log, args=(process.stdout, root / KERNEL_LOG, max_log_bytes), daemon=True)
     logger.start()
-    failure = _wait(process, working, timeout_s, max_output_bytes)
+    failure = _wait(process, (working, scratch), timeout_s, max_output_bytes)
     logger.join(timeout=30)
     shutil.rmtree(scratch, ignore_errors=True)
     seconds = round(time.perf_counter() - clock, 1)
@@ -217,9 +217,10 @@ def _keep_log(stream, path: Path, max_bytes: int) -> None:
                 log.flush()
 
 
-def _wait(process: subprocess.Popen, working: Path, timeout_s: float, max_output_bytes: int) -> str | None:
+def _wait(process: subprocess.Popen, folders: tuple[Path, ...], timeout_s: float, max_output_bytes: int) -> str | None:
     """Wait for the kernel; kill the whole sandbox (its session and everything in it) past the time limit or
-    the output cap. Returns the failure, or None when it exited 0."""
+    once the folders it writes (its working folder and its scratch /tmp) hold more than the output cap.
+    Returns the failure, or None when it exited 0."""
     deadline = time.monotonic() + timeout_s
     failure = None
     while failure is None:
@@ -230,7 +231,7 @@ def _wait(process: subprocess.Popen, working: Path, timeout_s: float, max_output
             pass
         if time.monotonic() >= deadline:
             failure = f"the kernel exceeded its time limit of {timeout_s:g} s and was stopped"
-        elif _size(working) > max_output_bytes:
+        elif sum(_size(folder) for folder in folders) > max_output_bytes:
             failure = f"the kernel's working folder grew past {max_output_bytes:,} bytes and it was stopped"
     with_group = True
     try:
