@@ -158,3 +158,22 @@ def test_status_and_submit_act_on_the_settings_of_the_last_run(project):
     assert ("bring it up to date first: kp all --comp digits --set submit.source=finetune --set 'stages=[download, "
             "split, precompute, finetune, submit]'") in refused.output
     assert not (project / "work" / "digits" / "finetune").exists()
+
+
+def test_stages_show_in_run_order_with_the_submitted_one_marked_and_runs_have_one_header(warm_project):
+    """An ensemble of finetune's heads comes after finetune everywhere; `kp runs` shows the competition's
+    own score (accuracy for digits) under one header, and a leaderboard column only once a run was uploaded."""
+    from tests.test_faults import DIGITS_CHEAP, _digits_cheap
+
+    warm_project("digits-cheap", _digits_cheap)
+    sets = [arg for s in DIGITS_CHEAP for arg in ("--set", s)]
+    table = kp("status", "--comp", "digits", *sets).output.splitlines()
+    names = [line.split()[0] for line in table[2:8]]
+    assert names == ["download", "precompute", "split", "finetune", "ensemble", "submit"], table
+    assert any(line.startswith("ensemble *") for line in table)
+    assert "* submitted: ensemble's predictions are what kp submit writes (submit.source)" in table
+    runs = kp("runs", "--comp", "digits", *sets, "--sort").stdout.splitlines()
+    assert runs[0].split()[:4] == ["stage", "run", "val_accuracy", "validation"] and "leaderboard" not in runs[0]
+    column = runs[0].index("val_accuracy")
+    accuracies = [float(line[column:].split()[0]) for line in runs[1:]]
+    assert accuracies == sorted(accuracies, reverse=True) and len(accuracies) >= 2

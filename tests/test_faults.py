@@ -477,7 +477,7 @@ def _states(status_output: str) -> dict[str, str]:
         for state in ("up to date", "stale", "missing"):
             name, _, rest = line.partition("  ")
             if rest.strip().startswith(state):
-                states[name] = state
+                states[name.removesuffix(" *")] = state  # `*` marks the submitted stage
     return states
 
 

@@ -92,3 +92,12 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(report,
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (1600, 1200)
     assert (pixels < 128).mean() > 0.01 and len(np.unique(pixels)) > 50  # text and plots, not a blank page
+
+
+def test_a_report_of_a_competition_that_never_ran_leaves_a_work_folder_kp_owns(project):
+    runner = CliRunner()
+    cheap = ["--set", "stages=[download, split]"]
+    result = runner.invoke(cli, ["report", "--comp", "digits", *cheap])
+    assert result.exit_code == 0, result.output
+    assert (project / "work" / "digits" / ".kp-work").is_file()  # kp's: later runs and kp clean may use it
+    assert runner.invoke(cli, ["all", "--comp", "digits", *cheap]).exit_code == 0

@@ -129,7 +129,7 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
     if upload and "submit" not in config.stage_names:
         raise PipelineError(f"--upload: {comp!r} has no submit stage in its stage list {config.stage_names}")
     statuses = runner.run(config, targets, force=force)
-    click.echo(format_table(statuses))
+    click.echo(format_table(statuses, config.get("submit.source")))
     if upload:
         from pipeline.kaggle import leaderboard
         from pipeline.shipping import code_submission
@@ -301,7 +301,7 @@ def status(comp, extra_files, sets, as_json, verify, as_configured):
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(f"{comp}: {config.work_dir}")
-        click.echo(format_table(statuses))
+        click.echo(format_table(statuses, config.get("submit.source")))
         _echo_run_cache(config)
         _echo_ledger(config, last=3)
     if damaged:
@@ -377,7 +377,7 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, fo
     from pipeline.core.artifacts import SWEEPS_FOLDER, TRIALS_FILE
     from pipeline.core.cache import write_text_atomic
     from pipeline.core.ownership import check_replaceable, owned_text
-    from pipeline.experiments.run_table import best_overlay, ranked, stored_runs
+    from pipeline.experiments.run_table import best_overlay, format_runs, ranked, score_key, stored_runs
     from pipeline.experiments.sweeps import draw_sweep, finished, read_trials
 
     config, _, _ = _settled(comp, extra_files, sets, as_configured, shallow=True)
@@ -413,14 +413,8 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, fo
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    for row in rows:
-        spread = f" folds {row['fold_min']:.3f}-{row['fold_max']:.3f}" if row["fold_min"] is not None else ""
-        differs = " ".join(f"{key}={json.dumps(value)}" for key, value in row["differs"].items()) or "(as configured)"
-        board = f"  LB {row['lb_score']:.5f}" if row["lb_score"] is not None else ""
-        click.echo(f"{'*' if row['current'] else ' '} {row['stage']:<9} {row['fingerprint']}  {row['val_log_loss']:.5f}  "
-                   f"{row['validation']:<8}{spread}{board}  {row['finished'][:16]}  {row['duration_s']:.0f}s  {differs}")
-    click.echo(f"{len(rows)} stored runs (* the current result of its stage; LB: the leaderboard's score of an "
-               "upload made from it)", err=True)
+    click.echo(format_runs(rows, score_key(config)))
+    click.echo(f"{len(rows)} stored runs; * the current result of its stage", err=True)
 
 
 @cli.command()

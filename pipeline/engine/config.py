@@ -169,11 +169,19 @@ class ResolvedConfig:
 
     @property
     def stage_names(self) -> list[str]:
-        """The listed stages in the order they run: each after the stages it needs (`stages:` says which run)."""
+        """The listed stages in the order they run: each after the stages it needs, and a stage whose models
+        follow another's recipe (an ensemble of finetune's heads) after that one when it is listed, so
+        that every listing and comparison reads as the pipeline goes (`stages:` says which run)."""
         from pipeline.engine.registry import all_stages, in_run_order
 
         stages = all_stages()
-        return in_run_order(self.model.stages, lambda name: stages[name].needs_for(self))
+
+        def after(name: str) -> tuple[str, ...]:
+            predicts = stages[name].predicts
+            recipe = predicts.recipe(self) if predicts is not None and predicts.recipe is not None else name
+            return (*stages[name].needs_for(self), *((recipe,) if recipe != name else ()))
+
+        return in_run_order(self.model.stages, after)
 
     def path(self, value: str | os.PathLike) -> Path:
         """A configured path, resolved against the project root when relative."""

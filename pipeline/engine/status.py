@@ -188,9 +188,11 @@ def explain(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return reasons
 
 
-def format_table(statuses: list[StageStatus]) -> str:
-    """The human table of `kp status`."""
+def format_table(statuses: list[StageStatus], submitted: str | None = None) -> str:
+    """The human table of `kp status`, in run order; `submitted`: the stage whose predictions are submitted
+    (`submit.source`), marked `*` with a line saying so."""
     rows = [("stage", "state", "last run", "took", "result / why stale")]
+    marked = submitted if any(s.name == submitted for s in statuses) else None
     for s in statuses:
         m = s.manifest
         when = _short_time(m.finished) if m else "-"
@@ -201,9 +203,11 @@ def format_table(statuses: list[StageStatus]) -> str:
             detail += "  [restorable from the run cache]"
         if m and s.state != UP_TO_DATE and m.headline:
             detail += f"  (last: {m.headline})"
-        rows.append((s.name, state, when, took, detail))
+        rows.append((s.name + (" *" if s.name == marked else ""), state, when, took, detail))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    if marked:
+        lines.append(f"* submitted: {marked}'s predictions are what kp submit writes (submit.source)")
     return "\n".join(line.rstrip() for line in lines)
 
 

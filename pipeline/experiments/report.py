@@ -84,7 +84,7 @@ def build_report(config: ResolvedConfig) -> Path:
     """
     import jinja2
 
-    from pipeline.core.cache import write_text_atomic
+    from pipeline.core.cache import claim_work_folder, write_text_atomic
     from pipeline.experiments.sweeps import draw_sweep, finished, score_name_of, sweeps
     from pipeline.kaggle.ledger import ledger_path, read_ledger
 
@@ -113,6 +113,6 @@ def build_report(config: ResolvedConfig) -> Path:
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )
     path = config.work_dir / HTML_REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(config.work_dir)  # a competition that never ran gets a work folder kp owns, not a stray one
     write_text_atomic(path, html)
     return path

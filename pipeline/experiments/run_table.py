@@ -9,6 +9,7 @@ ledger names the submit run; that run's manifest names the result it submitted).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
@@ -150,3 +151,30 @@ def best_overlay(config: ResolvedConfig, rows: list[dict]) -> tuple[dict, str]:
     header = (f"# the best stored {best['stage']} run ({best['fingerprint']}, {best['validation']} {name} "
               f"{best[name]:.5f}, {best['finished']}): its settings that differ from this config\n")
     return best, header + (yaml.safe_dump(nested, sort_keys=False) if nested else "{}\n")
+
+
+def format_runs(rows: list[dict], score_name: str) -> str:
+    """`kp runs`' table: one header, the competition's own score (`score_name`) in its column, the folds'
+    spread of a cv run, the leaderboard's score only when a run was uploaded, `*` on each stage's
+    current result, and the settings that differ from the config.
+
+    Args:
+        rows: `stored_runs` rows, in the order to show them.
+        score_name: `val_log_loss` or `val_accuracy` (`score_key`).
+    """
+    uploaded = any(row["lb_score"] is not None for row in rows)
+    header = ["", "stage", "run", score_name, "validation", "folds (log loss)", *(["leaderboard"] if uploaded else []),
+              "finished", "took", "settings that differ"]
+    table = [header]
+    for row in rows:
+        score = row.get(score_name)
+        spread = f"{row['fold_min']:.3f}-{row['fold_max']:.3f}" if row["fold_min"] is not None else "-"
+        board = [f"{row['lb_score']:.5f}" if row["lb_score"] is not None else "-"] if uploaded else []
+        differs = " ".join(f"{key}={json.dumps(value)}" for key, value in row["differs"].items()) or "(as configured)"
+        table.append(["*" if row["current"] else "", row["stage"], row["fingerprint"],
+                      f"{score:.5f}" if score is not None else "-", row["validation"], spread, *board,
+                      row["finished"][:16].replace("T", " "), f"{row['duration_s']:.0f}s", differs])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in table]
+    return "\n".join(line.rstrip() for line in lines)
+

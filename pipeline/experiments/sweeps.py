@@ -92,9 +92,9 @@ def grid_trials(grid: list[str], max_trials: int | None = None) -> list[dict[str
 
 
 def objective_stage(config: ResolvedConfig, asked: str | None) -> str:
-    """The stage whose validation score a sweep compares: `asked`, else the first listed stage whose models
-    predict every training row out of fold (`Predicts.out_of_fold`: cv), else the last predicting stage the
-    competition lists."""
+    """The stage whose validation score a sweep compares: `asked`, else what is submitted (`submit.source`,
+    when it is a listed predicting stage), else the first listed stage whose models predict every training
+    row out of fold (`Predicts.out_of_fold`: cv), else the last predicting stage in run order."""
     from pipeline.engine.registry import predicting_stages
 
     listed = [name for name in config.stage_names if config.predicts(name) is not None]
@@ -104,6 +104,9 @@ def objective_stage(config: ResolvedConfig, asked: str | None) -> str:
         return asked
     if not listed:
         raise PipelineError(f"{config.comp!r} lists no predicting stage ({', '.join(predicting_stages())}) to sweep")
+    submitted = config.get("submit.source")
+    if submitted in listed:
+        return submitted
     out_of_fold = [name for name in listed if config.predicts(name).out_of_fold]
     return out_of_fold[0] if out_of_fold else listed[-1]
 
