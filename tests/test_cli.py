@@ -57,10 +57,10 @@ def test_stage_command_runs_what_it_needs_and_force_reruns(project):
 def test_clean_one_stage_then_all(project):
     kp("all", "--comp", "digits", *CHEAP)
     work = project / "work" / "digits"
-    assert kp("clean", "--comp", "digits", *CHEAP, "--stage", "split").exit_code == 0
+    assert kp("clean", "--comp", "digits", *CHEAP, "--stage", "split", "--yes").exit_code == 0
     assert (work / "download").is_dir() and not (work / "split").exists()
     assert "split     missing" in kp("status", "--comp", "digits", *CHEAP).output
-    assert kp("clean", "--comp", "digits", *CHEAP).exit_code == 0
+    assert kp("clean", "--comp", "digits", *CHEAP, "--yes").exit_code == 0
     assert not work.exists()
 
 
@@ -177,3 +177,17 @@ def test_stages_show_in_run_order_with_the_submitted_one_marked_and_runs_have_on
     column = runs[0].index("val_accuracy")
     accuracies = [float(line[column:].split()[0]) for line in runs[1:]]
     assert accuracies == sorted(accuracies, reverse=True) and len(accuracies) >= 2
+
+
+def test_clean_prints_what_it_would_delete_and_without_a_terminal_deletes_only_with_yes(project):
+    assert kp("all", "--comp", "digits", *CHEAP).exit_code == 0
+    work = project / "work" / "digits"
+    dry = kp("clean", "--comp", "digits", *CHEAP, "--dry-run")
+    assert dry.exit_code == 0 and f"kp clean would delete {work}, that is:" in dry.output
+    assert re.search(r"\d+\.\d MB  _runs", dry.output) and " in all" in dry.output and work.is_dir()
+    refused = CliRunner().invoke(cli, ["clean", "--comp", "digits", *CHEAP], input="")  # stdin is no terminal
+    assert refused.exit_code == 2 and "no terminal to ask on, so nothing was deleted; pass --yes" in refused.output
+    assert (work / "split").exists()
+    assert kp("clean", "--comp", "digits", *CHEAP, "--stage", "split", "--yes").exit_code == 0
+    assert not (work / "split").exists() and (work / "download").exists()
+    assert kp("clean", "--comp", "digits", *CHEAP, "--yes").exit_code == 0 and not work.exists()

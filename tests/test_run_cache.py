@@ -63,7 +63,7 @@ def test_clean_keep_last_keeps_the_current_run_and_reports_sizes(project):
     assert len(stage_store(work, "split").entries()) == 3
     assert "run cache" in kp("status", "--comp", "digits", *CHEAP).output
     current = current_key(work, "split")
-    result = kp("clean", "--comp", "digits", *CHEAP, "--keep-last", "1")
+    result = kp("clean", "--comp", "digits", *CHEAP, "--keep-last", "1", "--yes")
     assert result.exit_code == 0, result.output
     assert [e.key for e in stage_store(work, "split").entries()] == [current]
     assert len(stage_store(work, "download").entries()) == 1

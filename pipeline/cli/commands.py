@@ -588,12 +588,15 @@ def show_config(comp, extra_files, sets, write_defaults):
 @click.option("--stage", "stage_names", multiple=True, help="Only this stage's outputs (repeatable).")
 @click.option("--keep-last", type=click.IntRange(min=0), default=None, metavar="N",
               help="Keep each stage's current result and its N most recently used stored runs; delete older ones.")
+@click.option("--yes", "-y", is_flag=True, help="Delete without asking (needed where there is no terminal to ask on).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
 @_wait_option
 @_config_options
-def clean(comp, extra_files, sets, stage_names, keep_last):
-    """Delete a competition's outputs (work/COMP), only the given stages', or only old stored runs."""
+def clean(comp, extra_files, sets, stage_names, keep_last, yes, dry_run):
+    """Delete a competition's outputs (work/COMP), only the given stages', or only old stored runs: it prints
+    what it would delete with sizes, then asks (on a terminal) or needs --yes."""
     from pipeline.core.cache import competition_lock, sweep_partial
-    from pipeline.core.runs import prune_stage, remove_stage, store_sizes
+    from pipeline.core.runs import folder_size, prune_stage, remove_stage
 
     config = _load(comp, extra_files, sets)
     work = config.work_dir
@@ -603,23 +606,43 @@ def clean(comp, extra_files, sets, stage_names, keep_last):
     if not work.exists():
         click.echo(f"{work}: nothing to clean")
         return
-    before = sum(size for _, size in store_sizes(work).values())
     with competition_lock(work, wait=config.get("cache.wait")):
         sweep_partial(work)
-        if keep_last is not None:
-            for name in stage_names or config.stage_names:
-                for entry in prune_stage(work, name, keep_last):
-                    click.echo(f"removed {entry.path.relative_to(work)} ({_megabytes(entry.size)})")
-            after = sum(size for _, size in store_sizes(work).values())
-            click.echo(f"run cache: {_megabytes(before)} -> {_megabytes(after)}")
+
+        def plan(dry: bool) -> list[tuple[Path, int]]:
+            if keep_last is not None:
+                return [(entry.path, entry.size) for name in (stage_names or config.stage_names)
+                        for entry in prune_stage(work, name, keep_last, dry_run=dry)]
+            if stage_names:
+                return [(path, 0 if path.is_symlink() else folder_size(path)) for name in stage_names
+                        for path in remove_stage(work, name, dry_run=dry)]
+            return [(path, folder_size(path) if path.is_dir() and not path.is_symlink() else path.lstat().st_size)
+                    for path in sorted(work.iterdir()) if not path.name.startswith(".")]  # not kp's lock and marker
+
+        doomed = plan(dry=True)
+        if not doomed:
+            click.echo(f"{work}: nothing to clean")
             return
-        if stage_names:
-            for name in stage_names:
-                for path in remove_stage(work, name):
-                    click.echo(f"removed {path}")
+        whole = keep_last is None and not stage_names
+        click.echo(f"kp clean would delete{' ' + str(work) + ', that is' if whole else ''}:")
+        for path, size in sorted(doomed, key=lambda item: -item[1]):
+            click.echo(f"  {_megabytes(size):>12}  {path.relative_to(work) if path != work else path}")
+        click.echo(f"  {_megabytes(sum(size for _, size in doomed)):>12}  in all")
+        if dry_run:
             return
-    shutil.rmtree(work, ignore_errors=True)
-    click.echo(f"removed {work}")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise PipelineError("kp clean: no terminal to ask on, so nothing was deleted; pass --yes to delete "
+                                    "the above")
+            if not click.confirm("Delete these?", default=False):
+                click.echo("nothing deleted")
+                return
+        if whole:
+            shutil.rmtree(work, ignore_errors=True)
+            click.echo(f"removed {work}")
+            return
+        plan(dry=False)
+        click.echo(f"removed {len(doomed)} entries ({_megabytes(sum(size for _, size in doomed))})")
 
 
 def _megabytes(size: int) -> str:

@@ -124,12 +124,14 @@ class RunStore:
         """Delete entry `key` (what a stage that keeps its units' contents elsewhere does once it has them)."""
         shutil.rmtree(self.root / key, ignore_errors=True)
 
-    def prune(self, keep_last: int, protect: set[str] = frozenset()) -> list[Entry]:
-        """Delete all but the `keep_last` most recently used entries (never those in `protect`)."""
+    def prune(self, keep_last: int, protect: set[str] = frozenset(), dry_run: bool = False) -> list[Entry]:
+        """Delete all but the `keep_last` most recently used entries (never those in `protect`); with
+        `dry_run`, only say which."""
         removed = []
         for rank, entry in enumerate(self.entries()):
             if rank >= keep_last and entry.key not in protect:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                if not dry_run:
+                    shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(entry)
         return removed
 
@@ -239,41 +241,45 @@ def unit_stores(work_dir: Path, stage: str) -> list[RunStore]:
     return [RunStore(p) for p in sorted(root.glob(unit_store_name(stage, "*"))) if p.is_dir()] if root.is_dir() else []
 
 
-def remove_stage(work_dir: Path, stage: str) -> list[Path]:
-    """Delete a stage's current link, every stored run and every unit it cached."""
+def remove_stage(work_dir: Path, stage: str, dry_run: bool = False) -> list[Path]:
+    """Delete a stage's current link, every stored run and every unit it cached (`dry_run`: only say which)."""
     removed = []
     link = work_dir / stage
     if link.is_symlink():
-        link.unlink()
+        if not dry_run:
+            link.unlink()
         removed.append(link)
     elif link.is_dir():
         if not (link / MANIFEST).is_file():
             raise PipelineError(f"{link}: a folder kp did not write (no {MANIFEST}); kp deletes nothing it did not "
                                 "create: move it away yourself")
-        shutil.rmtree(link)
+        if not dry_run:
+            shutil.rmtree(link)
         removed.append(link)
     for folder in [stage_store(work_dir, stage).root, *(s.root for s in unit_stores(work_dir, stage))]:
         if folder.is_dir():
-            shutil.rmtree(folder)
+            if not dry_run:
+                shutil.rmtree(folder)
             removed.append(folder)
     return removed
 
 
-def prune_stage(work_dir: Path, stage: str, keep_last: int) -> list[Entry]:
+def prune_stage(work_dir: Path, stage: str, keep_last: int, dry_run: bool = False) -> list[Entry]:
     """Keep the current run and the `keep_last` most recently used stored runs of `stage` (at least
-    the current one), and the units those runs used; delete the rest."""
+    the current one), and the units those runs used; delete the rest (`dry_run`: only say which)."""
     store = stage_store(work_dir, stage)
     current = current_key(work_dir, stage)
     variants = work_dir / VARIANTS_FOLDER  # blend sources share this store: their current runs stay too
     protect = {key for key in [current, *(current_key(v, stage) for v in sorted(variants.glob("*")))] if key}
-    removed = store.prune(max(keep_last, 1 if current else 0), protect=protect)
+    removed = store.prune(max(keep_last, 1 if current else 0), protect=protect, dry_run=dry_run)
+    gone = {entry.key for entry in removed}
     kept_units: dict[str, set[str]] = {}
     for entry in store.entries():
-        manifest = Manifest.read(entry.path)
+        manifest = Manifest.read(entry.path) if entry.key not in gone else None
         for name, keys in (manifest.units if manifest else {}).items():
             kept_units.setdefault(name, set()).update(keys)
     for units in unit_stores(work_dir, stage):
-        removed += units.prune(0, protect=kept_units.get(units.root.name, set()))
+        removed += units.prune(0, protect=kept_units.get(units.root.name, set()), dry_run=dry_run)
     return removed
 
 
