@@ -79,7 +79,7 @@ def run(ctx: StageContext) -> dict:
                 "held_out": sorted(ids[held_out])}
         items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
                               {"source": s.source, "seed": s.seed, "rows": rows},
-                              (steps, Fold(f, g, held_out, selection, rows), s.seed, f"{ctx.comp} fold {f + 1}")))
+                              (steps, Fold(f, g, held_out, selection, rows), s.seed, f"fold {f + 1}/{n_folds}")))
     # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
     units = ctx.map_units("folds", train_fold, items, "cv folds", recipes=steps, upstream=needs_of(steps, ctx.config),
                           keyed_by_item=("split",), resumable=True)

@@ -47,7 +47,7 @@ def run(ctx: StageContext) -> dict:
     check_steps(steps, ctx.config)
     data = None if ctx.on_ray else load_steps(ctx.config, steps, ctx.inputs)  # Ray workers load their own
     items = [UnitItem(f"member {i + 1}/{s.n} (seed {s.seed + i})", {"seed": s.seed + i},
-                      (steps, data, None, TrainingRun(s.seed + i, f"{ctx.comp} member {i + 1}")))
+                      (steps, data, None, TrainingRun(s.seed + i, f"member {i + 1}/{s.n} (seed {s.seed + i})")))
              for i in range(s.n)]
     units = ctx.map_units("members", train_unit, items, "ensemble members", recipes=steps,
                           upstream=needs_of(steps, ctx.config), resumable=True)

@@ -131,7 +131,7 @@ def run(ctx: StageContext) -> dict:
         teaching = Teaching(teacher.test_probs, keep, s.weight)
         [unit] = students([UnitItem("the student", {"seed": s.seed, "taught": teaching.digest()},
                                     (steps, None, None,
-                                     TrainingRun(s.seed, f"{ctx.comp} student", teaching=teaching)))])
+                                     TrainingRun(s.seed, "student", teaching=teaching)))])
         (ctx.out / STUDENT_DIR).mkdir()
         for name in TRAINED_FILES:
             link_or_copy(unit.folder / name, ctx.out / STUDENT_DIR / name)
@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> dict:
                 f"fold {f + 1}/{n_folds} student ({chosen[f + 1]} epochs, taught by fold {f + 1}'s teacher)",
                 {"seed": s.seed, "fold": f, "rows": rows, "epochs": chosen[f + 1], "taught": teaching.digest()},
                 (steps, None, (~held_out, held_out),
-                 TrainingRun(s.seed, f"{ctx.comp} fold {f + 1} student", epochs=chosen[f + 1], teaching=teaching))))
+                 TrainingRun(s.seed, f"fold {f + 1} student", epochs=chosen[f + 1], teaching=teaching))))
         units = students(items, keyed_by_item=("split",))
         oof = np.zeros_like(teacher.valid_probs)
         fold_test, taught = [], []

@@ -191,3 +191,78 @@ def test_clean_prints_what_it_would_delete_and_without_a_terminal_deletes_only_w
     assert kp("clean", "--comp", "digits", *CHEAP, "--stage", "split", "--yes").exit_code == 0
     assert not (work / "split").exists() and (work / "download").exists()
     assert kp("clean", "--comp", "digits", *CHEAP, "--yes").exit_code == 0 and not work.exists()
+
+
+def test_version_bare_kp_and_json_read_commands(project):
+    assert re.fullmatch(r"kp \d+\.\d+\.\d+\n", kp("--version").output)
+    bare = kp()
+    assert bare.exit_code == 0 and bare.output.startswith("Usage: ") and "Commands:" in bare.output
+    assert json.loads(kp("ledger", "--comp", "digits", "--json").output) == []
+    assert {"name", "preprocessing", "width"} <= set(json.loads(kp("backbones", "--json").output)[0])
+    described = kp("config", "--comp", "digits", "split.fraction", "competition.submission").output.splitlines()
+    assert described[0].startswith('competition.submission = "csv"') and "code competition" in described[1]
+    assert described[2].startswith("split.fraction = 0.2") and "share of training rows held out" in described[3]
+    keys = {row["key"]: row for row in json.loads(kp("config", "--comp", "digits", "--json", "split").output)}
+    assert keys["split.fraction"]["value"] == 0.2 and keys["split.fraction"]["source"] == "configs/digits.yaml"
+    assert "no such key or section (did you mean 'split'?)" in CliRunner().invoke(cli, ["config", "splt"]).output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(project):
+    dry = kp("all", "--comp", "digits", *CHEAP, "--dry-run")
+    assert dry.exit_code == 0 and re.search(r"^download\s+run\s+never run$", dry.output, re.M)
+    assert "dry run: nothing was run or written" in dry.output and not (project / "work").exists()
+    assert kp("all", "--comp", "digits", *CHEAP).exit_code == 0
+    again = kp("split", "--comp", "digits", *CHEAP, "--set", "split.seed=7", "--dry-run")
+    assert re.search(r"^download\s+skip\s+up to date$", again.output, re.M)
+    assert re.search(r"^split\s+run\s+config split.seed: 42 -> 7$", again.output, re.M), again.output
+
+
+def test_quiet_keeps_only_the_result_and_an_upload_without_credentials_stops_before_any_stage(project, kaggle_env):
+    quiet = CliRunner().invoke(cli, ["-q", "all", "--comp", "digits", *CHEAP])
+    assert quiet.exit_code == 0 and "[digits]" not in quiet.stderr and "download" in quiet.stdout
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY"):
+        kaggle_env.delenv(name)
+    upload = CliRunner().invoke(cli, ["all", "--comp", "digits", "--upload"])  # hours of stages, then an upload
+    assert upload.exit_code == 2 and "Kaggle credentials not found" in upload.output
+    assert "leave out --upload" in upload.output and "download.source" not in upload.output
+    assert "running" not in upload.output and not (project / "work" / "digits" / "precompute").exists()
+
+
+def test_progress_on_a_terminal_never_shares_a_line_with_a_log_line_and_a_log_file_has_no_bars(warm_project):
+    """An ensemble of two members run by a real `kp` on a pseudo-terminal: every bar redraw and every log line
+    are apart (tqdm.write), TensorFlow's own lines are gone; the same run into a pipe has plain lines only."""
+    import os
+    import pty
+
+    from tests.test_faults import DIGITS_CHEAP, _digits_cheap
+
+    root = warm_project("digits-cheap", _digits_cheap)
+    args = [sys.executable, "-m", "pipeline", "ensemble", "--comp", "digits",
+            *[arg for s in DIGITS_CHEAP for arg in ("--set", s)], "--set", "ensemble.n=2", "--set", "ensemble.seed=50"]
+    env = {**os.environ, "KP_ROOT": str(root), "COLUMNS": "120"}
+    main, secondary = pty.openpty()
+    process = subprocess.Popen(args, stdin=secondary, stdout=secondary, stderr=secondary, env=env, cwd=REPO)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    pieces = [piece for line in text.split("\n") for piece in line.split("\r")]
+    bars = [piece for piece in pieces if "%|" in piece]
+    assert bars, text  # bars were drawn on the terminal
+    assert not [piece for piece in bars if "[digits] " in piece.split("%|")[1]], text
+    assert any("epoch" in piece for piece in bars) or any(": epoch " in piece for piece in pieces), text
+    assert "InitializeLog" not in text and "oneDNN" not in text and "Epoch 1/" not in text
+
+    piped = subprocess.run([*args[:-1], "ensemble.seed=60"], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert "%|" not in piped.stderr and "\r" not in piped.stderr
+    assert re.search(r"^\[digits\] member 1/2 \(seed 60\): epoch 1/1, loss [\d.]+", piped.stderr, re.M), piped.stderr

@@ -516,7 +516,7 @@ def test_a_rerun_that_writes_different_bytes_makes_what_was_built_on_it_stale(wa
     status = kp("status", "--comp", "digits", *sets).output
     assert "upstream precompute was rerun and its outputs changed" in status
     # ensemble and finetune read precompute; submit reads ensemble, whose new outputs are not known before it reruns
-    assert [name for name, state in _states(status).items() if state != "up to date"] == ["ensemble", "finetune",
+    assert [name for name, state in _states(status).items() if state != "up to date"] == ["finetune", "ensemble",
                                                                                             "submit"]
     assert "upstream ensemble changed" in status
     rebuilt = kp("all", "--comp", "digits", *sets)

@@ -118,18 +118,22 @@ def _as_configured_option(command):
 
 
 def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
-         config: ResolvedConfig | None = None) -> None:
+         config: ResolvedConfig | None = None, dry_run: bool = False) -> None:
     """Run `targets` (None: every listed stage) under the given settings, remembered as the last run's;
-    `config`: already loaded from them."""
+    `config`: already loaded from them; `dry_run`: print the plan instead (`_echo_plan`)."""
     from pipeline.engine import last_run, runner
     from pipeline.engine.status import format_table
 
     config = config or _load(comp, extra_files, sets)
-    last_run.remember(config.work_dir, extra_files, sets)
+    if dry_run:
+        return _echo_plan(config, targets, force)
+    if upload and targets is None:  # kp all --upload (kp submit --upload checked already)
+        _check_can_upload(config)
     if upload and "submit" not in config.stage_names:
         raise PipelineError(f"--upload: {comp!r} has no submit stage in its stage list {config.stage_names}")
+    last_run.remember(config.work_dir, extra_files, sets)
     statuses = runner.run(config, targets, force=force)
-    click.echo(format_table(statuses, config.get("submit.source")))
+    _echo_table(format_table(statuses, config.get("submit.source")))
     if upload:
         from pipeline.kaggle import leaderboard
         from pipeline.shipping import code_submission
@@ -137,6 +141,70 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
         leaderboard.upload(config, message, again=force, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
                            submit_kernel=code_submission.submit)
         _echo_ledger(config, last=3)
+
+
+STATE_COLOURS = {"up to date": "green", "stale": "yellow", "missing": "red"}
+
+
+def _echo_table(table: str) -> None:
+    """A table of `kp status` on stdout: on a terminal each state coloured (none with NO_COLOR set) and each
+    line cut to the terminal's width (`...` at the end); elsewhere as it is."""
+    if not sys.stdout.isatty():
+        click.echo(table)
+        return
+    width = shutil.get_terminal_size().columns
+    colour = not os.environ.get("NO_COLOR")
+    for line in table.splitlines():
+        shown = line if len(line) <= width else line[:max(width - 3, 10)] + "..."
+        if colour:
+            for state, fg in STATE_COLOURS.items():
+                at = shown.find(f"  {state}")
+                if at >= 0:
+                    shown = shown[:at + 2] + click.style(state, fg=fg) + shown[at + 2 + len(state):]
+                    break
+        click.echo(shown)
+
+
+def _check_can_upload(config: ResolvedConfig) -> None:
+    """Before any stage runs for an upload (no hour of training ends in "no credentials"): the credentials,
+    and the competition open to this account (`pipeline.kaggle.submissions.check_can_submit`)."""
+    from pipeline.kaggle.api import Network
+    from pipeline.kaggle.submissions import check_can_submit
+
+    check_can_submit(config.competition.slug, Network.of(config.kaggle))
+
+
+def _echo_plan(config: ResolvedConfig, targets, force: bool) -> None:
+    """`--dry-run`: each stage the run would reach, in order, and what it would do and why; reads only (no
+    lock, no last-run record, nothing written)."""
+    from pipeline.engine.runner import plan
+    from pipeline.engine.status import UP_TO_DATE, stage_statuses
+
+    order = plan(config, targets)
+    statuses = {s.name: s for s in stage_statuses(config)}
+    forced = set(order if targets is None else targets) if force else set()
+    rows = []
+    for name in order:
+        status = statuses[name]
+        why = "; ".join(status.reasons)
+        if name in forced:
+            rows.append((name, "run", "forced"))
+        elif status.state == UP_TO_DATE:
+            rows.append((name, "skip", "up to date"))
+        elif status.restorable:
+            rows.append((name, "restore", f"from the run cache ({why})"))
+        else:
+            rows.append((name, "run", why))
+    width = max(len(name) for name, _, _ in rows)
+    for name, action, why in rows:
+        click.echo(f"{name.ljust(width)}  {action:<7}  {why}")
+    click.echo("dry run: nothing was run or written (a stage after one that runs may turn out up to date once "
+               "that one has run and written the same outputs)")
+
+
+def _dry_run_option(command):
+    return click.option("--dry-run", is_flag=True, help=(
+        "Print each stage the run would reach and what it would do (skip, restore, run) and why; run nothing."))(command)
 
 
 def _upload_options(command):
@@ -190,22 +258,41 @@ class _PipelineGroup(click.Group):
 
 def _stage_command(name: str, doc: str) -> click.Command:
     @click.option("--force", is_flag=True, help="Rerun this stage even if it is up to date.")
+    @_dry_run_option
     @_wait_option
     @_config_options
-    def command(comp, extra_files, sets, force):
-        _run(comp, extra_files, sets, [name], force)
+    def command(comp, extra_files, sets, force, dry_run):
+        _run(comp, extra_files, sets, [name], force, dry_run=dry_run)
 
     command.__doc__ = f"{doc} Runs what it needs first, unless up to date."
     return click.command(name=name, short_help=doc)(command)
 
 
-@click.group(cls=_PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def cli():
+@click.group(cls=_PipelineGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kaggle-pipeline", prog_name="kp", message="%(prog)s %(version)s")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings, errors and each command's result: no progress.")
+@click.option("-v", "--verbose", is_flag=True, help="Also TensorFlow's own log lines (kp hides them by default).")
+@click.pass_context
+def cli(ctx, quiet, verbose):
     """kp: a staged, cached Keras pipeline from a Kaggle competition's download to its submission.
 
     Each stage writes work/COMP/STAGE/ with a manifest; a stage whose config, code and upstream
-    are unchanged is skipped, and one whose earlier result is in the run cache is restored. Stage commands are listed first, in pipeline order.
+    are unchanged is skipped, and one whose earlier result is in the run cache is restored. Stage
+    commands are listed first. Shell completion: eval "$(_KP_COMPLETE=bash_source kp)" (zsh_source,
+    fish_source for those shells).
     """
+    from pipeline.core.console import VERBOSITY
+
+    if quiet and verbose:
+        raise click.UsageError("-q and -v ask for opposite things: give one")
+    if quiet or verbose:  # the environment carries it to Ray workers; gone again when the command ends
+        before = os.environ.get(VERBOSITY)
+        os.environ[VERBOSITY] = "quiet" if quiet else "verbose"
+        ctx.call_on_close(lambda: os.environ.pop(VERBOSITY) if before is None
+                          else os.environ.__setitem__(VERBOSITY, before))
+    if ctx.invoked_subcommand is None:  # bare `kp`: its help, as a successful answer
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @cli.command("submit", short_help="submit: write the submission file; --upload sends it to Kaggle.")
@@ -220,8 +307,9 @@ def submit_command(comp, extra_files, sets, force, upload, message, as_configure
     with --upload it trains nothing: a stage it reads that is stale stops it, saying how to bring it up to date.
     Given no settings, it acts on those of the last run in the work folder."""
     config, extra_files, sets = _settled(comp, extra_files, sets, as_configured)
-    if upload:
+    if upload:  # what ran (read here), then the credentials and the competition (asked of Kaggle)
         _check_uploaded_as_run(config, extra_files, sets)
+        _check_can_upload(config)
     _run(comp, extra_files, sets, ["submit"], force, upload, message, config)
 
 
@@ -245,28 +333,36 @@ def _check_uploaded_as_run(config: ResolvedConfig, extra_files, sets) -> None:
 @cli.command("all")
 @click.option("--force", is_flag=True, help="Rerun every stage, up to date or not.")
 @_upload_options
+@_dry_run_option
 @_wait_option
 @_config_options
-def all_command(comp, extra_files, sets, force, upload, message):
+def all_command(comp, extra_files, sets, force, upload, message, dry_run):
     """Run every stage the competition lists, skipping the up-to-date ones."""
-    _run(comp, extra_files, sets, None, force, upload, message)
+    _run(comp, extra_files, sets, None, force, upload, message, dry_run=dry_run)
 
 
 @cli.command()
 @click.option("--refresh", is_flag=True, help="First ask Kaggle for the scores of pending submissions.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: the ledger's rows.")
 @_config_options
-def ledger(comp, extra_files, sets, refresh):
+def ledger(comp, extra_files, sets, refresh, as_json):
     """Every upload: validation score, leaderboard score and their difference; writes ledger.png."""
     from pipeline.kaggle.ledger import ledger_path, read_ledger
 
     config = _load(comp, extra_files, sets)
     if not read_ledger(ledger_path(config)):
+        if as_json:
+            click.echo("[]")
+            return
         click.echo(f"{ledger_path(config)}: no uploads yet (kp submit --comp {comp} --upload)")
         return
     from pipeline.kaggle import leaderboard
 
     if refresh:
         leaderboard.refresh(config, say=lambda line: click.echo(f"[{comp}] {line}", err=True))
+    if as_json:
+        click.echo(json.dumps(read_ledger(ledger_path(config)), indent=2))
+        return
     _echo_ledger(config)
     click.echo(f"plot: {leaderboard.draw(config)}")
 
@@ -301,7 +397,7 @@ def status(comp, extra_files, sets, as_json, verify, as_configured):
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo(f"{comp}: {config.work_dir}")
-        click.echo(format_table(statuses, config.get("submit.source")))
+        _echo_table(format_table(statuses, config.get("submit.source")))
         _echo_run_cache(config)
         _echo_ledger(config, last=3)
     if damaged:
@@ -331,9 +427,11 @@ def status(comp, extra_files, sets, as_json, verify, as_configured):
 @click.option("--prune-margin", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="How much worse (relative; the error rate for accuracy) the mean of those folds must be, each "
                    "fold being worse too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ended trials as JSON (as trials.jsonl holds them).")
 @_wait_option
 @_config_options
-def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin):
+def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, prune, prune_after, prune_margin,
+          as_json):
     """A grid of settings or an Optuna search, each trial an ordinary run restored from the run cache where it ran before."""
     from pipeline.experiments.sweeps import finished, run_search, run_sweep, score_name_of
     from pipeline.experiments.trials import Pruning
@@ -348,6 +446,9 @@ def sweep(comp, extra_files, sets, grid, search, trials, seed, objective, name, 
         folder, done = run_search(comp, extra_files, sets, Path(search), trials, objective, name, seed, pruning, say)
     else:
         folder, done = run_sweep(comp, extra_files, sets, list(grid), objective, name, pruning, say)
+    if as_json:
+        click.echo(json.dumps(done, indent=2))
+        return
     score = score_name_of(done)
     for trial in done:
         settings = " ".join(f"{key}={value}" for key, value in trial["overrides"].items())
@@ -546,13 +647,19 @@ def report(comp, extra_files, sets, as_configured):
 @cli.command()
 @click.option("--write", is_flag=True, help=(
     "Derive the table from the installed Keras again (builds every network once: about a minute) and commit it."))
-def backbones(write):
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: one object per network.")
+def backbones(write, as_json):
     """Every keras.applications network precompute.backbone takes: preprocessing, sizes, feature width."""
+    from dataclasses import asdict
+
     from pipeline.models.applications import TABLE_FILE, applications, derive_applications, write_table
 
     if write:
         write_table(derive_applications())
         click.echo(f"wrote {TABLE_FILE}")
+    if as_json:
+        click.echo(json.dumps([asdict(a) for a in applications().values()], indent=2))
+        return
     rows = [("backbone", "preprocessing", "size", "min size", "alpha", "features")]
     rows += [(a.name, a.preprocessing, str(a.default_size), str(a.min_size), "yes" if a.alpha else "",
               f"{a.width:,}") for a in applications().values()]
@@ -560,17 +667,21 @@ def backbones(write):
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     click.echo("\nalso: none (pixels, for from-scratch models), file (precompute.weights: a whole .keras model); "
-               "any case works (vgg16 = VGG16); features: channels at alpha 1.0, what cut: pool averages to")
+               "any case works (vgg16 = VGG16); features: the channels of the last feature map at alpha 1.0, which "
+               "cut: pool averages over the image into one row of that width")
 
 
 @cli.command("config")
+@click.argument("keys", nargs=-1, metavar="[KEY]...")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: each key's value, source and description.")
 @click.option("--defaults", "write_defaults", is_flag=True,
               help="Write configs/defaults.yaml and the key table of docs/configuration.md from the code.")
 @_config_options
-def show_config(comp, extra_files, sets, write_defaults):
-    """Print the merged config, each value with the file (or --set) that set it."""
-    from pipeline.core.cache import flatten
-    from pipeline.engine.config import project_root, source_of
+def show_config(comp, extra_files, sets, keys, as_json, write_defaults):
+    """Print the merged config, each value with the file (or --set) that set it; given KEYs (`split`,
+    `finetune.lr`), only those, each with what it does."""
+    from pipeline.engine.config import did_you_mean, project_root, source_of
+    from pipeline.engine.config_reference import described_keys
 
     if write_defaults:
         from pipeline.engine.config_reference import write_reference
@@ -580,8 +691,22 @@ def show_config(comp, extra_files, sets, write_defaults):
                    "docs/configuration.md already match the code")
         return
     config = _load(comp, extra_files, sets)
-    for key, value in flatten(config.values).items():
+    rows = described_keys(config)
+    if keys:
+        names = [key for key, _, _ in rows]
+        for asked in keys:
+            if not any(name == asked or name.startswith(asked + ".") for name in names):
+                known = [*sorted({name.split(".")[0] for name in names}), *names]
+                raise PipelineError(f"kp config {asked}: no such key or section{did_you_mean(asked, known)}")
+        rows = [row for row in rows if any(row[0] == asked or row[0].startswith(asked + ".") for asked in keys)]
+    if as_json:
+        click.echo(json.dumps([{"key": key, "value": value, "source": source_of(key, config.provenance),
+                                "description": description} for key, value, description in rows], indent=2))
+        return
+    for key, value, description in rows:
         click.echo(f"{key} = {json.dumps(value)}    # {source_of(key, config.provenance)}")
+        if keys and description:
+            click.echo(f"    {description}")
 
 
 @cli.command()
@@ -663,7 +788,8 @@ def _echo_run_cache(config: ResolvedConfig) -> None:
 def main() -> None:
     from pipeline.cli.terminal import quiet_tensorflow
 
-    quiet_tensorflow()
+    if not {"-v", "--verbose"} & set(sys.argv[1:2]):  # `kp -v ...` keeps TensorFlow's own lines
+        quiet_tensorflow()
     cli(prog_name="kp")
 
 

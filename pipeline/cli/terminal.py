@@ -16,6 +16,13 @@ Each is silenced exactly, by its text, because its cause is outside the project:
 - `I0000 ... oneDNN custom operations are on ...`: TensorFlow's notice at every start (its INFO
   lines are also off through TF_CPP_MIN_LOG_LEVEL=1 unless the environment sets it, which
   TensorFlow 2.21 does not apply to this one).
+- `W0000 ... Error occurred when finalizing GeneratorDataset iterator: FAILED_PRECONDITION`: a
+  tf.data generator's iterator destroyed after its Python side (at exit, after Ctrl-C, after
+  `kp lr-find`'s short run); harmless, and said as an error.
+- Anything TensorFlow's destructors print once kp has finished: at exit, file descriptor 2 goes
+  to /dev/null after the last of kp's own lines has gone out.
+
+`kp -v` keeps all of it (`quiet_tensorflow` is not called).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import threading
 
 NATIVE_NOISE = re.compile(rb"^(?:E\d{4} [^\n]*NodeDef mentions attribute use_unbounded_threadpool [^\n]*"
                           rb"|I\d{4} [^\n]*oneDNN custom operations are on[^\n]*"
+                          rb"|W\d{4} [^\n]*Error occurred when finalizing GeneratorDataset iterator[^\n]*"
                           rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)"
                           rb"\n", re.M)
 NATIVE_LINE_START = re.compile(rb"(?:^|\n)[EWIF][^\n]*\Z")  # the start of a line that may be a native log line
@@ -42,10 +50,13 @@ class _DropRetracing(logging.Filter):
 def quiet_tensorflow() -> None:
     """Silence the lines above for this process (and its children's INFO lines). Call once, before
     TensorFlow is imported; a no-op for the file descriptor when stderr is not a real file."""
+    from pipeline.core.console import remember_terminal
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     logging.getLogger("tensorflow").addFilter(_DropRetracing())
     try:
         sys.stderr.flush()
+        remember_terminal(os.isatty(2))  # the pipe below is none: progress bars ask about the real stderr
         original = os.dup(2)
     except (OSError, ValueError):
         return
@@ -60,7 +71,11 @@ def quiet_tensorflow() -> None:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        os.dup2(original, 2)  # closes the pipe's last write end: the pump reads to its end
+        # closes the pipe's last write end (the pump forwards what is left, then ends); what TensorFlow's own
+        # destructors print after this, as the process exits, goes nowhere instead of to the terminal
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         pump.join(timeout=5)
 
     atexit.register(restore)

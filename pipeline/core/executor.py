@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,8 +216,11 @@ def _compute_on_ray(settings: Compute, store: RunStore, units: list[Unit], log, 
 
 
 def say(message: str) -> None:
-    """A unit's log line, wherever it runs (a Ray worker's stderr goes to its log file)."""
-    print(message, file=sys.stderr, flush=True)
+    """A unit's log line, wherever it runs (`pipeline.core.console.say`: beside the stage's bars, with its
+    `[comp]`; a Ray worker's stderr goes to its log file)."""
+    from pipeline.core.console import say as console_say
+
+    console_say(message, warning=message.startswith("WARNING"))
 
 
 def connect(settings: Compute):

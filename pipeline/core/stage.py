@@ -10,7 +10,6 @@ finished run wrote every declared output.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -265,12 +264,17 @@ class StageContext:
     units_used: dict[str, list[str]] = field(default_factory=dict)
 
     def log(self, message: str) -> None:
-        print(f"[{self.comp}] {message}", file=sys.stderr, flush=True)
+        """A line of the stage's progress, beside any bar (`pipeline.core.console.say`)."""
+        from pipeline.core.console import say
+
+        say(f"[{self.comp}] {message}")
 
     def warn(self, message: str) -> None:
         """Print a warning and keep it for the manifest (shown again by `kp status --json`)."""
+        from pipeline.core.console import say
+
         self.warnings.append(message)
-        print(f"[{self.comp}] WARNING: {message}", file=sys.stderr, flush=True)
+        say(f"[{self.comp}] WARNING: {message}", warning=True)
 
     def input(self, stage: str) -> Path:
         return self.inputs[stage]
@@ -394,9 +398,8 @@ class StageContext:
             return compute_units(self.config.compute, self.units(kind), units, self.log, bar)
 
     def progress(self, total: int, desc: str, unit: str = "img"):
-        """A progress bar on stderr (redrawn in place on a terminal, a line every 30 s in a log)."""
-        from tqdm import tqdm
+        """A progress display on stderr: a bar redrawn in place on a terminal, plain lines in a log
+        (`pipeline.core.console.progress`)."""
+        from pipeline.core.console import progress
 
-        interactive = sys.stderr.isatty()
-        return tqdm(total=total, desc=f"[{self.comp}] {desc}", unit=unit, file=sys.stderr,
-                    mininterval=0.5 if interactive else 30, dynamic_ncols=interactive)
+        return progress(total, f"[{self.comp}] {desc}", unit)

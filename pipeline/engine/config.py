@@ -480,7 +480,7 @@ def _set_dotted(merged: dict, key: str, value: Any, source: str, provenance: dic
         if not isinstance(node, dict) or part not in node:
             where = ".".join(parts[:depth]) or "the top level"
             choices = sorted(node) if isinstance(node, dict) else []
-            hint = _did_you_mean(part, choices)
+            hint = did_you_mean(part, choices)
             raise PipelineError(
                 f"{source}: unknown key {key!r}: {where} has no key {part!r}{hint}"
                 + (f"; keys there: {', '.join(choices)}" if choices else "")
@@ -493,7 +493,7 @@ def _set_dotted(merged: dict, key: str, value: Any, source: str, provenance: dic
     provenance[key] = source
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -539,7 +539,7 @@ def _describe(error: dict, model_cls: type, provenance: dict[str, str]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model_cls, loc[:-1])
-        hint = _did_you_mean(loc[-1], allowed)
+        hint = did_you_mean(loc[-1], allowed)
         spaced = f" (YAML reads {loc[-1]!r} as one key: put a space after the colon)" if ":" in loc[-1] else ""
         return f"{source}: {dotted}: unknown key{hint}{spaced}; allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
@@ -603,7 +603,7 @@ def _check_stage_list(resolved: ResolvedConfig) -> None:
     for name in listed:
         if name not in known:
             raise PipelineError(
-                f"{source}: stages: unknown stage {name!r}{_did_you_mean(name, list(known))}; "
+                f"{source}: stages: unknown stage {name!r}{did_you_mean(name, list(known))}; "
                 f"known stages: {', '.join(known)}"
             )
         if listed.count(name) > 1:
@@ -629,7 +629,7 @@ def _check_predictions_read(resolved: ResolvedConfig, where: str = "") -> None:
             source = (f"{where}: " if where else "") + source_of(key.partition("[")[0], resolved.provenance)
             if name not in predicting:
                 raise PipelineError(f"{source}: {key}: {name!r} is not a predicting stage"
-                                    f"{_did_you_mean(name, list(predicting))}; one of {', '.join(predicting)}")
+                                    f"{did_you_mean(name, list(predicting))}; one of {', '.join(predicting)}")
             if stage in with_needs([name], lambda n: reads.get(n, ())):
                 raise PipelineError(f"{source}: {key}: {name!r} reads {stage} itself; {stage} must read a stage "
                                     "that predicts without it")

@@ -8,9 +8,12 @@ code generates, so the two never drift from the code that reads the keys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from pipeline.engine.config import ResolvedConfig
 
 DEFAULTS_HEADER = """\
 # Every configuration key, with its default. A competition file (configs/NAME.yaml) overrides these,
@@ -76,6 +79,29 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def described_keys(config: ResolvedConfig) -> list[tuple[str, Any, str]]:
+    """Every key of `config` as (dotted key, its value as JSON values, its description): `kp config`'s
+    rows, in the order of defaults.yaml, those kept out of the fingerprint (`competition.submission`) too."""
+    from pipeline.core.cache import flatten
+
+    rows = []
+    for name, field in _sections():
+        model, section = field.annotation, getattr(config.model, name)
+        settings = ([(name, section, field.description)] if not hasattr(model, "model_fields") else
+                    [(f"{name}.{key}", getattr(section, key), sub.description) for key, sub in model.model_fields.items()])
+        for dotted, value, description in settings:  # a mapping (download.groups) as its leaves
+            rows += [(leaf, plain, description or "") for leaf, plain in flatten(_plain(value), dotted + ".").items()]
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as JSON values (models, lists and mappings of models included)."""
+    import json
+
+    return json.loads(json.dumps(value, default=lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump")
+                                 else list(v) if isinstance(v, tuple) else str(v)))
 
 
 def config_table() -> str:

@@ -12,7 +12,6 @@ per competition at a time (a lock file in its work folder).
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from datetime import datetime, timezone
 from pipeline.core.artifacts import CACHE_FOLDER, ERROR_LOG
 from pipeline.core.cache import Manifest, competition_lock, output_digests, output_problems, output_sizes, \
     sweep_partial, upstream_digests, write_text_atomic
+from pipeline.core.console import say, speaking_for
 from pipeline.core.errors import PipelineError, RunStopped, describe_os_error
 from pipeline.core.runs import link_variant, point, stage_store
 from pipeline.core.stage import Stage, StageContext
@@ -97,7 +97,8 @@ def run(config: ResolvedConfig, targets: list[str] | None = None, force: bool = 
                 actions[name] = action
                 continue
             _say(config, f"{name}: running ({forced.get(name) or '; '.join(status.reasons)})")
-            manifest = _guarded(config, stage, status)
+            with speaking_for(config.label):  # a unit's lines carry the competition too
+                manifest = _guarded(config, stage, status)
             actions[name] = "ran"
             _say(config, f"{name}: done in {manifest.duration_s:.1f}s  {manifest.headline}"
                  + ("  (the same outputs as its last run: what reads them stays up to date)"
@@ -218,4 +219,4 @@ def _wrote_the_same(status: StageStatus, manifest: Manifest) -> bool:
 
 
 def _say(config: ResolvedConfig, message: str) -> None:
-    print(f"[{config.label}] {message}", file=sys.stderr, flush=True)
+    say(f"[{config.label}] {message}")

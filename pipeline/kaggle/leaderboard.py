@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.core.artifacts import LEDGER_PLOT
+from pipeline.core.artifacts import LEDGER_PLOT, RAW_DIR
 from pipeline.core.cache import Manifest
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
@@ -55,6 +55,8 @@ def upload(config: ConfigReader, message: str | None = None, again: bool = False
 
     slug, description = config.competition.slug, describe(config.comp, meta, message)
     network = Network.of(config.kaggle)
+    if not code:
+        _check_rows(config, path)
     if code:
         if submit_kernel is None:
             raise PipelineError(f"{config.comp} is a code competition (competition.submission: code): its kernel is "
@@ -88,6 +90,24 @@ def upload(config: ConfigReader, message: str | None = None, again: bool = False
         say(f"leaderboard {meta['metric']} {row['lb_score']} vs validation {row['val_score']} "
             f"(difference {row['difference']})")
     return row
+
+
+def _check_rows(config: ConfigReader, path: Path) -> None:
+    """The file to upload has one row per row of the competition's sample submission (checked before a
+    submission is spent on it: Kaggle would reject it, counting it against the day's limit)."""
+    import gzip
+
+    sample = config.work_dir / "download" / RAW_DIR / config.get("download.sample_submission")
+    if not sample.is_file():
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        rows = sum(1 for line in handle if line.strip()) - 1
+    with open(sample, encoding="utf-8", errors="replace") as handle:
+        expected = sum(1 for line in handle if line.strip()) - 1
+    if rows != expected:
+        raise PipelineError(f"{path}: {rows:,} rows, while {sample.name} asks for {expected:,}; not uploaded (rerun "
+                            "kp submit --force to write it again)")
 
 
 def refresh(config: ConfigReader, say=print) -> list[dict]:

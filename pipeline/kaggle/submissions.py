@@ -43,6 +43,23 @@ def submit_file(slug: str, path: Path, description: str, network: Network = Netw
     return int(response.ref)
 
 
+def check_can_submit(slug: str, network: Network = Network()) -> None:
+    """Before any stage runs for an upload: credentials there, and the competition known to Kaggle and open
+    to this account (its rules accepted); one PipelineError naming what is missing.
+
+    A call that lists the competition's submissions, which answers 404 for an unknown competition and
+    403 for one whose rules are not accepted."""
+    from pipeline.kaggle.api import check_credentials
+
+    check_credentials("upload")
+    api = client(network)
+    try:
+        api.competition_submissions(slug, page_size=1)
+    except Exception as exc:
+        raise PipelineError(f"kaggle: competition {slug!r} cannot take a submission from this account: "
+                            f"{describe_error(exc, slug)}; nothing was run") from None
+
+
 def submission_state(slug: str, ref: int, network: Network = Network()) -> SubmissionState:
     """Where submission `ref` of `slug` stands (it is among the newest 100)."""
     api = client(network)

@@ -176,7 +176,8 @@ class FitOptions:
     optimizer, momentum: see `make_optimizer`.
     batch_size: rows per step of array rows (streamed batches come batched).
     out_dir: where history.csv goes.
-    verbose: Keras' fit verbosity.
+    verbose: 0: train silently; else one progress display of the epochs (`epoch_display`), titled `title`.
+    title: names the training on the terminal (`member 2/5 (seed 1001)`).
     warmup_epochs: `cosine` only: epochs of linear warmup inside the phase.
     callbacks: more Keras callbacks, run after the schedule's.
     stop_after: train only the first this many epochs of the schedule (the schedule itself is
@@ -207,6 +208,7 @@ class FitOptions:
     batch_size: int
     out_dir: Path
     verbose: int = 2
+    title: str = ""
     warmup_epochs: int = 0
     callbacks: tuple = ()
     stop_after: int | None = None
@@ -281,14 +283,18 @@ def fit(model, train, valid, options: FitOptions):
     valid = valid if o.stop_after is None else None
     keeper = EpochKeeper(o.backup_dir, select_best=o.stop_after is None, monitor=monitor)
     callbacks.append(keeper)
+    if o.verbose:  # kp's own display of the epochs (Keras' lines would land on the progress bars)
+        from pipeline.training.epoch_display import epoch_display
+
+        callbacks.append(epoch_display(o.title, run_epochs))
     if arrays:
         model.fit(train[0], train[1], validation_data=valid, batch_size=o.batch_size, epochs=run_epochs,
-                  shuffle=True, callbacks=callbacks, verbose=o.verbose)
+                  shuffle=True, callbacks=callbacks, verbose=0)
     else:
         # a keras PyDataset's batch order is shuffled by fit; a tf.data stream comes shuffled (and Keras warns
         # that it ignores shuffle=True there)
         model.fit(train, validation_data=valid, epochs=run_epochs, steps_per_epoch=o.steps_per_epoch,
-                  callbacks=callbacks, verbose=o.verbose, shuffle=not isinstance(train, tf.data.Dataset))
+                  callbacks=callbacks, verbose=0, shuffle=not isinstance(train, tf.data.Dataset))
     keeper.write_history(o.out_dir / HISTORY_FILE)
     best_epoch = run_epochs - 1 if keeper.best_epoch is None else keeper.best_epoch
     return keeper.history, best_epoch, keeper.best

@@ -36,7 +36,7 @@ class TrainingRun:
     teaching: pseudo-labels every step trains on too (`teachable` recipes only).
     backup: a folder outside the model's where a resumable recipe backs up its epochs (the last step's).
     log, warn: print progress / a warning.
-    verbose: Keras' fit verbosity.
+    verbose: 0: train silently; else one progress display of each step's epochs, titled `title`.
     """
 
     seed: int
@@ -46,7 +46,7 @@ class TrainingRun:
     backup: Path | None = None
     log: Callable[[str], None] = printed
     warn: Callable[[str], None] = printed
-    verbose: int = 0
+    verbose: int = 2
 
     def stop_after(self, recipe_name: str) -> int | None:
         """The epochs recipe `recipe_name` trains exactly, or None: keep its best epoch."""

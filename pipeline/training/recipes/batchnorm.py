@@ -75,7 +75,7 @@ class BatchnormRecipe(CachedRowsRecipe):
         began = time.perf_counter()
         history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(
             phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule="phases", optimizer=s.optimizer,
-            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose, title=run.title,
             stop_after=run.stop_after(self.name), soft_targets=run.teaching is not None,
             curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began

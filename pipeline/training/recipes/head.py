@@ -140,7 +140,7 @@ class HeadRecipe(CachedRowsRecipe):
         began = time.perf_counter()
         history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(
             phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule=s.schedule, optimizer=s.optimizer,
-            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose, title=run.title,
             warmup_epochs=s.warmup_epochs, stop_after=run.stop_after(self.name),
             soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema,
             curves=config.compute.tensorboard))

@@ -81,7 +81,7 @@ def training_augmenter(config: ConfigReader, seed: int):
 
 
 def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_dir: Path, backup_dir: Path, seed: int,
-               log=print, verbose: int = 2, stop_after: int | None = None) -> dict:
+               log=print, verbose: int = 2, stop_after: int | None = None, title: str = "") -> dict:
     """Train the tuned network into `out_dir`, resuming from `backup_dir` when a killed run left one.
 
     Args:
@@ -92,7 +92,7 @@ def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_di
         backup_dir: the run's backup (kept outside `out_dir`, which a killed run loses).
         seed: the run's seed (`tune.seed`, or an ensemble member's).
         log: prints progress.
-        verbose: Keras' fit verbosity.
+        verbose: 0: silently; else one progress display of its epochs, titled `title`.
         stop_after: train exactly this many epochs of the schedule and keep the last, never scoring
             the validation rows in training (a cv fold's epochs, chosen on another fold); None: keep
             the best epoch by validation loss.
@@ -135,7 +135,7 @@ def tune_model(config: ConfigReader, images: SplitImages, head_dir: Path, out_di
         valid = labelled_batches(images.valid, size, s.batch_size, preprocess)
         history, best_epoch, _ = fit(model, train, valid, FitOptions(
             phases=[Phase(s.epochs, s.lr)], schedule="cosine", warmup_epochs=s.warmup_epochs, optimizer=s.optimizer,
-            momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, rate_factors=factors,
+            momentum=s.momentum, batch_size=s.batch_size, out_dir=out_dir, verbose=verbose, title=title, rate_factors=factors,
             steps_per_epoch=steps, backup_dir=backup_dir, stop_after=stop_after, soft_targets=mix is not None,
             accumulate=s.gradient_accumulation_steps, curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began
@@ -230,7 +230,7 @@ class TuneRecipe(Recipe):
         if run.backup is None:
             raise ValueError("the tune recipe backs up every epoch: it needs a backup folder")
         return tune_model(config, data, start, out, run.backup, run.seed, run.log, run.verbose,
-                          run.stop_after(self.name))
+                          run.stop_after(self.name), run.title)
 
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"
