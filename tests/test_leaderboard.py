@@ -201,9 +201,9 @@ def test_upload_errors_name_the_cause_and_keep_the_file(digits_project, kaggle_e
         port = probe.getsockname()[1]
     kaggle_env.setenv("KAGGLE_API_ENVIRONMENT", "LOCALHOST")
     kaggle_env.setenv("KAGGLE_LOCAL_ENDPOINT", f"http://127.0.0.1:{port}")
-    result = kp("submit", "--upload")
+    result = kp("submit", "--upload")  # asked before anything runs or is uploaded
     assert result.exit_code == 2 and "cannot reach the Kaggle server" in result.output
-    assert "the submission stays at" in result.output
+    assert "cannot take a submission from this account" in result.output and "nothing was run" in result.output
 
     result = upload_through(kaggle_env, serve_digits(tmp_path / "served"), rules_not_accepted={"digit-recognizer"})
     assert result.exit_code == 2

@@ -38,7 +38,7 @@ def test_switching_a_setting_back_restores_the_stored_run(project):
     assert result.exit_code == 0 and "split: restored from the run cache" in result.output
     assert (work / "split" / "split.csv").read_bytes() == first
     assert Manifest.read(work / "split").started == started  # the stored run, not a new one
-    assert "up to date (restored)" in kp("status", "--comp", "digits", *CHEAP).output
+    assert "up to date (restored from the run cache)" in kp("status", "--comp", "digits", *CHEAP).output
     assert len(stage_store(work, "split").entries()) == 2
 
 

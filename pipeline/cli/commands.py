@@ -1,18 +1,19 @@
 """The `kp` command line: one command per stage, plus `all`, `status`, `config` and `clean`.
 
-    kp STAGE  --comp NAME [--config FILE ...] [--set dotted.key=value ...] [--force]
+    kp [-q | -v] COMMAND ...               quiet (warnings, errors, results) / TensorFlow's own lines too
+    kp STAGE  --comp NAME [--config FILE ...] [--set dotted.key=value ...] [--force] [--dry-run]
     kp submit --comp NAME [--upload [-m MESSAGE]]   write the submission; upload it and read the score
     kp all    --comp NAME [--upload [-m MESSAGE]]   every listed stage: skipped, restored or run
     kp status --comp NAME [--json]         up to date / restored / stale (and why) / missing; run cache; ledger
     kp ledger --comp NAME [--refresh]      validation vs leaderboard of every upload; ledger.png
-    kp config --comp NAME                  the merged config, each value with the file that set it
+    kp config --comp NAME [KEY ...] [--json]   the merged config, each value with the file that set it
     kp config --defaults                   write configs/defaults.yaml and docs' key table from the code
     kp lr-find --comp NAME [--stage S] [--apply]   learning-rate range test: suggested rates, lr_find.png
     kp show   --comp NAME [--augmented]     a grid of training images with their labels, as a PNG
     kp report --comp NAME                  one self-contained HTML page of everything the run left
     kp sweep  --comp NAME --grid KEY=V1,V2 [--grid ...] | --search SPACE.yaml --trials N   trials on the run cache
     kp runs   --comp NAME [--stage S] [--sort] [--json] [--best [--apply FILE]]   every stored run, side by side
-    kp clean  --comp NAME [--stage S] [--keep-last N]   delete outputs, or only old stored runs
+    kp clean  --comp NAME [--stage S] [--keep-last N] [--dry-run] [--yes]   what it would delete, then asks
     kp package --comp NAME [--source STAGE] [--wheels 3.11]   an offline inference bundle for a kernel
     kp kernel push --comp NAME [--source STAGE]   the bundle as a dataset, the kernel pushed and run
     kp kernel status --comp NAME [--wait]         how the pushed kernel's run stands

@@ -119,7 +119,9 @@ def _reused(config: ResolvedConfig, stage: Stage, status: StageStatus, forced: b
         return "skipped"
     if status.restorable:
         manifest = _restore(config, stage, status)
-        _say(config, f"{stage.name}: restored from the run cache ({'; '.join(status.reasons)})  {manifest.headline}")
+        changed = "; ".join(reason for reason in status.reasons if reason != "never run")
+        _say(config, f"{stage.name}: restored from the run cache, where an earlier run with these settings is "
+                     f"stored{f' ({changed})' if changed else ''}  {manifest.headline}")
         return "restored"
     return None
 

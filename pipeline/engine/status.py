@@ -197,7 +197,8 @@ def format_table(statuses: list[StageStatus], submitted: str | None = None) -> s
         m = s.manifest
         when = _short_time(m.finished) if m else "-"
         took = f"{m.duration_s:.1f}s" if m else "-"
-        state = s.state + (" (restored)" if s.restored else " (reran: same outputs)" if s.same_outputs else "")
+        state = s.state + (" (restored from the run cache)" if s.restored
+                           else " (reran: same outputs)" if s.same_outputs else "")
         detail = m.headline if (m and s.state == UP_TO_DATE) else "; ".join(s.reasons)
         if s.restorable:
             detail += "  [restorable from the run cache]"

@@ -105,22 +105,29 @@ def plot_augmentations(originals: list[np.ndarray], versions: list[list[np.ndarr
 
 def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = ""):
     """sweep.png: a sweep's score against each setting it varied, one panel per setting (numbers on an
-    axis, log-scaled when they span more than a factor of 5; other values as categories). Returns the
-    (closed) figure."""
+    axis, log-scaled when they span more than a factor of 5; other values as categories). A cv trial's
+    point carries a bar from its best to its worst fold, so that a difference smaller than the folds'
+    own spread is not read as a win. Returns the (closed) figure."""
     plt = pyplot()
     keys = list(dict.fromkeys(key for trial in trials for key in trial["overrides"]))
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.5 * max(1, len(keys)), 3.6), squeeze=False)
-    scores = [trial[score_name] for trial in trials]
+    scores = np.asarray([trial[score_name] for trial in trials], dtype=float)
+    folds = [list((trial.get("fold_scores") or {}).values()) for trial in trials]
+    spread = None
+    if all(len(f) >= 2 for f in folds):  # below and above each point: to its best and worst fold
+        spread = np.asarray([[max(s - min(f), 0.0) for s, f in zip(scores, folds)],
+                             [max(max(f) - s, 0.0) for s, f in zip(scores, folds)]])
     for ax, key in zip(axes[0], keys):
         raw = [trial["overrides"].get(key, "") for trial in trials]
         try:
             values = [float(v) for v in raw]
         except ValueError:
             labels = list(dict.fromkeys(raw))
-            ax.scatter([labels.index(v) for v in raw], scores)
+            positions = [labels.index(v) for v in raw]
+            ax.errorbar(positions, scores, yerr=spread, fmt="o", capsize=3)
             ax.set_xticks(range(len(labels)), [label[:30] for label in labels], rotation=15, fontsize=7)
         else:
-            ax.scatter(values, scores)
+            ax.errorbar(values, scores, yerr=spread, fmt="o", capsize=3)
             positive = [v for v in values if v > 0]
             if len(positive) == len(values) and max(values) / min(values) > 5:
                 from matplotlib.ticker import NullFormatter
@@ -128,7 +135,7 @@ def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = "")
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(key)
-        ax.set_ylabel(score_name)
+        ax.set_ylabel(score_name + (" (bars: best to worst fold)" if spread is not None else ""))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _saved(plt, fig, path)

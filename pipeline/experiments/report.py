@@ -26,6 +26,16 @@ PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)
 SCORES = ("val_log_loss", "val_accuracy", "val_log_loss_clipped", "val_accuracy_clipped")
 
 
+def code_spans(text: str):
+    """`text` escaped for HTML, with each `span` between backticks (as kp's messages quote keys and
+    commands) set as <code>: no literal backtick reaches the page."""
+    import re
+
+    from markupsafe import Markup, escape
+
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
 def embedded(path: Path) -> str | None:
     """A PNG as a data URI, or None when it does not exist."""
     return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.is_file() else None
@@ -39,7 +49,7 @@ def _stage_section(config: ResolvedConfig, status) -> dict:
     folder = config.work_dir / status.name
     return {
         "name": status.name,
-        "state": status.state + (" (restored)" if status.restored else ""),
+        "state": status.state + (" (restored from the run cache)" if status.restored else ""),
         "current": status.state == UP_TO_DATE,
         "reasons": status.reasons,
         "finished": m.finished if m else None,
@@ -73,6 +83,44 @@ def _ladder(stages: list[dict]) -> list[dict]:
     return rows
 
 
+def _submitted_section(config: ResolvedConfig, stages: list[dict]) -> dict | None:
+    """What is submitted (`submit.source`), in full: its confusion heat map and per-class precision and
+    recall on its own validation rows (drawn here from its predictions, whatever the stage: an ensemble,
+    a cv, a blend), its learning curves where it trained one model, and the settings it ran with."""
+    import io
+
+    import numpy as np
+
+    from pipeline.core.cache import Manifest, flatten
+    from pipeline.evaluation.plots import plot_confusion
+    from pipeline.evaluation.predictions import load_predictions
+
+    name = config.get("submit.source")
+    stage = next((s for s in stages if s["name"] == name and s["predicts"]), None)
+    folder = config.work_dir / str(name)
+    manifest = Manifest.read(folder) if stage else None
+    if manifest is None:
+        return None
+    try:
+        predictions = load_predictions(folder)
+    except Exception:  # an older or partial result: the stage's own section says what it has
+        return None
+    classes = config.competition.classes
+    labels, predicted = np.asarray(predictions.valid_labels), np.asarray(predictions.valid_probs).argmax(axis=1)
+    buffer = io.BytesIO()
+    plot_confusion(labels, predicted, classes, buffer, f"{config.comp} {name}: {len(labels):,} validation rows")
+    per_class = []
+    for k, label in enumerate(classes):
+        hits = int(((labels == k) & (predicted == k)).sum())
+        said, actual = int((predicted == k).sum()), int((labels == k).sum())
+        per_class.append({"class": label, "support": actual, "precision": hits / said if said else None,
+                          "recall": hits / actual if actual else None})
+    settings = flatten(manifest.inputs.get("config", {}))
+    return {"name": name, "confusion": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+            "per_class": per_class, "curves": embedded(folder / LOSS_PLOT), "validation": stage["validation"],
+            "settings": sorted(settings.items()), "fingerprint": manifest.fingerprint}
+
+
 def build_report(config: ResolvedConfig) -> Path:
     """Write `work/COMP/report.html` from what the work folder holds now; runs nothing.
 
@@ -100,6 +148,7 @@ def build_report(config: ResolvedConfig) -> Path:
     environment = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.experiments", "templates"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]),
                                      undefined=jinja2.StrictUndefined)
+    environment.filters["code"] = code_spans
     html = environment.get_template("report.html.j2").render(
         comp=config.comp,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -109,6 +158,7 @@ def build_report(config: ResolvedConfig) -> Path:
         extras=extras,
         sweeps=studies,
         damaged_sweeps=damaged,
+        submitted=_submitted_section(config, stages),
         ledger=read_ledger(ledger_path(config)),
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )
