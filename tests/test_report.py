@@ -106,3 +106,14 @@ def test_a_report_of_a_competition_that_never_ran_leaves_a_work_folder_kp_owns(p
     assert result.exit_code == 0, result.output
     assert (project / "work" / "digits" / ".kp-work").is_file()  # kp's: later runs and kp clean may use it
     assert runner.invoke(cli, ["all", "--comp", "digits", *cheap]).exit_code == 0
+
+
+def test_the_report_says_what_changed_since_the_run_before_of_what_is_submitted(warm_project):
+    warm_project("report", _every_stage)
+    more = [*SETS, "ensemble.n=3"]  # one more member: the ensemble's new run, two members reused
+    args = [arg for s in more for arg in ("--set", s)]
+    assert CliRunner().invoke(cli, ["all", "--comp", "synth", *args], catch_exceptions=False).exit_code == 0
+    assert CliRunner().invoke(cli, ["report", "--comp", "synth", *args]).exit_code == 0
+    html = (load_config("synth", sets=more).work_dir / "report.html").read_text()
+    assert re.search(r"Since the run before \(\w{16}, [\d-]+ [\d:]+\): val_log_loss \d\.\d{5} &rarr; \d\.\d{5}", html)
+    assert "<tr><td>ensemble.n</td><td>2</td><td>3</td></tr>" in html

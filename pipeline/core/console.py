@@ -75,7 +75,7 @@ def say(message: str, warning: bool = False) -> None:
 
 class PlainProgress:
     """A progress display without a bar (stderr is no terminal): a line when it starts, one every
-    `PLAIN_EVERY_S` while it runs, and one when it ends; tqdm's `update` / `set_postfix_str` / `close`."""
+    `PLAIN_EVERY_S` while it runs, and one when it ends; tqdm's `update`, `reset`, `set_postfix_str`, `close`."""
 
     def __init__(self, total: int, desc: str, unit: str):
         self.total, self.desc, self.unit, self.n = total, desc, unit, 0
@@ -92,6 +92,10 @@ class PlainProgress:
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
+
+    def reset(self, total: int) -> None:
+        """Count again from 0 to `total` (what is left to do, once the reused part is known)."""
+        self.total, self.n, self.started = total, 0, time.monotonic()
 
     def close(self) -> None:
         if self.total:

@@ -176,8 +176,9 @@ def compute_units(settings: Compute | None, store: RunStore, units: list[Unit], 
             _tell_watchers(store, unit)
         else:
             missing.append(unit)
-    if progress is not None:
-        progress.update(len(units) - len(missing))
+    if progress is not None and len(missing) < len(units):  # the bar counts what is computed: its rate and
+        progress.reset(total=len(missing))                   # ETA are those of the units still to come
+        progress.set_postfix_str(f"{len(units) - len(missing)} reused", refresh=False)
     if settings is None or settings.backend == "local" or not missing:
         for unit in missing:
             log(f"{unit.label}: computing")

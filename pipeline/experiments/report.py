@@ -118,7 +118,30 @@ def _submitted_section(config: ResolvedConfig, stages: list[dict]) -> dict | Non
     settings = flatten(manifest.inputs.get("config", {}))
     return {"name": name, "confusion": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
             "per_class": per_class, "curves": embedded(folder / LOSS_PLOT), "validation": stage["validation"],
-            "settings": sorted(settings.items()), "fingerprint": manifest.fingerprint}
+            "settings": sorted(settings.items()), "fingerprint": manifest.fingerprint,
+            "since": _since_the_run_before(config, name)}
+
+
+def _since_the_run_before(config: ResolvedConfig, name: str) -> dict | None:
+    """What changed since the stored run of stage `name` before its current one: each setting that differs
+    (its value then and now) and the score then and now; None when there is no earlier run."""
+    from pipeline.experiments.run_table import score_key, stored_runs
+
+    rows = stored_runs(config, (name,))
+    current = next((row for row in rows if row["current"]), None)
+    earlier = [row for row in rows if current and not row["current"] and row["finished"] < current["finished"]]
+    if current is None or not earlier:
+        return None
+    before, score = earlier[0], score_key(config)
+    settings = []
+    for key, then in sorted(before["differs"].items()):
+        try:
+            now = config.get(key)
+        except KeyError:
+            now = None
+        settings.append({"key": key, "then": then, "now": now})
+    return {"finished": before["finished"][:16].replace("T", " "), "fingerprint": before["fingerprint"],
+            "score": score, "then": before[score], "now": current[score], "settings": settings}
 
 
 def build_report(config: ResolvedConfig) -> Path:
