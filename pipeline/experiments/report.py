@@ -1,6 +1,8 @@
 """`kp report`: one self-contained HTML file with everything a run left behind (`work/COMP/report.html`).
 
-The stage graph and each stage's state, its headline, run time and scores, its plots (training
+First what is submitted (`submit.source`): its confusion heat map and per-class precision and recall
+on its own validation rows, its curves, the settings it ran with and what changed since its run
+before. Then the stage graph and each stage's state, its headline, run time and scores, its plots (training
 curves, confusion matrix, top losses, ensemble members, augmentation preview), the most confused
 class pairs, the ensemble member, cv fold and blend source tables, each sweep's trials and figure, the ladder of validation scores across the
 predicting stages, the learning-rate range tests and `kp show` grids when they exist, and the
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.core.artifacts import (CONFUSION_PLOT, LEDGER_PLOT, LOSS_PLOT, LR_FIND_DIR, LR_FIND_PLOT, MEMBERS_PLOT,
                                      PREVIEW_PLOT, HTML_REPORT_FILE, SHOW_DIR, TOP_LOSSES_PLOT)
+from pipeline.core.errors import PipelineError
 from pipeline.engine.status import UP_TO_DATE, stage_statuses
 
 if TYPE_CHECKING:
@@ -103,7 +106,7 @@ def _submitted_section(config: ResolvedConfig, stages: list[dict]) -> dict | Non
         return None
     try:
         predictions = load_predictions(folder)
-    except Exception:  # an older or partial result: the stage's own section says what it has
+    except (PipelineError, OSError):  # a damaged result: the stage's own section says what it has
         return None
     classes = config.competition.classes
     labels, predicted = np.asarray(predictions.valid_labels), np.asarray(predictions.valid_probs).argmax(axis=1)
