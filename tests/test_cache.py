@@ -178,6 +178,7 @@ def _every_unit(root):
     runner.run(load_config("synth", sets=_every_unit_sets()))
 
 
+@pytest.mark.slow  # 23 s (2026-12-06); the default tier keeps the same rule on the code hashes (the test above)
 def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_forward_pass(warm_project, tmp_path,
                                                                                           monkeypatch):
     sets = _every_unit_sets()

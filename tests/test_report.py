@@ -64,14 +64,15 @@ def test_the_report_holds_every_stage_its_scores_and_only_embedded_images(report
     page.feed(html)
     assert {f"stage-{name}" for name in config.stage_names} <= page.ids
     assert page.links == []  # self-contained: nothing to fetch
-    assert len(page.images) == 6  # the submitted ensemble's confusion; finetune: loss, confusion, top losses;
-    for src in page.images:       # ensemble: top losses, members
+    assert len(page.images) == 7  # the submitted ensemble's confusion and its members' curves; finetune: loss,
+    for src in page.images:       # confusion, top losses; ensemble: top losses, members
         assert base64.b64decode(src.removeprefix("data:image/png;base64,"))[:8] == b"\x89PNG\r\n\x1a\n"
     for stage in ("finetune", "ensemble"):
         loss = Manifest.read(config.work_dir / stage).metrics["val_log_loss"]
         assert re.search(rf"<td>{stage}</td>\s*<td>holdout</td>\s*<td>{loss:.4f}</td>", html), stage
     assert "up to date" in html and "Ledger" in html
     assert "submitted" in page.ids and 'alt="ensemble confusion matrix"' in html  # what is submitted, in full
+    assert 'alt="ensemble learning curves"' in html
     assert re.search(r"<tr><td>c0</td><td>\d+</td><td>(\d\.\d{3}|-)</td><td>(\d\.\d{3}|-)</td></tr>", html)
     assert "<summary>The settings it ran with" in html and "<td>ensemble.n</td><td>2</td>" in html
     text = re.sub(r"<[^>]+>", "", html.split("<script>")[0])
@@ -90,7 +91,7 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(report,
     dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     body = re.search(r'<body data-images-total="(\d+)" data-images-loaded="(\d+)"', dom)
-    assert body and int(body[1]) == 6 and body[1] == body[2], body and body.groups()
+    assert body and int(body[1]) == 7 and body[1] == body[2], body and body.groups()
     shot = tmp_path / "report.png"
     subprocess.run([*flags, "--window-size=1200,1600", f"--screenshot={shot}", path.as_uri()],
                    capture_output=True, timeout=120, check=True)

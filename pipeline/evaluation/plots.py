@@ -139,3 +139,25 @@ def plot_sweep(trials: list[dict], score_name: str, path: Path, title: str = "")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _saved(plt, fig, path)
+
+
+def plot_model_curves(histories: list[dict[str, list[float]]], path, title: str = ""):
+    """The learning curves of several models averaged into one prediction (an ensemble's members, a cv's
+    folds): each model's training loss (left) and validation loss where it has one (right), per epoch.
+    `path`: a file or a binary stream. Returns the (closed) figure."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for n, history in enumerate(histories, start=1):
+        epochs = np.arange(1, len(history["loss"]) + 1)
+        axes[0].plot(epochs, history["loss"], "-", alpha=0.7, label=f"model {n}")
+        if "val_loss" in history:
+            axes[1].plot(epochs, history["val_loss"], "-", alpha=0.7, label=f"model {n}")
+    for ax, name in zip(axes, ("training loss", "validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines and len(histories) <= 10:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _saved(plt, fig, path)
+

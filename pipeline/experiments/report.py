@@ -120,9 +120,36 @@ def _submitted_section(config: ResolvedConfig, stages: list[dict]) -> dict | Non
                           "recall": hits / actual if actual else None})
     settings = flatten(manifest.inputs.get("config", {}))
     return {"name": name, "confusion": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
-            "per_class": per_class, "curves": embedded(folder / LOSS_PLOT), "validation": stage["validation"],
+            "per_class": per_class, "curves": embedded(folder / LOSS_PLOT) or _models_curves(config, name, manifest),
+            "validation": stage["validation"],
             "settings": sorted(settings.items()), "fingerprint": manifest.fingerprint,
             "since": _since_the_run_before(config, name)}
+
+
+def _models_curves(config: ResolvedConfig, name: str, manifest) -> str | None:
+    """The learning curves of the models a stage averages (`Predicts.models`: an ensemble's members, a
+    cv's folds), drawn from each stored model's `history.csv`, as a data URI; None when it has none."""
+    import io
+
+    from pipeline.core.artifacts import HISTORY_FILE
+    from pipeline.core.readers import read_table
+    from pipeline.core.runs import unit_store
+    from pipeline.evaluation.plots import plot_model_curves
+
+    models = config.predicts(name).models
+    if models is None:
+        return None
+    store = unit_store(config.work_dir, name, models[0])
+    histories = []
+    for row in manifest.metrics.get(models[1], []):
+        path = store.path(str(row.get("key", ""))) / HISTORY_FILE
+        if row.get("key") and path.is_file():
+            histories.append({column: values.tolist() for column, values in read_table(path).items()})
+    if not histories:
+        return None
+    buffer = io.BytesIO()
+    plot_model_curves(histories, buffer, f"{config.comp} {name}: the learning curves of its {len(histories)} models")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _since_the_run_before(config: ResolvedConfig, name: str) -> dict | None:
