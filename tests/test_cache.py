@@ -202,13 +202,17 @@ def test_after_a_plot_edit_the_stages_rerun_and_redraw_without_training_or_a_for
         assert after[name].finished >= before[name].finished and after[name].fingerprint != before[name].fingerprint
 
 
-def test_precompute_restores_its_features_unless_what_computes_them_changed(warm_project, tmp_path, monkeypatch):
+def test_precompute_restores_its_features_unless_what_computes_them_changed(project, tmp_path, monkeypatch):
     """precompute's features are units keyed by the images' content, its settings and the shard function's
     code: an edit of the stage's own module reruns it without a forward pass (same bytes, nothing after it
     runs), so does a forced run with another shard size; an edit of the extractor computes them again."""
-    sets = _every_unit_sets()
-    warm_project("every-unit", _every_unit)
+    from tests.test_transfer import TINY_VGG
+
+    archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=4, test=6)
+    statefarm_like_config(project, archive)
+    sets = [*TINY_VGG, "stages=[download, split, precompute, augment]", "augment.passes=1"]
     config = load_config("synth", sets=sets)
+    runner.run(config)
     folder = config.work_dir / "precompute"
     arrays = {subset: (folder / f"{subset}.npy").read_bytes() for subset in ("train", "test")}
     copy = _code_copy(tmp_path, monkeypatch)

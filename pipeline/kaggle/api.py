@@ -41,9 +41,9 @@ def config_dir() -> Path:
     return Path(xdg) / "kaggle"
 
 
-def check_credentials(purpose: str = "download") -> str:
-    """Which credentials the client will use; a PipelineError saying where it looked if none, and
-    (`purpose`: download | upload) what to do instead."""
+def check_credentials(uploading: bool = False) -> str:
+    """Which credentials the client will use; a PipelineError saying where it looked if none, and what to
+    do instead (`uploading`: for `--upload`, else for a download)."""
     if os.environ.get("KAGGLE_API_TOKEN"):
         return "KAGGLE_API_TOKEN"
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
@@ -54,8 +54,8 @@ def check_credentials(purpose: str = "download") -> str:
     if (folder / "kaggle.json").is_file():
         _check_kaggle_json(folder / "kaggle.json")
         return str(folder / "kaggle.json")
-    instead = ("or use a downloaded archive offline with --set download.source=PATH/SLUG.zip" if purpose == "download"
-               else "or leave out --upload: kp submit writes the file, which you can upload on the competition's page")
+    instead = ("or leave out --upload: kp submit writes the file, which you can upload on the competition's page"
+               if uploading else "or use a downloaded archive offline with --set download.source=PATH/SLUG.zip")
     raise PipelineError(
         "Kaggle credentials not found: the kaggle client looks for KAGGLE_API_TOKEN, or KAGGLE_USERNAME "
         f"and KAGGLE_KEY in the environment, or {folder / 'kaggle.json'} (or access_token there; "

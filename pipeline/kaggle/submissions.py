@@ -51,7 +51,7 @@ def check_can_submit(slug: str, network: Network = Network()) -> None:
     403 for one whose rules are not accepted."""
     from pipeline.kaggle.api import check_credentials
 
-    check_credentials("upload")
+    check_credentials(uploading=True)
     api = client(network)
     try:
         api.competition_submissions(slug, page_size=1)
