@@ -152,6 +152,7 @@ print(replicas, float(model.evaluate(x, y, verbose=0)[0]))
 """
 
 
+@pytest.mark.slow  # 12-17 s (2026-12-06): MirroredStrategy over two logical CPUs; the GPU path forced on the CPU stays fast
 def test_two_replicas_train_like_one(tmp_path):
     """tune's several-GPU path (`replicas_scope`: MirroredStrategy) on two logical CPUs: the batch split
     between replicas and the gradients summed train the same model as one device."""

@@ -28,7 +28,7 @@ def train_stage_model(ctx: StageContext, step, start: str | None, seed: int) -> 
 
     step.check(ctx.config)
     upstream = tuple(dict.fromkeys([*step.needs_for(ctx.config), *([start] if start else [])]))
-    item = UnitItem(f"{ctx.stage.name} model", {"seed": seed, "start": start}, (step, start, seed, ctx.comp))
+    item = UnitItem(f"{ctx.stage.name} model", {"seed": seed, "start": start}, (step, start, seed, ctx.stage.name))
     [unit] = ctx.map_units("model", fit_step, [item], ctx.stage.name, recipes=(step,), upstream=upstream,
                            resumable=True)
     return {**unit.record, "reused": unit.reused,
