@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from pipeline.engine.config import ResolvedConfig
 
 PLOTS = (LOSS_PLOT, CONFUSION_PLOT, TOP_LOSSES_PLOT, MEMBERS_PLOT, PREVIEW_PLOT)  # a stage's own plots, in order
+CAPTIONS = {  # what each plot shows, under it in the report
+    LOSS_PLOT: "Learning curves: training and validation loss (left) and accuracy (right) per epoch.",
+    CONFUSION_PLOT: "Confusion matrix on the validation rows: true class down, predicted class across.",
+    TOP_LOSSES_PLOT: "The validation rows with the highest loss: each image with its true class, the predicted "
+                     "class and that class's probability.",
+    MEMBERS_PLOT: "Each ensemble member's validation log loss beside the ensemble's.",
+    PREVIEW_PLOT: "Training images (left) beside their versions in the first augmented passes.",
+}
 SCORES = ("val_log_loss", "val_accuracy", "val_log_loss_clipped", "val_accuracy_clipped")
 
 
@@ -61,7 +69,7 @@ def _stage_section(config: ResolvedConfig, status) -> dict:
         "needs": list(status.inputs.get("upstream", {})),
         "scores": {key: metrics[key] for key in SCORES if isinstance(metrics.get(key), (int, float))},
         "validation": metrics.get("validation", "holdout") if "val_log_loss" in metrics else None,
-        "plots": [(name, uri) for name in PLOTS if (uri := embedded(folder / name))],
+        "plots": [(name, uri, CAPTIONS[name]) for name in PLOTS if (uri := embedded(folder / name))],
         "most_confused": metrics.get("most_confused", []),
         "members": metrics.get("members", []),
         "predicts": stage.predicts is not None,
