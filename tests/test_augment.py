@@ -135,6 +135,7 @@ def test_raising_passes_computes_only_the_new_ones(augmented_run):
     assert last_action(work, "augment")["action"] == "restored"
 
 
+@pytest.mark.slow  # 16-18 s (2026-12-06): a kp process SIGKILLed mid-pass; the fast tier keeps test_cache's SIGKILL mid-write
 def test_a_killed_augment_run_keeps_its_finished_passes_and_accepts_no_partial_one(synth):
     sets = [a for s in AUGMENTED + ["augment.passes=6", "augment.test_passes=0"] for a in ("--set", s)]
     runner.run(load_config("synth", sets=AUGMENTED), ["precompute"])

@@ -109,6 +109,7 @@ def test_blend_of_two_feature_sets_cross_fits_on_the_split_folds(blend_run):
     assert "base-cv" in table and "wide-cv" in table and f"{m['sources']['wide-cv']['val_log_loss']:.4f}" in table
 
 
+@pytest.mark.slow  # 16 s (2026-12-06): a third network's features and folds; the fast tier keeps the two-source blend
 def test_a_third_source_computes_only_its_own_and_a_source_change_makes_the_blend_stale(blend_run):
     work = blend_run.work_dir
     before = {name: Manifest.read(work / "_variants" / name / "cv").finished for name in ("base-cv", "wide-cv")}

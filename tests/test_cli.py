@@ -229,7 +229,7 @@ def test_quiet_keeps_only_the_result_and_an_upload_without_credentials_stops_bef
 
 
 def test_progress_on_a_terminal_never_shares_a_line_with_a_log_line_and_a_log_file_has_no_bars(warm_project):
-    """An ensemble of two members run by a real `kp` on a pseudo-terminal: every bar redraw and every log line
+    """An ensemble member trained by a real `kp` on a pseudo-terminal: every bar redraw and every log line
     are apart (tqdm.write), TensorFlow's own lines are gone; a run whose stderr is no terminal has plain lines
     only."""
     import os
@@ -239,7 +239,7 @@ def test_progress_on_a_terminal_never_shares_a_line_with_a_log_line_and_a_log_fi
 
     root = warm_project("digits-cheap", _digits_cheap)
     args = [sys.executable, "-m", "pipeline", "ensemble", "--comp", "digits",
-            *[arg for s in DIGITS_CHEAP for arg in ("--set", s)], "--set", "ensemble.n=2", "--set", "ensemble.seed=50"]
+            *[arg for s in DIGITS_CHEAP for arg in ("--set", s)], "--set", "ensemble.n=1", "--set", "ensemble.seed=50"]
     env = {**os.environ, "KP_ROOT": str(root), "COLUMNS": "120"}
     main, secondary = pty.openpty()
     process = subprocess.Popen(args, stdin=secondary, stdout=secondary, stderr=secondary, env=env, cwd=REPO)
@@ -261,6 +261,10 @@ def test_progress_on_a_terminal_never_shares_a_line_with_a_log_line_and_a_log_fi
     assert not [piece for piece in bars if "[digits] " in piece.split("%|")[1]], text
     assert any("epoch" in piece for piece in bars) or any(": epoch " in piece for piece in pieces), text
     assert "InitializeLog" not in text and "oneDNN" not in text and "Epoch 1/" not in text
+    assert "\x1b[32mup to date\x1b[0m" in text  # the status table, coloured on a terminal
+    plain = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", piece) for piece in pieces]
+    table = plain[next(i for i, piece in enumerate(plain) if piece.startswith("stage ")):]
+    assert max(len(line) for line in table) <= 120  # the status table within the terminal's width (COLUMNS)
 
     piped = CliRunner().invoke(cli, [*args[3:-3], "ensemble.n=1", "--set", "ensemble.seed=60"])  # stderr: no terminal
     assert piped.exit_code == 0, piped.output

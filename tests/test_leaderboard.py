@@ -311,3 +311,22 @@ def test_the_server_answers_every_hostile_request_and_keeps_no_half_dataset(tmp_
         assert not list(tmp_path.rglob("escaped.txt"))
     finally:
         server.stop()
+
+
+def test_a_submission_with_other_rows_than_the_sample_is_not_uploaded(digits_project, digits_server):
+    config = load_config("digits", sets=QUICK)
+    submission = next(config.submissions_dir.glob("*.csv"))
+    lines = submission.read_text().splitlines()
+    submission.write_text("\n".join(lines[:-5]) + "\n")  # five rows lost after kp wrote it
+    result = kp("submit", "--upload")
+    assert result.exit_code == 2 and f"{submission}: {len(lines) - 6:,} rows, while sample_submission.csv asks " \
+                                     f"for {len(lines) - 1:,}; not uploaded" in result.output
+    assert digits_server.competitions.submissions("digit-recognizer") == []  # no submission spent on it
+
+
+def test_tensorflow_lines_at_exit_are_among_the_ones_kp_drops():
+    from pipeline.cli.terminal import NATIVE_NOISE
+
+    line = (b"W0000 00:00:1796584455.820584   31608 local_rendezvous.cc:405] Error occurred when finalizing "
+            b"GeneratorDataset iterator: FAILED_PRECONDITION: Python interpreter state is not initialized.\n")
+    assert NATIVE_NOISE.sub(b"", line + b"kp's own line\n") == b"kp's own line\n"

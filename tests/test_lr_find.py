@@ -32,6 +32,7 @@ def _head():
     return build_head((20,), 3, "pool", [32], [0.0])
 
 
+@pytest.mark.slow  # 8-14 s (2026-12-06): trains at each of several rates; the fast tier keeps kp lr-find's own test
 def test_the_suggestion_is_within_10x_of_the_best_rate_found_by_training_at_each():
     x, y = _problem()
     model = _head()

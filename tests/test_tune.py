@@ -157,7 +157,7 @@ def test_discriminative_rates_reach_the_optimizer(tmp_path):
     np.testing.assert_allclose(moves[0.5], moves[1.0] / 2, rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.slow  # 32 s (2026-12-06): a kp process SIGKILLed mid-tune, then resumed; the fast tier keeps ensemble's and augment's kills
+@pytest.mark.slow  # 32 s (2026-12-06): a kp process SIGKILLed mid-tune, then resumed; the fast tier keeps test_cache's SIGKILL mid-write
 def test_a_killed_tune_resumes_after_its_last_finished_epoch_and_ends_as_an_uninterrupted_run(synth, weights_file):
     sets = tiny_tune(weights_file, "tune.epochs=4")  # the head has dropout: its draws resume too
     config = load_config("synth", sets=sets)
