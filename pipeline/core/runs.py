@@ -50,9 +50,11 @@ def _write_entry(folder: Path, key: str, record_files: bool = False) -> None:
     made, for folders people open and may add to)."""
     from pipeline.core.ownership import file_record
 
-    record = {"key": key, "size": folder_size(folder), "written": time.time()}
-    if record_files:
-        record["files"] = file_record(folder)
+    files = file_record(folder) if record_files else None
+    size = sum(size for size, _ in files.values()) if files is not None else folder_size(folder)
+    record = {"key": key, "size": size, "written": time.time()}
+    if files is not None:
+        record["files"] = files
     (folder / ENTRY_FILE).write_text(json.dumps(record) + "\n")
 
 
