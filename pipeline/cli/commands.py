@@ -653,6 +653,7 @@ def backbones(write, as_json):
     """Every keras.applications network precompute.backbone takes: preprocessing, sizes, feature width."""
     from dataclasses import asdict
 
+    from pipeline.core.console import aligned
     from pipeline.models.applications import TABLE_FILE, applications, derive_applications, write_table
 
     if write:
@@ -664,9 +665,7 @@ def backbones(write, as_json):
     rows = [("backbone", "preprocessing", "size", "min size", "alpha", "features")]
     rows += [(a.name, a.preprocessing, str(a.default_size), str(a.min_size), "yes" if a.alpha else "",
               f"{a.width:,}") for a in applications().values()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo(aligned(rows))
     click.echo("\nalso: none (pixels, for from-scratch models), file (precompute.weights: a whole .keras model); "
                "any case works (vgg16 = VGG16); features: the channels of the last feature map at alpha 1.0, which "
                "cut: pool averages over the image into one row of that width")

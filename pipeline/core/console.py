@@ -7,6 +7,7 @@
   closes (`leave=False`: no copies in the scrollback; the stage's `done` line says how it went).
   Where stderr is not a terminal (a log file, CI) it draws no bar: a plain line when it starts, one
   every 30 s while it runs, and one when it ends.
+- `aligned(rows)` lays rows out in columns, as every table kp prints (status, runs, ledger, backbones).
 - `KP_VERBOSITY` (`kp -q` sets `quiet`, `kp -v` sets `verbose`; the environment carries it to Ray
   workers): quiet keeps warnings, errors and each command's result and drops the progress lines and
   bars; verbose also lets TensorFlow's own log lines through (`pipeline.cli.terminal`).
@@ -61,16 +62,28 @@ def speaking_for(label: str) -> Iterator[None]:
         _LABEL.reset(token)
 
 
+def _labelled(text: str) -> str:
+    """`text` starting with `[label]` inside `speaking_for(label)` (once: a text that has it keeps it)."""
+    label = _LABEL.get()
+    return text if not label or text.startswith(f"[{label}") else f"[{label}] {text}"
+
+
 def say(message: str, warning: bool = False) -> None:
     """Print one line on stderr beside any progress bar (dropped under `kp -q` unless a warning)."""
     from tqdm import tqdm
 
     if verbosity() == "quiet" and not warning:
         return
-    label = _LABEL.get()
-    line = message if not label or message.startswith(f"[{label}") else f"[{label}] {message}"
-    tqdm.write(line, file=sys.stderr)
+    tqdm.write(_labelled(message), file=sys.stderr)
     sys.stderr.flush()
+
+
+def aligned(rows: list) -> str:
+    """`rows` (tuples of strings, the header first) as text in columns two spaces apart, each column as
+    wide as its widest cell but the last, which runs on; no line ends in spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]).rstrip()
+                     for row in rows)
 
 
 class PlainProgress:
@@ -115,8 +128,7 @@ def progress(total: int, desc: str, unit: str = "img"):
     under `kp -q` (a disabled bar). Use it as a context manager, with `update(n)`."""
     from tqdm import tqdm
 
-    label = _LABEL.get()
-    desc = desc if not label or desc.startswith(f"[{label}") else f"[{label}] {desc}"
+    desc = _labelled(desc)
     if verbosity() == "quiet":
         return tqdm(total=total, disable=True)
     if not interactive():

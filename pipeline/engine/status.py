@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.core.artifacts import CACHE_FOLDER
 from pipeline.core.cache import Manifest, changed_outputs, file_stamp, fingerprint, flatten, output_problems
+from pipeline.core.console import aligned
 from pipeline.core.code_version import code_hashes
 from pipeline.core.runs import last_action, stage_store
 from pipeline.core.stage import Stage
@@ -205,11 +206,10 @@ def format_table(statuses: list[StageStatus], submitted: str | None = None) -> s
         if m and s.state != UP_TO_DATE and m.headline:
             detail += f"  (last: {m.headline})"
         rows.append((s.name + (" *" if s.name == marked else ""), state, when, took, detail))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    table = aligned(rows)
     if marked:
-        lines.append(f"* submitted: {marked}'s predictions are what kp submit writes (submit.source)")
-    return "\n".join(line.rstrip() for line in lines)
+        table += f"\n* submitted: {marked}'s predictions are what kp submit writes (submit.source)"
+    return table
 
 
 def _short_time(iso: str) -> str:

@@ -47,9 +47,14 @@ def code_spans(text: str):
     return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
 
 
+def png_uri(data: bytes) -> str:
+    """A PNG's bytes as a data URI (the report embeds every image)."""
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+
+
 def embedded(path: Path) -> str | None:
-    """A PNG as a data URI, or None when it does not exist."""
-    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" if path.is_file() else None
+    """A PNG file as a data URI, or None when it does not exist."""
+    return png_uri(path.read_bytes()) if path.is_file() else None
 
 
 def _stage_section(config: ResolvedConfig, status) -> dict:
@@ -127,7 +132,7 @@ def _submitted_section(config: ResolvedConfig, stages: list[dict]) -> dict | Non
         per_class.append({"class": label, "support": actual, "precision": hits / said if said else None,
                           "recall": hits / actual if actual else None})
     settings = flatten(manifest.inputs.get("config", {}))
-    return {"name": name, "confusion": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+    return {"name": name, "confusion": png_uri(buffer.getvalue()),
             "per_class": per_class, "curves": embedded(folder / LOSS_PLOT) or _models_curves(config, name, manifest),
             "validation": stage["validation"],
             "settings": sorted(settings.items()), "fingerprint": manifest.fingerprint,
@@ -157,7 +162,7 @@ def _models_curves(config: ResolvedConfig, name: str, manifest) -> str | None:
         return None
     buffer = io.BytesIO()
     plot_model_curves(histories, buffer, f"{config.comp} {name}: the learning curves of its {len(histories)} models")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return png_uri(buffer.getvalue())
 
 
 def _since_the_run_before(config: ResolvedConfig, name: str) -> dict | None:

@@ -162,6 +162,8 @@ def format_runs(rows: list[dict], score_name: str) -> str:
         rows: `stored_runs` rows, in the order to show them.
         score_name: `val_log_loss` or `val_accuracy` (`score_key`).
     """
+    from pipeline.core.console import aligned
+
     uploaded = any(row["lb_score"] is not None for row in rows)
     header = ["", "stage", "run", score_name, "validation", "folds (log loss)", *(["leaderboard"] if uploaded else []),
               "finished", "took", "settings that differ"]
@@ -174,7 +176,5 @@ def format_runs(rows: list[dict], score_name: str) -> str:
         table.append(["*" if row["current"] else "", row["stage"], row["fingerprint"],
                       f"{score:.5f}" if score is not None else "-", row["validation"], spread, *board,
                       row["finished"][:16].replace("T", " "), f"{row['duration_s']:.0f}s", differs])
-    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in table]
-    return "\n".join(line.rstrip() for line in lines)
+    return aligned(table)
 

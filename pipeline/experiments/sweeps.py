@@ -246,11 +246,17 @@ class Axis(BaseModel):
                 raise ValueError("give either step or log: true (Optuna takes no step on a log scale)")
         return self
 
+    @property
+    def integer(self) -> bool:
+        """A range of whole numbers (int `low`, `high` and `step`): Optuna's int suggestion."""
+        return all(isinstance(v, int) for v in (self.low, self.high)) and isinstance(self.step or 1, int)
+
     def points(self) -> list | None:
-        """Every value this axis can take, as Optuna's trial params hold it; None for a continuous range."""
+        """Every value this axis can take, as Optuna's trial params hold it (a choice as its YAML text);
+        None for a continuous range."""
         if self.choices is not None:
             return [_yaml_text(c) for c in self.choices]
-        if all(isinstance(v, int) for v in (self.low, self.high)) and isinstance(self.step or 1, int):
+        if self.integer:
             return list(range(self.low, self.high + 1, self.step or 1))
         if self.step is not None:
             count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
@@ -292,8 +298,8 @@ def _extremes(axis: Axis) -> list[str]:
 def suggest(trial, key: str, axis: Axis) -> str:
     """Optuna's choice for one setting, as the raw YAML value a `--set` takes."""
     if axis.choices is not None:  # Optuna's categorical takes plain scalars: the choices go as their YAML text
-        return trial.suggest_categorical(key, [_yaml_text(c) for c in axis.choices])
-    if all(isinstance(v, int) for v in (axis.low, axis.high)) and isinstance(axis.step or 1, int):
+        return trial.suggest_categorical(key, axis.points())
+    if axis.integer:
         return str(trial.suggest_int(key, axis.low, axis.high, step=axis.step or 1, log=axis.log))
     return repr(trial.suggest_float(key, axis.low, axis.high, step=axis.step, log=axis.log))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.core.artifacts import LEDGER_FILE
 from pipeline.core.cache import write_text_atomic
 from pipeline.core.config_reader import ConfigReader
+from pipeline.core.console import aligned
 from pipeline.core.errors import PipelineError
 from pipeline.core.readers import read_rows
 from pipeline.kaggle.submissions import COMPLETE, ERROR, PENDING  # noqa: F401 (the ledger's statuses)
@@ -90,8 +91,7 @@ def format_ledger(rows: list[dict[str, str]]) -> str:
         submitted = r["file"] if r["kind"] == "code" else Path(r["file"]).name
         table.append((r["time"][:16].replace("T", " "), r["kind"], submitted, _design(r), r["metric"],
                       r["val_score"], r["lb_score"] or "-", r["difference"] or "-", status))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
+    return aligned(table)
 
 
 def plot_ledger(rows: list[dict[str, str]], path: Path, title: str) -> None:

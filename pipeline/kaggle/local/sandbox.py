@@ -25,6 +25,7 @@ its own view of the machine, with no network, within a time limit and output cap
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -233,13 +234,8 @@ def _wait(process: subprocess.Popen, folders: tuple[Path, ...], timeout_s: float
             failure = f"the kernel exceeded its time limit of {timeout_s:g} s and was stopped"
         elif sum(_size(folder) for folder in folders) > max_output_bytes:
             failure = f"the kernel's working folder grew past {max_output_bytes:,} bytes and it was stopped"
-    with_group = True
-    try:
+    with contextlib.suppress(ProcessLookupError):  # gone already: nothing left to stop
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        with_group = False
-    if not with_group:
-        process.kill()
     process.wait()
     return failure
 
