@@ -11,19 +11,21 @@ runs, its stage and what that needs, as `kp` would -> read their validation and 
 (the same rows, ids checked) -> cut the validation rows into folds: the split's folds when the
 sources predicted every training row out of fold (cv), else `folds` folds of whole groups -> blend
 each fold's rows with what `method` chose on the other folds' rows (cross-fitting: no reported row
-chooses its own weights), and the test rows with what it chose on all rows; each fold model's test
+chooses its own weights), and the test rows with what it chose on all rows; what it chose on all rows
+in `blender.json` (the kernel applies it as kp did); each fold model's test
 probabilities (cv's `fold_test_probs.npy`) with what was chosen without that fold, for `pseudo`'s
 students -> the manifest and `kp status`: each source's score, the weights, and the blend's gain
 over the best source. The methods are `pipeline.evaluation.blending`.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.artifacts import FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
+from pipeline.core.artifacts import BLENDER_FILE, FOLD_TEST_FILE, INDEX_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
 from pipeline.core.config_reader import ConfigReader
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import StrictModel
@@ -137,6 +139,8 @@ def run(ctx: StageContext) -> dict:
     on_all = choose(s.method, probs, labels, **options)
     result = Predictions(first.valid_ids, labels, blended, first.test_ids, on_all.apply(test_probs))
     save_predictions(ctx.out, result)
+    (ctx.out / BLENDER_FILE).write_text(json.dumps({"method": s.method, "sources": [label for label, _ in sources],
+                                                    **on_all.to_record()}) + "\n")
     fold_tests = [fold_test for _, _, _, fold_test in loaded]
     if split_folds is not None and all(f is not None and len(f) == len(blenders) for f in fold_tests):
         stacked = np.stack(fold_tests).astype(np.float64)  # (sources, folds, test rows, classes)
@@ -240,7 +244,7 @@ STAGE = Stage(
     run=run,
     needs=("download", "split"),
     reads=("features", *MISTAKES_READS),
-    outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
+    outs=(*PREDICTION_FILES, BLENDER_FILE, TOP_LOSSES_PLOT),
     headline=headline,
     variants=variants,
     predicts=Predicts(source=lambda config: "cv"),  # its cross-validated sources' fold models teach fold by fold

@@ -77,5 +77,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: recipe("bnretrain").needs_for(config),
     recipes=lambda config: (recipe("bnretrain"),),
-    predicts=Predicts(recipe=lambda config: "bnretrain", packaged=True),
+    predicts=Predicts(recipe=lambda config: "bnretrain"),
 )

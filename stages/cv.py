@@ -129,6 +129,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of(config.section("cv").source, config), config),
     recipes=lambda config: steps_of(config.section("cv").source, config),
-    predicts=Predicts(models=("folds", "fold_runs"), recipe=lambda config: config.get("cv.source"), out_of_fold=True,
-                      packaged=True),
+    predicts=Predicts(models=("folds", "fold_runs"), recipe=lambda config: config.get("cv.source"), out_of_fold=True),
 )

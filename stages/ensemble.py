@@ -93,6 +93,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of(config.section("ensemble").source, config), config),
     recipes=lambda config: steps_of(config.section("ensemble").source, config),
-    predicts=Predicts(models=("members", "members"), recipe=lambda config: config.get("ensemble.source"),
-                      packaged=True),
+    predicts=Predicts(models=("members", "members"), recipe=lambda config: config.get("ensemble.source")),
 )

@@ -84,5 +84,5 @@ STAGE = Stage(
     headline=headline,
     extra_needs=lambda config: needs_of(steps_of("finetune", config), config),
     recipes=lambda config: steps_of("finetune", config),
-    predicts=Predicts(recipe=lambda config: "finetune", packaged=True),
+    predicts=Predicts(recipe=lambda config: "finetune"),
 )

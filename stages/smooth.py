@@ -91,6 +91,6 @@ STAGE = Stage(
     outs=(*PREDICTION_FILES, TOP_LOSSES_PLOT),
     headline=headline,
     extra_needs=lambda config: (config.section("smooth").source,),
-    predicts=Predicts(source=lambda config: config.section("smooth").source, smooths=True, packaged=True),
+    predicts=Predicts(source=lambda config: config.section("smooth").source, smooths=True),
     reads_predictions=lambda s: {"smooth.source": s.source},
 )

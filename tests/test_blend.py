@@ -206,3 +206,16 @@ def test_kp_status_of_the_dogscats_blend_writes_nothing(project):
                                       *[arg for s in sets for arg in ("--set", s)]], catch_exceptions=False)
     assert result.exit_code == 0 and "blend" in result.output, result.output
     assert _tree(project) == before
+
+
+def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_chosen_weights(blend_run, tmp_path):
+    from tests.test_package import kernel_reproduces
+
+    record = kernel_reproduces(BLEND, "blend", tmp_path)
+    plan = record["predict"]
+    chosen = json.loads((blend_run.work_dir / "blend" / "blender.json").read_text())
+    assert plan["blend"] == chosen and chosen["sources"] == ["base-cv", "wide-cv"]
+    assert [source["name"] for source in plan["of"]] == ["base-cv", "wide-cv"]
+    assert [source["network"]["image_size"] for source in plan["of"]] == [[32, 32], [48, 48]]
+    assert len(record["models"]) == 8 and {m["stage"] for m in record["models"]} == {"cv"}  # 4 fold models per source
+    assert set(record["timing"]["images_per_s"]) == {"features vgg16", "cv's models"}

@@ -54,18 +54,20 @@ def test_a_packaged_model_averages_the_same_test_passes_and_smooths_as_the_smoot
     from pipeline.shipping.kernel import write_submission
 
     config, bundle, record, _ = _packaged(warm_project, TTA_SMOOTHED)
-    assert record["source"] == "smooth" and record["tta"]["passes"] == 2 and len(record["models"]) == 1
-    assert record["smooth"]["weight"] == 0.5 and record["fingerprints"]["finetune"]
+    plan = record["predict"]
+    assert record["source"] == "smooth" and plan["of"]["tta"]["passes"] == 2 and len(record["models"]) == 1
+    assert plan["smooth"]["weight"] == 0.5 and record["fingerprints"]["finetune"]
+    assert record["timing"]["max_abs_difference"] < 1e-5 and record["timing"]["rows_timed"] == 6
     write_submission(bundle, config.work_dir / "download" / "raw", tmp_path, say=lambda _: None)
     smoothed, model = (load_predictions(config.work_dir / stage).test_probs for stage in ("smooth", "finetune"))
     assert np.abs(smoothed - model).max() > 1e-3  # smoothing moved the rows of the mean over the clean rows and 2 passes
     np.testing.assert_allclose(np.load(tmp_path / "test_probs.npy"), smoothed, atol=1e-6, rtol=0)
 
 
-def test_a_source_not_packaged_yet_is_one_clear_message(warm_project):
+def test_a_stage_that_predicts_nothing_is_one_clear_message(warm_project):
     warm_project("cv", _cross_validated)
-    blend = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "blend"])
-    assert blend.exit_code == 2 and "only cv, ensemble, finetune, bnretrain, smooth can be packaged so far" in blend.output
+    split = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(CV), "--source", "split"])
+    assert split.exit_code == 2 and "kp package --source split: not a predicting stage; one of blend, cv," in split.output
 
 
 @pytest.mark.slow  # 69 s (2026-12-04): 0.5 GB of wheels, a fresh venv installing them with no index
@@ -96,3 +98,22 @@ def test_a_bundle_with_wheels_installs_offline_in_a_fresh_venv_and_its_kernel_re
         assert sandboxed.status == "complete", sandboxed.log
         np.testing.assert_allclose(np.load(sandboxed.working / "test_probs.npy"),
                                    load_predictions(config.work_dir / "cv").test_probs, atol=1e-6, rtol=0)
+
+
+def kernel_reproduces(sets: list[str], source: str, out) -> dict:
+    """`kp package --source SOURCE` on the synthetic competition's warm project under `sets`, then its kernel
+    from the bundle alone in this process: its test probabilities must be the source's own to 1e-5, and
+    `kp package` must have timed it. Returns the bundle's record."""
+    from pipeline.shipping.kernel import write_submission
+
+    config = load_config("synth", sets=sets)
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), "--source", source])
+    assert result.exit_code == 0, result.output
+    assert "Estimate for 6 hidden test images" in result.output and "within the limit of 9h00m" in result.output
+    bundle = config.work_dir / "package" / "bundle"
+    record = json.loads((bundle / "bundle.json").read_text())
+    assert record["timing"]["max_abs_difference"] <= 1e-5 and record["timing"]["within_limit"]
+    write_submission(bundle, config.work_dir / "download" / "raw", out, say=lambda _: None)
+    own = load_predictions(config.work_dir / source)
+    np.testing.assert_allclose(np.load(out / "test_probs.npy"), own.test_probs, atol=1e-5, rtol=0)
+    return record

@@ -163,3 +163,11 @@ def test_a_holdout_student_learns_only_confident_test_rows_and_is_scored_on_the_
     assert student.valid_ids == teacher.valid_ids  # scored on the split's validation rows
     assert (work / "pseudo" / "student" / "model.keras").exists()
     assert m["teacher_val_log_loss"] == Manifest.read(work / "finetune").metrics["val_log_loss"]
+
+
+def test_packaged_students_reproduce_pseudos_test_probabilities(cv_pseudo_run, tmp_path):
+    from tests.test_package import kernel_reproduces
+
+    record = kernel_reproduces(CV_PSEUDO, "pseudo", tmp_path)
+    students = Manifest.read(cv_pseudo_run.work_dir / "pseudo").metrics["students"]
+    assert record["predict"]["reads"] == "features" and len(record["models"]) == len(students) > 1

@@ -264,3 +264,14 @@ def test_cv_folds_can_fine_tune_their_backbone_with_epochs_chosen_on_another_fol
         assert load_predictions(unit).valid_ids == split["id"][held_out].tolist()
         assert record["n_train"] == int((~held_out).sum()) and record["n_valid"] == int(held_out.sum())
     assert not any((work / "_cache").glob("cv-folds-backup/*"))  # each fold's epoch backups went once it was stored
+
+
+def test_a_packaged_tuned_network_and_ensemble_of_them_take_the_images_themselves(tuned, weights_file, tmp_path):
+    from tests.test_package import kernel_reproduces
+
+    sets = _tuned_sets(weights_file)
+    for source, models in (("tune", 1), ("ensemble", 2)):
+        record = kernel_reproduces(sets, source, tmp_path / source)
+        plan = record["predict"]
+        assert plan["reads"] == "images" and plan["tta"]["passes"] == 2 and len(record["models"]) == models
+        assert list(record["timing"]["images_per_s"]) == [f"images through {source}'s networks"]

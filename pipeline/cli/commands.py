@@ -540,9 +540,9 @@ def package(comp, extra_files, sets, source, wheels, force, as_configured):
     runner.run(config, [source])
     folder, record = write_bundle(config, source, wheels, say=lambda line: click.echo(f"[{comp}] {line}", err=True),
                                   force=force)
+    networks = len(record["networks"])
     click.echo(f"{folder}: {len(record['models'])} models of {source} ({record['validation']['kind']} "
-               f"val_log_loss {record['validation']['val_log_loss']}), "
-               f"{'TTA over ' + str(record['tta']['passes']) + ' test passes, ' if record['tta'] else ''}"
+               f"val_log_loss {record['validation']['val_log_loss']}), {networks} network file{'s' * (networks != 1)}, "
                f"{str(record['wheels']['files']) + ' wheels, ' if record['wheels'] else ''}"
                f"{record['size_bytes'] / 1e6:.1f} MB; run it: python {folder}/kernel.py "
                "(outside Kaggle: KP_KAGGLE_ROOT for /kaggle, or KP_COMPETITION_INPUT and KP_KERNEL_OUTPUT)")
@@ -556,7 +556,8 @@ def kernel():
 @kernel.command("push")
 @click.option("--source", default=None, metavar="STAGE",
               help="The predicting stage whose models the kernel runs (default: submit.source).")
-@click.option("--force", is_flag=True, help="Replace the package's folders even where files were added or edited there.")
+@click.option("--force", is_flag=True, help="Replace the package's folders even where files were added or edited "
+              "there; push even when the kernel's estimated time is over kernel.time_limit_s.")
 @_as_configured_option
 @_wait_option
 @_config_options

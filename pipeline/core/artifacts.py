@@ -69,6 +69,7 @@ def probs_file(side: str) -> str:
 
 
 PREDICTION_FILES = (probs_file("valid"), rows_file("valid"), probs_file("test"), rows_file("test"))
+BLENDER_FILE = "blender.json"  # blend: what it chose on all rows (weights, or the stacked model), applied to the test rows
 FOLD_TEST_FILE = "fold_test_probs.npy"  # cv, and what smooths or students it: each fold model's test probabilities
 
 # training

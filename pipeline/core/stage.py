@@ -113,7 +113,7 @@ class ConfigView:
 @dataclass(frozen=True)
 class Predicts:
     """A predicting stage's role: its output is a predictions folder (`pipeline.evaluation.predictions`)
-    that smooth, blend, pseudo and submit read, `kp runs` lists and `kp package` ships. Code asks a
+    that smooth, blend, pseudo and submit read, `kp runs` lists and `kp package` ships (every one). Code asks a
     stage's role (`ConfigReader.predicts`) instead of comparing its name.
 
     models: (the unit kind whose stored units are its models, the metrics list naming them by `key`),
@@ -123,7 +123,6 @@ class Predicts:
         `smooth.source`; a blend's cv, whose fold models its cross-validated sources are); None: its own.
     smooths: it smooths its source's test rows over their neighbours (a kernel smooths them again).
     out_of_fold: its models predict every training row out of fold (a sweep's default objective).
-    packaged: `kp package` ships its models (they read precompute's features).
     """
 
     models: tuple[str, str] | None = None
@@ -131,7 +130,6 @@ class Predicts:
     source: Callable[[Any], str] | None = None
     smooths: bool = False
     out_of_fold: bool = False
-    packaged: bool = False
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,14 @@ class Kernel(StrictModel):
     kind: Literal["script", "notebook"] = Field("script", description=(
         "push the kernel as a Python script | as a notebook of one cell (for a competition that takes only notebooks)"))
     enable_gpu: bool = Field(False, description="run the kernel on a GPU (the kernel never has internet access)")
+    time_limit_s: float = Field(32400, gt=0, description=(
+        "Kaggle's limit on the kernel's run (9 hours; some competitions allow 90 minutes on CPU only): kp kernel push "
+        "refuses a bundle whose estimated time is over it"))
+    hidden_rows: int | None = Field(None, ge=1, description=(
+        "test images the hidden rerun holds, for the time estimate (null: as many as the public test)"))
+    timing_rows: int = Field(3000, ge=1, description=(
+        "public test images kp package times the kernel on (all of them: its probabilities are also checked "
+        "against the source's)"))
     poll_timeout_s: float = Field(3600, ge=0, description=(
         "how long kp kernel push waits for the kernel's run (and kp submit --upload for a code submission's)"))
     poll_every_s: float = Field(30, gt=0, description="seconds between two looks at the kernel's status")

@@ -37,6 +37,28 @@ class Blender:
             return np.tensordot(self.weights, probs, axes=1)
         return self.model.predict_proba(_stack_features(probs))
 
+    def to_record(self) -> dict:
+        """Everything `apply` uses, as JSON-ready lists (floats kept exactly): `from_record` rebuilds it."""
+        record = {"weights": [float(w) for w in self.weights]}
+        if self.model is not None:
+            record["stack"] = {"coef": self.model.coef_.tolist(), "intercept": self.model.intercept_.tolist(),
+                               "classes": self.model.classes_.tolist()}
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Blender":
+        """The `Blender` a `to_record` dict describes (a stacked model's fitted state restored into sklearn's
+        own class, so `apply` runs the same code as when it was chosen)."""
+        model = None
+        if "stack" in record:
+            from sklearn.linear_model import LogisticRegression
+
+            fitted = record["stack"]
+            model = LogisticRegression()
+            model.coef_, model.intercept_ = np.asarray(fitted["coef"]), np.asarray(fitted["intercept"])
+            model.classes_ = np.asarray(fitted["classes"])
+        return cls(np.asarray(record["weights"], dtype=np.float64), model)
+
 
 def choose(method: str, probs: np.ndarray, labels: np.ndarray, rounds: int = 100, c: float = 1.0,
            seed: int = 0) -> Blender:

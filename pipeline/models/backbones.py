@@ -117,6 +117,20 @@ def build_feature_model(backbone: str, weights: str | None, input_shape: tuple[i
     return FeatureModel(model, _preprocessing(app, preprocess), _display_name(app, alpha))
 
 
+def preprocessing_of(backbone: str, preprocess: str) -> Callable | None:
+    """What `build_feature_model` prepares the images with, without building the network (a kernel's
+    fine-tuned model holds its backbone; its images are prepared as precompute's were).
+
+    Args:
+        backbone, preprocess: as `build_feature_model` takes them.
+    """
+    if hub_preset(backbone) is not None:
+        return None
+    if backbone == FILE_BACKBONE:
+        return _mode(preprocess)
+    return _preprocessing(application(backbone), preprocess)
+
+
 def _preprocessing(app, preprocess: str) -> Callable | None:
     """What the images go through before the network (None: RGB 0..255 as they are)."""
     if preprocess == "backbone":

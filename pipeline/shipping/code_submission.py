@@ -62,7 +62,8 @@ def push(config: ResolvedConfig, source: str, say=print, force: bool = False) ->
         source: the predicting stage the kernel reproduces.
         say: prints a line.
         force: replace the package's bundle, kernel and output folders even where a person added to or
-            edited them (`pipeline.core.ownership`).
+            edited them (`pipeline.core.ownership`); push a bundle whose estimated time is over
+            `kernel.time_limit_s`.
 
     Returns:
         The push record (`push.json`): kernel, version, dataset, source, fingerprint, status, output files.
@@ -70,12 +71,14 @@ def push(config: ResolvedConfig, source: str, say=print, force: bool = False) ->
     Raises:
         PipelineError: a push refused, or a run that failed (Kaggle's message and the end of its log).
     """
+    from pipeline.shipping.kernel_time import check_within_limit
     from pipeline.shipping.packaging import current_bundle, kernel_notebook, kernel_script, package, package_store
 
     settings, network = config.section("kernel"), _network(config)
     dataset_slug, kernel_slug = settings.names(config.comp)
     bundle, record = (current_bundle(config, source, settings.wheels)
                       or package(config, source, settings.wheels, say, force))
+    check_within_limit(record, force)
     store = package_store(config)
     check_replaceable(store.path(KERNEL_DIR), "kp writes the kernel folder whole: move them out of it (edit the "
                       "kernel in kp, or push your own with the kaggle client), or pass --force", force)

@@ -6,8 +6,9 @@ competition's sample submission (a hidden test set has its own), compute their f
 precompute's network built from the bundle (and the augmented test passes, each row seeded as the
 augment stage seeds it, when the models use test-time augmentation), average each model's
 probabilities over those versions and the models' over each other, as the source stage did (for
-a smoothed source, then each test row blended with its nearest test rows' as smooth did), and
-write `submission.csv` in the sample's format (and `test_probs.npy`). No training, no network.
+a smoothed source, then each test row blended with its nearest test rows' as smooth did; for a
+blend, each source so, then combined with what the blend chose; a fine-tuned network takes the
+images themselves), following the bundle's prediction plan, and write `submission.csv` in the sample's format (and `test_probs.npy`). No training, no network.
 """
 from __future__ import annotations
 
@@ -27,46 +28,133 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
+class KernelRun:
+    """One kernel run over the test images: each network built once, each version of the features
+    (clean, then each augmented test pass) computed once whichever sources read it, and the seconds spent:
+    `fixed` (building networks, loading models) apart from the work that grows with the images."""
+
+    def __init__(self, bundle: Path, images: list[Path], scratch: Path, say=print):
+        self.bundle, self.images, self.scratch, self.say = bundle, images, scratch, say
+        self.extractors, self.versions = {}, {}
+        self.fixed_s = 0.0
+        self.seconds: dict[str, float] = {}  # what grows with the images: per network's features, per stage's models
+
+    def _spent(self, what: str, began: float) -> None:
+        self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - began
+
+    def features(self, network: dict, tta: dict | None) -> list:
+        """The test images' rows of `network`'s features: the clean rows, then each of `tta`'s passes."""
+        from pipeline.data.arrays import load_array
+        from pipeline.data.augmentation import RowAugmenter, pass_seed
+        from pipeline.models.extractor import build_extractor
+
+        key = json.dumps(network, sort_keys=True)
+        if key not in self.extractors:
+            began = time.perf_counter()
+            self.extractors[key] = build_extractor(SimpleNamespace(**network["precompute"]), self.bundle,
+                                                   tuple(network["image_size"]))
+            self.fixed_s += time.perf_counter() - began
+        extractor, result = self.extractors[key], []
+        for number in range(0, (tta["passes"] if tta else 0) + 1):
+            version = (key, number, json.dumps(tta, sort_keys=True) if number else None)
+            if version not in self.versions:
+                augment = RowAugmenter(tta["transforms"], pass_seed(tta["seed"], "test", number)) if number else None
+                out = self.scratch / f"features_{len(self.versions)}.npy"
+                began = time.perf_counter()
+                timing = extractor.write(self.images, out, augment=augment)
+                self._spent(f"features {extractor.name}", began)
+                self.say(f"{extractor.name} features of {len(self.images)} test images"
+                         f"{f' (test pass {number})' if number else ''}: {timing['seconds']:.1f}s")
+                self.versions[version] = load_array(out)
+            result.append(self.versions[version])
+        return result
+
+    def model_probs(self, folder: str, network: dict, tta: dict | None, stage: str, reads: str):
+        """One model's test probabilities, averaged over the clean images and the test passes: on the
+        network's features, or (a fine-tuned network, which takes images) on the images themselves."""
+        import numpy as np
+
+        from pipeline.models.inference import predict_averaged
+        from pipeline.models.saved import load_saved_model
+
+        began = time.perf_counter()
+        model = load_saved_model(self.bundle / folder / MODEL_FILE)
+        self.fixed_s += time.perf_counter() - began
+        began = time.perf_counter()
+        if reads == "images":
+            probs = self._on_images(model, network, tta)
+            self._spent(f"images through {stage}'s networks", began)
+            return probs
+        versions = self.features(network, tta)
+        began = time.perf_counter()
+        probs = predict_averaged(model, versions)[0]
+        self._spent(f"{stage}'s models", began)
+        return np.asarray(probs)
+
+    def _on_images(self, model, network: dict, tta: dict | None):
+        """A whole network's probabilities on the images (tune's way: `predict_images` per version, then their mean)."""
+        import numpy as np
+
+        from pipeline.data.augmentation import RowAugmenter, pass_seed
+        from pipeline.data.image_rows import ImageRows
+        from pipeline.models.backbones import preprocessing_of
+        from pipeline.models.device import plan_device
+        from pipeline.models.inference import Forward
+        from pipeline.training.recipes.tuned import predict_images
+
+        settings = network["precompute"]
+        forward = Forward(model, plan_device(None, settings["batch_size"]),
+                          preprocessing_of(settings["backbone"], settings["preprocess"]))
+        rows = ImageRows(self.images, np.full(len(self.images), -1), [p.stem for p in self.images],
+                         np.arange(len(self.images)))
+        size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+        augmenters = [None] + [RowAugmenter(tta["transforms"], pass_seed(tta["seed"], "test", k))
+                               for k in range(1, (tta["passes"] if tta else 0) + 1)]
+        each = [predict_images(forward, rows, size, augmenter) for augmenter in augmenters]
+        return np.mean(each, axis=0, dtype=np.float64).astype(np.float32)
+
+    def probs(self, plan: dict):
+        """The test probabilities `plan` (`pipeline.shipping.packaging.prediction_plan`) describes, each step
+        stored as float32 as its stage stores its `test_probs.npy`."""
+        import numpy as np
+
+        from pipeline.evaluation.blending import Blender
+        from pipeline.evaluation.smoothing import neighbours, smooth
+
+        if "blend" in plan:  # each source's probabilities, then what the blend chose on all rows
+            stacked = np.stack([self.probs(source) for source in plan["of"]]).astype(np.float64)
+            return Blender.from_record(plan["blend"]).apply(stacked).astype(np.float32)
+        if "smooth" in plan:  # the test rows among themselves, on their clean features, as the smooth stage did
+            probs, s = self.probs(plan["of"]), plan["smooth"]
+            clean = self.features(s["network"], None)[0]
+            began = time.perf_counter()
+            near = neighbours(clean, s["k"], s["metric"])
+            smoothed = smooth(probs, near, s["k"], s["weight"], s["distance_weighted"])
+            self._spent(f"{plan['stage']}'s neighbours", began)
+            return np.asarray(smoothed, dtype=np.float32)
+        each = [self.model_probs(folder, plan["network"], plan["tta"], plan["stage"], plan["reads"])
+                for folder in plan["models"]]
+        return np.mean(each, axis=0).astype(np.float32) if len(each) > 1 else each[0]
+
+
+def predict(bundle: Path, images: list[Path], say=print, run: list | None = None) -> np.ndarray:
     """The bundle's test probabilities for `images`, in order.
 
     Args:
         bundle: a `kp package` folder.
         images: the test image files.
         say: prints a line.
+        run: when given, the `KernelRun` is appended to it (its seconds, for `kp package`'s timing).
 
     Returns:
-        (len(images), classes) float32 probabilities: the mean over the models of each model's mean over
-        the clean features and the augmented test passes (smoothed over the test rows when the bundle says).
+        (len(images), classes) float32 probabilities, as the source stage computed its own.
     """
-    import numpy as np
-
-    from pipeline.data.arrays import load_array
-    from pipeline.data.augmentation import RowAugmenter, pass_seed
-    from pipeline.evaluation.smoothing import neighbours, smooth
-    from pipeline.models.extractor import build_extractor
-    from pipeline.models.inference import predict_averaged
-    from pipeline.models.saved import load_saved_model
-
     record = json.loads((bundle / BUNDLE_FILE).read_text())
-    extractor = build_extractor(SimpleNamespace(**record["precompute"]), bundle, tuple(record["image_size"]))
-    tta = record["tta"]
     with tempfile.TemporaryDirectory(prefix="kp-kernel-") as scratch:
-        versions = []
-        for number in range(0, (tta["passes"] if tta else 0) + 1):
-            augment = RowAugmenter(tta["transforms"], pass_seed(tta["seed"], "test", number)) if number else None
-            out = Path(scratch) / f"test_{number}.npy"
-            timing = extractor.write(images, out, augment=augment)
-            say(f"features of {len(images)} test images{f' (test pass {number})' if number else ''}: "
-                f"{timing['seconds']:.1f}s")
-            versions.append(load_array(out))
-        each = [predict_averaged(load_saved_model(bundle / model["folder"] / MODEL_FILE), versions)[0]
-                for model in record["models"]]
-        probs = np.mean(each, axis=0).astype(np.float32) if len(each) > 1 else each[0]
-        s = record.get("smooth")
-        if s:  # the test rows among themselves, on their clean features, as the smooth stage did
-            near = neighbours(versions[0], s["k"], s["metric"])
-            probs = smooth(probs, near, s["k"], s["weight"], s["distance_weighted"])
+        kernel = KernelRun(bundle, images, Path(scratch), say)
+        probs = kernel.probs(record["predict"])
+    if run is not None:
+        run.append(kernel)
     return probs
 
 
@@ -85,20 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_submission(bundle: Path, competition_dir: Path, out: Path, say=print) -> Path:
-    """`out/submission.csv` (and `out/test_probs.npy`) for the test images the sample submission lists.
+def test_images(record: dict, competition_dir: Path) -> tuple[list[str], list[Path], object]:
+    """The test ids the competition's sample submission lists, their image files, and the sample itself.
 
-    Returns:
-        The submission's path.
+    Args:
+        record: the bundle's `bundle.json`.
+        competition_dir: the competition's files (`/kaggle/input/SLUG`, or download's `raw/`).
+
+    Raises:
+        PipelineError: a listed id has no image.
     """
-    import numpy as np
-
     from pipeline.core.competition import Competition
     from pipeline.core.readers import read_table
-    from pipeline.evaluation.submission import submission_frame, validate_submission
 
-    clock = time.perf_counter()
-    record = json.loads((bundle / BUNDLE_FILE).read_text())
     competition = Competition.model_validate(record["competition"])
     files = record["download"]
     sample_path = competition_dir / files["sample_submission"]
@@ -108,6 +195,24 @@ def write_submission(bundle: Path, competition_dir: Path, out: Path, say=print) 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise PipelineError(f"{sample_path}: {len(missing)} of {len(ids)} test ids have no image; first: {missing[:3]}")
+    return ids, images, sample
+
+
+def write_submission(bundle: Path, competition_dir: Path, out: Path, say=print) -> Path:
+    """`out/submission.csv` (and `out/test_probs.npy`) for the test images the sample submission lists.
+
+    Returns:
+        The submission's path.
+    """
+    import numpy as np
+
+    from pipeline.core.competition import Competition
+    from pipeline.evaluation.submission import submission_frame, validate_submission
+
+    clock = time.perf_counter()
+    record = json.loads((bundle / BUNDLE_FILE).read_text())
+    competition = Competition.model_validate(record["competition"])
+    ids, images, sample = test_images(record, competition_dir)
     probs = predict(bundle, images, say)
     frame = submission_frame(ids, probs, competition, record["renormalize"])
     validate_submission(frame, sample, competition, record["renormalize"])

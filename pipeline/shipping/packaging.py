@@ -1,18 +1,16 @@
 """`kp package`: the trained models a submission comes from, bundled with what runs them again on other
 test images offline, as a code competition's kernel must (no training, no network).
 
-The bundle (`work/COMP/package/`) holds every model the source stage averages (the one model of
-finetune or bnretrain, each member of an ensemble, each fold model of cv), precompute's network
-settings and its weights file, the augmented test passes' transforms and seed when the models
-use test-time augmentation, the competition's submission format, and `kernel.py`, which runs
-`pipeline.shipping.kernel` (features of the test images, each model's averaged probabilities, their mean,
-`submission.csv`). `bundle.json` records the fingerprints of the source and the runs the models
-came from, and the bundle's size. It is written to a temporary folder renamed into place.
-
-Packaged so far: sources whose models read precompute's features (finetune, bnretrain, ensemble
-and cv over those recipes) and smooth of one of them (the kernel smooths its test rows among
-themselves with the k and weight the smooth run used), on a network given as a weights file or
-`weights: none`.
+The bundle (`work/COMP/package/`) holds every model the source stage's test probabilities come from
+(the one model of finetune, bnretrain or tune, each member of an ensemble, each fold model of cv,
+each student of pseudo; for a blend, those of every source), each network's weights file once
+(a Keras weights file, a whole saved model, or `weights: imagenet` saved from Keras' cache), the
+prediction plan (`prediction_plan`: which models average over which test passes of which network's
+features, smoothed how, blended with which weights), the competition's submission format, and
+`kernel.py`, which runs `pipeline.shipping.kernel`. `bundle.json` records the plan, the fingerprints
+of the source and the runs it read, the kernel's time measured here on the public test with the
+estimate at the hidden test's size (`pipeline.shipping.kernel_time`), and the bundle's size. It is
+written to a temporary folder renamed into place.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.artifacts import (BUNDLE_DIR, BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
+from pipeline.core.artifacts import (BLENDER_FILE, BUNDLE_DIR, BUNDLE_FILE, BUNDLE_MODELS_DIR, BUNDLE_NETWORK_DIR, BUNDLE_WHEELS_DIR,
                                      KERNEL_SCRIPT, MODEL_FILE, PACKAGE_DIR, UNIT_FILE)
 from pipeline.core.errors import PipelineError
 
@@ -95,55 +93,53 @@ def current_bundle(config: ResolvedConfig, source: str, wheels: str | None) -> t
 
 
 def packageable(config: ResolvedConfig) -> tuple[str, ...]:
-    """The predicting stages whose models `kp package` ships (`Predicts.packaged`: their models read
-    precompute's features; smooth of one of them, its test rows smoothed again in the kernel)."""
+    """The stages `kp package` ships: every predicting stage (`Stage.predicts`)."""
     from pipeline.engine.registry import predicting_stages
 
-    return tuple(name for name in predicting_stages() if config.predicts(name).packaged)
+    return predicting_stages()
 
 
 def check_source(config: ResolvedConfig, source: str) -> None:
-    """One clear error for a source stage whose models cannot be packaged yet."""
+    """One clear error for a source that is not a predicting stage."""
     shipped = packageable(config)
     if source not in shipped:
-        raise PipelineError(f"kp package --source {source}: only {', '.join(shipped)} can be packaged so far "
-                            "(their models read precompute's features; smooth of one of them)")
+        raise PipelineError(f"kp package --source {source}: not a predicting stage; one of {', '.join(shipped)}")
 
 
-def _smoothing(config: ResolvedConfig, source: str) -> dict | None:
+def _smoothing(config: ResolvedConfig, source: str) -> dict:
     """How the kernel smooths the test rows again: the k and weight the smooth run used (chosen on the
-    validation rows when it tuned them), its metric and weighting; None for another source."""
+    validation rows when it tuned them), its metric and weighting."""
     from pipeline.core.cache import Manifest
 
-    if not config.predicts(source).smooths:
-        return None
     metrics = Manifest.read(config.work_dir / source).metrics
     return {"k": int(metrics["k"]), "weight": float(metrics["weight"]), "metric": config.get("smooth.metric"),
             "distance_weighted": bool(config.get("smooth.distance_weighted"))}
 
 
+def _finished(config: ResolvedConfig, stage: str):
+    """The manifest of `stage`'s current result under `config` (a blend source's under its variant)."""
+    from pipeline.core.cache import Manifest
+
+    manifest = Manifest.read(config.work_dir / stage)
+    if manifest is None:
+        raise PipelineError(f"{config.work_dir / stage}: no finished {stage} run to package; run kp {stage} first")
+    return manifest
+
+
 def model_folders(config: ResolvedConfig, source: str) -> list[Path]:
-    """The folders of the models `source`'s test probabilities average, each holding `model.keras`.
+    """The folders of the models whose mean is `source`'s test probabilities, each holding `model.keras`
+    (for smooth, its source's models; not for a stage that combines variants, see `prediction_plan`).
 
     Raises:
-        PipelineError: the source is not packaged yet, has no current result, or lacks a model.
+        PipelineError: no current result, or a model missing.
     """
-    from pipeline.core.cache import Manifest
     from pipeline.core.runs import unit_store
 
-    check_source(config, source)
     role = config.predicts(source)
-    if role.source is not None:  # smooth: the models of the stage it smooths
-        inner = role.source(config)
-        modelled = [name for name in packageable(config) if config.predicts(name).source is None]
-        if inner not in modelled:
-            raise PipelineError(f"kp package: {source}'s source is {inner}; {source} can be packaged when it is "
-                                f"one of {', '.join(modelled)}")
-        return model_folders(config, inner)
+    if role.smooths:
+        return model_folders(config, role.source(config))
     folder = (config.work_dir / source).resolve()
-    manifest = Manifest.read(folder)
-    if manifest is None:
-        raise PipelineError(f"{config.work_dir / source}: no finished {source} run to package; run kp {source} first")
+    manifest = _finished(config, source)
     if role.models is not None:
         kind, listed = role.models
         store = unit_store(config.work_dir, source, kind)
@@ -171,6 +167,121 @@ def _tta(config: ResolvedConfig, folders: list[Path]) -> dict | None:
     if not count:
         return None
     return {"passes": count, "seed": config.get("augment.seed"), "transforms": config.get("augment.transforms")}
+
+
+class _Writer:
+    """Copies what the kernel needs into the bundle folder `out` once each: every network file (shared by
+    the sources on the same network), every model (numbered in order)."""
+
+    def __init__(self, out: Path):
+        self.out, self.networks, self.models = out, {}, []
+
+    def network(self, config: ResolvedConfig) -> dict:
+        """precompute's settings as the kernel builds its network (`weights` a file of the bundle), and its image size."""
+        from pipeline.models.backbones import resolve_weights
+        from pipeline.models.extractor import feature_size
+
+        settings = config.section("precompute").model_dump(mode="json")
+        if settings["backbone"] == "none":
+            raise PipelineError("kp package: the models read pixels from scratch (precompute.backbone: none); a "
+                                "kernel runs models on a network's features or a fine-tuned network")
+        size = list(feature_size(config))
+        if settings["weights"] != "none":
+            path = resolve_weights(settings["weights"], config.root)  # a missing file: one clear error
+            key = path if path != "imagenet" else f"imagenet {settings['backbone']} {settings['alpha']}"
+            if key not in self.networks:
+                folder = self.out / BUNDLE_NETWORK_DIR
+                folder.mkdir(exist_ok=True)
+                if path == "imagenet":
+                    self.networks[key] = imagenet_weights(settings, size, folder)
+                else:
+                    name = f"{len(self.networks):02d}-{Path(path).name}"
+                    shutil.copy2(path, folder / name)
+                    self.networks[key] = f"{BUNDLE_NETWORK_DIR}/{name}"
+            settings["weights"] = self.networks[key]
+        return {"precompute": settings, "image_size": size}
+
+    def model(self, folder: Path, stage: str) -> str:
+        number = len(self.models)
+        target = self.out / BUNDLE_MODELS_DIR / f"{number:02d}"
+        target.mkdir(parents=True)
+        shutil.copy2(folder / MODEL_FILE, target / MODEL_FILE)
+        if (folder / UNIT_FILE).is_file():
+            shutil.copy2(folder / UNIT_FILE, target / UNIT_FILE)
+        self.models.append({"folder": f"{BUNDLE_MODELS_DIR}/{number:02d}", "from": folder.name, "stage": stage})
+        return self.models[-1]["folder"]
+
+
+def imagenet_weights(settings: dict, size: list[int], folder: Path) -> str:
+    """`weights: imagenet`: the network built from Keras' cache of its ImageNet weights (as precompute built
+    it; no network is reached when the file is there), its weights saved into `folder`; returns the
+    bundle path. A KerasHub preset is refused: give it as a folder (precompute.backbone: hub:PATH)."""
+    import keras
+
+    from pipeline.models.applications import application
+    from pipeline.models.hub import hub_preset
+
+    if hub_preset(settings["backbone"]) is not None:
+        raise PipelineError(f"kp package: precompute.backbone {settings['backbone']} with weights imagenet: a kernel "
+                            "has no network; give the preset as a local folder (hub:PATH)")
+    app = application(settings["backbone"])
+    options = {"include_top": False, "weights": "imagenet"}
+    if app.alpha:
+        options["alpha"] = settings["alpha"]
+    options["input_shape"] = (*size, 3)  # the size picks the weights file of some networks (MobileNet's rows)
+    try:
+        model = getattr(keras.applications, app.name)(**options)
+    except Exception as exc:  # offline and not in the cache: Keras' download fails
+        raise PipelineError(f"kp package: precompute.weights imagenet: {app.name}'s ImageNet weights are not in "
+                            f"Keras' cache ($KERAS_HOME/models, ~/.keras/models) and cannot be downloaded "
+                            f"({type(exc).__name__}); run precompute once with a network, or set precompute.weights "
+                            "to the weights file") from None
+    name = f"{len(list(folder.iterdir())):02d}-{app.name.lower()}-imagenet.weights.h5"
+    model.save_weights(folder / name)
+    return f"{BUNDLE_NETWORK_DIR}/{name}"
+
+
+def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict:
+    """How the kernel computes `stage`'s test probabilities, its files copied by `writer`: a tree of
+    {"stage", "blend": what blend chose, "of": [plans]} (each source's plan under its variant's config),
+    {"stage", "smooth": k, weight, metric and the network whose features find the neighbours, "of": plan},
+    or a leaf {"stage", "network", "tta", "models"}: the mean of the models over the test passes."""
+    from pipeline.engine.registry import all_stages
+    from pipeline.engine.variants import variant_configs
+
+    definition, role = all_stages()[stage], config.predicts(stage)
+    if definition.variants is not None:
+        _finished(config, stage)
+        chosen = config.work_dir / stage / BLENDER_FILE
+        if not chosen.is_file():
+            raise PipelineError(f"{chosen}: missing (a {stage} run from before kp kept it); run kp {stage} --force")
+        blender = json.loads(chosen.read_text())
+        variants = variant_configs(config, definition)
+        if [variant.name for variant, _ in variants] != blender["sources"]:
+            raise PipelineError(f"{chosen}: its sources {blender['sources']} are not the configured ones; "
+                                f"run kp {stage}")
+        return {"stage": stage, "blend": blender,
+                "of": [{"name": variant.name, **prediction_plan(inner, variant.target, writer)}
+                       for variant, inner in variants]}
+    if role.smooths:
+        _finished(config, stage)
+        return {"stage": stage, "smooth": {**_smoothing(config, stage), "network": writer.network(config)},
+                "of": prediction_plan(config, role.source(config), writer)}
+    folders = model_folders(config, stage)
+    return {"stage": stage, "network": writer.network(config), "reads": _reads(config, stage), "tta": _tta(config, folders),
+            "models": [writer.model(folder, stage) for folder in folders]}
+
+
+def _reads(config: ResolvedConfig, stage: str) -> str:
+    """What `stage`'s models take: `features` (precompute's rows) or `images` (a fine-tuned network, backbone
+    included: its recipe's last step reads no precompute). A student of pseudo follows a teachable recipe,
+    which reads features."""
+    from pipeline.training.recipes import steps_of
+
+    follows = config.predicts(stage).recipe
+    if follows is None:
+        return "features"
+    return "features" if "precompute" in steps_of(follows(config), config)[-1].needs else "images"
 
 
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")
@@ -244,7 +355,8 @@ def package_store(config: ResolvedConfig):
 def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=print,
             force: bool = False) -> tuple[Path, dict]:
     """Write the inference bundle of `source` to `work/COMP/package/bundle/` (replacing an older one kp
-    wrote; a bundle folder kp did not make, or one a person added to or edited, is refused).
+    wrote; a bundle folder kp did not make, or one a person added to or edited, is refused), then time
+    its kernel here on the public test images (`pipeline.shipping.kernel_time`).
 
     Args:
         config: the competition's resolved config.
@@ -256,38 +368,18 @@ def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=
     Returns:
         (the bundle's folder, its `bundle.json` record).
     """
-    from pipeline.core.cache import Manifest
     from pipeline.core.ownership import check_replaceable
     from pipeline.core.runs import folder_size
-    from pipeline.models.backbones import resolve_weights
-    from pipeline.models.extractor import feature_size
+    from pipeline.shipping.kernel_time import time_kernel
 
-    folders = model_folders(config, source)
-    precompute = config.section("precompute").model_dump(mode="json")
-    if precompute["backbone"] == "none":
-        raise PipelineError("kp package: the models read pixels (precompute.backbone: none); only models on a "
-                            "network's features can be packaged so far")
-    if precompute["weights"] == "imagenet":
-        raise PipelineError("kp package: precompute.weights is imagenet (Keras' download cache); a kernel has no "
-                            "network, so give the weights as a file (precompute.weights: PATH)")
+    check_source(config, source)
     store = package_store(config)
     check_replaceable(store.path(BUNDLE_DIR), "kp writes the bundle whole: move them out of it, or pass --force to "
                       "let kp delete them", force)
     with store.write(BUNDLE_DIR) as out:
-        if precompute["weights"] != "none":
-            path = Path(resolve_weights(precompute["weights"], config.root))  # a missing file: one clear error
-            (out / BUNDLE_NETWORK_DIR).mkdir()
-            shutil.copy2(path, out / BUNDLE_NETWORK_DIR / path.name)
-            precompute["weights"] = f"{BUNDLE_NETWORK_DIR}/{path.name}"
-        models = []
-        for number, folder in enumerate(folders):
-            target = out / BUNDLE_MODELS_DIR / f"{number:02d}"
-            target.mkdir(parents=True)
-            shutil.copy2(folder / MODEL_FILE, target / MODEL_FILE)
-            if (folder / UNIT_FILE).is_file():
-                shutil.copy2(folder / UNIT_FILE, target / UNIT_FILE)
-            models.append({"folder": f"{BUNDLE_MODELS_DIR}/{number:02d}", "from": folder.name})
-        manifest = Manifest.read(config.work_dir / source)
+        writer = _Writer(out)
+        plan = prediction_plan(config, source, writer)
+        manifest = _finished(config, source)
         record = {
             "comp": config.comp, "source": source, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "fingerprints": {source: manifest.fingerprint, **(manifest.reads or manifest.inputs.get("upstream", {}))},
@@ -296,10 +388,11 @@ def package(config: ResolvedConfig, source: str, wheels: str | None = None, say=
             "competition": config.competition.model_dump(mode="json"),
             "download": {key: config.get(f"download.{key}") for key in ("sample_submission", "test_dir", "test_file")},
             "renormalize": config.get("submit.renormalize"),
-            "precompute": precompute, "image_size": list(feature_size(config)),
-            "tta": _tta(config, folders), "smooth": _smoothing(config, source), "models": models,
+            "predict": plan, "models": writer.models, "networks": sorted(writer.networks.values()),
         }
         (out / KERNEL_SCRIPT).write_text(kernel_script(config))
+        (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        record["timing"] = time_kernel(config, out, say)
         record["wheels"] = write_wheels(out / BUNDLE_WHEELS_DIR, wheels, say) if wheels else None
         record["size_bytes"] = folder_size(out)
         (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
