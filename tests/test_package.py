@@ -16,7 +16,10 @@ from click.testing import CliRunner
 from pipeline.cli.commands import cli
 from pipeline.engine.config import load_config
 from pipeline.evaluation.predictions import load_predictions
+from pipeline.engine import runner
+from tests.helpers import SHARED_DATA, make_statefarm_like, needs_shared_data, statefarm_like_config
 from tests.test_cv import CV, _cross_validated
+from tests.test_transfer import TINY_VGG
 
 
 def _options(sets):
@@ -100,7 +103,7 @@ def test_a_bundle_with_wheels_installs_offline_in_a_fresh_venv_and_its_kernel_re
                                    load_predictions(config.work_dir / "cv").test_probs, atol=1e-6, rtol=0)
 
 
-def kernel_reproduces(sets: list[str], source: str, out) -> dict:
+def kernel_reproduces(sets: list[str], source: str, out, hidden: int = 6) -> dict:
     """`kp package --source SOURCE` on the synthetic competition's warm project under `sets`, then its kernel
     from the bundle alone in this process: its test probabilities must be the source's own to 1e-5, and
     `kp package` must have timed it. Returns the bundle's record."""
@@ -109,7 +112,7 @@ def kernel_reproduces(sets: list[str], source: str, out) -> dict:
     config = load_config("synth", sets=sets)
     result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), "--source", source])
     assert result.exit_code == 0, result.output
-    assert "Estimate for 6 hidden test images" in result.output and "within the limit of 9h00m" in result.output
+    assert f"Estimate for {hidden} hidden test images" in result.output and "within the limit of 9h00m" in result.output
     bundle = config.work_dir / "package" / "bundle"
     record = json.loads((bundle / "bundle.json").read_text())
     assert record["timing"]["max_abs_difference"] <= 1e-5 and record["timing"]["within_limit"]
@@ -117,3 +120,28 @@ def kernel_reproduces(sets: list[str], source: str, out) -> dict:
     own = load_predictions(config.work_dir / source)
     np.testing.assert_allclose(np.load(out / "test_probs.npy"), own.test_probs, atol=1e-5, rtol=0)
     return record
+
+
+MOBILENET_CACHE_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"  # Keras' own name
+
+
+@needs_shared_data
+def test_imagenet_weights_are_taken_from_keras_cache_or_named_when_absent(project, tmp_path, monkeypatch):
+    """`weights: imagenet` as Keras keeps it in $KERAS_HOME/models (the real ImageNet file, offline): the
+    bundle holds the network's weights, and the kernel built from them reproduces finetune to 1e-5."""
+    cache = tmp_path / "keras"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / MOBILENET_CACHE_FILE).symlink_to(SHARED_DATA / "weights" / MOBILENET_CACHE_FILE)
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(cache))  # $KERAS_HOME, read when Keras was imported
+    archive = make_statefarm_like(tmp_path / "data", drivers=3, classes=3, per_driver_class=2, test=4)
+    statefarm_like_config(project, archive)
+    sets = [s for s in TINY_VGG if not s.startswith("precompute.")] + [
+        "precompute.backbone=mobilenetv2", "precompute.alpha=0.35", "precompute.weights=imagenet", "model.arch=pool",
+        "model.hidden=[]", "model.dropout=[]", "competition.clip=[0.001, 0.999]"]
+    runner.run(load_config("synth", sets=sets))
+    record = kernel_reproduces(sets, "finetune", tmp_path / "out", hidden=4)
+    assert record["networks"] == ["network/00-mobilenetv2-imagenet.weights.h5"]
+
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "empty"))  # offline, not in the cache
+    result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), "--source", "finetune"])
+    assert result.exit_code == 2 and "MobileNetV2's ImageNet weights are not in Keras' cache" in result.output
