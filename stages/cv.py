@@ -24,15 +24,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, SPLIT_FILE, TOP_LOSSES_PLOT
-from pipeline.core.errors import PipelineError
-from pipeline.core.readers import read_table
+from pipeline.core.artifacts import FOLD_TEST_FILE, PREDICTION_FILES, TOP_LOSSES_PLOT
 from pipeline.core.settings import StrictModel
 from pipeline.core.stage import Predicts, Stage, StageContext
 from pipeline.evaluation.mistakes import MISTAKES_READS
 from pipeline.training.recipes import NAMES, needs_of, steps_of
-
-FOLD_STRATEGIES = ("kfold", "group_kfold")
 
 
 class Settings(StrictModel):
@@ -47,65 +43,22 @@ class Settings(StrictModel):
 def run(ctx: StageContext) -> dict:
     import numpy as np
 
-    from pipeline.core.executor import UnitItem
-    from pipeline.data.features import label_indices, read_rows
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.mistakes import write_mistakes
-    from pipeline.evaluation.predictions import Predictions, load_predictions, save_fold_test, save_predictions
-    from pipeline.training.cross_validation import Fold, train_fold
-    from pipeline.training.recipes import check_steps
+    from pipeline.evaluation.predictions import save_fold_test, save_predictions
+    from pipeline.training.cross_validation import cross_validate
 
     s = ctx.settings
-    strategy = ctx.config.get("split.strategy")
-    if strategy not in FOLD_STRATEGIES:
-        raise PipelineError(f"cv trains one model per fold, but split.strategy is {strategy!r}: set it to kfold or "
-                            "group_kfold (by driver for State Farm)")
-    split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
-    folds = split["fold"].to_numpy()
-    n_folds = int(folds.max()) + 1
-    if n_folds < 3:
-        raise PipelineError(f"cv chooses each fold's epochs on another fold, so it needs at least 3 folds; "
-                            f"split.folds is {n_folds}")
-    steps = steps_of(s.source, ctx.config)
-    check_steps(steps, ctx.config)
-    classes = ctx.config.competition.classes
-    labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
-    ids = split["id"].to_numpy()
-    items = []
-    for f in range(n_folds):
-        g = (f + 1) % n_folds
-        held_out, selection = folds == f, folds == g
-        rows = {"train": sorted(ids[~held_out & ~selection]), "selection": sorted(ids[selection]),
-                "held_out": sorted(ids[held_out])}
-        items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})",
-                              {"source": s.source, "seed": s.seed, "rows": rows},
-                              (steps, Fold(f, g, held_out, selection, rows), s.seed, f"fold {f + 1}/{n_folds}")))
-    # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
-    units = ctx.map_units("folds", train_fold, items, "cv folds", recipes=steps, upstream=needs_of(steps, ctx.config),
-                          keyed_by_item=("split",), resumable=True)
-    oof = np.zeros((len(ids), len(classes)), np.float32)
-    test_probs, fold_rows = [], []
-    for f, unit in enumerate(units):
-        held_out = folds == f
-        predictions = load_predictions(unit.folder)
-        if list(predictions.valid_ids) != list(ids[held_out]):
-            raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
-        oof[held_out] = predictions.valid_probs
-        test_probs.append(predictions.test_probs)
-        fold_rows.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "rows": int(held_out.sum()),
-                          "chosen_epochs": unit.record["chosen_epochs"],
-                          **evaluate(labels[held_out], predictions.valid_probs)})
-
-    out_of_fold = Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0))
+    out_of_fold, fold_rows, fold_test = cross_validate(ctx, steps_of(s.source, ctx.config), s.source, s.seed, "cv")
     save_predictions(ctx.out, out_of_fold)
-    save_fold_test(ctx.out, np.stack(test_probs))
+    save_fold_test(ctx.out, fold_test)
     losses = [r["val_log_loss"] for r in fold_rows]
     return {
         "source": s.source,
-        "validation": f"cv{n_folds}-oof",
-        "folds": n_folds,
+        "validation": f"cv{len(fold_rows)}-oof",
+        "folds": len(fold_rows),
         "trained": sum(not r["reused"] for r in fold_rows),
-        **evaluate(labels, oof),
+        **evaluate(out_of_fold.valid_labels, out_of_fold.valid_probs),
         "fold_val_log_loss_mean": round(float(np.mean(losses)), 5),
         "fold_val_log_loss_min": round(float(np.min(losses)), 5),
         "fold_val_log_loss_max": round(float(np.max(losses)), 5),

@@ -175,6 +175,39 @@ def test_dogscats_through_the_local_server_as_a_code_competition(project, kaggle
     assert float(row["lb_score"]) < 0.2  # 200 unseen test images and 100 training images the folds learned from
 
 
+@needs_shared_data
+@pytest.mark.realdata
+@pytest.mark.slow  # the four networks' features of 1,600 images, then the kernel's runs on 200 + 300 images
+def test_the_dogscats_blend_through_the_local_server_as_a_code_competition(project, kaggle_server):
+    """The blend a competitor submits (four networks, each cross-validated, hill-climbed out of fold) as a code
+    competition: `kp package --source blend` times it and states the estimate; the pushed kernel's test
+    probabilities equal kp's blend to 1e-5; `kp submit --upload` submits the kernel, scored on the hidden set."""
+    from pipeline.engine import runner
+    from tests.helpers import REPO
+
+    files = [project / "configs" / "offline" / name for name in ("dogscats-kaggle.yaml", "dogscats-blend.yaml")]
+    base = load_config("dogscats", root=REPO, extra_files=files)
+    absolute = [f"precompute.weights={(REPO / base.get('precompute.weights')).resolve()}"] + [
+        f"features.{name}.weights={(REPO / base.get(f'features.{name}.weights')).resolve()}" for name in base.get("features")]
+    sets = [*absolute, "competition.submission=code", "kernel.wheels=null", "kernel.poll_every_s=1",
+            "kaggle.poll_every_s=1"]
+    options = [arg for assignment in sets for arg in ("--set", assignment)]
+    config = load_config("dogscats", extra_files=files, sets=sets)
+    runner.run(config)
+    config_options = [arg for path in files for arg in ("--config", str(path))]
+    packaged = CliRunner().invoke(cli, ["package", "--comp", "dogscats", *config_options, *options, "--source", "blend"])
+    assert packaged.exit_code == 0, packaged.output
+    assert "Estimate for 200 hidden test images" in packaged.output and "within the limit of 9h00m" in packaged.output
+    uploaded = CliRunner().invoke(cli, ["submit", "--comp", "dogscats", *config_options, *options, "--upload"])
+    assert uploaded.exit_code == 0, uploaded.output
+    output = config.work_dir / "package" / "output"
+    np.testing.assert_allclose(np.load(output / "test_probs.npy"),
+                               load_predictions(config.work_dir / "blend").test_probs, atol=1e-5, rtol=0)
+    [row] = read_ledger(config.submissions_dir / "ledger.csv")
+    assert row["kind"] == "code" and row["status"] == "complete" and row["source"] == "blend"
+    assert float(row["lb_score"]) < 0.2
+
+
 def test_a_probe_kernel_sees_only_its_inputs_writes_only_its_folder_and_leaves_no_process_behind(code_server,
                                                                                                  tmp_path):
     """Run as a code submission, a hostile kernel reaches neither the hidden labels (through its input's parent

@@ -3,7 +3,10 @@
 For fold f with selection fold g: train the recipe's steps on the folds other than f and g, keeping
 each step's best epoch by fold g's loss (that model is kept in `selection/`); then train on every
 fold but f for exactly those epochs of the same schedules (nothing selected on any row) and predict
-fold f (its "validation" rows) and the test rows. A unit of the cv stage (`train_fold`).
+fold f (its "validation" rows) and the test rows. A unit of the cv and distill stages (`train_fold`);
+`cross_validate` runs one per fold and gathers the out-of-fold rows. With `targets` (distill) every
+training row learns a probability row (a teacher's out-of-fold probabilities mixed with its label)
+instead of its label; the epochs are still chosen, and every fold still scored, on the true labels.
 """
 from __future__ import annotations
 
@@ -33,8 +36,11 @@ class Fold:
     rows: dict
 
 
+FOLD_STRATEGIES = ("kfold", "group_kfold")
+
+
 def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold: Fold, seed: int, title: str,
-               out: Path, backup: Path | None = None) -> dict:
+               targets, out: Path, backup: Path | None = None) -> dict:
     """Fold f's model into `out` (here or on a Ray worker).
 
     Args:
@@ -44,6 +50,7 @@ def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold
         fold: its rows and the fold that chooses its epochs.
         seed: the fold model's seed.
         title: names the model in messages.
+        targets: (split rows, classes) probability rows the training rows learn instead of their labels, or None.
         backup: where a resumable recipe (tune) backs up the epochs of both trainings (`selection/`, `final/`).
 
     Returns:
@@ -54,12 +61,89 @@ def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold
     (out / SELECTION_DIR).mkdir()
     chosen = train_steps(config, steps, inputs, out / SELECTION_DIR,
                          TrainingRun(seed, f"{title} selection", backup=backup and backup / SELECTION_DIR, log=say,
-                                     warn=warn),
+                                     warn=warn, targets=_side(targets, ~fold.held_out & ~fold.selection)),
                          sides=(~fold.held_out & ~fold.selection, fold.selection))
     final = train_steps(config, steps, inputs, out,
                         TrainingRun(seed, title, epochs=chosen["best_epochs"], backup=backup and backup / "final",
-                                    log=say, warn=warn),
+                                    log=say, warn=warn, targets=_side(targets, ~fold.held_out)),
                         sides=(~fold.held_out, fold.held_out))
     return {**final, "fold": fold.number + 1, "selection_fold": fold.chooser + 1,
             "chosen_epochs": chosen["best_epochs"], "rows": fold.rows, "selection_val_log_loss": chosen["val_log_loss"],
             "warnings": warnings}
+
+
+def _side(targets, rows):
+    return None if targets is None else targets[rows]
+
+
+def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets=None, teacher: str | None = None):
+    """One model per fold of the split (each a unit of `ctx`'s stage, `_runs/STAGE-folds/`), each predicting the
+    fold it never saw.
+
+    Args:
+        ctx: the stage's `StageContext` (its inputs hold split and what the steps need).
+        steps: the recipes every fold's model follows.
+        source: the recipe's name as the stage's settings give it (part of each fold's key).
+        seed: every fold model's seed.
+        what: names the models in messages (`cv`, `distill`).
+        targets: (split rows, classes) probability rows in the split's order, learnt instead of the labels; None.
+        teacher: what the targets came from (a digest), part of each fold's key; None without targets.
+
+    Returns:
+        (the out-of-fold `Predictions` of every training row with the mean of the fold models' test rows,
+        each fold's record for the manifest, the fold models' test probabilities (folds, rows, classes)).
+
+    Raises:
+        PipelineError: the split has no folds, or fewer than 3.
+    """
+    import numpy as np
+
+    from pipeline.core.artifacts import SPLIT_FILE
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.executor import UnitItem
+    from pipeline.core.readers import read_table
+    from pipeline.data.features import label_indices, read_rows
+    from pipeline.evaluation.metrics import evaluate
+    from pipeline.evaluation.predictions import Predictions, load_predictions
+    from pipeline.training.recipes import check_steps, needs_of
+
+    strategy = ctx.config.get("split.strategy")
+    if strategy not in FOLD_STRATEGIES:
+        raise PipelineError(f"{what} trains one model per fold, but split.strategy is {strategy!r}: set it to kfold or "
+                            "group_kfold (by driver for State Farm)")
+    split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
+    folds = split["fold"].to_numpy()
+    n_folds = int(folds.max()) + 1
+    if n_folds < 3:
+        raise PipelineError(f"{what} chooses each fold's epochs on another fold, so it needs at least 3 folds; "
+                            f"split.folds is {n_folds}")
+    check_steps(steps, ctx.config)
+    classes = ctx.config.competition.classes
+    labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
+    ids = split["id"].to_numpy()
+    items = []
+    for f in range(n_folds):
+        g = (f + 1) % n_folds
+        held_out, selection = folds == f, folds == g
+        rows = {"train": sorted(ids[~held_out & ~selection]), "selection": sorted(ids[selection]),
+                "held_out": sorted(ids[held_out])}
+        key = {"source": source, "seed": seed, "rows": rows, **({"teacher": teacher} if teacher else {})}
+        items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})", key,
+                              (steps, Fold(f, g, held_out, selection, rows), seed, f"fold {f + 1}/{n_folds}", targets)))
+    # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
+    units = ctx.map_units("folds", train_fold, items, f"{what} folds", recipes=steps,
+                          upstream=needs_of(steps, ctx.config), keyed_by_item=("split",), resumable=True)
+    oof = np.zeros((len(ids), len(classes)), np.float32)
+    test_probs, fold_rows = [], []
+    for f, unit in enumerate(units):
+        held_out = folds == f
+        predictions = load_predictions(unit.folder)
+        if list(predictions.valid_ids) != list(ids[held_out]):
+            raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
+        oof[held_out] = predictions.valid_probs
+        test_probs.append(predictions.test_probs)
+        fold_rows.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "rows": int(held_out.sum()),
+                          "chosen_epochs": unit.record["chosen_epochs"],
+                          **evaluate(labels[held_out], predictions.valid_probs)})
+    return (Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0)), fold_rows,
+            np.stack(test_probs))

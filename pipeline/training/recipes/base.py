@@ -34,6 +34,8 @@ class TrainingRun:
     epochs: epochs per recipe name to train exactly, keeping the last and never looking at the
         validation rows (epochs chosen elsewhere); None: each step keeps its best epoch by validation loss.
     teaching: pseudo-labels every step trains on too (`teachable` recipes only).
+    targets: (training rows, classes) probability rows the last step's training rows learn instead of
+        their labels (a distilled student; `teachable` recipes only), or None.
     backup: a folder outside the model's where a resumable recipe backs up its epochs (the last step's).
     log, warn: print progress / a warning.
     verbose: 0: train silently; else one progress display of each step's epochs, titled `title`.
@@ -43,6 +45,7 @@ class TrainingRun:
     title: str = ""
     epochs: dict[str, int] | None = None
     teaching: Any = None
+    targets: Any = None
     backup: Path | None = None
     log: Callable[[str], None] = printed
     warn: Callable[[str], None] = printed
@@ -167,9 +170,9 @@ def train_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[st
     from pipeline.core.errors import PipelineError
 
     *before, last = steps
-    if run.teaching is not None and not last.teachable:
-        raise PipelineError(f"the {last.name} recipe cannot train on pseudo-labels: choose a teacher whose models "
-                            "follow finetune's or bnretrain's recipe")
+    if (run.teaching is not None or run.targets is not None) and not last.teachable:
+        raise PipelineError(f"the {last.name} recipe cannot train on a teacher's probabilities: pseudo-labels and "
+                            "distilled students follow finetune's or bnretrain's recipe")
     data = data if data is not None else load_steps(config, steps, inputs, sides)
     start, earlier = None, {"best_epochs": {}}
     if before:

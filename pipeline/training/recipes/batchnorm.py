@@ -66,6 +66,8 @@ class BatchnormRecipe(CachedRowsRecipe):
         from pipeline.training.fit import FitOptions, Phase, fit
         from pipeline.training.record import finish, set_determinism
 
+        if run.targets is not None:
+            raise PipelineError("a distilled student follows finetune's recipe (a head on the cached features)")
         self.check(config)
         s, seed = self.settings(config), run.seed
         model, change = self.with_batchnorm(config, start, data, run.log)

@@ -53,6 +53,17 @@ def taught(train, data, teaching, batch_size: int, seed: int, log):
              "pseudo_per_batch": share})
 
 
+def distilled(train, data, targets):
+    """The training rows with `targets` (a teacher's probabilities mixed with the labels, row for row with
+    the clean training rows) as what they learn; each augmented pass of a row learns its row's target."""
+    import numpy as np
+
+    if not isinstance(train, tuple) or len(train[0]) != len(targets) * (data.train_passes + 1):
+        raise PipelineError("a distilled student learns its training rows' targets as cached rows: it cannot be "
+                            "combined with pseudo-labels, finetune.mixup or finetune.augment")
+    return train[0], np.tile(np.asarray(targets, dtype=np.float32), (data.train_passes + 1, 1))
+
+
 class CachedRowsRecipe(Recipe):
     """A recipe that trains on precompute's rows, with augment's passes as its section's `augmented`
     and `tta` say (the head and batchnorm recipes)."""
@@ -137,12 +148,14 @@ class HeadRecipe(CachedRowsRecipe):
                                     "pseudo-labels or finetune.augment (augmentation on the fly)")
             train = mixed_rows(*train, len(data.classes), s.batch_size, s.mixup, seed)
         train, pseudo_rows = taught(train, data, teaching, s.batch_size, seed, run.log)
+        if run.targets is not None:
+            train = distilled(train, data, run.targets)
         began = time.perf_counter()
         history, best_epoch, _ = fit(model, train, (data.x_valid, data.y_valid), FitOptions(
             phases=[Phase(p.epochs, p.lr) for p in s.phases], schedule=s.schedule, optimizer=s.optimizer,
             momentum=s.momentum, batch_size=s.batch_size, out_dir=out, verbose=run.verbose, title=run.title,
             warmup_epochs=s.warmup_epochs, stop_after=run.stop_after(self.name),
-            soft_targets=teaching is not None or s.mixup is not None, label_smoothing=s.label_smoothing, ema=s.ema,
+            soft_targets=teaching is not None or s.mixup is not None or run.targets is not None, label_smoothing=s.label_smoothing, ema=s.ema,
             curves=config.compute.tensorboard))
         seconds = time.perf_counter() - began
         return {
