@@ -219,3 +219,7 @@ def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_chosen_w
     assert [source["network"]["image_size"] for source in plan["of"]] == [[32, 32], [48, 48]]
     assert len(record["models"]) == 8 and {m["stage"] for m in record["models"]} == {"cv"}  # 4 fold models per source
     assert set(record["timing"]["images_per_s"]) == {"features vgg16", "cv's models"}
+    from pipeline.experiments.report import build_report
+
+    html = build_report(blend_run).read_text()
+    assert '<h2 id="kernel">Kernel: blend, packaged' in html and "Estimate for 6 hidden test images" in html

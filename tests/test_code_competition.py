@@ -204,7 +204,7 @@ def test_the_dogscats_blend_through_the_local_server_as_a_code_competition(proje
     np.testing.assert_allclose(np.load(output / "test_probs.npy"),
                                load_predictions(config.work_dir / "blend").test_probs, atol=1e-5, rtol=0)
     [row] = read_ledger(config.submissions_dir / "ledger.csv")
-    assert row["kind"] == "code" and row["status"] == "complete" and row["source"] == "blend"
+    assert row["kind"] == "code" and row["status"] == "complete" and "dogscats-kp-inference v" in row["file"]
     assert float(row["lb_score"]) < 0.2
 
 

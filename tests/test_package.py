@@ -140,7 +140,7 @@ def test_imagenet_weights_are_taken_from_keras_cache_or_named_when_absent(projec
         "model.hidden=[]", "model.dropout=[]", "competition.clip=[0.001, 0.999]"]
     runner.run(load_config("synth", sets=sets))
     record = kernel_reproduces(sets, "finetune", tmp_path / "out", hidden=4)
-    assert record["networks"] == ["network/00-mobilenetv2-imagenet.weights.h5"]
+    assert record["networks"] == ["network/00/mobilenetv2-imagenet.weights.h5"]
 
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "empty"))  # offline, not in the cache
     result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), "--source", "finetune"])

@@ -187,6 +187,22 @@ def _since_the_run_before(config: ResolvedConfig, name: str) -> dict | None:
             "score": score, "then": before[score], "now": current[score], "settings": settings}
 
 
+def _kernel_section(config: ResolvedConfig) -> dict | None:
+    """The bundle `kp package` wrote last (its source, size and the kernel's time against the limit), or None."""
+    import json
+
+    from pipeline.core.artifacts import BUNDLE_DIR, BUNDLE_FILE, PACKAGE_DIR
+    from pipeline.shipping.kernel_time import estimate_line
+
+    path = config.work_dir / PACKAGE_DIR / BUNDLE_DIR / BUNDLE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    timing = record.get("timing")
+    return {**record, "timing": timing, "line": estimate_line(timing).rstrip(".") if timing else None,
+            "networks": record.get("networks", [])}
+
+
 def build_report(config: ResolvedConfig) -> Path:
     """Write `work/COMP/report.html` from what the work folder holds now; runs nothing.
 
@@ -225,6 +241,7 @@ def build_report(config: ResolvedConfig) -> Path:
         sweeps=studies,
         damaged_sweeps=damaged,
         submitted=_submitted_section(config, stages),
+        kernel=_kernel_section(config),
         ledger=read_ledger(ledger_path(config)),
         ledger_plot=embedded(config.submissions_dir / LEDGER_PLOT),
     )

@@ -189,15 +189,15 @@ class _Writer:
         if settings["weights"] != "none":
             path = resolve_weights(settings["weights"], config.root)  # a missing file: one clear error
             key = path if path != "imagenet" else f"imagenet {settings['backbone']} {settings['alpha']}"
-            if key not in self.networks:
-                folder = self.out / BUNDLE_NETWORK_DIR
-                folder.mkdir(exist_ok=True)
+            if key not in self.networks:  # network/NN/FILE: each file under its own name
+                folder = self.out / BUNDLE_NETWORK_DIR / f"{len(self.networks):02d}"
+                folder.mkdir(parents=True)
                 if path == "imagenet":
-                    self.networks[key] = imagenet_weights(settings, size, folder)
+                    name = imagenet_weights(settings, size, folder)
                 else:
-                    name = f"{len(self.networks):02d}-{Path(path).name}"
+                    name = Path(path).name
                     shutil.copy2(path, folder / name)
-                    self.networks[key] = f"{BUNDLE_NETWORK_DIR}/{name}"
+                self.networks[key] = str((folder / name).relative_to(self.out))
             settings["weights"] = self.networks[key]
         return {"precompute": settings, "image_size": size}
 
@@ -215,7 +215,7 @@ class _Writer:
 def imagenet_weights(settings: dict, size: list[int], folder: Path) -> str:
     """`weights: imagenet`: the network built from Keras' cache of its ImageNet weights (as precompute built
     it; no network is reached when the file is there), its weights saved into `folder`; returns the
-    bundle path. A KerasHub preset is refused: give it as a folder (precompute.backbone: hub:PATH)."""
+    file's name. A KerasHub preset is refused: give it as a folder (precompute.backbone: hub:PATH)."""
     import keras
 
     from pipeline.models.applications import application
@@ -236,9 +236,9 @@ def imagenet_weights(settings: dict, size: list[int], folder: Path) -> str:
                             f"Keras' cache ($KERAS_HOME/models, ~/.keras/models) and cannot be downloaded "
                             f"({type(exc).__name__}); run precompute once with a network, or set precompute.weights "
                             "to the weights file") from None
-    name = f"{len(list(folder.iterdir())):02d}-{app.name.lower()}-imagenet.weights.h5"
+    name = f"{app.name.lower()}-imagenet.weights.h5"
     model.save_weights(folder / name)
-    return f"{BUNDLE_NETWORK_DIR}/{name}"
+    return name
 
 
 def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict:
