@@ -223,3 +223,18 @@ def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_chosen_w
 
     html = build_report(blend_run).read_text()
     assert '<h2 id="kernel">Kernel: blend, packaged' in html and "Estimate for 6 hidden test images" in html
+
+
+def test_a_source_the_blend_weighs_zero_is_left_out_of_the_kernel(blend_run, tmp_path):
+    from tests.test_package import kernel_reproduces
+
+    sets = BLEND + ["blend.method=hill_climb", "blend.rounds=1"]  # one pick: the best source alone
+    runner.run(load_config("synth", sets=sets))
+    chosen = json.loads((blend_run.work_dir / "blend" / "blender.json").read_text())
+    assert sorted(chosen["weights"]) == [0.0, 1.0]
+    record = kernel_reproduces(sets, "blend", tmp_path)
+    kept = chosen["sources"][chosen["weights"].index(1.0)]
+    plan = record["predict"]
+    assert [source["name"] for source in plan["of"]] == [kept] and plan["blend"]["weights"] == [1.0]
+    assert plan["blend"]["left_out"] == [name for name in chosen["sources"] if name != kept]
+    assert len(record["models"]) == 4  # the left-out source's 4 fold models are not in the bundle

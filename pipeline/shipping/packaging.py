@@ -245,6 +245,7 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
     """How the kernel computes `stage`'s test probabilities, its files copied by `writer`: a tree of
     {"stage", "blend": what blend chose, "of": [plans]} (each source's plan under its variant's config),
     {"stage", "smooth": k, weight, metric and the network whose features find the neighbours, "of": plan},
+    (a source whose weight is 0 is left out of the plan, its network never run: the blend is the same),
     or a leaf {"stage", "network", "tta", "models"}: the mean of the models over the test passes."""
     from pipeline.engine.registry import all_stages
     from pipeline.engine.variants import variant_configs
@@ -260,9 +261,14 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
         if [variant.name for variant, _ in variants] != blender["sources"]:
             raise PipelineError(f"{chosen}: its sources {blender['sources']} are not the configured ones; "
                                 f"run kp {stage}")
+        used = [i for i, weight in enumerate(blender["weights"]) if weight > 0 or "stack" in blender]
+        if len(used) < len(variants):  # a source the weights leave out costs the kernel its network, not a digit
+            blender = {**blender, "sources": [blender["sources"][i] for i in used],
+                       "weights": [blender["weights"][i] for i in used], "left_out": [
+                           name for i, name in enumerate(blender["sources"]) if i not in used]}
         return {"stage": stage, "blend": blender,
-                "of": [{"name": variant.name, **prediction_plan(inner, variant.target, writer)}
-                       for variant, inner in variants]}
+                "of": [{"name": variants[i][0].name, **prediction_plan(variants[i][1], variants[i][0].target, writer)}
+                       for i in used]}
     if role.smooths:
         _finished(config, stage)
         return {"stage": stage, "smooth": {**_smoothing(config, stage), "network": writer.network(config)},
