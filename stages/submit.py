@@ -171,4 +171,5 @@ STAGE = Stage(
     headline=_headline,
     restore=publish,
     reads_predictions=lambda s: {"submit.source": s.source},
+    submits=True,
 )

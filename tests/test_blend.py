@@ -214,7 +214,7 @@ def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_chosen_w
     record = kernel_reproduces(BLEND, "blend", tmp_path)
     plan = record["predict"]
     chosen = json.loads((blend_run.work_dir / "blend" / "blender.json").read_text())
-    assert plan["blend"] == chosen and chosen["sources"] == ["base-cv", "wide-cv"]
+    assert plan["weighting"] == chosen and chosen["sources"] == ["base-cv", "wide-cv"]
     assert [source["name"] for source in plan["of"]] == ["base-cv", "wide-cv"]
     assert [source["network"]["image_size"] for source in plan["of"]] == [[32, 32], [48, 48]]
     assert len(record["models"]) == 8 and {m["stage"] for m in record["models"]} == {"cv"}  # 4 fold models per source
@@ -235,6 +235,6 @@ def test_a_source_the_blend_weighs_zero_is_left_out_of_the_kernel(blend_run, tmp
     record = kernel_reproduces(sets, "blend", tmp_path)
     kept = chosen["sources"][chosen["weights"].index(1.0)]
     plan = record["predict"]
-    assert [source["name"] for source in plan["of"]] == [kept] and plan["blend"]["weights"] == [1.0]
-    assert plan["blend"]["left_out"] == [name for name in chosen["sources"] if name != kept]
+    assert [source["name"] for source in plan["of"]] == [kept] and plan["weighting"]["weights"] == [1.0]
+    assert plan["weighting"]["left_out"] == [name for name in chosen["sources"] if name != kept]
     assert len(record["models"]) == 4  # the left-out source's 4 fold models are not in the bundle

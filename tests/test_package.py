@@ -59,7 +59,7 @@ def test_a_packaged_model_averages_the_same_test_passes_and_smooths_as_the_smoot
     config, bundle, record, _ = _packaged(warm_project, TTA_SMOOTHED)
     plan = record["predict"]
     assert record["source"] == "smooth" and plan["of"]["tta"]["passes"] == 2 and len(record["models"]) == 1
-    assert plan["smooth"]["weight"] == 0.5 and record["fingerprints"]["finetune"]
+    assert plan["neighbours"]["weight"] == 0.5 and record["fingerprints"]["finetune"]
     assert record["timing"]["max_abs_difference"] < 1e-5 and record["timing"]["rows_timed"] == 6
     write_submission(bundle, config.work_dir / "download" / "raw", tmp_path, say=lambda _: None)
     smoothed, model = (load_predictions(config.work_dir / stage).test_probs for stage in ("smooth", "finetune"))

@@ -123,6 +123,7 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
     """Run `targets` (None: every listed stage) under the given settings, remembered as the last run's;
     `config`: already loaded from them; `dry_run`: print the plan instead (`_echo_plan`)."""
     from pipeline.engine import last_run, runner
+    from pipeline.engine.registry import all_stages
     from pipeline.engine.status import format_table
 
     config = config or _load(comp, extra_files, sets)
@@ -130,7 +131,7 @@ def _run(comp, extra_files, sets, targets, force, upload=False, message=None,
         return _echo_plan(config, targets, force)
     if upload and targets is None:  # kp all --upload (kp submit --upload checked already)
         _check_can_upload(config)
-    if upload and "submit" not in config.stage_names:
+    if upload and not any(all_stages()[name].submits for name in config.stage_names):
         raise PipelineError(f"--upload: {comp!r} has no submit stage in its stage list {config.stage_names}")
     last_run.remember(config.work_dir, extra_files, sets)
     statuses = runner.run(config, targets, force=force)

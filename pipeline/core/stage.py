@@ -180,6 +180,7 @@ class Stage:
         (`Recipe.module`) its code, so a stage is stale when a recipe it uses changes, and only then.
     restore: called with a `StageContext` (whose `out` is the stored run) when a stored run becomes
         current again without rerunning, for a stage that also writes outside its folder.
+    submits: it writes the submission file `--upload` sends (submit).
     check: checks of its settings against what its upstream runs already know, as
         `check(settings, known)` where `known` maps each up-to-date upstream stage to its metrics
         (split: the folds against the download's counts); raises a PipelineError naming the key.
@@ -201,6 +202,7 @@ class Stage:
     reads_predictions: Callable[[Any], dict[str, str]] | None = None
     recipes: Callable[[Any], tuple[Any, ...]] | None = None
     restore: Callable[["StageContext"], None] | None = None
+    submits: bool = False
     check: Callable[[Any, dict[str, dict]], None] | None = None
 
     def __post_init__(self):

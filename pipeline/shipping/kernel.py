@@ -121,11 +121,11 @@ class KernelRun:
         from pipeline.evaluation.blending import Blender
         from pipeline.evaluation.smoothing import neighbours, smooth
 
-        if "blend" in plan:  # each source's probabilities, then what the blend chose on all rows
+        if "weighting" in plan:  # each source's probabilities, then what the blend chose on all rows
             stacked = np.stack([self.probs(source) for source in plan["of"]]).astype(np.float64)
-            return Blender.from_record(plan["blend"]).apply(stacked).astype(np.float32)
-        if "smooth" in plan:  # the test rows among themselves, on their clean features, as the smooth stage did
-            probs, s = self.probs(plan["of"]), plan["smooth"]
+            return Blender.from_record(plan["weighting"]).apply(stacked).astype(np.float32)
+        if "neighbours" in plan:  # the test rows among themselves, on their clean features, as the smooth stage did
+            probs, s = self.probs(plan["of"]), plan["neighbours"]
             clean = self.features(s["network"], None)[0]
             began = time.perf_counter()
             near = neighbours(clean, s["k"], s["metric"])

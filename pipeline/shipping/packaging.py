@@ -243,8 +243,8 @@ def imagenet_weights(settings: dict, size: list[int], folder: Path) -> str:
 
 def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict:
     """How the kernel computes `stage`'s test probabilities, its files copied by `writer`: a tree of
-    {"stage", "blend": what blend chose, "of": [plans]} (each source's plan under its variant's config),
-    {"stage", "smooth": k, weight, metric and the network whose features find the neighbours, "of": plan},
+    {"stage", "weighting": what blend chose, "of": [plans]} (each source's plan under its variant's config),
+    {"stage", "neighbours": k, weight, metric and the network whose features find them, "of": plan},
     (a source whose weight is 0 is left out of the plan, its network never run: the blend is the same),
     or a leaf {"stage", "network", "tta", "models"}: the mean of the models over the test passes."""
     from pipeline.engine.registry import all_stages
@@ -266,12 +266,12 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
             blender = {**blender, "sources": [blender["sources"][i] for i in used],
                        "weights": [blender["weights"][i] for i in used], "left_out": [
                            name for i, name in enumerate(blender["sources"]) if i not in used]}
-        return {"stage": stage, "blend": blender,
+        return {"stage": stage, "weighting": blender,
                 "of": [{"name": variants[i][0].name, **prediction_plan(variants[i][1], variants[i][0].target, writer)}
                        for i in used]}
     if role.smooths:
         _finished(config, stage)
-        return {"stage": stage, "smooth": {**_smoothing(config, stage), "network": writer.network(config)},
+        return {"stage": stage, "neighbours": {**_smoothing(config, stage), "network": writer.network(config)},
                 "of": prediction_plan(config, role.source(config), writer)}
     folders = model_folders(config, stage)
     return {"stage": stage, "network": writer.network(config), "reads": _reads(config, stage), "tta": _tta(config, folders),
@@ -279,15 +279,13 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
 
 
 def _reads(config: ResolvedConfig, stage: str) -> str:
-    """What `stage`'s models take: `features` (precompute's rows) or `images` (a fine-tuned network, backbone
-    included: its recipe's last step reads no precompute). A student of pseudo follows a teachable recipe,
-    which reads features."""
+    """What `stage`'s models take (`Recipe.takes` of its recipe's last step): `features` (precompute's rows) or
+    `images` (a fine-tuned network, backbone included). A student of pseudo follows a teachable recipe,
+    which takes features."""
     from pipeline.training.recipes import steps_of
 
     follows = config.predicts(stage).recipe
-    if follows is None:
-        return "features"
-    return "features" if "precompute" in steps_of(follows(config), config)[-1].needs else "images"
+    return "features" if follows is None else steps_of(follows(config), config)[-1].takes
 
 
 WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64")

@@ -64,6 +64,7 @@ class Recipe:
     reads: tuple[str, ...] = ()  # other config keys its code reads
     needs: tuple[str, ...] = ()  # upstream stages whose outputs it reads
     teachable: bool = True  # can train on pseudo-labelled rows (`pipeline.training.pseudo.Teaching`)
+    takes: str = "features"  # what its model is fed: precompute's feature rows | images (a whole network) | pixels
 
     @property
     def module(self) -> str:

@@ -20,6 +20,7 @@ class ScratchRecipe(HeadRecipe):
 
     name = "scratch"
     section = "finetune"
+    takes = "pixels"
     reads = ("model", "precompute.backbone", "training.deterministic", "competition.classes")
 
     def resolved(self, config: ConfigReader) -> Recipe:

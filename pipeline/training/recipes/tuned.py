@@ -210,6 +210,7 @@ class TuneRecipe(Recipe):
              "augment.test_passes", "training.deterministic")
     needs = ("download", "split")
     teachable = False
+    takes = "images"
 
     def previous(self, config: ConfigReader) -> Recipe:
         return recipe(config.section("tune").source)
