@@ -171,3 +171,7 @@ def test_packaged_students_reproduce_pseudos_test_probabilities(cv_pseudo_run, t
     record = kernel_reproduces(CV_PSEUDO, "pseudo", tmp_path)
     students = Manifest.read(cv_pseudo_run.work_dir / "pseudo").metrics["students"]
     assert record["predict"]["reads"] == "features" and len(record["models"]) == len(students) > 1
+    smoothed = CV_PSEUDO + ["pseudo.smooth=true"]  # the students' own rows smoothed: the kernel smooths them again
+    runner.run(load_config("synth", sets=smoothed))
+    record = kernel_reproduces(smoothed, "pseudo", tmp_path / "smoothed")
+    assert record["predict"]["neighbours"]["k"] == Manifest.read(cv_pseudo_run.work_dir / "pseudo").metrics["smooth_k"]

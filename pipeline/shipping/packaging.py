@@ -92,28 +92,21 @@ def current_bundle(config: ResolvedConfig, source: str, wheels: str | None) -> t
     return folder, record
 
 
-def packageable(config: ResolvedConfig) -> tuple[str, ...]:
-    """The stages `kp package` ships: every predicting stage (`Stage.predicts`)."""
+def check_source(config: ResolvedConfig, source: str) -> None:
+    """One clear error for a source that is not a predicting stage (`kp package` ships every one)."""
     from pipeline.engine.registry import predicting_stages
 
-    return predicting_stages()
-
-
-def check_source(config: ResolvedConfig, source: str) -> None:
-    """One clear error for a source that is not a predicting stage."""
-    shipped = packageable(config)
+    shipped = predicting_stages()
     if source not in shipped:
         raise PipelineError(f"kp package --source {source}: not a predicting stage; one of {', '.join(shipped)}")
 
 
-def _smoothing(config: ResolvedConfig, source: str) -> dict:
-    """How the kernel smooths the test rows again: the k and weight the smooth run used (chosen on the
-    validation rows when it tuned them), its metric and weighting."""
-    from pipeline.core.cache import Manifest
-
-    metrics = Manifest.read(config.work_dir / source).metrics
-    return {"k": int(metrics["k"]), "weight": float(metrics["weight"]), "metric": config.get("smooth.metric"),
-            "distance_weighted": bool(config.get("smooth.distance_weighted"))}
+def _smoothing(metrics: dict, config: ResolvedConfig, prefix: str = "") -> dict:
+    """How the kernel smooths the test rows again: the k and weight a run used (`metrics`, its manifest's:
+    chosen on the validation rows when it tuned them; `prefix` `smooth_` for a stage that smoothed its own
+    models' rows, pseudo with `pseudo.smooth`), the smooth section's metric and weighting."""
+    return {"k": int(metrics[f"{prefix}k"]), "weight": float(metrics[f"{prefix}weight"]),
+            "metric": config.get("smooth.metric"), "distance_weighted": bool(config.get("smooth.distance_weighted"))}
 
 
 def _finished(config: ResolvedConfig, stage: str):
@@ -269,13 +262,17 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
         return {"stage": stage, "weighting": blender,
                 "of": [{"name": variants[i][0].name, **prediction_plan(variants[i][1], variants[i][0].target, writer)}
                        for i in used]}
+    metrics = _finished(config, stage).metrics
     if role.smooths:
-        _finished(config, stage)
-        return {"stage": stage, "neighbours": {**_smoothing(config, stage), "network": writer.network(config)},
+        return {"stage": stage, "neighbours": {**_smoothing(metrics, config), "network": writer.network(config)},
                 "of": prediction_plan(config, role.source(config), writer)}
     folders = model_folders(config, stage)
-    return {"stage": stage, "network": writer.network(config), "reads": _reads(config, stage), "tta": _tta(config, folders),
-            "models": [writer.model(folder, stage) for folder in folders]}
+    leaf = {"stage": stage, "network": writer.network(config), "reads": _reads(config, stage),
+            "tta": _tta(config, folders), "models": [writer.model(folder, stage) for folder in folders]}
+    if "smooth_k" in metrics:  # the stage smoothed its own models' rows (pseudo.smooth)
+        return {"stage": stage, "neighbours": {**_smoothing(metrics, config, "smooth_"), "network": leaf["network"]},
+                "of": leaf}
+    return leaf
 
 
 def _reads(config: ResolvedConfig, stage: str) -> str:
