@@ -8,7 +8,8 @@ augment stage seeds it, when the models use test-time augmentation), average eac
 probabilities over those versions and the models' over each other, as the source stage did (for
 a smoothed source, then each test row blended with its nearest test rows' as smooth did; for a
 blend, each source so, then combined with what the blend chose; a fine-tuned network takes the
-images themselves), following the bundle's prediction plan, and write `submission.csv` in the sample's format (and `test_probs.npy`). No training, no network.
+images themselves), following the bundle's prediction plan, and write `submission.csv` in the
+sample's format (and `test_probs.npy`). No training, no network.
 """
 from __future__ import annotations
 
@@ -137,25 +138,27 @@ class KernelRun:
         return np.mean(each, axis=0).astype(np.float32) if len(each) > 1 else each[0]
 
 
-def predict(bundle: Path, images: list[Path], say=print, run: list | None = None) -> np.ndarray:
+def predict(bundle: Path, images: list[Path], say=print) -> np.ndarray:
     """The bundle's test probabilities for `images`, in order.
 
     Args:
         bundle: a `kp package` folder.
         images: the test image files.
         say: prints a line.
-        run: when given, the `KernelRun` is appended to it (its seconds, for `kp package`'s timing).
 
     Returns:
         (len(images), classes) float32 probabilities, as the source stage computed its own.
     """
+    return run_bundle(bundle, images, say)[0]
+
+
+def run_bundle(bundle: Path, images: list[Path], say=print) -> tuple[np.ndarray, KernelRun]:
+    """`predict`, and the `KernelRun` that computed it (its seconds, for `kp package`'s timing)."""
     record = json.loads((bundle / BUNDLE_FILE).read_text())
     with tempfile.TemporaryDirectory(prefix="kp-kernel-") as scratch:
         kernel = KernelRun(bundle, images, Path(scratch), say)
         probs = kernel.probs(record["predict"])
-    if run is not None:
-        run.append(kernel)
-    return probs
+    return probs, kernel
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,17 +43,15 @@ def time_kernel(config: ResolvedConfig, bundle: Path, say=print) -> dict:
     import numpy as np
 
     from pipeline.evaluation.predictions import load_predictions
-    from pipeline.shipping.kernel import predict, test_images
+    from pipeline.shipping.kernel import run_bundle, test_images
 
     settings = config.section("kernel")
     record = json.loads((bundle / BUNDLE_FILE).read_text())
     ids, images, _ = test_images(record, config.work_dir / "download" / RAW_DIR)
     timed = min(len(ids), settings.timing_rows)
-    runs: list = []
     began = time.perf_counter()
-    probs = predict(bundle, images[:timed], say=lambda line: None, run=runs)
+    probs, kernel = run_bundle(bundle, images[:timed], say=lambda line: None)
     seconds = time.perf_counter() - began
-    kernel = runs[0]
     per_image = max(seconds - kernel.fixed_s, 0.0) / max(timed, 1)
     hidden = settings.hidden_rows or len(ids)
     estimate = STARTUP_S + kernel.fixed_s + per_image * hidden
