@@ -275,3 +275,4 @@ def test_a_packaged_tuned_network_and_ensemble_of_them_take_the_images_themselve
         plan = record["predict"]
         assert plan["reads"] == "images" and plan["tta"]["passes"] == 2 and len(record["models"]) == models
         assert list(record["timing"]["images_per_s"]) == [f"images through {source}'s networks"]
+        assert record["networks"] == []  # a tuned model holds its backbone: no network file besides it

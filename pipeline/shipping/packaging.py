@@ -169,8 +169,9 @@ class _Writer:
     def __init__(self, out: Path):
         self.out, self.networks, self.models = out, {}, []
 
-    def network(self, config: ResolvedConfig) -> dict:
-        """precompute's settings as the kernel builds its network (`weights` a file of the bundle), and its image size."""
+    def network(self, config: ResolvedConfig, weights: bool = True) -> dict:
+        """precompute's settings as the kernel builds its network (`weights` a file of the bundle), and its
+        image size; `weights` False: the settings only (a fine-tuned network holds its backbone's weights)."""
         from pipeline.models.backbones import resolve_weights
         from pipeline.models.extractor import feature_size
 
@@ -179,7 +180,7 @@ class _Writer:
             raise PipelineError("kp package: the models read pixels from scratch (precompute.backbone: none); a "
                                 "kernel runs models on a network's features or a fine-tuned network")
         size = list(feature_size(config))
-        if settings["weights"] != "none":
+        if weights and settings["weights"] != "none":
             path = resolve_weights(settings["weights"], config.root)  # a missing file: one clear error
             key = path if path != "imagenet" else f"imagenet {settings['backbone']} {settings['alpha']}"
             if key not in self.networks:  # network/NN/FILE: each file under its own name
@@ -236,10 +237,10 @@ def imagenet_weights(settings: dict, size: list[int], folder: Path) -> str:
 
 def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict:
     """How the kernel computes `stage`'s test probabilities, its files copied by `writer`: a tree of
-    {"stage", "weighting": what blend chose, "of": [plans]} (each source's plan under its variant's config),
+    {"stage", "weighting": what blend chose, "of": [plans]} (each source's plan under its variant's config;
+    a source whose weight is 0 is left out, its network never run: the blend is the same),
     {"stage", "neighbours": k, weight, metric and the network whose features find them, "of": plan},
-    (a source whose weight is 0 is left out of the plan, its network never run: the blend is the same),
-    or a leaf {"stage", "network", "tta", "models"}: the mean of the models over the test passes."""
+    or a leaf {"stage", "network", "reads", "tta", "models"}: the mean of the models over the test passes."""
     from pipeline.engine.registry import all_stages
     from pipeline.engine.variants import variant_configs
 
@@ -266,8 +267,8 @@ def prediction_plan(config: ResolvedConfig, stage: str, writer: _Writer) -> dict
     if role.smooths:
         return {"stage": stage, "neighbours": {**_smoothing(metrics, config), "network": writer.network(config)},
                 "of": prediction_plan(config, role.source(config), writer)}
-    folders = model_folders(config, stage)
-    leaf = {"stage": stage, "network": writer.network(config), "reads": _reads(config, stage),
+    folders, reads = model_folders(config, stage), _reads(config, stage)
+    leaf = {"stage": stage, "network": writer.network(config, weights=reads == "features"), "reads": reads,
             "tta": _tta(config, folders), "models": [writer.model(folder, stage) for folder in folders]}
     if "smooth_k" in metrics:  # the stage smoothed its own models' rows (pseudo.smooth)
         return {"stage": stage, "neighbours": {**_smoothing(metrics, config, "smooth_"), "network": leaf["network"]},
