@@ -145,3 +145,15 @@ def test_imagenet_weights_are_taken_from_keras_cache_or_named_when_absent(projec
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "empty"))  # offline, not in the cache
     result = CliRunner().invoke(cli, ["package", "--comp", "synth", *_options(sets), "--source", "finetune"])
     assert result.exit_code == 2 and "MobileNetV2's ImageNet weights are not in Keras' cache" in result.output
+
+
+def test_a_kernel_estimated_over_the_time_limit_is_not_pushed(warm_project):
+    """The estimate at `kernel.hidden_rows` against `kernel.time_limit_s` stops `kp kernel push` before anything
+    is uploaded, with the figures; the bundle and its timing are kept for a look."""
+    warm_project("cv", _cross_validated)
+    sets = CV + ["kernel.time_limit_s=30", "kernel.hidden_rows=1000000"]
+    result = CliRunner().invoke(cli, ["kernel", "push", "--comp", "synth", *_options(sets)])
+    assert result.exit_code == 2 and "the kernel would not finish within Kaggle's limit" in result.output
+    assert "Estimate for 1,000,000 hidden test images" in result.output and "OVER the limit of 0m30s" in result.output
+    record = json.loads((load_config("synth", sets=sets).work_dir / "package" / "bundle" / "bundle.json").read_text())
+    assert record["timing"]["within_limit"] is False and record["timing"]["hidden_rows"] == 1000000

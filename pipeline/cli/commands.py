@@ -531,7 +531,8 @@ def runs(comp, extra_files, sets, stage_names, sort, as_json, best, apply_to, fo
 @_wait_option
 @_config_options
 def package(comp, extra_files, sets, source, wheels, force, as_configured):
-    """An inference bundle for a code competition's kernel: the source's models, its network, kernel.py."""
+    """An inference bundle for a code competition's kernel (any predicting stage, a blend too): its models, each
+    network once, kernel.py; the kernel timed here on the public test against kernel.time_limit_s."""
     from pipeline.engine import runner
     from pipeline.shipping.packaging import check_source, package as write_bundle
 
