@@ -157,3 +157,6 @@ def test_a_kernel_estimated_over_the_time_limit_is_not_pushed(warm_project):
     assert "Estimate for 1,000,000 hidden test images" in result.output and "OVER the limit of 0m30s" in result.output
     record = json.loads((load_config("synth", sets=sets).work_dir / "package" / "bundle" / "bundle.json").read_text())
     assert record["timing"]["within_limit"] is False and record["timing"]["hidden_rows"] == 1000000
+    later = CliRunner().invoke(cli, ["kernel", "push", "--comp", "synth", *_options(CV + ["kernel.time_limit_s=40",
+                                                                                          "kernel.hidden_rows=2000000"])])
+    assert "Estimate for 2,000,000 hidden test images" in later.output  # the same bundle, judged by today's settings

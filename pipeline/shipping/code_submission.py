@@ -78,7 +78,7 @@ def push(config: ResolvedConfig, source: str, say=print, force: bool = False) ->
     dataset_slug, kernel_slug = settings.names(config.comp)
     bundle, record = (current_bundle(config, source, settings.wheels)
                       or package(config, source, settings.wheels, say, force))
-    check_within_limit(record, force)
+    check_within_limit(record, settings, force)
     store = package_store(config)
     check_replaceable(store.path(KERNEL_DIR), "kp writes the kernel folder whole: move them out of it (edit the "
                       "kernel in kp, or push your own with the kaggle client), or pass --force", force)

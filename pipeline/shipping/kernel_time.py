@@ -53,8 +53,6 @@ def time_kernel(config: ResolvedConfig, bundle: Path, say=print) -> dict:
     probs, kernel = run_bundle(bundle, images[:timed], say=lambda line: None)
     seconds = time.perf_counter() - began
     per_image = max(seconds - kernel.fixed_s, 0.0) / max(timed, 1)
-    hidden = settings.hidden_rows or len(ids)
-    estimate = STARTUP_S + kernel.fixed_s + per_image * hidden
     difference = None
     if timed == len(ids):
         own = load_predictions(config.work_dir / record["source"])
@@ -67,16 +65,23 @@ def time_kernel(config: ResolvedConfig, bundle: Path, say=print) -> dict:
             raise PipelineError(f"kp package: the bundle's kernel gives probabilities up to {difference:.2g} away "
                                 f"from {record['source']}'s own test_probs.npy (at most {AGREEMENT:g}); this is a bug "
                                 "in kp's packaging: please report it with the bundle's bundle.json")
-    timing = {
+    timing = with_estimate({
         "rows_timed": timed, "public_rows": len(ids), "seconds": round(seconds, 2),
         "fixed_s": round(kernel.fixed_s, 2), "per_image_s": round(per_image, 6), "startup_s": STARTUP_S,
         "images_per_s": {what: round(timed / max(spent, 1e-9), 1) for what, spent in kernel.seconds.items()},
-        "hidden_rows": hidden, "estimate_s": round(estimate, 1), "time_limit_s": settings.time_limit_s,
-        "within_limit": estimate <= settings.time_limit_s, "enable_gpu": settings.enable_gpu,
         "measured_on": f"this machine's CPU ({os.cpu_count()} cores)", "max_abs_difference": difference,
-    }
+    }, settings)
     say(estimate_line(timing))
     return timing
+
+
+def with_estimate(timing: dict, settings) -> dict:
+    """`timing` with the estimate at `settings.hidden_rows` (the `kernel` section; null: the public test's rows)
+    against `settings.time_limit_s`, and `settings.enable_gpu`: recomputed whenever those settings change."""
+    hidden = settings.hidden_rows or timing["public_rows"]
+    estimate = timing["startup_s"] + timing["fixed_s"] + timing["per_image_s"] * hidden
+    return {**timing, "hidden_rows": hidden, "estimate_s": round(estimate, 1), "time_limit_s": settings.time_limit_s,
+            "within_limit": estimate <= settings.time_limit_s, "enable_gpu": settings.enable_gpu}
 
 
 def estimate_line(timing: dict) -> str:
@@ -93,9 +98,10 @@ def estimate_line(timing: dict) -> str:
             f"{_duration(timing['time_limit_s'])} (kernel.time_limit_s)")
 
 
-def check_within_limit(record: dict, force: bool) -> None:
-    """Refuse to push a bundle whose estimated time is over the limit, with its figures, unless `force`."""
-    timing = record.get("timing")
+def check_within_limit(record: dict, settings, force: bool) -> None:
+    """Refuse to push a bundle whose estimated time is over the limit (under the `kernel` section `settings`
+    now, whatever they were when it was packaged), with its figures, unless `force`."""
+    timing = record.get("timing") and with_estimate(record["timing"], settings)
     if timing and not timing["within_limit"] and not force:
         raise PipelineError(f"the kernel would not finish within Kaggle's limit: {estimate_line(timing)}. Package a "
                             "faster source (a distilled student, fewer networks or test passes), raise "
