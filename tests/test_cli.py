@@ -24,7 +24,7 @@ def test_help_lists_stage_commands_first_then_the_rest(project):
     assert result.exit_code == 0
     commands = [line.split()[0] for line in result.output.split("Commands:")[1].splitlines()
                 if line.startswith("  ") and not line.startswith("   ")]
-    stages = ["augment", "blend", "bnretrain", "cv", "download", "ensemble", "finetune", "precompute", "pseudo",
+    stages = ["augment", "blend", "bnretrain", "cv", "distill", "download", "ensemble", "finetune", "precompute", "pseudo",
               "smooth", "split", "submit", "tune"]
     assert sorted(commands[:len(stages)]) == stages  # the stages first
     assert commands[len(stages):] == ["all", "backbones", "clean", "config", "kernel", "ledger", "lr-find", "package", "report",

@@ -66,7 +66,7 @@ def test_a_pushed_kernel_reproduces_kp_offline_and_its_code_submission_is_scored
     bundle = config.work_dir / "package" / "bundle"
     record = json.loads((bundle / "bundle.json").read_text())
     cv = json.loads((config.work_dir / "cv" / "manifest.json").read_text())
-    assert record["source"] == "cv" and len(record["models"]) == 4 and record["tta"] is None
+    assert record["source"] == "cv" and len(record["models"]) == 4 and record["predict"]["tta"] is None
     assert record["fingerprints"]["cv"] == cv["fingerprint"] and record["fingerprints"]["precompute"]
     assert [m["from"] for m in record["models"]] == [run["key"] for run in cv["metrics"]["fold_runs"]]
     assert f"{record['size_bytes'] / 1e6:.1f} MB" in result.output

@@ -192,14 +192,13 @@ def _kernel_section(config: ResolvedConfig) -> dict | None:
     import json
 
     from pipeline.core.artifacts import BUNDLE_DIR, BUNDLE_FILE, PACKAGE_DIR
-    from pipeline.shipping.kernel_time import estimate_line
 
     path = config.work_dir / PACKAGE_DIR / BUNDLE_DIR / BUNDLE_FILE
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
     timing = record.get("timing")
-    return {**record, "timing": timing, "line": estimate_line(timing).rstrip(".") if timing else None,
+    return {**record, "timing": timing, "line": (timing.get("summary") or "").rstrip(".") if timing else None,
             "networks": record.get("networks", [])}
 
 
