@@ -13,8 +13,8 @@ from tests.helpers import COMPETITIONS, REPO
 
 # The files that take longest (a minute or more of `make test` each, 2026-12-04), run first: `make test`
 # hands whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`),
-# and a long file handed out last would leave one worker idle while the other finishes it.
-# the files by their measured total (2026-12-06), longest first, so that the two workers finish together
+# and a long file handed out last would leave one worker idle while the other finishes it. Ordered by
+# their measured totals (2026-12-06), so that the two workers finish together.
 LONGEST_FIRST = ("test_tune.py", "test_sweep.py", "test_faults.py", "test_scratch.py", "test_transfer.py",
                  "test_blend.py", "test_augment.py", "test_package.py", "test_compute.py", "test_kaggle_local.py",
                  "test_backbones.py", "test_cli.py", "test_bench.py", "test_leaderboard.py", "test_make.py",
