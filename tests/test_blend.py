@@ -208,20 +208,23 @@ def test_kp_status_of_the_dogscats_blend_writes_nothing(project):
     assert _tree(project) == before
 
 
-def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_chosen_weights(blend_run, tmp_path):
+def test_a_packaged_blend_runs_each_sources_network_and_models_then_its_stacked_model(blend_run, tmp_path):
+    """A stacked blend (a logistic regression on the sources' log-probabilities) as the kernel runs it: each
+    source's network and fold models, then the stack's fitted coefficients from `blender.json`."""
+    from pipeline.experiments.report import build_report
     from tests.test_package import kernel_reproduces
 
-    record = kernel_reproduces(BLEND, "blend", tmp_path)
+    sets = BLEND + ["blend.method=stack"]
+    runner.run(load_config("synth", sets=sets))
+    record = kernel_reproduces(sets, "blend", tmp_path)
     plan = record["predict"]
     chosen = json.loads((blend_run.work_dir / "blend" / "blender.json").read_text())
-    assert plan["weighting"] == chosen and chosen["sources"] == ["base-cv", "wide-cv"]
+    assert plan["weighting"] == chosen and chosen["sources"] == ["base-cv", "wide-cv"] and "stack" in chosen
     assert [source["name"] for source in plan["of"]] == ["base-cv", "wide-cv"]
     assert [source["network"]["image_size"] for source in plan["of"]] == [[32, 32], [48, 48]]
     assert len(record["models"]) == 8 and {m["stage"] for m in record["models"]} == {"cv"}  # 4 fold models per source
     assert set(record["timing"]["images_per_s"]) == {"features vgg16", "cv's models"}
-    from pipeline.experiments.report import build_report
-
-    html = build_report(blend_run).read_text()
+    html = build_report(load_config("synth", sets=sets)).read_text()
     assert '<h2 id="kernel">Kernel: blend, packaged' in html and "Estimate for 6 hidden test images" in html
 
 
