@@ -90,8 +90,6 @@ def student_steps(config: ConfigReader) -> tuple:
 
 
 def run(ctx: StageContext) -> dict:
-    import numpy as np
-
     from pipeline.core.cache import Manifest, link_or_copy
     from pipeline.core.executor import UnitItem
     from pipeline.data.features import label_indices, read_rows
@@ -101,6 +99,7 @@ def run(ctx: StageContext) -> dict:
     from pipeline.evaluation.predictions import (Predictions, load_fold_test, load_predictions, save_fold_test,
                                                  save_predictions, validation_kind)
     from pipeline.evaluation.smoothing import smooth_predictions
+    from pipeline.training.cross_validation import gather_folds
     from pipeline.training.pseudo import Teaching, check_unlabeled, confident_rows
     from pipeline.training.recipes import TrainingRun, check_steps, train_unit
 
@@ -163,19 +162,11 @@ def run(ctx: StageContext) -> dict:
                 (steps, None, (~held_out, held_out),
                  TrainingRun(s.seed, f"fold {f + 1} student", epochs=chosen[f + 1], teaching=teaching))))
         units = students(items, keyed_by_item=("split",))
-        oof = np.zeros_like(teacher.valid_probs)
-        fold_test, taught = [], []
-        for f, (unit, teaching) in enumerate(zip(units, teachings)):
-            held_out = folds == f
-            predictions = load_predictions(unit.folder)
-            if list(predictions.valid_ids) != list(ids[held_out]):
-                raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
-            oof[held_out] = predictions.valid_probs
-            fold_test.append(predictions.test_probs)
-            taught.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "pseudo_rows": int(teaching.keep.sum()),
-                           "taught": teaching.digest(), "chosen_epochs": chosen[f + 1],
-                           **evaluate(labels[held_out], predictions.valid_probs)})
-        fold_test = np.stack(fold_test)
+        oof, fold_test, each = gather_folds(units, folds, ids, teacher.valid_probs.shape[1])
+        taught = [{"fold": f + 1, "reused": unit.reused, "key": unit.key, "pseudo_rows": int(teaching.keep.sum()),
+                   "taught": teaching.digest(), "chosen_epochs": chosen[f + 1],
+                   **evaluate(labels[folds == f], predictions.valid_probs)}
+                  for f, (unit, teaching, predictions) in enumerate(zip(units, teachings, each))]
         student = Predictions(list(ids), labels, oof, teacher.test_ids, fold_test.mean(axis=0))
 
     teacher_scores = evaluate(teacher.valid_labels, teacher.valid_probs)

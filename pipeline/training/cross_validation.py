@@ -96,15 +96,13 @@ def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets
     Raises:
         PipelineError: the split has no folds, or fewer than 3.
     """
-    import numpy as np
-
     from pipeline.core.artifacts import SPLIT_FILE
     from pipeline.core.errors import PipelineError
     from pipeline.core.executor import UnitItem
     from pipeline.core.readers import read_table
     from pipeline.data.features import label_indices, read_rows
     from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.predictions import Predictions, load_predictions
+    from pipeline.evaluation.predictions import Predictions
     from pipeline.training.recipes import check_steps, needs_of
 
     strategy = ctx.config.get("split.strategy")
@@ -133,17 +131,42 @@ def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets
     # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
     units = ctx.map_units("folds", train_fold, items, f"{what} folds", recipes=steps,
                           upstream=needs_of(steps, ctx.config), keyed_by_item=("split",), resumable=True)
-    oof = np.zeros((len(ids), len(classes)), np.float32)
-    test_probs, fold_rows = [], []
+    oof, fold_test, each = gather_folds(units, folds, ids, len(classes))
+    fold_rows = [{"fold": f + 1, "reused": unit.reused, "key": unit.key, "rows": int((folds == f).sum()),
+                  "chosen_epochs": unit.record["chosen_epochs"], **evaluate(labels[folds == f], p.valid_probs)}
+                 for f, (unit, p) in enumerate(zip(units, each))]
+    return Predictions(list(ids), labels, oof, each[-1].test_ids, fold_test.mean(axis=0)), fold_rows, fold_test
+
+
+def gather_folds(units: list, folds, ids, n_classes: int):
+    """The fold models' predictions put together: fold f's unit (`units[f]`) predicted the rows of fold f.
+
+    Args:
+        units: one stored unit per fold, in fold order, each folder holding predictions.
+        folds: each split row's fold.
+        ids: the split's row ids.
+        n_classes: the probabilities' width.
+
+    Returns:
+        (the out-of-fold probabilities of every row in split order, the fold models' test probabilities
+        (folds, test rows, classes), each unit's `Predictions`).
+
+    Raises:
+        PipelineError: a unit whose held-out rows are not its fold's.
+    """
+    import numpy as np
+
+    from pipeline.core.artifacts import SPLIT_FILE
+    from pipeline.core.errors import PipelineError
+    from pipeline.evaluation.predictions import load_predictions
+
+    oof = np.zeros((len(ids), n_classes), np.float32)
+    each = []
     for f, unit in enumerate(units):
         held_out = folds == f
         predictions = load_predictions(unit.folder)
         if list(predictions.valid_ids) != list(ids[held_out]):
             raise PipelineError(f"{unit.folder}: its held-out rows are not fold {f + 1}'s rows of {SPLIT_FILE}")
         oof[held_out] = predictions.valid_probs
-        test_probs.append(predictions.test_probs)
-        fold_rows.append({"fold": f + 1, "reused": unit.reused, "key": unit.key, "rows": int(held_out.sum()),
-                          "chosen_epochs": unit.record["chosen_epochs"],
-                          **evaluate(labels[held_out], predictions.valid_probs)})
-    return (Predictions(list(ids), labels, oof, predictions.test_ids, np.mean(test_probs, axis=0)), fold_rows,
-            np.stack(test_probs))
+        each.append(predictions)
+    return oof, np.stack([p.test_probs for p in each]), each
