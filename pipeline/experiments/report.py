@@ -197,8 +197,8 @@ def _kernel_section(config: ResolvedConfig) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    timing = record.get("timing")
-    return {**record, "timing": timing, "line": (timing.get("summary") or "").rstrip(".") if timing else None,
+    timing = record.get("timing")  # a bundle packaged before kp timed kernels has none, nor a list of networks
+    return {**record, "timing": timing, "line": timing["summary"].rstrip(".") if timing else None,
             "networks": record.get("networks", [])}
 
 
