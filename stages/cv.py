@@ -2,14 +2,16 @@
 
 One held-out split of a few State Farm drivers is a noisy estimate of the leaderboard; every
 training row predicted by a model that never saw it (out-of-fold, OOF) is the estimate top teams
-trusted. Needs `split.strategy: kfold` or `group_kfold` (by driver for State Farm), at least 3 folds.
+trusted. Needs `split.strategy: kfold` or `group_kfold` (by driver for State Farm), at least 3 folds
+(2 with `cv.epochs: schedule`).
 
 Recipe: for fold f of F, with g = f + 1 (mod F): reuse the fold's model if one with the same rows
 on each side, upstream features, recipe settings, code and seed was trained before (folds are
 units of the run cache, `work/COMP/_runs/cv-folds/KEY/`), else
   1. choose its epochs without fold f: train `cv.source`'s recipe (finetune's, or finetune's then
      bnretrain's, or a head then its backbone fine-tuned on the images: tune's) on the folds other
-     than f and g, keeping the best epoch of each step by fold g's loss;
+     than f and g, keeping the best epoch of each step by fold g's loss (`cv.epochs: schedule`: no
+     choice, every epoch of each step's schedule);
   2. train on every fold but f for exactly those epochs of the same schedule (nothing selected on
      any row), then predict fold f (with its TTA passes when the recipe uses `tta`) and the test rows
 -> the OOF probabilities cover every training row once (written as the `valid` rows, in split
@@ -38,6 +40,9 @@ class Settings(StrictModel):
         "the recipe each fold's model follows: finetune | bnretrain | tune (a head by tune.source's recipe, then "
         "its backbone fine-tuned on the fold's images; as ensemble.source)"))
     seed: int = Field(0, ge=0, description="every fold's model trains with this seed")
+    epochs: Literal["chosen", "schedule"] = Field("chosen", description=(
+        "chosen: each fold's epochs chosen on the next fold by a selection model trained first | schedule: every "
+        "epoch of the recipe's schedule, the last kept (half the training; for schedules that end at a low rate)"))
 
 
 def run(ctx: StageContext) -> dict:
@@ -49,7 +54,8 @@ def run(ctx: StageContext) -> dict:
     from pipeline.training.cross_validation import cross_validate
 
     s = ctx.settings
-    out_of_fold, fold_rows, fold_test = cross_validate(ctx, steps_of(s.source, ctx.config), s.source, s.seed, "cv")
+    out_of_fold, fold_rows, fold_test = cross_validate(ctx, steps_of(s.source, ctx.config), s.source, s.seed, "cv",
+                                                      choose_epochs=s.epochs == "chosen")
     save_predictions(ctx.out, out_of_fold)
     save_fold_test(ctx.out, fold_test)
     losses = [r["val_log_loss"] for r in fold_rows]

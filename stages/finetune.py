@@ -3,7 +3,7 @@
 Recipe: load the cached arrays and keep the split's train and valid rows (ids checked for
 alignment), plus augment's passes of the training rows with `augmented` -> train the network `model.arch` names (a dense head on conv features: `fc`, the
 course's VGG16 head, or `pool`; or a from-scratch ladder model on pixels: linear, hidden, cnn,
-cnn_bn, cnn_bn_do, optionally with augmentation) with the configured optimizer and learning-rate
+cnn_bn, cnn_bn_do, cnn_strided, optionally with augmentation) with the configured optimizer and learning-rate
 schedule, keeping the epoch with the best validation loss -> save `model.keras`, `history.csv`,
 `loss.png`, `confusion.png`, and the probabilities on the validation and test rows (with `tta`,
 averaged over the clean rows and augment's test passes, and the validation rows' passes alike) ->

@@ -82,6 +82,28 @@ def test_fold_models_are_cached_and_ignore_settings_they_do_not_use(cv_run):
     assert Manifest.read(cv_run.work_dir / "cv").metrics["trained"] == 0  # rerun, it reuses every fold
 
 
+def test_folds_that_train_the_whole_schedule_choose_nothing_and_train_once(cv_run):
+    config = load_config("synth", sets=CV + ["cv.epochs=schedule"])
+    runner.run(config, ["cv"])
+    work = cv_run.work_dir
+    m = Manifest.read(work / "cv").metrics
+    assert m["trained"] == 4 and m["validation"] == "cv4-oof"  # new fold models: their key says how epochs were set
+    split = pd.read_csv(work / "split" / "split.csv", dtype={"id": str})
+    features = np.asarray(load_array(work / "precompute" / "train.npy"), np.float32)
+    oof = load_predictions(work / "cv")
+    for run in m["fold_runs"]:
+        unit = work / "_runs" / "cv-folds" / run["key"]
+        record = json.loads((unit / "unit.json").read_text())
+        held_out = split["fold"].to_numpy() == run["fold"] - 1
+        assert record["rows"]["selection"] == [] and record["selection_fold"] is None
+        assert sorted(record["rows"]["train"]) == sorted(split["id"][~held_out])  # every other fold trains it
+        assert not (unit / "selection").exists()
+        assert run["chosen_epochs"] == {"finetune": 3} and len(pd.read_csv(unit / "history.csv")) == 3  # 2 + 1
+        np.testing.assert_allclose(oof.valid_probs[held_out],
+                                   keras.models.load_model(unit / "model.keras").predict_on_batch(features[held_out]),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_cv_needs_folds(project, tmp_path):
     archive = make_statefarm_like(tmp_path / "data", drivers=4, classes=3, per_driver_class=2, test=2)
     statefarm_like_config(project, archive)

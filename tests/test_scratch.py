@@ -58,13 +58,18 @@ def test_each_ladder_step_builds_trains_and_beats_chance(project, arch, tmp_path
     assert history["val_accuracy"][0] > 0.3, history  # chance is 0.1
     kinds = {type(layer).__name__ for layer in model.layers}
     assert ("Conv2D" in kinds) == arch.startswith("cnn")
-    assert ("BatchNormalization" in kinds) == (arch in ("cnn_bn", "cnn_bn_do"))
-    assert ("Dropout" in kinds) == (arch == "cnn_bn_do")
+    assert ("BatchNormalization" in kinds) == (arch in ("cnn_bn", "cnn_bn_do", "cnn_strided"))
+    assert ("Dropout" in kinds) == (arch in ("cnn_bn_do", "cnn_strided"))
+    assert ("MaxPooling2D" in kinds) == (arch in ("cnn", "cnn_bn", "cnn_bn_do"))  # cnn_strided learns its downsampling
 
 
 def test_course_padding_for_mnist_and_same_padding_for_tiny_digits():
     assert build_scratch_model("cnn", (28, 28, 1), 10, [512], [0.0]).get_layer("pool2").output.shape[1:3] == (4, 4)
     assert build_scratch_model("cnn", (8, 8, 1), 10, [512], [0.0]).get_layer("pool2").output.shape[1:3] == (2, 2)
+    strided = build_scratch_model("cnn_strided", (28, 28, 1), 10, [128], [0.4], conv_dropout=0.4)
+    assert strided.get_layer("conv1_down").output.shape[1:3] == (12, 12)  # 28 -> 26 -> 24 -> 12 (5x5, stride 2)
+    assert strided.get_layer("conv2_down").output.shape[1:3] == (4, 4)  # 12 -> 10 -> 8 -> 4
+    assert strided.count_params() == 327_242
 
 
 def _sha(path) -> str:

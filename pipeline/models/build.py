@@ -1,7 +1,7 @@
 """Which network the `model` config section builds: its schema, and the head or ladder model it names.
 
 Heads (`fc`, `pool`, or `auto`) train on cached conv features; the from-scratch ladder (linear ...
-cnn_bn_do) trains on pixels. The allowed values come from the code that builds them (`HEADS`,
+cnn_bn_do, cnn_strided) trains on pixels. The allowed values come from the code that builds them (`HEADS`,
 `LADDER`), never from a second hand-typed list. Keras is imported only inside `build_model`.
 """
 from __future__ import annotations
@@ -24,12 +24,13 @@ class Model(StrictModel):
 
     arch: Literal[HEADS + LADDER] = Field("auto", description=(
         "on cached features: auto (fc for vgg16, else pool) | fc | pool; from scratch: linear | hidden | cnn | "
-        "cnn_bn | cnn_bn_do"))
+        "cnn_bn | cnn_bn_do | cnn_strided"))
     hidden: list[int] = Field([4096, 4096], description=(
         "hidden dense layer sizes (the course's VGG16 head: 4096, 4096; cnn*: the dense layer before the output)"))
     dropout: list[float] = Field([0.5, 0.5], description=(
         "one dropout rate per hidden layer (inverted dropout: no weight rescaling); cnn and cnn_bn use none"))
-    conv_dropout: float = Field(0.0, ge=0, lt=1, description="cnn_bn_do: dropout after each conv block's pooling")
+    conv_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "cnn_bn_do, cnn_strided: dropout after each conv block's downsampling"))
     l2: float = Field(0.0, ge=0, description="L2 weight penalty on every dense layer")
     imagenet_init: bool = Field(True, description=(
         "fc on vgg16 imagenet features: start fc1/fc2 from VGG16's ImageNet top"))

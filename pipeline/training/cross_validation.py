@@ -3,7 +3,9 @@
 For fold f with selection fold g: train the recipe's steps on the folds other than f and g, keeping
 each step's best epoch by fold g's loss (that model is kept in `selection/`); then train on every
 fold but f for exactly those epochs of the same schedules (nothing selected on any row) and predict
-fold f (its "validation" rows) and the test rows. A unit of the cv and distill stages (`train_fold`);
+fold f (its "validation" rows) and the test rows. Without a selection fold (`cv.epochs: schedule`)
+the model trains every epoch of each step's schedule on every fold but f and keeps the last: no
+selection model, half the training, for schedules that end at a low rate (cosine). A unit of the cv and distill stages (`train_fold`);
 `cross_validate` runs one per fold and gathers the out-of-fold rows. With `targets` (distill) every
 training row learns a probability row (a teacher's out-of-fold probabilities mixed with its label)
 instead of its label; the epochs are still chosen, and every fold still scored, on the true labels.
@@ -24,13 +26,13 @@ SELECTION_DIR = "selection"  # inside a fold's unit: the model that chose the ep
 class Fold:
     """Fold f of a cross-validation and fold g, which chooses its epochs.
 
-    number, chooser: f and g (0-based).
-    held_out, selection: boolean masks of their rows over the split's rows.
+    number, chooser: f and g (0-based); g None: every epoch of the schedule, none chosen.
+    held_out, selection: boolean masks of their rows over the split's rows (selection all False without g).
     rows: the ids on each side (`train`, `selection`, `held_out`), for the record.
     """
 
     number: int
-    chooser: int
+    chooser: int | None
     held_out: Any
     selection: Any
     rows: dict
@@ -58,16 +60,19 @@ def train_fold(config: ConfigReader, inputs: dict[str, Path], steps: tuple, fold
     """
     warnings: list[str] = []
     warn = collecting(warnings)
-    (out / SELECTION_DIR).mkdir()
-    chosen = train_steps(config, steps, inputs, out / SELECTION_DIR,
-                         TrainingRun(seed, f"{title} selection", backup=backup and backup / SELECTION_DIR, log=say,
-                                     warn=warn, targets=_side(targets, ~fold.held_out & ~fold.selection)),
-                         sides=(~fold.held_out & ~fold.selection, fold.selection))
+    if fold.chooser is None:
+        chosen = {"best_epochs": {step.name: step.scheduled_epochs(config) for step in steps}, "val_log_loss": None}
+    else:
+        (out / SELECTION_DIR).mkdir()
+        chosen = train_steps(config, steps, inputs, out / SELECTION_DIR,
+                             TrainingRun(seed, f"{title} selection", backup=backup and backup / SELECTION_DIR, log=say,
+                                         warn=warn, targets=_side(targets, ~fold.held_out & ~fold.selection)),
+                             sides=(~fold.held_out & ~fold.selection, fold.selection))
     final = train_steps(config, steps, inputs, out,
                         TrainingRun(seed, title, epochs=chosen["best_epochs"], backup=backup and backup / "final",
                                     log=say, warn=warn, targets=_side(targets, ~fold.held_out)),
                         sides=(~fold.held_out, fold.held_out))
-    return {**final, "fold": fold.number + 1, "selection_fold": fold.chooser + 1,
+    return {**final, "fold": fold.number + 1, "selection_fold": None if fold.chooser is None else fold.chooser + 1,
             "chosen_epochs": chosen["best_epochs"], "rows": fold.rows, "selection_val_log_loss": chosen["val_log_loss"],
             "warnings": warnings}
 
@@ -76,7 +81,8 @@ def _side(targets, rows):
     return None if targets is None else targets[rows]
 
 
-def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets=None, teacher: str | None = None):
+def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets=None, teacher: str | None = None,
+                   choose_epochs: bool = True):
     """One model per fold of the split (each a unit of `ctx`'s stage, `_runs/STAGE-folds/`), each predicting the
     fold it never saw.
 
@@ -88,14 +94,18 @@ def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets
         what: names the models in messages (`cv`, `distill`).
         targets: (split rows, classes) probability rows in the split's order, learnt instead of the labels; None.
         teacher: what the targets came from (a digest), part of each fold's key; None without targets.
+        choose_epochs: choose each fold's epochs on the next fold (a selection model first); False: train
+            every epoch of the steps' schedules and keep the last.
 
     Returns:
         (the out-of-fold `Predictions` of every training row with the mean of the fold models' test rows,
         each fold's record for the manifest, the fold models' test probabilities (folds, rows, classes)).
 
     Raises:
-        PipelineError: the split has no folds, or fewer than 3.
+        PipelineError: the split has no folds, or fewer than 3 (2 without choosing epochs).
     """
+    import numpy as np
+
     from pipeline.core.artifacts import SPLIT_FILE
     from pipeline.core.errors import PipelineError
     from pipeline.core.executor import UnitItem
@@ -112,21 +122,25 @@ def cross_validate(ctx, steps: tuple, source: str, seed: int, what: str, targets
     split = read_table(ctx.input("split") / SPLIT_FILE, dtype={"id": str})
     folds = split["fold"].to_numpy()
     n_folds = int(folds.max()) + 1
-    if n_folds < 3:
+    if n_folds < 2 + choose_epochs:
         raise PipelineError(f"{what} chooses each fold's epochs on another fold, so it needs at least 3 folds; "
-                            f"split.folds is {n_folds}")
+                            f"split.folds is {n_folds}" if choose_epochs else
+                            f"{what} needs at least 2 folds; split.folds is {n_folds}")
     check_steps(steps, ctx.config)
     classes = ctx.config.competition.classes
     labels = label_indices(read_rows(ctx.input("precompute"), "train")["label"], classes)
     ids = split["id"].to_numpy()
     items = []
     for f in range(n_folds):
-        g = (f + 1) % n_folds
-        held_out, selection = folds == f, folds == g
+        g = (f + 1) % n_folds if choose_epochs else None
+        held_out = folds == f
+        selection = folds == g if choose_epochs else np.zeros(len(folds), bool)
         rows = {"train": sorted(ids[~held_out & ~selection]), "selection": sorted(ids[selection]),
                 "held_out": sorted(ids[held_out])}
-        key = {"source": source, "seed": seed, "rows": rows, **({"teacher": teacher} if teacher else {})}
-        items.append(UnitItem(f"fold {f + 1}/{n_folds} (epochs chosen on fold {g + 1})", key,
+        key = {"source": source, "seed": seed, "rows": rows, **({"teacher": teacher} if teacher else {}),
+               **({} if choose_epochs else {"epochs": "schedule"})}
+        chosen_on = f"epochs chosen on fold {g + 1}" if choose_epochs else "every epoch of the schedule"
+        items.append(UnitItem(f"fold {f + 1}/{n_folds} ({chosen_on})", key,
                               (steps, Fold(f, g, held_out, selection, rows), seed, f"fold {f + 1}/{n_folds}", targets)))
     # a fold's model depends on its rows, not on how the other folds are cut: its key lists its rows instead of split's
     units = ctx.map_units("folds", train_fold, items, f"{what} folds", recipes=steps,

@@ -138,6 +138,10 @@ class Recipe:
         """How a model of `arch` is described once this step trained it."""
         return arch
 
+    def scheduled_epochs(self, config: ConfigReader) -> int:
+        """How many epochs its learning-rate schedule runs (all its phases)."""
+        return sum(phase.epochs for phase in self.settings(config).phases)
+
 
 def load_steps(config: ConfigReader, steps: tuple[Recipe, ...], inputs: dict[str, Path], sides=None) -> dict[str, Any]:
     """Each step's rows by recipe name, loaded once for steps that train on the same rows."""

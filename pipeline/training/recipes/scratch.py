@@ -1,7 +1,7 @@
 """The scratch recipe (finetune's, for a model on pixels): the course's MNIST ladder, trained from nothing.
 
 What the head recipe does, for the from-scratch models of `model.arch` (linear, hidden, cnn,
-cnn_bn, cnn_bn_do) on precompute's normalised pixels (`precompute.backbone: none`), which may also
+cnn_bn, cnn_bn_do, cnn_strided) on precompute's normalised pixels (`precompute.backbone: none`), which may also
 be augmented on the fly (`finetune.augment`: random affine changes drawn per batch from the seed,
 training rows only). The head recipe hands over to it when `model.arch` names such a model; its
 settings are finetune's, its epochs are counted as its own. Imports Keras inside the functions.

@@ -236,6 +236,9 @@ class TuneRecipe(Recipe):
     def arch_after(self, arch: str) -> str:
         return f"{arch} + backbone"
 
+    def scheduled_epochs(self, config: ConfigReader) -> int:
+        return self.settings(config).epochs
+
     def range_test_setup(self, config: ConfigReader, inputs: dict[str, Path], steps: int, warn=print):
         """What `kp lr-find --stage tune` tests: the model tune starts from and its training batches,
         streamed as tune streams them, with the backbone's rate factors."""
