@@ -36,9 +36,11 @@ def blend_sources_on_test(config) -> dict:
     for name, source in blend.metrics["sources"].items():
         p = load_predictions(Path(source["folder"]))
         frame = submission_frame(p.test_ids, p.test_probs, config.competition, config.get("submit.renormalize"))
-        scores[name] = {"val_log_loss": source["val_log_loss"], "weight": blend.metrics["weights"][name],
+        test_accuracy = score_accuracy_of_probabilities(frame, solution, config.competition)  # None: the metric is
+        scores[name] = {"val_log_loss": source["val_log_loss"], "val_accuracy": source["val_accuracy"],
+                        "weight": blend.metrics["weights"][name],
                         "test_score": round(score_submission(frame, solution, config.competition), 5),
-                        "test_accuracy": round(score_accuracy_of_probabilities(frame, solution, config.competition), 5)}
+                        **({} if test_accuracy is None else {"test_accuracy": round(test_accuracy, 5)})}
     return scores
 
 
@@ -76,8 +78,9 @@ def main() -> None:
         print(f"{'accuracy':22} {result['val_accuracy']:11.4f} {result['test_accuracy']:8.4f}")
     result["blend_sources"] = blend_sources_on_test(config)
     for name, scores in result["blend_sources"].items():
-        print(f"  blend source {name}: weight {scores['weight']:.2f}, validation log loss {scores['val_log_loss']:.4f}, "
-              f"test {scores['test_score']:.4f} (accuracy {scores['test_accuracy']:.4f})")
+        print(f"  blend source {name}: weight {scores['weight']:.2f}, validation log loss {scores['val_log_loss']:.4f} "
+              f"(accuracy {scores['val_accuracy']:.4f}), test {competition.metric} {scores['test_score']:.4f}"
+              + (f" (accuracy {scores['test_accuracy']:.4f})" if "test_accuracy" in scores else ""))
     write_result(f"score_{args.comp}_{config.get('split.strategy')}.json", result)
 
 

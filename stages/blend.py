@@ -235,7 +235,8 @@ def headline(m: dict) -> str:
     weights = ", ".join(f"{label} {w:.2f}" for label, w in m["weights"].items())
     return (f"{len(m['sources'])} sources by {m['method']} ({weights}): {m['validation']} log loss "
             f"{m['val_log_loss']:.4f} cross-fitted, best source {m['best_source']} {m['best_source_val_log_loss']:.4f} "
-            f"(gain {m['gain_over_best']:+.4f})")
+            f"(gain {m['gain_over_best']:+.4f}), accuracy {m['val_accuracy']:.4f} (best source "
+            f"{m['sources'][m['best_source']]['val_accuracy']:.4f})")
 
 
 STAGE = Stage(

@@ -94,7 +94,7 @@ def test_a_skipped_pixels_row_is_really_skipped_downstream(project, tmp_path):
     (folder / "test.csv").write_text(",".join(f"pixel{i}" for i in range(4)) + "\n1,2,3,4\n")
     (folder / "sample_submission.csv").write_text("ImageId,Label\n1,0\n")
     write_config(project, "tiny", f"""
-extends: mnist.yaml
+extends: digits.yaml
 competition: {{classes: ["0", "1"], image_size: [2, 2]}}
 stages: [download, split, precompute]
 download: {{source: {folder}}}
