@@ -36,7 +36,7 @@ def blend_sources_on_test(config) -> dict:
     for name, source in blend.metrics["sources"].items():
         p = load_predictions(Path(source["folder"]))
         frame = submission_frame(p.test_ids, p.test_probs, config.competition, config.get("submit.renormalize"))
-        test_accuracy = score_accuracy_of_probabilities(frame, solution, config.competition)  # None: the metric is
+        test_accuracy = score_accuracy_of_probabilities(frame, solution, config.competition)  # None: it is the metric
         scores[name] = {"val_log_loss": source["val_log_loss"], "val_accuracy": source["val_accuracy"],
                         "weight": blend.metrics["weights"][name],
                         "test_score": round(score_submission(frame, solution, config.competition), 5),
